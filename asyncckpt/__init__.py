@@ -1,0 +1,28 @@
+"""asyncckpt: PyTorch checkpoints off the critical path, durable, verified, with rollback."""
+
+from ._version import __version__
+from .checkpoint import Checkpoint, load, save
+from .errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptedCheckpointError,
+    IncompatibleCheckpointError,
+    NoValidCheckpointError,
+    UnsupportedVersionError,
+)
+from .storage import CheckpointInfo, list_checkpoints
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointWriteError",
+    "CorruptedCheckpointError",
+    "IncompatibleCheckpointError",
+    "NoValidCheckpointError",
+    "UnsupportedVersionError",
+    "__version__",
+    "list_checkpoints",
+    "load",
+    "save",
+]

@@ -1,0 +1,145 @@
+"""Synchronous, durable save and checked load of one checkpoint file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import format as fmt
+from .errors import CorruptedCheckpointError
+from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
+from .snapshot import BlobSource, Snapshot, flatten, unflatten
+from .storage import OS, FdSink, FileOps, atomic_write
+
+MapLocation = str | torch.device
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: its state tree, step, user metadata, format version and file."""
+
+    state: Any
+    step: int
+    metadata: dict[str, Any]
+    version: str
+    path: Path
+
+
+def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
+    """Check user metadata (plain values only) and return its encodable tree."""
+    snapshot = flatten(metadata or {})
+    if snapshot.tensors:
+        raise TypeError(f"metadata[{snapshot.tensors[0].key!r}]: tensors belong in the state, not metadata")
+    return snapshot.tree
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    step: int,
+    metadata: dict[str, Any] | None = None,
+    ops: FileOps = OS,
+) -> Path:
+    """Write ``state`` to ``path`` durably and atomically; return the path.
+
+    After a crash at any instant ``path`` holds either its previous complete content or the new
+    complete file. Tensor bytes are written straight from tensor memory (CUDA tensors are copied to
+    the host one at a time). Raises ``TypeError`` naming the key path of a value that cannot be
+    stored, before anything is written, and :class:`CheckpointWriteError` when the write fails.
+    """
+    final = Path(path)
+    snapshot = flatten(state)
+    meta = flatten_metadata(metadata)
+    write_snapshot(final, snapshot, step=step, metadata=meta, blobs=_host_bytes(snapshot), ops=ops)
+    return final
+
+
+def write_snapshot(
+    final: Path,
+    snapshot: Snapshot,
+    *,
+    step: int,
+    metadata: Any,
+    blobs: Iterator[memoryview],
+    ops: FileOps = OS,
+) -> Any:
+    """Atomically write ``snapshot`` whose blob bytes ``blobs`` yields; return the timings."""
+
+    def body(sink: FdSink) -> int:
+        return fmt.write_checkpoint(
+            sink,
+            step=step,
+            metadata=metadata,
+            tree=snapshot.tree,
+            tensors=snapshot.tensors,
+            sizes=[b.nbytes for b in snapshot.blobs],
+            blobs=blobs,
+        )
+
+    return atomic_write(final, body, ops=ops)
+
+
+def _host_bytes(snapshot: Snapshot) -> Iterator[memoryview]:
+    for blob in snapshot.blobs:
+        yield fmt.tensor_bytes(_host_contiguous(blob))
+
+
+def _host_contiguous(blob: BlobSource) -> torch.Tensor:
+    tensor = blob.tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    return tensor.contiguous()
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    validate: bool = True,
+) -> Checkpoint:
+    """Read and check one checkpoint file.
+
+    v1 files are checked for structure and, with ``validate=True``, every checksum; tensors are
+    read straight into their own memory. Legacy ``torch.save`` files load read-only with
+    ``weights_only=True`` and report ``version == "0.x"``.
+
+    Raises :class:`CorruptedCheckpointError` (broken bytes), :class:`UnsupportedVersionError`
+    (newer format), ``FileNotFoundError`` / ``PermissionError`` for a file that cannot be opened.
+    """
+    file_path = Path(path)
+    with open(file_path, "rb", buffering=0) as file:
+        head = file.read(len(fmt.MAGIC))
+        if head == fmt.MAGIC:
+            return _load_v1(file, file_path, map_location=map_location, validate=validate)
+    if looks_like_torch_save(head):
+        state = load_legacy(file_path, map_location=map_location)
+        step = legacy_step(state, file_path)
+        return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
+    if len(head) < len(fmt.MAGIC):
+        raise CorruptedCheckpointError(f"{file_path}: truncated: {len(head)} bytes, not a checkpoint")
+    raise CorruptedCheckpointError(f"{file_path}: not a checkpoint (bad magic {head!r})")
+
+
+def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool) -> Checkpoint:
+    layout = fmt.read_layout(file, str(path))
+    device = torch.device(map_location)
+    blobs = [read_blob(file, layout, i, verify=validate, path=path) for i in range(len(layout.blobs))]
+    if device.type != "cpu":
+        blobs = [blob.to(device) for blob in blobs]
+    tensors = [fmt.view_tensor(entry, blobs[entry.blob]) for entry in layout.tensors]
+    state = unflatten(layout.tree, tensors)
+    metadata = unflatten(layout.metadata, [])
+    return Checkpoint(state, layout.step, metadata, layout.version, path)
+
+
+def read_blob(file: Any, layout: fmt.Layout, index: int, *, verify: bool, path: Path) -> torch.Tensor:
+    """Blob ``index`` of an open v1 file as a new 1-D uint8 CPU tensor."""
+    blob = torch.empty(layout.blobs[index].nbytes, dtype=torch.uint8)
+    fmt.read_blob_into(file, layout, index, fmt.tensor_bytes(blob), verify=verify, path=str(path))
+    return blob

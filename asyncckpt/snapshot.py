@@ -1,0 +1,297 @@
+"""Application state ⇄ (tree skeleton, table of tensors, list of byte blobs).
+
+``flatten`` walks a state tree once, checks every value, turns objects with ``state_dict()`` into
+their state dicts, and replaces each tensor by a :class:`TensorRef`. Tensors that share one storage
+(tied weights, views) become one blob so that they are written once and restored as aliases.
+Nothing is copied here: blob sources are views of the caller's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .dtypes import dtype_name, itemsize
+from .format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef
+
+# Python ints outside this range are stored as big ints (a msgpack extension type).
+INT64_MIN = -(2**63)
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the table: how to view it inside its blob."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    blob: int
+    offset: int  # bytes from the start of the blob
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    """The bytes of one blob, still in the caller's memory.
+
+    ``tensor`` is either a tensor to be stored contiguously (``raw=False``) or a 1-D uint8 view of a
+    storage span shared by several tensors (``raw=True``).
+    """
+
+    tensor: torch.Tensor
+    nbytes: int
+    raw: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A flattened state: the skeleton with refs, the tensor table and the blob sources."""
+
+    tree: Any
+    tensors: list[TensorSpec]
+    blobs: list[BlobSource]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(blob.nbytes for blob in self.blobs)
+
+    def layout_key(self) -> tuple[tuple[int, str], ...]:
+        """Blob sizes and devices: two snapshots with the same key fit the same staging buffers."""
+        return tuple((blob.nbytes, str(blob.device)) for blob in self.blobs)
+
+
+def key_path(path: tuple[Any, ...], root: str = "state") -> str:
+    """``("optim", "param_groups", 0)`` → ``state["optim"]["param_groups"][0]``."""
+    return root + "".join(f"[{part!r}]" for part in path)
+
+
+def dotted_key(path: tuple[Any, ...]) -> str:
+    """``("model", "layers.3.weight")`` → ``model.layers.3.weight`` (for diagnostics)."""
+    return ".".join(str(part) for part in path) or "<root>"
+
+
+def flatten(state: Any) -> Snapshot:
+    """Check ``state`` and split it into skeleton, tensor table and blob sources.
+
+    Raises ``TypeError`` naming the key path of the first value that cannot be stored; nothing is
+    written before this returns.
+    """
+    walker = _Walker()
+    tree = walker.walk(state, ())
+    tensors, blobs, table_index = _tabulate(walker.found)
+    tree = _rewrite_refs(tree, lambda ref: TensorRef(table_index[ref.index]))
+    return Snapshot(tree=tree, tensors=tensors, blobs=blobs)
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.found: list[tuple[torch.Tensor, tuple[Any, ...]]] = []
+        self._active: set[int] = set()
+
+    def walk(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise TypeError(f"{key_path(path)}: nesting deeper than {MAX_DEPTH} levels")
+        if value is None or isinstance(value, bool | str | bytes):
+            return _exact(value)
+        if isinstance(value, int):
+            return _int(int(value))
+        if isinstance(value, float):
+            return float(value)
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if isinstance(value, Mapping | list | tuple):
+            return self._container(value, path)
+        state_dict = getattr(value, "state_dict", None)
+        if callable(state_dict):
+            return self.walk(state_dict(), path)
+        raise TypeError(
+            f"{key_path(path)}: cannot store a value of type {type(value).__qualname__}; "
+            "checkpoints hold dicts, lists, tuples, None, bool, int, float, str, bytes, tensors "
+            "and objects with state_dict()"
+        )
+
+    def _tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> TensorRef:
+        if dtype_name(tensor.dtype) is None:
+            raise TypeError(f"{key_path(path)}: tensors of dtype {tensor.dtype} cannot be stored")
+        if tensor.is_sparse or tensor.layout != torch.strided:
+            raise TypeError(f"{key_path(path)}: only dense (strided) tensors can be stored")
+        if tensor.dim() > MAX_NDIM:
+            raise TypeError(f"{key_path(path)}: tensors of more than {MAX_NDIM} dimensions")
+        self.found.append((tensor.detach(), path))
+        return TensorRef(len(self.found) - 1)
+
+    def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if id(value) in self._active:
+            raise TypeError(f"{key_path(path)}: the state refers to itself (a cycle)")
+        self._active.add(id(value))
+        try:
+            if isinstance(value, Mapping):
+                return {self._key(k, path): self.walk(v, (*path, k)) for k, v in value.items()}
+            items = [self.walk(v, (*path, i)) for i, v in enumerate(value)]
+            return tuple(items) if isinstance(value, tuple) else items
+        finally:
+            self._active.discard(id(value))
+
+    @staticmethod
+    def _key(key: Any, path: tuple[Any, ...]) -> str | int:
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise TypeError(
+                f"{key_path(path)}: dict key {key!r} of type {type(key).__qualname__} "
+                "cannot be stored (keys must be str or int)"
+            )
+        if isinstance(key, int) and not INT64_MIN <= key <= UINT64_MAX:
+            raise TypeError(f"{key_path(path)}: dict key {key} does not fit 64 bits")
+        return str(key) if isinstance(key, str) else int(key)
+
+
+def _exact(value: Any) -> Any:
+    if isinstance(value, str) and type(value) is not str:
+        return str(value)
+    if isinstance(value, bytes) and type(value) is not bytes:
+        return bytes(value)
+    return value
+
+
+def _int(value: int) -> int | BigInt:
+    return value if INT64_MIN <= value <= UINT64_MAX else BigInt(value)
+
+
+def _extent_bytes(tensor: torch.Tensor) -> int:
+    """Bytes from the tensor's first element to one past its last (0 when empty)."""
+    if tensor.numel() == 0:
+        return 0
+    span = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return (span + 1) * itemsize(tensor.dtype)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+    if tensor.numel() == 0:
+        return None
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+
+
+def _tabulate(
+    found: list[tuple[torch.Tensor, tuple[Any, ...]]],
+) -> tuple[list[TensorSpec], list[BlobSource], list[int]]:
+    """Build the tensor table and the blobs; return also each found tensor's table index.
+
+    Identical views of one storage (a tied weight reached twice) get one table entry. A storage
+    with several distinct views becomes one span blob holding the views with their strides;
+    every other tensor is one blob of its elements, stored contiguously.
+    """
+    views_by_storage: dict[tuple[str, int], set[tuple[Any, ...]]] = {}
+    for tensor, _ in found:
+        storage = _storage_key(tensor)
+        if storage is not None:
+            views_by_storage.setdefault(storage, set()).add(_view_key(tensor))
+    tensors: list[TensorSpec] = []
+    blobs: list[BlobSource] = []
+    span_blob: dict[tuple[str, int], int] = {}
+    table_by_view: dict[tuple[Any, ...], int] = {}
+    table_index: list[int] = []
+    for tensor, path in found:
+        storage = _storage_key(tensor)
+        view = (storage, _view_key(tensor))
+        if storage is not None and view in table_by_view:
+            table_index.append(table_by_view[view])
+            continue
+        if storage is not None and len(views_by_storage[storage]) > 1:
+            if storage not in span_blob:
+                members = [t for t, _ in found if _storage_key(t) == storage]
+                span_blob[storage] = _add_span_blob(members, blobs)
+            blob = span_blob[storage]
+            tensors.append(_spec(tensor, path, blob, _span_start(blobs[blob], tensor)))
+        else:
+            blobs.append(BlobSource(tensor, tensor.numel() * itemsize(tensor.dtype), raw=False))
+            shape = tuple(tensor.shape)
+            tensors.append(_spec(tensor, path, len(blobs) - 1, 0, stride=_contiguous_stride(shape)))
+        table_index.append(len(tensors) - 1)
+        if storage is not None:
+            table_by_view[view] = table_index[-1]
+    return tensors, blobs, table_index
+
+
+# Span blobs start at a multiple of the largest element size, so every member view keeps its
+# element alignment inside the blob.
+_SPAN_ALIGN = 16
+
+
+def _add_span_blob(members: list[torch.Tensor], blobs: list[BlobSource]) -> int:
+    starts = [t.storage_offset() * itemsize(t.dtype) for t in members]
+    lo = min(starts) // _SPAN_ALIGN * _SPAN_ALIGN
+    hi = max(s + _extent_bytes(t) for s, t in zip(starts, members, strict=True))
+    storage = members[0].untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8, device=members[0].device)
+    raw.set_(storage, lo, (hi - lo,), (1,))
+    blobs.append(BlobSource(raw, hi - lo, raw=True))
+    return len(blobs) - 1
+
+
+def _span_start(blob: BlobSource, tensor: torch.Tensor) -> int:
+    return tensor.storage_offset() * itemsize(tensor.dtype) - blob.tensor.storage_offset()
+
+
+def _spec(
+    tensor: torch.Tensor,
+    path: tuple[Any, ...],
+    blob: int,
+    offset: int,
+    *,
+    stride: tuple[int, ...] | None = None,
+) -> TensorSpec:
+    return TensorSpec(
+        key=dotted_key(path),
+        dtype=tensor.dtype,
+        shape=tuple(tensor.shape),
+        stride=tuple(tensor.stride()) if stride is None else stride,
+        blob=blob,
+        offset=offset,
+    )
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride = []
+    acc = 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _rewrite_refs(tree: Any, fn: Callable[[TensorRef], TensorRef]) -> Any:
+    if isinstance(tree, TensorRef):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _rewrite_refs(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_rewrite_refs(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_rewrite_refs(v, fn) for v in tree)
+    return tree
+
+
+def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    """Put ``tensors`` back where their refs stand in ``tree`` (a decoded header tree)."""
+    if isinstance(tree, TensorRef):
+        return tensors[tree.index]
+    if isinstance(tree, BigInt):
+        return tree.value
+    if isinstance(tree, dict):
+        return {k: unflatten(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten(v, tensors) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(unflatten(v, tensors) for v in tree)
+    return tree
