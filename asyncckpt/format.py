@@ -252,7 +252,8 @@ def _default(value: Any) -> Any:
 
 def pack(value: Any) -> bytes:
     """msgpack with exact types: tuples, tensor refs and big ints as extension types."""
-    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes) -> Any:
@@ -307,8 +308,8 @@ def check_prelude(prelude: bytes, path: str) -> str:
     if magic != MAGIC:
         raise CorruptedCheckpointError(f"{path}: not an asyncckpt checkpoint (bad magic {magic!r})")
     crc_ok = crc32c.crc32c(prelude[: PRELUDE_SIZE - 4]) == crc
-    version = raw_version.rstrip(b"\0").decode("ascii", "replace")
-    requires = raw_requires.rstrip(b"\0").decode("ascii", "replace")
+    version = bytes(raw_version).rstrip(b"\0").decode("ascii", "replace")
+    requires = bytes(raw_requires).rstrip(b"\0").decode("ascii", "replace")
     parsed = parse_version(version)
     # A newer major may checksum its prelude differently: judge its version before the CRC.
     if parsed is not None and parsed[0] > max(READABLE_MAJORS):

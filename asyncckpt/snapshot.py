@@ -229,7 +229,7 @@ _SPAN_ALIGN = 16
 
 
 def _add_span_blob(members: list[torch.Tensor], blobs: list[BlobSource]) -> int:
-    starts = [t.storage_offset() * itemsize(t.dtype) for t in members]
+    starts = [int(t.storage_offset()) * itemsize(t.dtype) for t in members]
     lo = min(starts) // _SPAN_ALIGN * _SPAN_ALIGN
     hi = max(s + _extent_bytes(t) for s, t in zip(starts, members, strict=True))
     storage = members[0].untyped_storage()
@@ -240,7 +240,7 @@ def _add_span_blob(members: list[torch.Tensor], blobs: list[BlobSource]) -> int:
 
 
 def _span_start(blob: BlobSource, tensor: torch.Tensor) -> int:
-    return tensor.storage_offset() * itemsize(tensor.dtype) - blob.tensor.storage_offset()
+    return int(tensor.storage_offset()) * itemsize(tensor.dtype) - int(blob.tensor.storage_offset())
 
 
 def _spec(
