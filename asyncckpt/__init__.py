@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .checkpoint import Checkpoint, load, save
+from .checkpointer import AsyncCheckpointer, CheckpointBusyError, CheckpointerStats, SaveHandle
 from .errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -13,6 +14,10 @@ from .errors import (
 from .storage import CheckpointInfo, list_checkpoints
 
 __all__ = [
+    "AsyncCheckpointer",
+    "CheckpointBusyError",
+    "CheckpointerStats",
+    "SaveHandle",
     "Checkpoint",
     "CheckpointError",
     "CheckpointInfo",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,8 @@ import torch
 from . import format as fmt
 from .errors import CorruptedCheckpointError
 from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
-from .snapshot import BlobSource, Snapshot, flatten, unflatten
-from .storage import OS, FdSink, FileOps, atomic_write
+from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
+from .storage import OS, FdSink, FileOps, WriteTimings, atomic_write
 
 MapLocation = str | torch.device
 
@@ -56,30 +56,35 @@ def save(
     final = Path(path)
     snapshot = flatten(state)
     meta = flatten_metadata(metadata)
-    write_snapshot(final, snapshot, step=step, metadata=meta, blobs=_host_bytes(snapshot), ops=ops)
+    write_snapshot(
+        final,
+        tree=snapshot.tree,
+        tensors=snapshot.tensors,
+        sizes=[blob.nbytes for blob in snapshot.blobs],
+        step=step,
+        metadata=meta,
+        blobs=_host_bytes(snapshot),
+        ops=ops,
+    )
     return final
 
 
 def write_snapshot(
     final: Path,
-    snapshot: Snapshot,
     *,
+    tree: Any,
+    tensors: Sequence[TensorSpec],
+    sizes: Sequence[int],
     step: int,
     metadata: Any,
     blobs: Iterator[memoryview],
     ops: FileOps = OS,
-) -> Any:
-    """Atomically write ``snapshot`` whose blob bytes ``blobs`` yields; return the timings."""
+) -> WriteTimings:
+    """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
 
     def body(sink: FdSink) -> int:
         return fmt.write_checkpoint(
-            sink,
-            step=step,
-            metadata=metadata,
-            tree=snapshot.tree,
-            tensors=snapshot.tensors,
-            sizes=[b.nbytes for b in snapshot.blobs],
-            blobs=blobs,
+            sink, step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes, blobs=blobs
         )
 
     return atomic_write(final, body, ops=ops)

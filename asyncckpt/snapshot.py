@@ -216,7 +216,7 @@ def _tabulate(
         else:
             blobs.append(BlobSource(tensor, tensor.numel() * itemsize(tensor.dtype), raw=False))
             shape = tuple(tensor.shape)
-            tensors.append(_spec(tensor, path, len(blobs) - 1, 0, stride=_contiguous_stride(shape)))
+            tensors.append(_spec(tensor, path, len(blobs) - 1, 0, stride=contiguous_stride(shape)))
         table_index.append(len(tensors) - 1)
         if storage is not None:
             table_by_view[view] = table_index[-1]
@@ -261,7 +261,7 @@ def _spec(
     )
 
 
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride = []
     acc = 1
     for size in reversed(shape):

@@ -1,0 +1,533 @@
+"""AsyncCheckpointer: the trainer-facing object that wires snapshot, staging, writer and loader.
+
+``save()`` flattens the state, copies it into a reused staging buffer set and queues it for the
+background writer; it returns as soon as the copy is queued (CPU: done; CUDA: enqueued on a side
+stream). Sync use runs the writer in a background thread with an anyio event loop (a blocking
+portal); async use runs it in a task group of the caller's event loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal
+
+import anyio
+import anyio.from_thread
+import torch
+from anyio.abc import TaskGroup
+from anyio.from_thread import BlockingPortal
+from anyio.streams.memory import MemoryObjectSendStream
+
+from . import events as ev
+from .checkpoint import flatten_metadata
+from .errors import CheckpointError, CheckpointWriteError
+from .snapshot import flatten
+from .staging import StagingPool, stage
+from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
+from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
+
+WhenBusy = Literal["wait", "skip"]
+
+
+class CheckpointBusyError(CheckpointError):
+    """``save()`` was called on the event loop while every staging slot is busy.
+
+    Waiting there would block the loop the writer runs on; use ``await ckpt.asave(...)`` or
+    ``when_busy="skip"``.
+    """
+
+
+class SaveHandle:
+    """The outcome of one ``save()``: poll it, wait for it, or ``await`` it (async use)."""
+
+    def __init__(
+        self,
+        step: int,
+        path: Path,
+        future: concurrent.futures.Future[Path] | None,
+        *,
+        errors: ErrorBox | None = None,
+        done_event: Any = None,
+    ) -> None:
+        self.step = step
+        self.path = path
+        self._future = future
+        self._errors = errors
+        self._done_event = done_event
+
+    @property
+    def skipped(self) -> bool:
+        """True when the save was dropped because every staging slot was busy (``when_busy="skip"``)."""
+        return self._future is None
+
+    def done(self) -> bool:
+        """Whether the save has settled (committed, failed or skipped)."""
+        return self._future is None or self._future.done()
+
+    def result(self, timeout: float | None = None) -> Path | None:
+        """Wait until committed and return the file's path (None for a skipped save).
+
+        Raises :class:`CheckpointWriteError` if the save failed (the error is then not raised
+        again at the next ``save()``), ``TimeoutError`` if ``timeout`` seconds pass first.
+        """
+        if self._future is None:
+            return None
+        try:
+            return self._future.result(timeout)
+        except CheckpointWriteError as exc:
+            if self._errors is not None:
+                self._errors.discard(exc)
+            raise
+
+    def __await__(self) -> Generator[Any, None, Path | None]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Path | None:
+        if self._future is None:
+            return None
+        if self._done_event is not None:
+            await self._done_event.wait()
+        else:
+            await anyio.to_thread.run_sync(concurrent.futures.wait, [self._future])
+        return self.result(0)
+
+    def __repr__(self) -> str:
+        state = "skipped" if self.skipped else ("done" if self.done() else "pending")
+        return f"<SaveHandle step={self.step} {state}>"
+
+
+@dataclass(frozen=True)
+class CheckpointerStats:
+    """Counters and the last save's figures (milliseconds, bytes, MB/s)."""
+
+    saves: int
+    committed: int
+    failed: int
+    skipped: int
+    waits: int
+    pending: int
+    bytes_written: int
+    last_step: int | None
+    last_stall_ms: float
+    last_wait_ms: float
+    last_write_ms: float
+    last_fsync_ms: float
+    last_total_ms: float
+    last_bytes: int
+    last_mb_s: float
+    staging_bytes: int
+    staging_allocations: int
+
+
+class AsyncCheckpointer:
+    """Asynchronous, durable checkpoints of a training run into ``directory``, one file per step.
+
+    Use as ``with`` (sync trainers) or ``async with`` (async trainers). Options:
+
+    - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
+    - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
+    - ``when_busy``: ``"wait"`` blocks ``save()`` until a slot frees, ``"skip"`` drops the save.
+    - ``validate``: after each commit re-open the file (``"structure"``), also re-check every
+      checksum (``"full"``), or not at all (``"none"``).
+    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
+    - ``handle_sigterm``: on SIGTERM flush pending saves, then let the default handling proceed.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        max_pending: int = 1,
+        when_busy: WhenBusy = "wait",
+        validate: ValidateMode = "structure",
+        event_log: str | os.PathLike[str] | None = None,
+        handle_sigterm: bool = False,
+        ops: FileOps = OS,
+    ) -> None:
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if validate not in ("structure", "full", "none"):
+            raise ValueError(f"validate must be 'structure', 'full' or 'none', got {validate!r}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.when_busy = when_busy
+        self.validate: ValidateMode = validate
+        self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
+        self.handle_sigterm = handle_sigterm
+        self._ops = ops
+        self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
+        self._errors = ErrorBox()
+        self._writer_stats = WriterStats()
+        self._mode: Literal["sync", "async"] | None = None
+        self._log: ev.EventLog | None = None
+        self._send: MemoryObjectSendStream[Job] | None = None
+        self._portal_cm: Any = None
+        self._portal: BlockingPortal | None = None
+        self._writer_done: concurrent.futures.Future[None] | None = None
+        self._task_group: TaskGroup | None = None
+        self._pending: set[concurrent.futures.Future[Path]] = set()
+        self._pending_lock = threading.Lock()
+        self._slot_freed: Any = None  # anyio.Event, async use only
+        self._counts = {"saves": 0, "skipped": 0, "waits": 0}
+        self._last_stall_ms = 0.0
+        self._last_wait_ms = 0.0
+        self._side_stream: Any = None
+        self._copy_event: Any = None
+        self._hooked: dict[int, Any] = {}
+        self._previous_sigterm: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> AsyncCheckpointer:
+        writer = self._open("sync")
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        send, receive = anyio.create_memory_object_stream[Job](math.inf)
+        self._send = send
+        self._writer_done = self._portal.start_task_soon(writer.run, receive)
+        self._install_sigterm()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._finish(exc, self.flush)
+        finally:
+            self._stop_sync_writer()
+
+    async def __aenter__(self) -> AsyncCheckpointer:
+        writer = self._open("async")
+        self._slot_freed = anyio.Event()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        send, receive = anyio.create_memory_object_stream[Job](math.inf)
+        self._send = send
+        self._task_group.start_soon(writer.run, receive)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._drain_async()
+        finally:
+            assert self._send is not None and self._task_group is not None
+            self._send.close()
+            with anyio.CancelScope(shield=True):
+                await self._task_group.__aexit__(None, None, None)
+            self._close()
+        self._finish(exc, self._errors.raise_first)
+
+    def close(self) -> None:
+        """Flush pending saves and stop the writer (what leaving ``with`` does)."""
+        self.__exit__(None, None, None)
+
+    def _open(self, mode: Literal["sync", "async"]) -> Writer:
+        if self._mode is not None:
+            raise CheckpointError("this AsyncCheckpointer is already open")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._mode = mode
+        self._log = ev.EventLog(self.event_log_path)
+        self._remove_temp_files()
+        return Writer(
+            self.directory,
+            pool=self._pool,
+            validate=self.validate,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            log=self._log,
+            errors=self._errors,
+            stats=self._writer_stats,
+            ops=self._ops,
+            on_job_done=self._on_job_done if mode == "async" else None,
+        )
+
+    def _remove_temp_files(self) -> None:
+        assert self._log is not None
+        leftovers = temp_files(self.directory)
+        remove_durably(leftovers, self.directory, ops=self._ops)
+        for path in leftovers:
+            self._log.warning(ev.TMP_REMOVED, path=str(path))
+
+    def _finish(self, body_error: BaseException | None, flush: Any) -> None:
+        """Flush on exit; a flush failure never hides the body's own exception."""
+        try:
+            flush()
+        except CheckpointWriteError as error:
+            if body_error is None:
+                raise
+            body_error.add_note(f"asyncckpt: a pending checkpoint failed too: {error}")
+
+    def _stop_sync_writer(self) -> None:
+        try:
+            if self._portal is not None and self._send is not None:
+                self._portal.call(self._send.close)
+            if self._writer_done is not None:
+                self._writer_done.result()
+        finally:
+            if self._portal_cm is not None:
+                self._portal_cm.__exit__(None, None, None)
+            self._portal = self._portal_cm = None
+            self._close()
+
+    def _close(self) -> None:
+        self._restore_sigterm()
+        for hook in self._hooked.values():
+            hook.remove()
+        self._hooked.clear()
+        if self._log is not None:
+            self._log.info(ev.WRITER_STOPPED, committed=self._writer_stats.committed)
+            self._log.close()
+        self._mode = None
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+        """Stage ``state`` for step ``step`` and queue it for the background writer.
+
+        Returns when the state is staged (CPU: copied; CUDA: copies enqueued). Raises
+        ``TypeError`` naming the key path of a value that cannot be stored (nothing is queued),
+        and :class:`CheckpointWriteError` for an earlier background failure not yet reported.
+        When every slot is busy: waits (``when_busy="wait"``; in async use this raises
+        :class:`CheckpointBusyError` instead, see ``asave``) or returns a skipped handle.
+        """
+        self._require_open()
+        self._errors.raise_first()
+        started = time.perf_counter()
+        snapshot = flatten(state)
+        metadata_tree = flatten_metadata(metadata)
+        layout = snapshot.layout_key()
+        buffers = self._pool.try_acquire(layout)
+        wait_ms = 0.0
+        if buffers is None:
+            if self.when_busy == "skip":
+                return self._skip(step)
+            if self._mode == "async":
+                raise CheckpointBusyError(
+                    f"step {step}: all {self._pool.slots} staging slots are busy and waiting would "
+                    "block the event loop; use `await ckpt.asave(step, state)` or when_busy='skip'"
+                )
+            buffers = self._pool.acquire(layout)
+            assert buffers is not None
+            wait_ms = (time.perf_counter() - started) * 1000.0
+        return self._stage_and_submit(step, state, snapshot, metadata_tree, buffers, started, wait_ms)
+
+    async def asave(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+        """``save()`` for async trainers: waits for a free slot without blocking the event loop."""
+        self._require_open()
+        if self.when_busy == "wait" and self._mode == "async":
+            while self._pool.in_use >= self._pool.slots:
+                await self._slot_freed.wait()
+        return self.save(step, state, metadata=metadata)
+
+    def _stage_and_submit(
+        self,
+        step: int,
+        state: Any,
+        snapshot: Any,
+        metadata_tree: Any,
+        buffers: Any,
+        started: float,
+        wait_ms: float,
+    ) -> SaveHandle:
+        assert self._log is not None
+        if wait_ms:
+            self._counts["waits"] += 1
+            self._log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
+        if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        try:
+            staged = stage(snapshot, buffers, side_stream=self._side_stream)
+        except BaseException:
+            self._pool.release(buffers)
+            raise
+        if staged.event is not None:
+            self._guard_optimizers(state, staged.event)
+        future: concurrent.futures.Future[Path] = concurrent.futures.Future()
+        done_event = anyio.Event() if self._mode == "async" else None
+        path = self.directory / checkpoint_name(step)
+        job = Job(step, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event)
+        self._track(future)
+        self._submit(job)
+        stall_ms = (time.perf_counter() - started) * 1000.0
+        job.stall_ms = stall_ms
+        self._counts["saves"] += 1
+        self._last_stall_ms, self._last_wait_ms = stall_ms, wait_ms
+        self._log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=snapshot.nbytes)
+        return SaveHandle(step, path, future, errors=self._errors, done_event=done_event)
+
+    def _skip(self, step: int) -> SaveHandle:
+        assert self._log is not None
+        self._counts["skipped"] += 1
+        self._log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
+        return SaveHandle(step, self.directory / checkpoint_name(step), None)
+
+    def _submit(self, job: Job) -> None:
+        assert self._send is not None
+        if self._mode == "sync":
+            assert self._portal is not None
+            self._portal.call(self._send.send_nowait, job)
+        else:
+            self._send.send_nowait(job)
+
+    def _track(self, future: concurrent.futures.Future[Path]) -> None:
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._untrack)
+
+    def _untrack(self, future: concurrent.futures.Future[Path]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
+    def _on_job_done(self, job: Job) -> None:
+        # Runs on the event loop (async use): wake any asave() waiting for a slot.
+        self._slot_freed.set()
+        self._slot_freed = anyio.Event()
+
+    # ------------------------------------------------------------------ CUDA overlap
+
+    def _guard_optimizers(self, state: Any, event: Any) -> None:
+        """Make the next optimizer step wait (on the GPU) for the staging copy to finish.
+
+        Forward and backward overlap the copy; only the step, which overwrites parameters and
+        optimizer state that may not be copied yet, is ordered after it.
+        """
+        self._copy_event = event
+        for optimizer in _optimizers_in(state):
+            if id(optimizer) not in self._hooked:
+                self._hooked[id(optimizer)] = optimizer.register_step_pre_hook(self._wait_for_copy)
+
+    def _wait_for_copy(self, *_: Any) -> None:
+        event, self._copy_event = self._copy_event, None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    # ------------------------------------------------------------------ flushing
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every pending save is committed or failed; raise the first failure.
+
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first (the saves go on).
+        """
+        with self._pending_lock:
+            pending = list(self._pending)
+        _, not_done = concurrent.futures.wait(pending, timeout)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} checkpoint saves still pending after {timeout} s")
+        self._errors.raise_first()
+
+    async def aflush(self) -> None:
+        """``flush()`` for async trainers: awaits every pending save, then raises the first failure."""
+        await self._drain_async()
+        self._errors.raise_first()
+
+    async def _drain_async(self) -> None:
+        while True:
+            with self._pending_lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            await self._slot_freed.wait()
+
+    # ------------------------------------------------------------------ SIGTERM
+
+    def _install_sigterm(self) -> None:
+        if not self.handle_sigterm:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise CheckpointError(
+                "handle_sigterm=True needs the checkpointer to be entered in the main thread"
+            )
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._log is not None:
+            with self._pending_lock:
+                pending = len(self._pending)
+            self._log.warning(ev.SIGTERM, pending=pending)
+        try:
+            self.flush()
+        finally:
+            previous = self._restore_sigterm()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                os.kill(os.getpid(), signum)  # the default action, now that the handler is gone
+
+    def _restore_sigterm(self) -> Any:
+        previous, self._previous_sigterm = self._previous_sigterm, None
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        return previous
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> CheckpointerStats:
+        """Counters and the last save's stall and write figures."""
+        w = self._writer_stats
+        with self._pending_lock:
+            pending = len(self._pending)
+        with w.lock:
+            return CheckpointerStats(
+                saves=self._counts["saves"],
+                committed=w.committed,
+                failed=w.failed,
+                skipped=self._counts["skipped"],
+                waits=self._counts["waits"],
+                pending=pending,
+                bytes_written=w.bytes_written,
+                last_step=w.last_step,
+                last_stall_ms=self._last_stall_ms,
+                last_wait_ms=self._last_wait_ms,
+                last_write_ms=w.last_write_ms,
+                last_fsync_ms=w.last_fsync_ms,
+                last_total_ms=w.last_total_ms,
+                last_bytes=w.last_bytes,
+                last_mb_s=w.last_mb_s,
+                staging_bytes=self._pool.nbytes,
+                staging_allocations=self._pool.allocations,
+            )
+
+    def _require_open(self) -> None:
+        if self._mode is None:
+            raise CheckpointError(
+                "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
+            )
+
+
+def _optimizers_in(state: Any) -> list[torch.optim.Optimizer]:
+    found: list[torch.optim.Optimizer] = []
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.optim.Optimizer):
+            found.append(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return found
