@@ -73,6 +73,13 @@ class SaveHandle:
         """Whether the save has settled (committed, failed or skipped)."""
         return self._future is None or self._future.done()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the save settles, without raising its error; False on timeout."""
+        if self._future is None:
+            return True
+        done, _ = concurrent.futures.wait([self._future], timeout)
+        return bool(done)
+
     def result(self, timeout: float | None = None) -> Path | None:
         """Wait until committed and return the file's path (None for a skipped save).
 
@@ -237,8 +244,7 @@ class AsyncCheckpointer:
         finally:
             assert self._send is not None and self._task_group is not None
             self._send.close()
-            with anyio.CancelScope(shield=True):
-                await self._task_group.__aexit__(None, None, None)
+            await self._task_group.__aexit__(None, None, None)
             self._close()
         self._finish(exc, self._errors.raise_first)
 
