@@ -527,16 +527,43 @@ def read_blob_into(
         chunk = dest[start : start + CHUNK]
         got = file.readinto(chunk)  # type: ignore[attr-defined]
         if got != len(chunk):
-            raise CorruptedCheckpointError(
-                f"{path}: truncated inside {layout.blob_key(index)} at offset {blob.offset + start}"
-            )
+            raise _truncated_blob(layout, index, start, path)
         if verify:
             crc = crc32c.crc32c(chunk, crc)
     if verify and crc != blob.crc:
-        raise CorruptedCheckpointError(
-            f"{path}: checksum mismatch in {layout.blob_key(index)} (blob {index} at offset "
-            f"{blob.offset}, {blob.nbytes} bytes): expected crc32c {blob.crc:08x}, found {crc:08x}"
-        )
+        raise _crc_mismatch(layout, index, crc, path)
+
+
+def check_blob(file: BinaryIO, layout: Layout, index: int, *, path: str, scratch: memoryview) -> None:
+    """Read blob ``index`` chunk by chunk through ``scratch`` and check its CRC32C; keep nothing.
+
+    ``scratch`` may be any size; :data:`CHUNK` bytes is enough. Raises
+    :class:`CorruptedCheckpointError` like :func:`read_blob_into`.
+    """
+    blob = layout.blobs[index]
+    file.seek(blob.offset)
+    crc = 0
+    for start in range(0, blob.nbytes, len(scratch)):
+        chunk = scratch[: min(len(scratch), blob.nbytes - start)]
+        got = file.readinto(chunk)  # type: ignore[attr-defined]
+        if got != len(chunk):
+            raise _truncated_blob(layout, index, start, path)
+        crc = crc32c.crc32c(chunk, crc)
+    if crc != blob.crc:
+        raise _crc_mismatch(layout, index, crc, path)
+
+
+def _truncated_blob(layout: Layout, index: int, start: int, path: str) -> CorruptedCheckpointError:
+    offset = layout.blobs[index].offset + start
+    return CorruptedCheckpointError(f"{path}: truncated inside {layout.blob_key(index)} at offset {offset}")
+
+
+def _crc_mismatch(layout: Layout, index: int, crc: int, path: str) -> CorruptedCheckpointError:
+    blob = layout.blobs[index]
+    return CorruptedCheckpointError(
+        f"{path}: checksum mismatch in {layout.blob_key(index)} (blob {index} at offset "
+        f"{blob.offset}, {blob.nbytes} bytes): expected crc32c {blob.crc:08x}, found {crc:08x}"
+    )
 
 
 def view_tensor(entry: TensorEntry, blob: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,24 @@ _PICKLE_PROTO = b"\x80"
 _NUMBER = re.compile(r"(\d+)")
 
 
+def is_zip_torch_save(head: bytes) -> bool:
+    """Whether the first bytes are those of a zip ``torch.save`` file (the only kind ``mmap`` reads)."""
+    return head.startswith(_ZIP_MAGIC)
+
+
 def looks_like_torch_save(head: bytes) -> bool:
     """Whether the first bytes of a file are those of a ``torch.save`` file (zip or raw pickle)."""
     return head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)
 
 
-def load_legacy(path: Path, *, map_location: str | torch.device = "cpu") -> Any:
-    """Unpickle a ``torch.save`` file with ``weights_only=True``; refuse anything else."""
+def load_legacy(path: Path, *, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """Unpickle a ``torch.save`` file with ``weights_only=True``; refuse anything else.
+
+    ``mmap=True`` (zip files only) maps the tensor data instead of reading it: a cheap way to
+    read the pickled structure, e.g. for :func:`legacy_step`.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptedCheckpointError(

@@ -1,0 +1,181 @@
+"""Whether a checkpoint's state fits the state the caller expects: keys, shapes, dtypes.
+
+The loader calls this before it reads a single tensor byte, on the tensor table of the file's
+header (or on a loaded legacy state), so an incompatible checkpoint is diagnosed without touching
+the caller's objects. Only tensors are compared (plain values such as a learning rate may
+legitimately differ), plus the presence of the expected top-level keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .snapshot import dotted_key
+
+Path_ = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """What the comparison needs of a tensor: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Expected:
+    """The expected state, reduced to what is compared.
+
+    ``top_keys``: keys the state's top-level dict must have (None: the state may be anything).
+    ``tensors``: every expected tensor by key path. ``scopes``: path prefixes under which every
+    tensor of the checkpoint must be expected (else it is "unexpected"). ``optimizers``: the
+    parameter-group sizes of optimizers, whose state tensors are not compared one by one.
+    """
+
+    top_keys: list[Any] | None = None
+    tensors: dict[Path_, TensorShape] = field(default_factory=dict)
+    scopes: list[Path_] = field(default_factory=list)
+    optimizers: dict[Path_, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The outcome: ``mismatches`` make a checkpoint incompatible, ``notes`` (dtypes) do not."""
+
+    mismatches: list[str]
+    notes: list[str]
+
+
+def expected_from(expect: Any) -> Expected:
+    """Reduce a user's ``expect`` (a state tree, or objects with ``state_dict()``)."""
+    expected = Expected()
+    if isinstance(expect, Mapping):
+        expected.top_keys = list(expect)
+        for key, value in expect.items():
+            expected.scopes.append((key,))
+            _collect(value, (key,), expected)
+    else:
+        expected.scopes.append(())
+        _collect(expect, (), expected)
+    return expected
+
+
+def expected_for_restore(objects: Mapping[str, Any]) -> Expected:
+    """What ``restore`` must find for ``objects``: every key; modules' exact tensors; optimizers'
+    parameter groups. Other objects' own ``load_state_dict`` judges their state."""
+    expected = Expected(top_keys=list(objects))
+    for key, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            expected.scopes.append((key,))
+            _collect(obj, (key,), expected)
+        elif isinstance(obj, torch.optim.Optimizer):
+            _collect(obj, (key,), expected)
+    return expected
+
+
+def _collect(value: Any, path: Path_, expected: Expected) -> None:
+    if isinstance(value, torch.Tensor):
+        expected.tensors[path] = TensorShape(value.dtype, tuple(value.shape))
+    elif isinstance(value, torch.optim.Optimizer):
+        expected.optimizers[path] = [len(group["params"]) for group in value.param_groups]
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _collect(item, (*path, key), expected)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _collect(item, (*path, i), expected)
+    elif callable(getattr(value, "state_dict", None)):
+        _collect(value.state_dict(), path, expected)
+
+
+def tensor_index(tree: Any, resolve: Callable[[Any], TensorShape | None]) -> dict[Path_, TensorShape]:
+    """Every tensor of ``tree`` by key path; ``resolve`` says whether a node is a tensor."""
+    index: dict[Path_, TensorShape] = {}
+    for path, node in _walk(tree, ()):
+        shape = resolve(node)
+        if shape is not None:
+            index[path] = shape
+    return index
+
+
+def _walk(node: Any, path: Path_) -> Iterator[tuple[Path_, Any]]:
+    stack = [(path, node)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, Mapping):
+            stack.extend(((*path, k), v) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend(((*path, i), v) for i, v in enumerate(node))
+        else:
+            yield path, node
+
+
+def compare(tree: Any, index: Mapping[Path_, TensorShape], expected: Expected) -> Fit:
+    """Compare a checkpoint (its ``tree`` and tensor ``index``) with ``expected``; list every
+    mismatch: missing and unexpected keys, shape and optimizer-group mismatches."""
+    mismatches: list[str] = []
+    notes: list[str] = []
+    if expected.top_keys is not None:
+        if not isinstance(tree, Mapping):
+            kind = type(tree).__name__
+            return Fit([f"the state is a {kind}, expected a dict with keys {expected.top_keys!r}"], [])
+        mismatches += [f"missing {key!r}" for key in expected.top_keys if key not in tree]
+    absent = {(key,) for key in expected.top_keys or () if key not in tree}
+    for path, want in expected.tensors.items():
+        if _under(path, absent):
+            continue
+        got = index.get(path)
+        if got is None:
+            mismatches.append(f"missing {dotted_key(path)}")
+        elif got.shape != want.shape:
+            mismatches.append(
+                f"shape of {dotted_key(path)} is {list(got.shape)} in the checkpoint, "
+                f"{list(want.shape)} expected"
+            )
+        elif got.dtype != want.dtype:
+            notes.append(
+                f"{dotted_key(path)} is {_name(got.dtype)} in the checkpoint, {_name(want.dtype)} expected"
+            )
+    for path in sorted(index, key=dotted_key):
+        in_scope = _under(path, expected.scopes) and not _under(path, expected.optimizers)
+        if in_scope and path not in expected.tensors:
+            mismatches.append(f"unexpected {dotted_key(path)}")
+    for path, sizes in expected.optimizers.items():
+        if not _under(path, absent):
+            mismatches += _optimizer_mismatches(_subtree(tree, path), path, sizes)
+    return Fit(mismatches, notes)
+
+
+def _under(path: Path_, prefixes: Any) -> bool:
+    return any(path[: len(prefix)] == prefix for prefix in prefixes)
+
+
+def _subtree(tree: Any, path: Path_) -> Any:
+    for key in path:
+        try:
+            tree = tree[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree
+
+
+def _optimizer_mismatches(state: Any, path: Path_, sizes: list[int]) -> list[str]:
+    where = dotted_key(path)
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, list | tuple) or not all(
+        isinstance(g, Mapping) and isinstance(g.get("params"), list | tuple) for g in groups
+    ):
+        return [f"{where} is not an optimizer state (no param_groups with params)"]
+    found = [len(g["params"]) for g in groups]
+    if found == sizes:
+        return []
+    return [f"{where} has parameter groups of sizes {found} in the checkpoint, {sizes} expected"]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
