@@ -9,6 +9,7 @@ portal); async use runs it in a task group of the caller's event loop.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import os
 import signal
@@ -147,6 +148,12 @@ class AsyncCheckpointer:
       checksum (``"full"``), or not at all (``"none"``).
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
     - ``handle_sigterm``: on SIGTERM flush pending saves, then let the default handling proceed.
+    - ``close_timeout``: how long leaving the context waits for pending saves (default: as long as
+      the storage takes). When it passes, the stuck saves are abandoned and leaving raises
+      :class:`CheckpointWriteError` naming them; older checkpoints stay intact. A stuck OS call
+      cannot be interrupted: its worker thread is a daemon thread, so it never keeps the
+      interpreter from exiting, and it never publishes the abandoned file; its temp file is
+      removed if the storage recovers, else at the next start.
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class AsyncCheckpointer:
         validate: ValidateMode = "structure",
         event_log: str | os.PathLike[str] | None = None,
         handle_sigterm: bool = False,
+        close_timeout: float | None = None,
         ops: FileOps = OS,
     ) -> None:
         if when_busy not in ("wait", "skip"):
@@ -170,6 +178,8 @@ class AsyncCheckpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
+        if close_timeout is not None and not close_timeout >= 0:
+            raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -177,6 +187,7 @@ class AsyncCheckpointer:
         self.validate: ValidateMode = validate
         self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
         self.handle_sigterm = handle_sigterm
+        self.close_timeout = close_timeout
         self._ops = ops
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
@@ -188,7 +199,8 @@ class AsyncCheckpointer:
         self._portal: BlockingPortal | None = None
         self._writer_done: concurrent.futures.Future[None] | None = None
         self._task_group: TaskGroup | None = None
-        self._pending: set[concurrent.futures.Future[Path]] = set()
+        self._writer: Writer | None = None
+        self._pending: dict[concurrent.futures.Future[Path], Job] = {}
         self._pending_lock = threading.Lock()
         self._slot_freed: Any = None  # anyio.Event, async use only
         self._counts = {"saves": 0, "skipped": 0, "waits": 0}
@@ -218,7 +230,7 @@ class AsyncCheckpointer:
         tb: TracebackType | None,
     ) -> None:
         try:
-            self._finish(exc, self.flush)
+            self._finish(exc, self._flush_for_close)
         finally:
             self._stop_sync_writer()
 
@@ -238,15 +250,27 @@ class AsyncCheckpointer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        abandoned: CheckpointWriteError | None = None
         try:
             with anyio.CancelScope(shield=True):
-                await self._drain_async()
+                with anyio.move_on_after(self.close_timeout) as deadline:
+                    await self._drain_async()
+                if deadline.cancelled_caught:
+                    assert self._writer is not None
+                    self._writer.abandon()
+                    abandoned = self._abandon_pending()
         finally:
             assert self._send is not None and self._task_group is not None
             self._send.close()
             await self._task_group.__aexit__(None, None, None)
             self._close()
-        self._finish(exc, self._errors.raise_first)
+
+        def raise_failures() -> None:
+            if abandoned is not None:
+                raise abandoned
+            self._errors.raise_first()
+
+        self._finish(exc, raise_failures)
 
     def close(self) -> None:
         """Flush pending saves and stop the writer (what leaving ``with`` does)."""
@@ -259,7 +283,7 @@ class AsyncCheckpointer:
         self._mode = mode
         self._log = ev.EventLog(self.event_log_path)
         self._remove_temp_files()
-        return Writer(
+        self._writer = Writer(
             self.directory,
             pool=self._pool,
             validate=self.validate,
@@ -271,6 +295,7 @@ class AsyncCheckpointer:
             ops=self._ops,
             on_job_done=self._on_job_done if mode == "async" else None,
         )
+        return self._writer
 
     def _remove_temp_files(self) -> None:
         assert self._log is not None
@@ -278,6 +303,39 @@ class AsyncCheckpointer:
         remove_durably(leftovers, self.directory, ops=self._ops)
         for path in leftovers:
             self._log.warning(ev.TMP_REMOVED, path=str(path))
+
+    def _flush_for_close(self) -> None:
+        try:
+            self.flush(self.close_timeout)
+        except TimeoutError:
+            assert self._portal is not None and self._writer is not None
+            self._portal.call(self._writer.abandon)
+            raise self._abandon_pending() from None
+
+    def _abandon_pending(self) -> CheckpointWriteError:
+        """Fail every pending save after ``close_timeout``; return the error for the trainer."""
+        assert self._log is not None
+        with self._pending_lock:
+            jobs = sorted(self._pending.values(), key=lambda job: job.step)
+        reason = f"did not finish within close_timeout={self.close_timeout} s (the storage seems stuck)"
+        for job in jobs:
+            error = CheckpointWriteError(f"{job.path}: {reason}; abandoned", step=job.step)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_exception(error)
+            if job.done_event is not None:
+                job.done_event.set()
+            self._log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
+        steps = ", ".join(str(job.step) for job in jobs)
+        error = CheckpointWriteError(
+            f"{self.directory}: checkpoint saves of step {steps} {reason}; they were abandoned and "
+            "never publish; older checkpoints are intact and the next start removes any temp file",
+            step=jobs[-1].step if jobs else None,
+        )
+        try:
+            self._errors.raise_first()
+        except CheckpointWriteError as earlier:
+            error.add_note(f"also failed: {earlier}")
+        return error
 
     def _finish(self, body_error: BaseException | None, flush: Any) -> None:
         """Flush on exit; a flush failure never hides the body's own exception."""
@@ -377,7 +435,7 @@ class AsyncCheckpointer:
         done_event = anyio.Event() if self._mode == "async" else None
         path = self.directory / checkpoint_name(step)
         job = Job(step, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event)
-        self._track(future)
+        self._track(job)
         self._submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
         job.stall_ms = stall_ms
@@ -400,14 +458,14 @@ class AsyncCheckpointer:
         else:
             self._send.send_nowait(job)
 
-    def _track(self, future: concurrent.futures.Future[Path]) -> None:
+    def _track(self, job: Job) -> None:
         with self._pending_lock:
-            self._pending.add(future)
-        future.add_done_callback(self._untrack)
+            self._pending[job.future] = job
+        job.future.add_done_callback(self._untrack)
 
     def _untrack(self, future: concurrent.futures.Future[Path]) -> None:
         with self._pending_lock:
-            self._pending.discard(future)
+            self._pending.pop(future, None)
 
     def _on_job_done(self, job: Job) -> None:
         # Runs on the event loop (async use): wake any asave() waiting for a slot.

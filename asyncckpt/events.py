@@ -33,6 +33,8 @@ class JsonLinesFile:
     """A structlog logger that appends each rendered line with one ``write`` on an O_APPEND fd.
 
     One write per line keeps lines whole for readers tailing the file and for several writers.
+    The log is a side channel: a line that cannot be written (disk full, I/O error) is counted in
+    ``dropped`` and never fails the save or the trainer that logged it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -40,12 +42,17 @@ class JsonLinesFile:
         self.path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self._lock = threading.Lock()
+        self.dropped = 0
 
     def msg(self, message: str) -> None:
         data = (message + "\n").encode("utf-8")
         with self._lock:
-            if self._fd is not None:
+            if self._fd is None:
+                return
+            try:
                 os.write(self._fd, data)
+            except OSError:  # e.g. ENOSPC on the checkpoint disk: the checkpoint's own error says it
+                self.dropped += 1
 
     debug = info = warning = error = critical = exception = msg
 

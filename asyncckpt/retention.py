@@ -23,7 +23,7 @@ def prunable(
     if keep_last < 0:
         raise ValueError(f"keep_last must be >= 0, got {keep_last}")
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    newest = {c.path for c in ordered[len(ordered) - keep_last :]} if keep_last else set()
+    newest = {c.path for c in ordered[max(len(ordered) - keep_last, 0) :]} if keep_last else set()
     return [
         c
         for c in ordered

@@ -1,8 +1,9 @@
 """Helpers for testing code that uses asyncckpt: fault injection and tiny deterministic states.
 
-``FaultyOps`` and ``GatedOps`` replace the OS calls of the write path (pass them as
-``AsyncCheckpointer(..., ops=...)`` or ``asyncckpt.save(..., ops=...)``); ``deterministic_state``
-builds a small state whose every byte is a function of the step.
+``FaultyOps``, ``GatedOps``, ``SlowOps`` and ``PowerLossOps`` replace the OS calls of the write
+path (pass them as ``AsyncCheckpointer(..., ops=...)`` or ``asyncckpt.save(..., ops=...)``);
+``PowerLossOps`` also replays what a power cut at each point of the recorded calls would leave.
+``deterministic_state`` builds a small state whose every byte is a function of the step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +136,7 @@ def states_equal(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and a != a:
-        return b != b
+        return bool(b != b)
     return bool(a == b)
 
 
@@ -145,3 +148,212 @@ def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(raw(a), raw(b))
 
 
+class SlowOps(RecordingOps):
+    """Real OS calls, each ``write`` and ``fsync`` taking at least ``delay`` seconds longer
+    (simulated slow storage)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        time.sleep(self.delay)
+        return super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        super().fsync(fd)
+
+
+# --------------------------------------------------------------------------- power loss
+
+
+@dataclass(frozen=True)
+class CrashState:
+    """One directory a power cut after ``point`` recorded calls may leave: file name → bytes.
+
+    ``variant`` says which of the possible outcomes it is (see :class:`PowerLossOps`).
+    """
+
+    point: int
+    variant: str
+    files: dict[str, bytes]
+
+    def materialize(self, target: Path) -> Path:
+        """Write the surviving files into ``target`` (created; it should be empty) and return it."""
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (target / name).write_bytes(data)
+        return target
+
+
+@dataclass(frozen=True)
+class _Call:
+    kind: str  # create, write, fsync, rename, unlink, fsync_dir, mark
+    name: str = ""
+    inode: int = -1
+    offset: int = 0
+    data: bytes = b""
+    target: str = ""
+
+
+class PowerLossOps(FileOps):
+    """Real OS calls through ``inner``, plus a model of what survives a power cut in ``directory``.
+
+    Every successful call is recorded in order. A crash after the first ``point`` calls keeps:
+
+    - a file's data only up to the last successful ``fsync`` of that file;
+    - directory entries (creates, renames, unlinks) only up to the last ``fsync_dir``.
+
+    :meth:`crash_states` also yields the weaker outcomes real file systems allow: metadata that
+    reached the journal in order (every prefix of the entries changed since the last
+    ``fsync_dir``), unsynced data that was written back (all of it, or its length with zeros
+    instead of bytes), and the state a ``kill -9`` leaves (everything). A correct protocol leaves
+    only complete files under final names in all of them; this tests the *order* of the calls.
+
+    Files already in ``directory`` when the object is made count as durable. ``mark(label)``
+    records a point in the sequence (e.g. "step 3 committed") for the test to compare against.
+    A failed call is not recorded: its effect is unknown, which is what the model drops.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, inner: FileOps | None = None) -> None:
+        self.directory = Path(directory)
+        self.inner = inner if inner is not None else FileOps()
+        self.calls: list[_Call] = []
+        self._lock = threading.Lock()
+        self._initial_names: dict[str, int] = {}
+        self._initial_data: dict[int, bytes] = {}
+        self._fds: dict[int, list[int]] = {}  # fd -> [inode, position]
+        self._next_inode = 0
+        for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+            if entry.is_file(follow_symlinks=False):
+                inode = self._new_inode()
+                self._initial_names[entry.name] = inode
+                self._initial_data[inode] = Path(entry.path).read_bytes()
+
+    def _new_inode(self) -> int:
+        self._next_inode += 1
+        return self._next_inode
+
+    def _name(self, path: Path) -> str:
+        if Path(path).parent != self.directory:
+            raise ValueError(f"PowerLossOps models {self.directory} only, not {path}")
+        return Path(path).name
+
+    def _record(self, call: _Call) -> None:
+        with self._lock:
+            self.calls.append(call)
+
+    def mark(self, label: str) -> int:
+        """Record ``label`` at the current point; return the point (calls recorded before it)."""
+        with self._lock:
+            self.calls.append(_Call("mark", name=label))
+            return len(self.calls) - 1
+
+    def point_of(self, label: str) -> int | None:
+        """The point at which ``label`` was marked, or None."""
+        with self._lock:
+            return next((i for i, c in enumerate(self.calls) if c.kind == "mark" and c.name == label), None)
+
+    # -- the FileOps calls: the real call first, recorded only when it succeeded
+
+    def open_exclusive(self, path: Path) -> int:
+        name = self._name(path)
+        fd = self.inner.open_exclusive(path)
+        with self._lock:
+            inode = self._new_inode()
+            self._fds[fd] = [inode, 0]
+            self.calls.append(_Call("create", name=name, inode=inode))
+        return fd
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        written = self.inner.write(fd, data)
+        with self._lock:
+            inode, position = self._fds[fd]
+            chunk = bytes(memoryview(data).cast("B")[:written])
+            self.calls.append(_Call("write", inode=inode, offset=position, data=chunk))
+            self._fds[fd][1] = position + written
+        return written
+
+    def fsync(self, fd: int) -> None:
+        self.inner.fsync(fd)
+        with self._lock:
+            self.calls.append(_Call("fsync", inode=self._fds[fd][0]))
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            self._fds.pop(fd, None)
+        self.inner.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        source, target = self._name(src), self._name(dst)
+        self.inner.rename(src, dst)
+        self._record(_Call("rename", name=source, target=target))
+
+    def unlink(self, path: Path) -> None:
+        name = self._name(path)
+        self.inner.unlink(path)
+        self._record(_Call("unlink", name=name))
+
+    def fsync_dir(self, directory: Path) -> None:
+        if Path(directory) != self.directory:
+            raise ValueError(f"PowerLossOps models {self.directory} only, not {directory}")
+        self.inner.fsync_dir(directory)
+        self._record(_Call("fsync_dir"))
+
+    # -- replay
+
+    @property
+    def points(self) -> int:
+        """The number of crash points: before the first call, between calls, after the last."""
+        with self._lock:
+            return len(self.calls) + 1
+
+    def crash_states(self, point: int) -> list[CrashState]:
+        """Every distinct directory a power cut after the first ``point`` calls may leave."""
+        with self._lock:
+            calls = self.calls[:point]
+        names = dict(self._initial_names)
+        durable_names = dict(names)
+        since_sync: list[dict[str, int]] = []  # the namespace after each unsynced entry change
+        data = {inode: bytearray(content) for inode, content in self._initial_data.items()}
+        synced = dict(self._initial_data)
+        for call in calls:
+            if call.kind == "create":
+                names[call.name] = call.inode
+                data[call.inode] = bytearray()
+                synced[call.inode] = b""
+            elif call.kind == "write":
+                content = data[call.inode]
+                if len(content) < call.offset:
+                    content.extend(bytes(call.offset - len(content)))
+                content[call.offset : call.offset + len(call.data)] = call.data
+            elif call.kind == "fsync":
+                synced[call.inode] = bytes(data[call.inode])
+            elif call.kind == "rename":
+                names[call.target] = names.pop(call.name)
+            elif call.kind == "unlink":
+                names.pop(call.name)
+            elif call.kind == "fsync_dir":
+                durable_names = dict(names)
+                since_sync = []
+            if call.kind in ("create", "rename", "unlink"):
+                since_sync.append(dict(names))
+        written = {inode: bytes(content) for inode, content in data.items()}
+        zeroed = {
+            inode: synced[inode] + bytes(max(len(content) - len(synced[inode]), 0))
+            for inode, content in written.items()
+        }
+        namespaces = {"dir-synced": durable_names}
+        namespaces.update({f"dir-journal-{i + 1}": ns for i, ns in enumerate(since_sync)})
+        contents = {"data-synced": synced, "data-zeroed": zeroed, "data-written": written}
+        states: list[CrashState] = []
+        seen: set[tuple[tuple[str, bytes], ...]] = set()
+        for ns_label, namespace in namespaces.items():
+            for data_label, content_of in contents.items():
+                files = {name: content_of[inode] for name, inode in sorted(namespace.items())}
+                key = tuple(files.items())
+                if key not in seen:
+                    seen.add(key)
+                    states.append(CrashState(point, f"{ns_label}+{data_label}", files))
+        return states

@@ -9,6 +9,8 @@ the job's future and the checkpointer's error box; it never escapes into another
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -115,18 +117,37 @@ class Writer:
         self.log = log
         self.errors = errors
         self.stats = stats
-        self.ops = ops
+        self.ops: FileOps = _AbandonableOps(ops)
         self.on_job_done = on_job_done
+        self._scope: anyio.CancelScope | None = None
 
     async def run(self, jobs: MemoryObjectReceiveStream[Job]) -> None:
-        """Process jobs until the stream is closed and drained."""
-        async with jobs:
-            async for job in jobs:
-                await anyio.to_thread.run_sync(self.process, job)
-                if job.done_event is not None:
-                    job.done_event.set()
-                if self.on_job_done is not None:
-                    self.on_job_done(job)
+        """Process jobs until the stream is closed and drained, or until :meth:`abandon`.
+
+        Shielded: the caller's cancellation must not drop checkpoints already queued.
+        """
+        with anyio.CancelScope(shield=True) as scope:
+            self._scope = scope
+            async with jobs:
+                async for job in jobs:
+                    await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
+                    if job.done_event is not None:
+                        job.done_event.set()
+                    if self.on_job_done is not None:
+                        self.on_job_done(job)
+
+    def abandon(self) -> None:
+        """Stop at once, leaving a stuck write behind (call it on the writer's event loop).
+
+        The worker thread of the write in progress cannot be interrupted; it runs on, but every
+        later file operation except clean-up (close, unlink) fails, so it never publishes its
+        file: it removes its temp file if the storage recovers, else the next start does. Queued
+        jobs are dropped; the caller settles their futures.
+        """
+        assert isinstance(self.ops, _AbandonableOps)
+        self.ops.abandoned.set()
+        if self._scope is not None:
+            self._scope.cancel()
 
     def process(self, job: Job) -> None:
         """Make one job durable (in a worker thread); settle its future either way."""
@@ -138,11 +159,13 @@ class Writer:
                 self.stats.failed += 1
             self.log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
             self.errors.put(error)
-            job.future.set_exception(error)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled by abandon
+                job.future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
         else:
-            job.future.set_result(job.path)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_result(job.path)
         finally:
             self.pool.release(job.staged.buffers)
 
@@ -212,6 +235,44 @@ class Writer:
         remove_durably([c.path for c in doomed], self.directory, ops=self.ops)
         for info in doomed:
             self.log.info(ev.PRUNED, step=info.step, path=str(info.path), bytes=info.size)
+
+
+class _AbandonableOps(FileOps):
+    """``ops`` until abandoned; then every call but clean-up fails with ``ECANCELED``."""
+
+    def __init__(self, ops: FileOps) -> None:
+        self.inner = ops
+        self.abandoned = threading.Event()
+
+    def _check(self) -> None:
+        if self.abandoned.is_set():
+            raise OSError(errno.ECANCELED, "the checkpointer was closed while this write was stuck")
+
+    def open_exclusive(self, path: Path) -> int:
+        self._check()
+        return self.inner.open_exclusive(path)
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        self._check()
+        return self.inner.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        self._check()
+        self.inner.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        self.inner.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._check()
+        self.inner.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        self.inner.unlink(path)
+
+    def fsync_dir(self, directory: Path) -> None:
+        self._check()
+        self.inner.fsync_dir(directory)
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:
