@@ -51,8 +51,11 @@ def save(
     After a crash at any instant ``path`` holds either its previous complete content or the new
     complete file. Tensor bytes are written straight from tensor memory (CUDA tensors are copied to
     the host one at a time). Raises ``TypeError`` naming the key path of a value that cannot be
-    stored, before anything is written, and :class:`CheckpointWriteError` when the write fails.
+    stored, and ``TypeError`` / ``ValueError`` for a step that is not an int in
+    ``[0, 2**63 - 1]``, before anything is written; :class:`CheckpointWriteError` when the
+    write fails.
     """
+    fmt.check_step(step)
     final = Path(path)
     snapshot = flatten(state)
     meta = flatten_metadata(metadata)

@@ -15,6 +15,7 @@ each chunk just before it is written, while it is still in the CPU cache.
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -46,11 +47,16 @@ DATA_OFFSET = ALIGN
 CHUNK = 8 << 20  # bytes checksummed and written per call
 
 MAX_HEADER_BYTES = 64 << 20
+# msgpack hands each extension payload to the decoder as a fresh copy, so nested tuples copy
+# their contents once per level: the total of all tuple payloads bounds the decoder's memory.
+MAX_TUPLE_BYTES = 2 * MAX_HEADER_BYTES
 MAX_TENSORS = 1_000_000
 MAX_BLOBS = MAX_TENSORS
 MAX_NDIM = 64
 MAX_DEPTH = 128
 MAX_VERSION_FIELD = 16
+MAX_STEP = 2**63 - 1  # steps are 0..MAX_STEP (file names hold at most 19 digits)
+MAX_INDEX = 2**63 - 1  # bound of every dimension, stride and element count (torch's int64)
 
 _PRELUDE = struct.Struct("<8s16s16s20sI")  # magic, version, requires, reserved, crc
 _TRAILER = struct.Struct("<QQQI24sI8s")  # hdr off, hdr len, file size, hdr crc, reserved, crc, magic
@@ -183,7 +189,20 @@ def encode_header(
         ],
         "tree": tree,
     }
-    return pack(header)
+    encoder = _Encoder()
+    packed = encoder.pack(header)
+    # Never write a header that readers refuse.
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"the header would take {len(packed)} bytes, more than the limit of {MAX_HEADER_BYTES}; "
+            "store large values as tensors"
+        )
+    if encoder.tuple_bytes > MAX_TUPLE_BYTES:
+        raise ValueError(
+            f"tuples in the state nest {encoder.tuple_bytes} bytes in total, more than the limit of "
+            f"{MAX_TUPLE_BYTES}; use lists or tensors for large nested data"
+        )
+    return packed
 
 
 def encode_trailer(header_offset: int, header: bytes) -> bytes:
@@ -207,7 +226,9 @@ def write_checkpoint(
 
     ``blobs`` yields the bytes of each blob (``sizes`` says how many, in order); each is
     checksummed chunk by chunk as it is written, so a blob is read from memory once.
+    Raises ``TypeError`` / ``ValueError`` from :func:`check_step` before writing anything.
     """
+    check_step(step)
     offsets, end = blob_offsets(sizes)
     sink.write(encode_prelude())
     position = PRELUDE_SIZE
@@ -226,6 +247,17 @@ def write_checkpoint(
     return header_offset + len(header) + TRAILER_SIZE
 
 
+def check_step(step: Any) -> None:
+    """Raise ``TypeError`` unless ``step`` is an int, ``ValueError`` unless 0 <= step <= MAX_STEP.
+
+    Writers call this before writing, so that no file is written that readers would refuse.
+    """
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step must be an int, got {type(step).__qualname__}")
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be in [0, {MAX_STEP}], got {step}")
+
+
 def write_with_crc(sink: Sink, data: memoryview) -> int:
     """Write ``data`` in chunks, checksumming each chunk while it is hot; return the CRC32C."""
     crc = 0
@@ -239,29 +271,42 @@ def write_with_crc(sink: Sink, data: memoryview) -> int:
 # --------------------------------------------------------------------------- msgpack tree
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return msgpack.ExtType(EXT_TUPLE, pack(list(value)))
-    if isinstance(value, TensorRef):
-        return msgpack.ExtType(EXT_TENSOR, pack(value.index))
-    if isinstance(value, BigInt):
-        length = (value.value.bit_length() + 8) // 8
-        return msgpack.ExtType(EXT_BIGINT, value.value.to_bytes(length, "big", signed=True))
-    raise TypeError(f"cannot encode {type(value).__qualname__}")
+class _Encoder:
+    """msgpack with exact types; counts the bytes of all tuple payloads (see MAX_TUPLE_BYTES)."""
+
+    def __init__(self) -> None:
+        self.tuple_bytes = 0
+
+    def pack(self, value: Any) -> bytes:
+        packed: bytes = msgpack.packb(value, default=self.default, strict_types=True, use_bin_type=True)
+        return packed
+
+    def default(self, value: Any) -> Any:
+        if isinstance(value, tuple):
+            payload = self.pack(list(value))
+            self.tuple_bytes += len(payload)
+            return msgpack.ExtType(EXT_TUPLE, payload)
+        if isinstance(value, TensorRef):
+            return msgpack.ExtType(EXT_TENSOR, self.pack(value.index))
+        if isinstance(value, BigInt):
+            length = (value.value.bit_length() + 8) // 8
+            return msgpack.ExtType(EXT_BIGINT, value.value.to_bytes(length, "big", signed=True))
+        raise TypeError(f"cannot encode {type(value).__qualname__}")
 
 
 def pack(value: Any) -> bytes:
     """msgpack with exact types: tuples, tensor refs and big ints as extension types."""
-    packed: bytes = msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
-    return packed
+    return _Encoder().pack(value)
 
 
 def unpack(data: bytes) -> Any:
-    """Inverse of :func:`pack`; nesting deeper than MAX_DEPTH raises ``ValueError``."""
+    """Inverse of :func:`pack`; nesting deeper than MAX_DEPTH, or tuples holding more than
+    MAX_TUPLE_BYTES in total, raise ``ValueError``."""
     depth = 0
+    tuple_bytes = 0
 
     def hook(code: int, payload: bytes) -> Any:
-        nonlocal depth
+        nonlocal depth, tuple_bytes
         if code == EXT_TENSOR:
             index = msgpack.unpackb(payload)
             if not isinstance(index, int) or isinstance(index, bool):
@@ -271,8 +316,12 @@ def unpack(data: bytes) -> Any:
             return BigInt(int.from_bytes(payload, "big", signed=True))
         if code != EXT_TUPLE:
             raise ValueError(f"unknown msgpack extension type {code}")
+        tuple_bytes += len(payload)
+        if tuple_bytes > MAX_TUPLE_BYTES:
+            raise ValueError(f"tuples nest more than {MAX_TUPLE_BYTES} bytes in total")
         depth += 1
-        if depth > MAX_DEPTH:
+        # The root of a tree is depth 0, so MAX_DEPTH + 1 tuples may nest (as in flatten).
+        if depth > MAX_DEPTH + 1:
             raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
         try:
             items = _unpack_raw(payload, hook)
@@ -358,9 +407,15 @@ def read_layout(file: BinaryIO, path: str) -> Layout:
         )
     try:
         header = unpack(raw)
-    except Exception as exc:  # msgpack raises many types on hostile bytes
+    except msgpack.StackError:  # raised without a message
         raise CorruptedCheckpointError(
-            f"{path}: header at offset {header_offset} does not decode: {exc}"
+            f"{path}: header at offset {header_offset} does not decode: it nests deeper than "
+            f"{MAX_DEPTH} levels"
+        ) from None
+    except Exception as exc:  # msgpack raises many types on hostile bytes
+        reason = str(exc) or type(exc).__name__
+        raise CorruptedCheckpointError(
+            f"{path}: header at offset {header_offset} does not decode: {reason}"
         ) from None
     return _HeaderChecker(header, version, header_offset, size, path).layout()
 
@@ -422,9 +477,12 @@ class _HeaderChecker:
         _check_tree(tree, len(tensors), self.fail)
         metadata = self.header.get("metadata")
         _check_tree(metadata, 0, self.fail)
+        step = self.field("step", int)
+        if not 0 <= step <= MAX_STEP:
+            raise self.fail(f"step {step} is outside [0, {MAX_STEP}]")
         return Layout(
             version=self.version,
-            step=self.field("step", int),
+            step=step,
             created=self.field("created", str),
             writer=self.field("writer", str),
             metadata=metadata,
@@ -445,7 +503,9 @@ class _HeaderChecker:
             if not _int_list(row, 3):
                 raise self.fail(f"blob {i} is not [offset, nbytes, crc]")
             offset, nbytes, crc = row
-            if offset < end or offset % ALIGN or offset + nbytes > self.header_offset or crc > 0xFFFFFFFF:
+            if crc > 0xFFFFFFFF:
+                raise self.fail(f"blob {i} has a crc32c of {crc}, more than 32 bits")
+            if offset < end or offset % ALIGN or offset + nbytes > self.header_offset:
                 raise self.fail(
                     f"blob {i} at offset {offset} (+{nbytes}) lies outside the data region "
                     f"[{end}, {self.header_offset}) or is not {ALIGN}-byte aligned"
@@ -470,6 +530,8 @@ class _HeaderChecker:
             raise self.fail(f"{where} has unknown dtype {dtype_text!r}")
         if not (_int_list(shape, None) and _int_list(stride, len(shape)) and len(shape) <= MAX_NDIM):
             raise self.fail(f"{where} has a bad shape {shape!r} or stride {stride!r}")
+        if max((*shape, *stride), default=0) > MAX_INDEX or math.prod(shape) > MAX_INDEX:
+            raise self.fail(f"{where} has a shape {shape!r} or stride {stride!r} beyond {MAX_INDEX}")
         if not (_is_int(blob) and 0 <= blob < len(blobs) and _is_int(offset) and offset >= 0):
             raise self.fail(f"{where} refers to blob {blob!r} at {offset!r}, which does not exist")
         size = itemsize(dtype)

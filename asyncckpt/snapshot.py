@@ -99,7 +99,9 @@ class _Walker:
     def walk(self, value: Any, path: tuple[Any, ...]) -> Any:
         if len(path) > MAX_DEPTH:
             raise TypeError(f"{key_path(path)}: nesting deeper than {MAX_DEPTH} levels")
-        if value is None or isinstance(value, bool | str | bytes):
+        if isinstance(value, str):
+            return _text(value, path, "string")
+        if value is None or isinstance(value, bool | bytes):
             return _exact(value)
         if isinstance(value, int):
             return _int(int(value))
@@ -149,12 +151,21 @@ class _Walker:
             )
         if isinstance(key, int) and not INT64_MIN <= key <= UINT64_MAX:
             raise TypeError(f"{key_path(path)}: dict key {key} does not fit 64 bits")
-        return str(key) if isinstance(key, str) else int(key)
+        return _text(key, path, "dict key") if isinstance(key, str) else int(key)
+
+
+def _text(value: str, path: tuple[Any, ...], what: str) -> str:
+    """``value`` as an exact ``str``; lone surrogates have no UTF-8 form, so msgpack cannot store them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"{key_path(path)}: {what} {value!r} cannot be stored: it is not valid UTF-8 ({exc.reason})"
+        ) from None
+    return str(value)
 
 
 def _exact(value: Any) -> Any:
-    if isinstance(value, str) and type(value) is not str:
-        return str(value)
     if isinstance(value, bytes) and type(value) is not bytes:
         return bytes(value)
     return value
