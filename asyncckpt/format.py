@@ -19,6 +19,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Protocol
@@ -44,7 +45,8 @@ PRELUDE_SIZE = 64
 TRAILER_SIZE = 64
 ALIGN = 4096
 DATA_OFFSET = ALIGN
-CHUNK = 8 << 20  # bytes checksummed and written per call
+CHUNK = 8 << 20  # bytes written (and checksummed on read) per call
+PARALLEL_CRC_MIN = 1 << 20  # blobs at least this large are checksummed beside the write
 
 MAX_HEADER_BYTES = 64 << 20
 # msgpack hands each extension payload to the decoder as a fresh copy, so nested tuples copy
@@ -224,21 +226,31 @@ def write_checkpoint(
 ) -> int:
     """Write a whole v1 file to ``sink`` in one sequential pass; return its size in bytes.
 
-    ``blobs`` yields the bytes of each blob (``sizes`` says how many, in order); each is
-    checksummed chunk by chunk as it is written, so a blob is read from memory once.
+    ``blobs`` yields the bytes of each blob (``sizes`` says how many, in order); large blobs are
+    checksummed in a helper thread while they are written.
     Raises ``TypeError`` / ``ValueError`` from :func:`check_step` before writing anything.
     """
     check_step(step)
-    offsets, end = blob_offsets(sizes)
+    offsets, _ = blob_offsets(sizes)
     sink.write(encode_prelude())
     position = PRELUDE_SIZE
-    entries = []
-    for offset, size, data in zip(offsets, sizes, blobs, strict=True):
-        if len(data) != size:
-            raise ValueError(f"blob at {offset} has {len(data)} bytes, expected {size}")
-        sink.write(bytes(offset - position))
-        entries.append(BlobEntry(offset, size, write_with_crc(sink, data)))
-        position = offset + size
+    crcs: list[Future[int] | int] = []
+    # CRC32C of large blobs runs in a second thread while this one writes the same bytes
+    # (both release the GIL), so checksumming costs no time on the write path.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksummer:
+        for offset, size, data in zip(offsets, sizes, blobs, strict=True):
+            if len(data) != size:
+                raise ValueError(f"blob at {offset} has {len(data)} bytes, expected {size}")
+            sink.write(bytes(offset - position))
+            if size >= PARALLEL_CRC_MIN:
+                crcs.append(checksummer.submit(crc32c.crc32c, data))
+                write_all(sink, data)
+            else:
+                crcs.append(crc32c.crc32c(data))
+                sink.write(data)
+            position = offset + size
+        checksums = [c if isinstance(c, int) else c.result() for c in crcs]
+    entries = [BlobEntry(o, n, c) for o, n, c in zip(offsets, sizes, checksums, strict=True)]
     header = encode_header(step=step, metadata=metadata, tree=tree, tensors=tensors, blobs=entries)
     header_offset = max(position, DATA_OFFSET)
     sink.write(bytes(header_offset - position))
@@ -258,14 +270,10 @@ def check_step(step: Any) -> None:
         raise ValueError(f"step must be in [0, {MAX_STEP}], got {step}")
 
 
-def write_with_crc(sink: Sink, data: memoryview) -> int:
-    """Write ``data`` in chunks, checksumming each chunk while it is hot; return the CRC32C."""
-    crc = 0
+def write_all(sink: Sink, data: memoryview) -> None:
+    """Write ``data`` in CHUNK-sized calls (bounded syscalls, responsive to faults)."""
     for start in range(0, len(data), CHUNK):
-        chunk = data[start : start + CHUNK]
-        crc = crc32c.crc32c(chunk, crc)
-        sink.write(chunk)
-    return crc
+        sink.write(data[start : start + CHUNK])
 
 
 # --------------------------------------------------------------------------- msgpack tree
