@@ -31,6 +31,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import events as ev
 from .checkpoint import flatten_metadata
 from .errors import CheckpointError, CheckpointWriteError
+from .format import check_step
 from .snapshot import flatten
 from .staging import StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
@@ -382,6 +383,7 @@ class AsyncCheckpointer:
         self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
+        check_step(step)
         snapshot = flatten(state)
         metadata_tree = flatten_metadata(metadata)
         layout = snapshot.layout_key()
