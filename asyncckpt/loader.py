@@ -10,12 +10,14 @@ never modifies or deletes a checkpoint.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import structlog
 import torch
@@ -42,6 +44,8 @@ from .storage import is_temp_name, list_checkpoints
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
 SUMMARY_EVENT = "checkpoint.load.summary"
+MAX_READ_THREADS = 8
+PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
 
 OnCorrupt = Literal["fallback", "fail"]
 Log = Callable[..., None]
@@ -121,7 +125,8 @@ def load_latest(
 
     Raises :class:`NoValidCheckpointError` when no candidate is usable, with every diagnosis in
     its ``diagnostics``; for an empty or missing directory its message says "no checkpoints in"
-    and ``diagnostics`` is empty. Blocking: call it from a worker thread in async code.
+    and ``diagnostics`` is empty. ``NotADirectoryError`` when ``directory`` is a file. Blocking:
+    call it from a worker thread in async code.
     """
     request = _Request(torch.device(map_location), validate, _checks(expect), None)
     return _rollback(Path(directory), request, on_corrupt=on_corrupt, log=log)
@@ -144,8 +149,9 @@ def restore(
     each optimizer, all checked before anything is read into an object. Each object then gets
     ``load_state_dict(state[name])`` (``strict=True`` for modules); a refusal makes the candidate
     incompatible and the next one is tried. A module's tensors are read from the file straight
-    into their own memory when dtype and shape match (CUDA tensors through one pinned host
-    buffer), so no second copy of the model is made; ``result.state`` then shares that memory.
+    into their own memory when dtype and shape match (CUDA tensors through pinned host bounce
+    buffers), so no second copy of the model is made; ``result.state`` then shares that memory.
+    Big files are read by several threads at once.
 
     When a candidate fails halfway, some objects may already hold its data; a later candidate
     that loads overwrites all of them. If :class:`NoValidCheckpointError` is raised, do not use
@@ -359,51 +365,88 @@ def _apply(objects: Mapping[str, Any], state: Any, path: Path) -> None:
 
 
 class _TensorReader:
-    """Reads the blobs of a checked v1 file; a module's tensor whose blob holds exactly it (same
-    dtype and shape, contiguous) is read straight into the module's memory."""
+    """Reads the blobs of a checked v1 file, several at a time for big files; a module's tensor
+    whose blob holds exactly it (same dtype and shape, contiguous) is read straight into the
+    module's memory."""
 
     def __init__(self, file: BinaryIO, layout: fmt.Layout, path: Path, request: _Request) -> None:
         self.file = file
         self.layout = layout
         self.path = path
         self.request = request
-        self._bounce: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self._failed_at = len(layout.blobs)  # the lowest blob index known to be broken
 
     def read(self) -> list[torch.Tensor]:
         direct = self._direct_targets()
-        blobs: dict[int, torch.Tensor] = {}
-        for i in range(len(self.layout.blobs)):
-            target = direct.get(i)
-            if target is None:
-                blobs[i] = self._read_blob(i)
-            else:
-                self._read_into(i, target)
+        buffers = {
+            i: torch.empty(blob.nbytes, dtype=torch.uint8)
+            for i, blob in enumerate(self.layout.blobs)
+            if i not in direct
+        }
+        self._read_all(
+            [(i, buffers[i] if i in buffers else direct[i]) for i in range(len(self.layout.blobs))]
+        )
+        if self.request.device.type != "cpu":
+            buffers = {i: blob.to(self.request.device) for i, blob in buffers.items()}
         return [
-            direct[entry.blob] if entry.blob in direct else fmt.view_tensor(entry, blobs[entry.blob])
+            direct[entry.blob] if entry.blob in direct else fmt.view_tensor(entry, buffers[entry.blob])
             for entry in self.layout.tensors
         ]
 
-    def _read_blob(self, index: int) -> torch.Tensor:
-        blob = torch.empty(self.layout.blobs[index].nbytes, dtype=torch.uint8)
-        self._read_bytes(index, blob)
-        return blob if self.request.device.type == "cpu" else blob.to(self.request.device)
+    def _read_all(self, jobs: list[tuple[int, torch.Tensor]]) -> None:
+        groups = self._groups(jobs)
+        if len(groups) == 1:
+            failures = [self._read_group(groups[0])]
+        else:
+            # readinto and crc32c release the GIL: blobs are read and checked in parallel
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="asyncckpt-read") as pool:
+                failures = list(pool.map(self._read_group, groups))
+        found = [failure for failure in failures if failure is not None]
+        if found:
+            raise min(found, key=lambda failure: failure[0])[1]
 
-    def _read_bytes(self, index: int, host: torch.Tensor) -> None:
+    def _groups(self, jobs: list[tuple[int, torch.Tensor]]) -> list[list[tuple[int, torch.Tensor]]]:
+        """Jobs split into groups of about equal bytes, one per reading thread."""
+        sizes = [blob.nbytes for blob in self.layout.blobs]
+        count = min(MAX_READ_THREADS, os.cpu_count() or 1, len(jobs))
+        if sum(sizes) < PARALLEL_READ_MIN_BYTES or count < 2:
+            return [jobs]
+        groups: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for job in sorted(jobs, key=lambda job: -sizes[job[0]]):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(job)
+            loads[lightest] += sizes[job[0]]
+        return [sorted(group, key=lambda job: job[0]) for group in groups if group]
+
+    def _read_group(self, group: list[tuple[int, torch.Tensor]]) -> tuple[int, CheckpointError] | None:
+        """Read ``group`` in file order; return the first failure instead of raising it, so that
+        the lowest broken blob of the file is the one reported, whatever the threads' timing."""
+        reader = cast(BinaryIO, _PositionalReader(self.file.fileno()))
+        bounce: torch.Tensor | None = None
+        for index, target in group:
+            if index > self._failed_at:  # a lower blob is broken already: nothing to learn here
+                return None
+            try:
+                if target.device.type == "cpu":
+                    self._read_bytes(reader, index, target)
+                    continue
+                nbytes = self.layout.blobs[index].nbytes
+                if bounce is None or bounce.numel() < nbytes:
+                    bounce = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                self._read_bytes(reader, index, bounce[:nbytes])
+                target.reshape(-1).view(torch.uint8).copy_(bounce[:nbytes])
+            except CheckpointError as exc:
+                with self._lock:
+                    self._failed_at = min(self._failed_at, index)
+                return index, exc
+        return None
+
+    def _read_bytes(self, reader: BinaryIO, index: int, host: torch.Tensor) -> None:
         view = fmt.tensor_bytes(host)
-        fmt.read_blob_into(
-            self.file, self.layout, index, view, verify=self.request.validate, path=str(self.path)
-        )
-
-    def _read_into(self, index: int, target: torch.Tensor) -> None:
-        if target.device.type == "cpu":
-            self._read_bytes(index, target)
-            return
-        nbytes = self.layout.blobs[index].nbytes
-        if self._bounce is None or self._bounce.numel() < nbytes:
-            self._bounce = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        bounce = self._bounce[:nbytes]
-        self._read_bytes(index, bounce)
-        target.reshape(-1).view(torch.uint8).copy_(bounce)
+        verify = self.request.validate
+        fmt.read_blob_into(reader, self.layout, index, view, verify=verify, path=str(self.path))
 
     def _direct_targets(self) -> dict[int, torch.Tensor]:
         """Blob index → the module tensor its bytes go straight into."""
@@ -439,6 +482,25 @@ class _TensorReader:
             and nbytes > 0
             and self.layout.blobs[entry.blob].nbytes == nbytes
         )
+
+
+class _PositionalReader:
+    """``seek`` and ``readinto`` over ``os.preadv``, so that threads can share one descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._position = 0
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET:
+            raise ValueError("only absolute seeks")
+        self._position = position
+        return position
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = os.preadv(self._fd, [buffer], self._position)
+        self._position += count
+        return count
 
 
 def _module_tensors(objects: Mapping[str, Any]) -> dict[tuple[Any, ...], torch.Tensor]:
@@ -552,7 +614,10 @@ def _summary(
     text = f"found {_count(total, 'checkpoint')} ({', '.join(parts)})"
     failed = "; ".join(f"step {c.step} {d.kind}: {d.reason}" for c, d in failures)
     if chosen is None:
-        text += f"; no usable checkpoint: {failed}" if counts["not checked"] == 0 else f"; stopped: {failed}"
+        stopped = counts["not checked"] > 0  # on_corrupt="fail"
+        text += (
+            f"; stopped at the first failure: {failed}" if stopped else f"; no usable checkpoint: {failed}"
+        )
         return text + _ignored_note(found)
     loaded = chosen[1]
     details = [f"legacy format {LEGACY_VERSION}"] if loaded.version == LEGACY_VERSION else []
@@ -616,17 +681,15 @@ def _path_field(path: Path) -> str:
 
 
 def _check(candidate: _Candidate, *, full: bool) -> CandidateReport:
-    def report(status: Any, version: str | None, step: int | None, reason: str | None) -> CandidateReport:
-        return CandidateReport(step, candidate.path, candidate.size, version, status, reason)
-
+    path, size = candidate.path, candidate.size
     try:
         if candidate.error is not None:
             raise candidate.error
-        version, step = _verify(candidate.path, full=full)
+        version, step = _verify(path, full=full)
     except CheckpointError as exc:
-        diagnostic = _diagnose(candidate.path, exc)
-        return report(diagnostic.kind, None, candidate.step, diagnostic.reason)
-    return report("valid", version, step if step is not None else candidate.step, None)
+        diagnostic = _diagnose(path, exc)
+        return CandidateReport(candidate.step, path, size, None, diagnostic.kind, diagnostic.reason)
+    return CandidateReport(candidate.step if step is None else step, path, size, version, "valid", None)
 
 
 def _verify(path: Path, *, full: bool) -> tuple[str, int | None]:

@@ -103,6 +103,9 @@ def _set_cuda_states(states: Any) -> None:
                 "the rng state holds CUDA generators, but CUDA is not available", RuntimeWarning, stacklevel=3
             )
         return
+    # Before CUDA is initialized, set_rng_state is queued and a queued manual_seed would run
+    # after it at initialization, undoing the restore: initialize first.
+    torch.cuda.init()  # type: ignore[no-untyped-call]
     count = torch.cuda.device_count()
     if len(states) != count:
         warnings.warn(

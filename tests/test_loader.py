@@ -14,6 +14,7 @@ import torch
 
 import asyncckpt
 from asyncckpt import format as fmt
+from asyncckpt import loader as loader_module
 from asyncckpt.errors import (
     CorruptedCheckpointError,
     IncompatibleCheckpointError,
@@ -203,11 +204,14 @@ def test_fail_mode_raises_the_first_failure_at_once(tmp_path: Path) -> None:
     paths = write_steps(tmp_path, 100, 200)
     flip_blob_byte(paths[-1])
     before = contents(tmp_path)
-    with pytest.raises(
-        CorruptedCheckpointError, match="checksum mismatch in model.layers.0.weight"
-    ) as caught:
-        load_latest(tmp_path, on_corrupt="fail")
+    recorder = Recorder()
+    with pytest.raises(CorruptedCheckpointError, match="checksum mismatch in model.layers.0") as caught:
+        load_latest(tmp_path, on_corrupt="fail", log=recorder)
     assert str(paths[-1]) in str(caught.value)
+    [(_, fields)] = recorder.calls
+    assert fields["summary"].startswith(
+        "found 2 checkpoints (0 valid, 1 corrupted, 1 not checked); stopped at the first failure: step 200"
+    )
     [[path, reason, _]] = failed_lines(tmp_path)
     assert path == str(paths[-1]) and reason.startswith("checksum mismatch")
     assert contents(tmp_path) == before
@@ -655,6 +659,43 @@ def test_restore_into_a_cuda_module(tmp_path: Path) -> None:
     assert fresh_opt.state_dict()["state"][0]["exp_avg"].is_cuda
     loaded = load_latest(tmp_path, map_location="cuda")
     assert loaded.state["model"]["0.weight"].is_cuda
+
+
+@pytest.fixture
+def parallel_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make even tiny files be read by several threads."""
+    monkeypatch.setattr(loader_module, "PARALLEL_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(loader_module.os, "cpu_count", lambda: 4)
+
+
+def deep_mlp(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
+
+
+@pytest.mark.usefixtures("parallel_reads")
+def test_parallel_reads_load_every_blob(tmp_path: Path) -> None:
+    saved = deep_mlp(0)
+    asyncckpt.save(tmp_path / checkpoint_name(3), {"model": saved, "extra": make_state(3)}, step=3)
+    loaded = load_latest(tmp_path)
+    assert_same_state(loaded.state["model"], saved.state_dict())
+    assert_same_state(loaded.state["extra"], make_state(3))
+    fresh = deep_mlp(1)
+    pointers = [p.data_ptr() for p in fresh.parameters()]
+    restore(tmp_path, {"model": fresh})
+    assert [p.data_ptr() for p in fresh.parameters()] == pointers
+    assert_same_state(fresh.state_dict(), saved.state_dict())
+
+
+@pytest.mark.usefixtures("parallel_reads")
+def test_parallel_reads_report_the_lowest_broken_blob(tmp_path: Path) -> None:
+    path = asyncckpt.save(tmp_path / checkpoint_name(3), {"model": deep_mlp(0)}, step=3)
+    for key in ("model.4.weight", "model.1.bias", "model.5.bias"):
+        flip_blob_byte(path, key, at=2)
+    for _ in range(5):
+        with pytest.raises(NoValidCheckpointError) as caught:
+            restore(tmp_path, {"model": deep_mlp(1)}, log=Recorder())
+        assert "checksum mismatch in model.1.bias " in caught.value.diagnostics[0].reason
 
 
 # --------------------------------------------------------------------------- check_candidates

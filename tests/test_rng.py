@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,3 +118,26 @@ def test_cuda_generators_are_restored() -> None:
     first = torch.rand(4, device="cuda").cpu()
     set_rng_state(saved)
     assert torch.equal(torch.rand(4, device="cuda").cpu(), first)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generators_are_restored_in_a_fresh_process(tmp_path: Path) -> None:
+    """Before CUDA is initialized, torch queues seeds; a queued manual_seed must not win."""
+    saved = rng_state()
+    want = torch.rand(4, device="cuda").cpu()
+    torch.save(saved, tmp_path / "rng.pt")
+    script = (
+        "import sys, torch\n"
+        "from asyncckpt.rng import set_rng_state\n"
+        "torch.manual_seed(12345)\n"
+        f"set_rng_state(torch.load({str(tmp_path / 'rng.pt')!r}, weights_only=True))\n"
+        "sys.stdout.write(repr(torch.rand(4, device='cuda').cpu().tolist()))\n"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == repr(want.tolist())
