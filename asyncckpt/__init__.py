@@ -11,23 +11,33 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
+from .loader import CandidateReport, Diagnostic, LoadResult, check_candidates, load_latest, restore
+from .rng import rng_state, set_rng_state
 from .storage import CheckpointInfo, list_checkpoints
 
 __all__ = [
     "AsyncCheckpointer",
-    "CheckpointBusyError",
-    "CheckpointerStats",
-    "SaveHandle",
+    "CandidateReport",
     "Checkpoint",
+    "CheckpointBusyError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointWriteError",
+    "CheckpointerStats",
     "CorruptedCheckpointError",
+    "Diagnostic",
     "IncompatibleCheckpointError",
+    "LoadResult",
     "NoValidCheckpointError",
+    "SaveHandle",
     "UnsupportedVersionError",
     "__version__",
+    "check_candidates",
     "list_checkpoints",
     "load",
+    "load_latest",
+    "restore",
+    "rng_state",
     "save",
+    "set_rng_state",
 ]

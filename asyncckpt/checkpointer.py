@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -29,9 +29,11 @@ from anyio.from_thread import BlockingPortal
 from anyio.streams.memory import MemoryObjectSendStream
 
 from . import events as ev
-from .checkpoint import flatten_metadata
-from .errors import CheckpointError, CheckpointWriteError
+from . import loader
+from .checkpoint import MapLocation, flatten_metadata
+from .errors import CheckpointError, CheckpointWriteError, NoValidCheckpointError
 from .format import check_step
+from .loader import LoadResult, OnCorrupt
 from .snapshot import flatten
 from .staging import StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
@@ -549,6 +551,40 @@ class AsyncCheckpointer:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         return previous
+
+    # ------------------------------------------------------------------ resuming
+
+    def restore(
+        self,
+        objects: Mapping[str, Any],
+        *,
+        map_location: MapLocation = "cpu",
+        on_corrupt: OnCorrupt = "fallback",
+        validate: bool = True,
+        expect: Any = None,
+    ) -> LoadResult | None:
+        """Load the newest usable checkpoint of this directory into ``objects``.
+
+        Returns None when the directory holds no checkpoint at all (a fresh run); otherwise
+        what :func:`asyncckpt.restore` returns, and raises what it raises (``NoValidCheckpointError``
+        when checkpoints exist but none is usable). The summary goes to this checkpointer's
+        event log when it is open.
+        """
+        log = self._log.info if self._log is not None else None
+        try:
+            return loader.restore(
+                self.directory,
+                objects,
+                map_location=map_location,
+                on_corrupt=on_corrupt,
+                validate=validate,
+                expect=expect,
+                log=log,
+            )
+        except NoValidCheckpointError as exc:
+            if exc.diagnostics:
+                raise
+            return None
 
     # ------------------------------------------------------------------ status
 

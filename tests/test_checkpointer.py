@@ -257,3 +257,26 @@ def test_module_and_optimizer_are_saved_through_state_dict(tmp_path: Path) -> No
     state = asyncckpt.load(path).state
     assert states_equal(state["model"], model.state_dict())
     assert states_equal(state["optimizer"], optimizer.state_dict())
+
+
+def test_restore_on_a_fresh_directory_returns_none(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    with AsyncCheckpointer(tmp_path / "new") as ckpt:
+        assert ckpt.restore({"model": model}) is None
+
+
+def test_restore_resumes_from_the_newest_checkpoint_and_logs_the_summary(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        ckpt.save(10, {"model": model, "optimizer": optimizer})
+    fresh = torch.nn.Linear(4, 2)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters())
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        result = ckpt.restore({"model": fresh, "optimizer": fresh_optimizer})
+    assert result is not None and result.step == 10 and result.source == "primary"
+    assert states_equal(fresh.state_dict(), model.state_dict())
+    assert states_equal(fresh_optimizer.state_dict(), optimizer.state_dict())
+    assert "checkpoint.load.summary" in event_names(tmp_path)
