@@ -413,12 +413,12 @@ def _print_listing(root: Path, entries: list[Entry], preludes: Preludes) -> None
         for name, justify in (("step", "right"), ("modified (UTC)", "left"), ("size", "right")):
             table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
         table.add_column("version", no_wrap=True)
-        table.add_column("file", overflow="fold")
+        table.add_column("file", no_wrap=True)
         table.add_column("note", overflow="fold")
         notes = {
             "checkpoint": "",
             "legacy": "[cyan]legacy[/] (torch.save, read-only)",
-            "temp": "[yellow]temp[/] (unfinished write; removed at the next start)",
+            "temp": "[yellow]temp[/] (unfinished write)",
         }
         for e in entries:
             version = preludes[e.path][0] if e.kind != "temp" else "-"

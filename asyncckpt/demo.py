@@ -161,7 +161,7 @@ def _run(
     with AsyncCheckpointer(directory, keep_last=3) as ckpt:  # removes temp files of a crashed run
         resumed = _resume_logged(trainer, ckpt)
         if resumed is not None:
-            out.print(f"[bold]resumed[/] from step {resumed.step}: {resumed.summary}")
+            out.print(f"[bold]resume:[/] {resumed.summary}", soft_wrap=True)
         first = trainer.step + 1
         started = time.perf_counter()
         if first <= steps:
@@ -209,6 +209,8 @@ def _train(
             if trainer.step == crash_at:
                 progress.stop()
                 _crash(out, trainer.step)
+        ckpt.flush()  # so that the last frame shows the last checkpoint
+        progress.checkpoint_line = describe_save(ckpt.stats())
 
 
 class _TrainingProgress(Progress):
@@ -245,11 +247,10 @@ def print_report(report: DemoReport, out: Console) -> None:
     stats, stalls = report.stats, report.stall_ms
     if stats is not None and stalls:
         out.print(
-            f"{len(stalls)} saves ({stats.committed} committed, {stats.failed} failed); training stalled "
-            f"{sum(stalls) / len(stalls):.1f} ms per save on average, {max(stalls):.1f} ms at most",
+            f"{len(stalls)} saves ({stats.committed} committed, {stats.failed} failed); save() stalled "
+            f"training {sum(stalls) / len(stalls):.1f} ms on average, {max(stalls):.1f} ms at most",
             soft_wrap=True,
         )
-        out.print(f"last {describe_save(stats)} (stall: time save() took from training)", soft_wrap=True)
     name = str(report.directory)
     out.print(
         f"next: asyncckpt ls {name} · asyncckpt validate {name} · asyncckpt logs {name}", soft_wrap=True
