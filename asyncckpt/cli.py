@@ -100,6 +100,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -668,6 +669,8 @@ def logs(
     never printed. With --follow, a directory without an events file yet is waited on.
     """
     source = _events_file(path, follow=follow)
+    if follow and not source.exists():
+        _stderr().print(f"waiting for {escape(str(source))} to appear", soft_wrap=True)
     keep = EventFilter(tuple(event or ()), level.value)
     render = _renderer(as_json)
     lines: Iterable[str] = (
@@ -680,7 +683,8 @@ def logs(
         parsed = parse_event(line)
         if parsed is None:
             if line.strip():
-                _stderr().print(f"[yellow]skipped[/] a line that is not a JSON object: {escape(line[:80])}")
+                note = f"[yellow]skipped[/] a line that is not a JSON object: {escape(line[:80])}"
+                _stderr().print(note, soft_wrap=True)
             continue
         if not keep.matches(parsed):
             continue
@@ -704,7 +708,7 @@ def _renderer(as_json: bool) -> Callable[[str, dict[str, Any]], str]:
         return lambda line, _: line
     console = _stdout()
     colors = console.is_terminal and not console.no_color
-    console_renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False, pad_event_to=32)
+    console_renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False)
 
     def render(_: str, event: dict[str, Any]) -> str:
         event = dict(event)

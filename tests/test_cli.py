@@ -176,6 +176,25 @@ def test_validate_legacy_and_incompatible_files(run_dir: Path) -> None:
     assert "2.0" in rows["step-0000000030.ckpt"]["reason"]
 
 
+def test_validate_full_shows_a_progress_bar_on_a_terminal_past_the_threshold(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asyncckpt import cli
+    from asyncckpt.inspection import resume_candidates
+
+    flip_blob_byte(checkpoint(run_dir, 30))
+    files = resume_candidates(run_dir)
+    quiet = cli._check_all(files, "full")
+    assert "checking" not in capsys.readouterr().err  # small: no bar
+    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 1)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws on the captured stream as on a terminal
+    assert cli._check_all(files, "full") == quiet
+    captured = capsys.readouterr()
+    assert "checking step-" in captured.err
+    assert captured.out == ""  # stdout stays clean for --json
+
+
 def test_validate_rejects_both_modes_with_exit_1(run_dir: Path) -> None:
     result = run("validate", run_dir, "--full", "--skip-checkpoint-validation")
     assert result.exit_code == EXIT_FAILURE
@@ -471,6 +490,27 @@ def test_logs_follow_survives_half_lines_truncation_and_recreation(
         writer.wait(timeout=30)
     assert process.wait(timeout=60) == EXIT_OK  # --max-lines 4
     assert reader.lines.get(timeout=30) is None  # nothing else was printed
+
+
+def test_logs_follow_waits_for_the_events_file_of_a_directory(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asyncckpt", "logs", str(tmp_path), "--follow", "--json", "--max-lines", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ENV},
+    )
+    try:
+        assert process.stderr is not None and process.stdout is not None
+        assert process.stderr.readline().strip() == f"waiting for {tmp_path / 'events.jsonl'} to appear"
+        line = event_line("checkpoint.writer.started")
+        (tmp_path / "events.jsonl").write_text(line + "\n")
+        assert process.stdout.readline().rstrip("\n") == line
+        assert process.wait(timeout=60) == EXIT_OK
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
 
 
 APPENDER = r"""
