@@ -64,8 +64,6 @@ TREE_INLINE_ITEMS = 12  # lists of plain values up to this long are shown on one
 TREE_VALUE_CHARS = 80
 PIPE_WIDTH = 200  # output width when stdout is not a terminal (and COLUMNS is not set)
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
-
 
 class CliError(Exception):
     """A problem the CLI reports as one line and an exit code (no traceback without --debug)."""
@@ -601,6 +599,8 @@ def _inspection_document(found: Inspection) -> dict[str, Any]:
 
 
 class Level(enum.StrEnum):
+    """Event levels, lowest first (structlog's names)."""
+
     debug = "debug"
     info = "info"
     warning = "warning"
@@ -623,10 +623,11 @@ class EventFilter:
 
 
 def _level_rank(level: Any) -> int:
+    """Position of ``level`` in :class:`Level` ("exception" counts as "error"; unknown as lowest)."""
     text = str(level).lower()
-    if text == "exception":
-        text = "error"
-    return LEVELS.index(text) if text in LEVELS else 0
+    names = [member.value for member in Level]
+    text = "error" if text == "exception" else text
+    return names.index(text) if text in names else 0
 
 
 def parse_event(line: str) -> dict[str, Any] | None:
