@@ -213,6 +213,10 @@ class AsyncCheckpointer:
         self._copy_event: Any = None
         self._hooked: dict[int, Any] = {}
         self._previous_sigterm: Any = None
+        self._sigterm_received = threading.Event()  # set by the handler: flush, then re-send
+        self._sigterm_wake = threading.Event()  # set by the handler or by close
+        self._sigterm_flushed = threading.Event()
+        self._sigterm_helper: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -285,6 +289,9 @@ class AsyncCheckpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._mode = mode
         self._log = ev.EventLog(self.event_log_path)
+        self._log.info(
+            ev.WRITER_STARTED, directory=str(self.directory), mode=mode, max_pending=self._pool.slots
+        )
         self._remove_temp_files()
         self._writer = Writer(
             self.directory,
@@ -363,6 +370,7 @@ class AsyncCheckpointer:
 
     def _close(self) -> None:
         self._restore_sigterm()
+        self._stop_sigterm_helper()
         for hook in self._hooked.values():
             hook.remove()
         self._hooked.clear()
@@ -530,21 +538,53 @@ class AsyncCheckpointer:
             raise CheckpointError(
                 "handle_sigterm=True needs the checkpointer to be entered in the main thread"
             )
+        self._sigterm_received.clear()
+        self._sigterm_flushed.clear()
+        self._sigterm_wake.clear()
+        self._sigterm_helper = threading.Thread(
+            target=self._flush_on_sigterm, name="asyncckpt-sigterm", daemon=True
+        )
+        self._sigterm_helper.start()
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        # This runs in the main thread between two bytecodes of whatever it was doing, perhaps
+        # inside save() holding a lock or halfway through queueing a job: waiting for the flush
+        # here could deadlock. So the first delivery only wakes a helper thread, which waits for
+        # the saves pending at that moment and sends the signal again; the second delivery hands
+        # it on to the previous handler, or to the default action (exit).
+        if not self._sigterm_flushed.is_set():
+            self._sigterm_received.set()
+            self._sigterm_wake.set()
+            return
+        previous = self._restore_sigterm()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)  # the default action, now that the handler is gone
+
+    def _flush_on_sigterm(self) -> None:
+        """The SIGTERM helper thread: wait for the signal (or close), flush, re-send the signal."""
+        self._sigterm_wake.wait()
+        if not self._sigterm_received.is_set():
+            return  # closed without a SIGTERM
+        with self._pending_lock:
+            pending = list(self._pending)
         if self._log is not None:
-            with self._pending_lock:
-                pending = len(self._pending)
-            self._log.warning(ev.SIGTERM, pending=pending)
-        try:
-            self.flush()
-        finally:
-            previous = self._restore_sigterm()
-            if callable(previous):
-                previous(signum, frame)
-            elif previous != signal.SIG_IGN:
-                os.kill(os.getpid(), signum)  # the default action, now that the handler is gone
+            self._log.warning(ev.SIGTERM, pending=len(pending))
+        # Failures stay in the error box (and were logged): the trainer may still see them.
+        concurrent.futures.wait(pending)
+        self._sigterm_flushed.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _stop_sigterm_helper(self) -> None:
+        """At close, after the previous handler is back: a SIGTERM received meanwhile now goes
+        to that handler, once the helper has flushed and re-sent it."""
+        if self._sigterm_helper is None:
+            return
+        self._sigterm_wake.set()
+        self._sigterm_helper.join()
+        self._sigterm_helper = None
 
     def _restore_sigterm(self) -> Any:
         previous, self._previous_sigterm = self._previous_sigterm, None

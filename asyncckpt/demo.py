@@ -22,9 +22,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from .checkpointer import AsyncCheckpointer, CheckpointerStats
-from .errors import NoValidCheckpointError
-from .events import EventLog
-from .loader import restore
 
 DEFAULT_DIRECTORY = Path("demo-run")
 DEFAULT_STEPS = 300
@@ -107,18 +104,14 @@ class _Trainer:
         return self.loss
 
 
-def resume(trainer: _Trainer, directory: Path, log: EventLog) -> Resumed | None:
-    """Restore ``trainer`` from the newest valid checkpoint in ``directory``; None on a fresh run.
+def resume(trainer: _Trainer, ckpt: AsyncCheckpointer) -> Resumed | None:
+    """Restore ``trainer`` from the newest valid checkpoint of ``ckpt``; None on a fresh run.
 
-    The loader's summary goes to ``log`` (the run's events.jsonl) and into the result. Raises
+    The loader's summary goes to the run's events.jsonl and into the result. Raises
     :class:`NoValidCheckpointError` when the directory has checkpoints but none is usable.
     """
-    objects = {"model": trainer.model, "optimizer": trainer.optimizer}
-    try:
-        result = restore(directory, objects, log=log.info)
-    except NoValidCheckpointError as exc:
-        if exc.diagnostics:
-            raise
+    result = ckpt.restore({"model": trainer.model, "optimizer": trainer.optimizer})
+    if result is None:
         return None  # no candidate at all: a fresh start, nothing was touched
     trainer.step = result.step
     loss = result.state.get("loss") if isinstance(result.state, dict) else None
@@ -159,7 +152,7 @@ def _run(
 ) -> DemoReport:
     stall_ms: list[float] = []
     with AsyncCheckpointer(directory, keep_last=3) as ckpt:  # removes temp files of a crashed run
-        resumed = _resume_logged(trainer, ckpt)
+        resumed = resume(trainer, ckpt)
         if resumed is not None:
             out.print(f"[bold]resume:[/] {resumed.summary}", soft_wrap=True)
         first = trainer.step + 1
@@ -170,14 +163,6 @@ def _run(
         stats = ckpt.stats()
     seconds = time.perf_counter() - started
     return DemoReport(directory, resumed, steps, first, trainer.step, seconds, trainer.loss, stats, stall_ms)
-
-
-def _resume_logged(trainer: _Trainer, ckpt: AsyncCheckpointer) -> Resumed | None:
-    log = EventLog(ckpt.event_log_path)
-    try:
-        return resume(trainer, ckpt.directory, log)
-    finally:
-        log.close()
 
 
 def _train(
