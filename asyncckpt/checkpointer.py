@@ -217,6 +217,7 @@ class AsyncCheckpointer:
         self._sigterm_wake = threading.Event()  # set by the handler or by close
         self._sigterm_flushed = threading.Event()
         self._sigterm_helper: threading.Thread | None = None
+        self._saves_in_progress = _CallsInProgress()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -390,6 +391,10 @@ class AsyncCheckpointer:
         When every slot is busy: waits (``when_busy="wait"``; in async use this raises
         :class:`CheckpointBusyError` instead, see ``asave``) or returns a skipped handle.
         """
+        with self._saves_in_progress:  # a SIGTERM also waits for the save() it interrupted
+            return self._save(step, state, metadata)
+
+    def _save(self, step: int, state: Any, metadata: dict[str, Any] | None) -> SaveHandle:
         self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
@@ -568,6 +573,7 @@ class AsyncCheckpointer:
         self._sigterm_wake.wait()
         if not self._sigterm_received.is_set():
             return  # closed without a SIGTERM
+        self._saves_in_progress.wait_idle()
         with self._pending_lock:
             pending = list(self._pending)
         if self._log is not None:
@@ -659,6 +665,28 @@ class AsyncCheckpointer:
             raise CheckpointError(
                 "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
             )
+
+
+class _CallsInProgress:
+    """Counts the calls inside it (a context manager); ``wait_idle()`` waits until none is."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition(threading.Lock())
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0)
 
 
 def _optimizers_in(state: Any) -> list[torch.optim.Optimizer]:

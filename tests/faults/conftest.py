@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
+from trainers import Zygote
 
 TALLY: Counter[str] = Counter()
 
@@ -31,3 +33,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         with open(target, "w", encoding="utf-8") as file:
             json.dump(dict(sorted(TALLY.items())), file, indent=2)
             file.write("\n")
+
+
+@pytest.fixture(scope="session")
+def zygote() -> Iterator[Zygote]:
+    """One crash_child.py zygote for the session (the kill -9 and SIGTERM tests)."""
+    spawner = Zygote()
+    yield spawner
+    spawner.close()

@@ -4,24 +4,31 @@ Importing torch takes seconds; forking a process that has imported it (and run n
 milliseconds, so each kill gets a fresh trainer process cheaply. Protocol on stdin/stdout, one
 line each:
 
-    spawn <directory> <first step> <numel>   ->  pid <pid>
-    reap <pid>                               ->  reaped <pid> <wait status>
+    spawn <kind> <directory> <first step> <numel>  ->  pid <pid>
+    reap <pid> <timeout s>                         ->  reaped <pid> <wait status>  or  hung <pid>
 
 A trainer saves ``deterministic_state(step)`` for step = first, first + 1, ... with
-AsyncCheckpointer and writes ``op <name>`` before each file operation of the write path and
-``committed <step>`` once ``handle.result()`` returned, straight to fd 1 (one write per line).
-The parent SIGKILLs it at a moment of its choosing.
+AsyncCheckpointer and writes ``committed <step>`` once that save is committed, straight to fd 1
+(one write per line). ``kill`` trainers wait for each save and also write ``op <name>`` before
+each file operation of the write path; the parent SIGKILLs them at a moment of its choosing.
+``sigterm`` trainers save ``deterministic_state(step % 8)`` in a tight loop with
+``handle_sigterm=True`` (so that the signal lands anywhere, also inside ``save()``); the parent
+sends SIGTERM. A trainer still alive after
+``<timeout s>`` is reported ``hung`` and killed.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
 from pathlib import Path
 
 from asyncckpt.storage import FileOps
 
 MAX_STEPS = 100_000  # a trainer whose parent died stops on its own eventually
+SIGTERM_STATES = 8  # a sigterm trainer saves deterministic_state(step % 8): no time spent making states
 
 
 def say(line: str) -> None:
@@ -69,6 +76,29 @@ def train(directory: Path, first: int, numel: int) -> None:
             say(f"committed {step}")
 
 
+def train_until_sigterm(directory: Path, first: int, numel: int) -> None:
+    import torch
+
+    from asyncckpt import AsyncCheckpointer, SaveHandle
+    from asyncckpt.testing import deterministic_state
+
+    torch.set_num_threads(1)
+    outstanding: list[SaveHandle] = []
+    with AsyncCheckpointer(
+        directory, keep_last=2, max_pending=2, when_busy="skip", handle_sigterm=True
+    ) as ckpt:
+        say("started")
+        states = [deterministic_state(k, numel=numel) for k in range(SIGTERM_STATES)]
+        for step in range(first, first + MAX_STEPS):
+            outstanding.append(ckpt.save(step, states[step % SIGTERM_STATES]))
+            ckpt.stats()
+            for handle in [h for h in outstanding if h.done()]:
+                outstanding.remove(handle)
+                if not handle.skipped:
+                    handle.result()
+                    say(f"committed {handle.step}")
+
+
 def serve() -> None:
     import asyncckpt  # noqa: F401  (the expensive import, done once before any fork)
     import asyncckpt.testing  # noqa: F401
@@ -80,17 +110,25 @@ def serve() -> None:
             pid = os.fork()
             if pid == 0:
                 code = 0
+                trainer = train if args[0] == "kill" else train_until_sigterm
                 try:
-                    train(Path(args[0]), int(args[1]), int(args[2]))
+                    trainer(Path(args[1]), int(args[2]), int(args[3]))
                 except BaseException as exc:  # report, never fall back into the zygote's loop
                     os.write(2, f"trainer failed: {exc!r}\n".encode())
                     code = 1
                 os._exit(code)
             say(f"pid {pid}")
         elif command == "reap":
-            pid = int(args[0])
+            pid, timeout = int(args[0]), float(args[1])
+            exited = os.pidfd_open(pid)  # readable once the process has exited
+            try:
+                ready, _, _ = select.select([exited], [], [], timeout)
+            finally:
+                os.close(exited)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
-            say(f"reaped {pid} {status}")
+            say(f"reaped {pid} {status}" if ready else f"hung {pid}")
 
 
 if __name__ == "__main__":
