@@ -138,19 +138,19 @@ def atomic_write(final: Path, write_body: Callable[[FdSink], int], *, ops: FileO
         synced = time.perf_counter()
     except BaseException as exc:
         _close_quietly(fd, ops)
-        _unlink_quietly(tmp, ops)
+        left = _discard_temp(tmp, ops)
         if isinstance(exc, OSError):
             raise CheckpointWriteError(
-                f"{final}: writing the checkpoint failed ({exc}); the temp file was removed and "
-                "the previous checkpoint is intact"
+                f"{final}: writing the checkpoint failed ({exc}); {left} and the previous "
+                "checkpoint is intact"
             ) from exc
         raise
     try:
         ops.close(fd)
         ops.rename(tmp, final)
     except OSError as exc:
-        _unlink_quietly(tmp, ops)
-        raise CheckpointWriteError(f"{final}: publishing the checkpoint failed: {exc}") from exc
+        left = _discard_temp(tmp, ops)
+        raise CheckpointWriteError(f"{final}: publishing the checkpoint failed ({exc}); {left}") from exc
     try:
         ops.fsync_dir(directory)
     except OSError as exc:
@@ -165,6 +165,18 @@ def atomic_write(final: Path, write_body: Callable[[FdSink], int], *, ops: FileO
 def _close_quietly(fd: int, ops: FileOps) -> None:
     with contextlib.suppress(OSError):  # the write already failed: that is the error to report
         ops.close(fd)
+
+
+def _discard_temp(tmp: Path, ops: FileOps) -> str:
+    """Unlink a failed write's temp file; say what became of it (for the error message).
+
+    A failure here must not hide the write's own error, which is the one to report.
+    """
+    try:
+        _unlink_quietly(tmp, ops)
+    except OSError as exc:
+        return f"the temp file {tmp.name} could not be removed ({exc}; the next start removes it)"
+    return "the temp file was removed"
 
 
 def _unlink_quietly(path: Path, ops: FileOps) -> None:

@@ -232,7 +232,13 @@ class Writer:
         )
         if not doomed:
             return
-        remove_durably([c.path for c in doomed], self.directory, ops=self.ops)
+        try:
+            remove_durably([c.path for c in doomed], self.directory, ops=self.ops)
+        except OSError as exc:
+            # The new checkpoint is already committed: a file left over (or back after a power
+            # loss) is retried at the next commit and must not turn this save into a failure.
+            self.log.warning(ev.PRUNE_FAILED, steps=[c.step for c in doomed], error=str(exc))
+            return
         for info in doomed:
             self.log.info(ev.PRUNED, step=info.step, path=str(info.path), bytes=info.size)
 

@@ -43,8 +43,8 @@ def events(directory: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize(
     ("op", "nth"),
-    [("write", 1), ("write", 3), ("write", 6), ("fsync", 1)],
-    ids=["write-prelude", "write-blob", "write-late", "fsync"],
+    [("open_exclusive", 1), ("write", 1), ("write", 3), ("write", 6), ("fsync", 1), ("rename", 1)],
+    ids=["create", "write-prelude", "write-blob", "write-late", "fsync", "rename"],
 )
 def test_enospc_fails_the_save_and_the_next_one_after_space_is_freed_succeeds(
     tmp_path: Path, op: str, nth: int, faults: Counter[str]

@@ -4,6 +4,7 @@ on the same descriptor, and no file whose content is unknown keeps a final name.
 from __future__ import annotations
 
 import errno
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -134,3 +135,48 @@ def test_eio_in_the_synchronous_save_leaves_no_file(tmp_path: Path, faults: Coun
         asyncckpt.save(tmp_path / checkpoint_name(1), state(1), step=1, ops=ops)
     faults["fsync EIO: injected in the file fsync"] += ops.failures
     assert list(tmp_path.iterdir()) == [] and fsyncs_per_descriptor(ops) == [1]
+
+
+@pytest.mark.parametrize("op", ["fsync_dir", "unlink"])
+def test_a_failure_while_pruning_does_not_fail_the_committed_save(
+    tmp_path: Path, op: str, faults: Counter[str]
+) -> None:
+    # fsync_dir: the 1st call publishes step 1, the 2nd step 2, the 3rd publishes step 3 and
+    # the 4th makes retention's unlink of step 1 durable. unlink: the 1st is retention's.
+    ops = FaultyOps(op, err=errno.EIO, nth=4 if op == "fsync_dir" else 1)
+    with AsyncCheckpointer(tmp_path, keep_last=2, ops=ops) as ckpt:
+        paths = [ckpt.save(step, state(step)).result(timeout=30) for step in (1, 2, 3)]
+        stats = ckpt.stats()
+    faults[f"EIO while pruning: injected in {op}"] += ops.failures
+    assert ops.failures == 1
+    assert paths == [tmp_path / checkpoint_name(s) for s in (1, 2, 3)]
+    assert (stats.committed, stats.failed) == (3, 0)
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    failed = [e for e in lines if e["event"] == "checkpoint.prune_failed"]
+    assert len(failed) == 1 and "Input/output error" in str(failed[0]["error"])
+    assert states_equal(asyncckpt.load(tmp_path / checkpoint_name(3)).state, state(3))
+
+
+class UnlinkFailsToo(FaultyOps):
+    """fsync fails with EIO, and so does removing the temp file afterwards."""
+
+    def unlink(self, path: Path) -> None:
+        self.record("unlink", path)
+        self.failures += 1
+        raise OSError(errno.EIO, "injected Input/output error in unlink")
+
+
+def test_a_temp_file_that_cannot_be_removed_does_not_hide_the_fsync_error(
+    tmp_path: Path, faults: Counter[str]
+) -> None:
+    ops = UnlinkFailsToo("fsync", err=errno.EIO)
+    with pytest.raises(
+        CheckpointWriteError, match=r"Input/output error in fsync.*could not be removed"
+    ) as info:
+        asyncckpt.save(tmp_path / checkpoint_name(1), state(1), step=1, ops=ops)
+    faults["fsync EIO: injected in the file fsync"] += 1
+    faults["fsync EIO: temp file removal failed too"] += 1
+    assert isinstance(info.value.__cause__, OSError) and "fsync" in str(info.value.__cause__)
+    assert len(temp_files(tmp_path)) == 1 and not (tmp_path / checkpoint_name(1)).exists()
+    with AsyncCheckpointer(tmp_path):  # the next start removes it
+        assert temp_files(tmp_path) == []

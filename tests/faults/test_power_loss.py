@@ -12,6 +12,7 @@ missing file or directory fsync is caught.
 from __future__ import annotations
 
 import errno
+import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
 from asyncckpt.errors import NoValidCheckpointError
 from asyncckpt.loader import load_latest
-from asyncckpt.storage import checkpoint_name, parse_checkpoint_name
+from asyncckpt.storage import FileOps, checkpoint_name, parse_checkpoint_name
 from asyncckpt.testing import CrashState, FaultyOps, PowerLossOps, deterministic_state, states_equal
 
 
@@ -179,6 +180,78 @@ def test_a_failed_save_never_leaves_unknown_content_under_a_final_name(
                 faults[f"power loss: {op} failed (EIO) during the replayed run"] += 1
     assert faulty.failures == 1
     assert replay_every_crash(history, tmp_path / "scratch", faults) == []
+
+
+class RandomFaults(FileOps):
+    """Real OS calls, each failing with EIO with probability ``p`` (seeded)."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        self.p = p
+        self.rng = random.Random(seed)
+        self.failures: Counter[str] = Counter()
+
+    def maybe_fail(self, name: str) -> None:
+        if self.rng.random() < self.p:
+            self.failures[name] += 1
+            raise OSError(errno.EIO, f"injected Input/output error in {name}")
+
+    def open_exclusive(self, path: Path) -> int:
+        self.maybe_fail("open_exclusive")
+        return super().open_exclusive(path)
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        self.maybe_fail("write")
+        return super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        self.maybe_fail("fsync")
+        super().fsync(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self.maybe_fail("rename")
+        super().rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        self.maybe_fail("unlink")
+        super().unlink(path)
+
+    def fsync_dir(self, directory: Path) -> None:
+        self.maybe_fail("fsync_dir")
+        super().fsync_dir(directory)
+
+
+def random_faults_then_power_loss(tmp_path: Path, seed: int, faults: Counter[str]) -> None:
+    directory = run_dir(tmp_path)
+    flaky = RandomFaults(0.05, seed)
+    history = History(PowerLossOps(directory, inner=flaky))
+    succeeded = 0
+    with AsyncCheckpointer(directory, keep_last=2, ops=history.ops) as ckpt:
+        for step in range(1, 9):
+            state = small_state(step)
+            handle = ckpt.save(step, state)
+            history.watch(handle, state)
+            try:
+                handle.result(timeout=30)
+                succeeded += 1
+            except CheckpointWriteError:
+                pass
+        assert ckpt.stats().committed == succeeded
+    for name, count in flaky.failures.items():
+        faults[f"power loss: random EIO in {name} during the replayed run"] += count
+    assert replay_every_crash(history, tmp_path / "scratch", faults) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_faults_then_power_loss_at_every_point(
+    tmp_path: Path, seed: int, faults: Counter[str]
+) -> None:
+    random_faults_then_power_loss(tmp_path, seed, faults)
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("seed", range(4, 64))
+def test_random_faults_then_power_loss_stress(tmp_path: Path, seed: int, faults: Counter[str]) -> None:
+    random_faults_then_power_loss(tmp_path, seed, faults)
 
 
 # --------------------------------------------------------------------------- the model itself
