@@ -150,7 +150,10 @@ class AsyncCheckpointer:
     - ``validate``: after each commit re-open the file (``"structure"``), also re-check every
       checksum (``"full"``), or not at all (``"none"``).
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
-    - ``handle_sigterm``: on SIGTERM flush pending saves, then let the default handling proceed.
+    - ``handle_sigterm``: on SIGTERM commit the pending saves (and a ``save()`` the signal
+      interrupted) in a helper thread, then hand the signal to the previous handler or the default
+      action. The trainer is not blocked meanwhile; saves it begins after the signal may be cut
+      short by the exit (their temp files are removed at the next start).
     - ``close_timeout``: how long leaving the context waits for pending saves (default: as long as
       the storage takes). When it passes, the stuck saves are abandoned and leaving raises
       :class:`CheckpointWriteError` naming them; older checkpoints stay intact. A stuck OS call
