@@ -2,8 +2,9 @@
 
 from ._version import __version__
 from .checkpoint import Checkpoint, load, save
-from .checkpointer import AsyncCheckpointer, CheckpointBusyError, CheckpointerStats, SaveHandle
+from .checkpointer import AsyncCheckpointer, CheckpointerStats
 from .errors import (
+    CheckpointBusyError,
     CheckpointError,
     CheckpointWriteError,
     CorruptedCheckpointError,
@@ -11,6 +12,7 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
+from .handles import SaveHandle
 from .loader import CandidateReport, Diagnostic, LoadResult, check_candidates, load_latest, restore
 from .rng import rng_state, set_rng_state
 from .storage import CheckpointInfo, list_checkpoints

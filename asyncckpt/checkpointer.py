@@ -12,13 +12,12 @@ import concurrent.futures
 import contextlib
 import math
 import os
-import signal
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
 import anyio
@@ -31,89 +30,17 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import events as ev
 from . import loader
 from .checkpoint import MapLocation, flatten_metadata
-from .errors import CheckpointError, CheckpointWriteError, NoValidCheckpointError
+from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, NoValidCheckpointError
 from .format import check_step
+from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
+from .preemption import CallsInProgress, SigtermFlusher
 from .snapshot import flatten
 from .staging import StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
 from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
 WhenBusy = Literal["wait", "skip"]
-
-
-class CheckpointBusyError(CheckpointError):
-    """``save()`` was called on the event loop while every staging slot is busy.
-
-    Waiting there would block the loop the writer runs on; use ``await ckpt.asave(...)`` or
-    ``when_busy="skip"``.
-    """
-
-
-class SaveHandle:
-    """The outcome of one ``save()``: poll it, wait for it, or ``await`` it (async use)."""
-
-    def __init__(
-        self,
-        step: int,
-        path: Path,
-        future: concurrent.futures.Future[Path] | None,
-        *,
-        errors: ErrorBox | None = None,
-        done_event: Any = None,
-    ) -> None:
-        self.step = step
-        self.path = path
-        self._future = future
-        self._errors = errors
-        self._done_event = done_event
-
-    @property
-    def skipped(self) -> bool:
-        """True when the save was dropped because every staging slot was busy (``when_busy="skip"``)."""
-        return self._future is None
-
-    def done(self) -> bool:
-        """Whether the save has settled (committed, failed or skipped)."""
-        return self._future is None or self._future.done()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the save settles, without raising its error; False on timeout."""
-        if self._future is None:
-            return True
-        done, _ = concurrent.futures.wait([self._future], timeout)
-        return bool(done)
-
-    def result(self, timeout: float | None = None) -> Path | None:
-        """Wait until committed and return the file's path (None for a skipped save).
-
-        Raises :class:`CheckpointWriteError` if the save failed (the error is then not raised
-        again at the next ``save()``), ``TimeoutError`` if ``timeout`` seconds pass first.
-        """
-        if self._future is None:
-            return None
-        try:
-            return self._future.result(timeout)
-        except CheckpointWriteError as exc:
-            if self._errors is not None:
-                self._errors.discard(exc)
-            raise
-
-    def __await__(self) -> Generator[Any, None, Path | None]:
-        return self._wait().__await__()
-
-    async def _wait(self) -> Path | None:
-        if self._future is None:
-            return None
-        if self._done_event is not None:
-            await self._done_event.wait()
-        else:
-            await anyio.to_thread.run_sync(concurrent.futures.wait, [self._future])
-        return self.result(0)
-
-    def __repr__(self) -> str:
-        state = "skipped" if self.skipped else ("done" if self.done() else "pending")
-        return f"<SaveHandle step={self.step} {state}>"
 
 
 @dataclass(frozen=True)
@@ -215,12 +142,8 @@ class AsyncCheckpointer:
         self._side_stream: Any = None
         self._copy_event: Any = None
         self._hooked: dict[int, Any] = {}
-        self._previous_sigterm: Any = None
-        self._sigterm_received = threading.Event()  # set by the handler: flush, then re-send
-        self._sigterm_wake = threading.Event()  # set by the handler or by close
-        self._sigterm_flushed = threading.Event()
-        self._sigterm_helper: threading.Thread | None = None
-        self._saves_in_progress = _CallsInProgress()
+        self._saves_in_progress = CallsInProgress()
+        self._sigterm: SigtermFlusher | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,7 +154,11 @@ class AsyncCheckpointer:
         send, receive = anyio.create_memory_object_stream[Job](math.inf)
         self._send = send
         self._writer_done = self._portal.start_task_soon(writer.run, receive)
-        self._install_sigterm()
+        if self.handle_sigterm:
+            self._sigterm = SigtermFlusher(
+                pending=self._pending_futures, saves=self._saves_in_progress, log=self._log_warning
+            )
+            self._sigterm.install()
         return self
 
     def __exit__(
@@ -373,8 +300,9 @@ class AsyncCheckpointer:
             self._close()
 
     def _close(self) -> None:
-        self._restore_sigterm()
-        self._stop_sigterm_helper()
+        if self._sigterm is not None:
+            self._sigterm.uninstall()
+            self._sigterm = None
         for hook in self._hooked.values():
             hook.remove()
         self._hooked.clear()
@@ -483,6 +411,14 @@ class AsyncCheckpointer:
             self._pending[job.future] = job
         job.future.add_done_callback(self._untrack)
 
+    def _pending_futures(self) -> list[concurrent.futures.Future[Path]]:
+        with self._pending_lock:
+            return list(self._pending)
+
+    def _log_warning(self, event: str, **fields: Any) -> None:
+        if self._log is not None:
+            self._log.warning(event, **fields)
+
     def _untrack(self, future: concurrent.futures.Future[Path]) -> None:
         with self._pending_lock:
             self._pending.pop(future, None)
@@ -536,70 +472,6 @@ class AsyncCheckpointer:
             if not pending:
                 return
             await self._slot_freed.wait()
-
-    # ------------------------------------------------------------------ SIGTERM
-
-    def _install_sigterm(self) -> None:
-        if not self.handle_sigterm:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            raise CheckpointError(
-                "handle_sigterm=True needs the checkpointer to be entered in the main thread"
-            )
-        self._sigterm_received.clear()
-        self._sigterm_flushed.clear()
-        self._sigterm_wake.clear()
-        self._sigterm_helper = threading.Thread(
-            target=self._flush_on_sigterm, name="asyncckpt-sigterm", daemon=True
-        )
-        self._sigterm_helper.start()
-        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        # This runs in the main thread between two bytecodes of whatever it was doing, perhaps
-        # inside save() holding a lock or halfway through queueing a job: waiting for the flush
-        # here could deadlock. So the first delivery only wakes a helper thread, which waits for
-        # the saves pending at that moment and sends the signal again; the second delivery hands
-        # it on to the previous handler, or to the default action (exit).
-        if not self._sigterm_flushed.is_set():
-            self._sigterm_received.set()
-            self._sigterm_wake.set()
-            return
-        previous = self._restore_sigterm()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            os.kill(os.getpid(), signum)  # the default action, now that the handler is gone
-
-    def _flush_on_sigterm(self) -> None:
-        """The SIGTERM helper thread: wait for the signal (or close), flush, re-send the signal."""
-        self._sigterm_wake.wait()
-        if not self._sigterm_received.is_set():
-            return  # closed without a SIGTERM
-        self._saves_in_progress.wait_idle()
-        with self._pending_lock:
-            pending = list(self._pending)
-        if self._log is not None:
-            self._log.warning(ev.SIGTERM, pending=len(pending))
-        # Failures stay in the error box (and were logged): the trainer may still see them.
-        concurrent.futures.wait(pending)
-        self._sigterm_flushed.set()
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _stop_sigterm_helper(self) -> None:
-        """At close, after the previous handler is back: a SIGTERM received meanwhile now goes
-        to that handler, once the helper has flushed and re-sent it."""
-        if self._sigterm_helper is None:
-            return
-        self._sigterm_wake.set()
-        self._sigterm_helper.join()
-        self._sigterm_helper = None
-
-    def _restore_sigterm(self) -> Any:
-        previous, self._previous_sigterm = self._previous_sigterm, None
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        return previous
 
     # ------------------------------------------------------------------ resuming
 
@@ -668,28 +540,6 @@ class AsyncCheckpointer:
             raise CheckpointError(
                 "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
             )
-
-
-class _CallsInProgress:
-    """Counts the calls inside it (a context manager); ``wait_idle()`` waits until none is."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._idle = threading.Condition(threading.Lock())
-
-    def __enter__(self) -> None:
-        with self._idle:
-            self._count += 1
-
-    def __exit__(self, *_: object) -> None:
-        with self._idle:
-            self._count -= 1
-            if not self._count:
-                self._idle.notify_all()
-
-    def wait_idle(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._count == 0)
 
 
 def _optimizers_in(state: Any) -> list[torch.optim.Optimizer]:

@@ -46,3 +46,11 @@ class CheckpointWriteError(CheckpointError):
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+
+
+class CheckpointBusyError(CheckpointError):
+    """``save()`` was called on the event loop while every staging slot is busy.
+
+    Waiting there would block the loop the writer runs on; use ``await ckpt.asave(...)`` or
+    ``when_busy="skip"``.
+    """
