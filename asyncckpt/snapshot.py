@@ -8,6 +8,7 @@ Nothing is copied here: blob sources are views of the caller's tensors.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,10 @@ class BlobSource:
         return self.tensor.device
 
 
+BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
+StorageKey = tuple[torch.device, int]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A flattened state: the skeleton with refs, the tensor table and the blob sources."""
@@ -63,9 +68,12 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(blob.nbytes for blob in self.blobs)
 
-    def layout_key(self) -> tuple[tuple[int, str], ...]:
-        """Blob sizes and devices: two snapshots with the same key fit the same staging buffers."""
-        return tuple((blob.nbytes, str(blob.device)) for blob in self.blobs)
+    def layout_key(self) -> tuple[BlobLayout, ...]:
+        """Per blob: size, device, and dtype and shape of what is copied into it. Snapshots with
+        equal keys fit the same staging buffers, and the same destination views."""
+        return tuple(
+            (b.nbytes, str(b.tensor.device), b.tensor.dtype, tuple(b.tensor.shape)) for b in self.blobs
+        )
 
 
 def key_path(path: tuple[Any, ...], root: str = "state") -> str:
@@ -183,12 +191,12 @@ def _extent_bytes(tensor: torch.Tensor) -> int:
     return (span + 1) * itemsize(tensor.dtype)
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
+def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
     if tensor.numel() == 0:
         return None
     # The storage's base address, without building a storage object (that costs ~20 us a tensor).
     base = tensor.data_ptr() - int(tensor.storage_offset()) * itemsize(tensor.dtype)
-    return (str(tensor.device), base)
+    return (tensor.device, base)
 
 
 def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -204,14 +212,22 @@ def _tabulate(
     with several distinct views becomes one span blob holding the views with their strides;
     every other tensor is one blob of its elements, stored contiguously.
     """
-    keys = [(_storage_key(t), _view_key(t)) for t, _ in found]
-    views_by_storage: dict[tuple[str, int], set[tuple[Any, ...]]] = {}
-    for storage, view_key in keys:
+    storages = [_storage_key(t) for t, _ in found]
+    counts = Counter(storages)
+    # View keys cost several microseconds a tensor: only tensors that share a storage need one.
+    keys = [
+        (storage, _view_key(t) if storage is not None and counts[storage] > 1 else None)
+        for (t, _), storage in zip(found, storages, strict=True)
+    ]
+    views_by_storage: dict[StorageKey, set[tuple[Any, ...] | None]] = {}
+    members: dict[StorageKey, list[torch.Tensor]] = {}
+    for (tensor, _), (storage, view_key) in zip(found, keys, strict=True):
         if storage is not None:
             views_by_storage.setdefault(storage, set()).add(view_key)
+            members.setdefault(storage, []).append(tensor)
     tensors: list[TensorSpec] = []
     blobs: list[BlobSource] = []
-    span_blob: dict[tuple[str, int], int] = {}
+    span_blob: dict[StorageKey, int] = {}
     table_by_view: dict[tuple[Any, ...], int] = {}
     table_index: list[int] = []
     for (tensor, path), (storage, view_key) in zip(found, keys, strict=True):
@@ -221,8 +237,7 @@ def _tabulate(
             continue
         if storage is not None and len(views_by_storage[storage]) > 1:
             if storage not in span_blob:
-                members = [t for (t, _), (s, _) in zip(found, keys, strict=True) if s == storage]
-                span_blob[storage] = _add_span_blob(members, blobs)
+                span_blob[storage] = _add_span_blob(members[storage], blobs)
             blob = span_blob[storage]
             tensors.append(_spec(tensor, path, blob, _span_start(blobs[blob], tensor)))
         else:

@@ -9,8 +9,6 @@ buffers are pinned and the copies are enqueued on a side stream; the returned
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +16,9 @@ import torch
 
 from . import format as fmt
 from .dtypes import itemsize
-from .snapshot import BlobSource, Snapshot, contiguous_stride
+from .snapshot import BlobLayout, Snapshot, contiguous_stride
 
-LayoutKey = tuple[tuple[int, str], ...]
+LayoutKey = tuple[BlobLayout, ...]
 
 
 @dataclass
@@ -31,6 +29,7 @@ class StagingBuffers:
     data: torch.Tensor  # 1-D uint8, zero-filled at allocation (the padding stays zero)
     offsets: list[int]  # of each blob inside ``data``
     sizes: list[int]
+    destinations: list[torch.Tensor]  # per blob: a view of ``data`` shaped like its source
 
     def blob(self, index: int) -> torch.Tensor:
         start = self.offsets[index]
@@ -38,7 +37,8 @@ class StagingBuffers:
 
     def blob_bytes(self) -> list[memoryview]:
         """Zero-copy views of each staged blob, for the writer."""
-        return [fmt.tensor_bytes(self.blob(i)) for i in range(len(self.sizes))]
+        whole = fmt.tensor_bytes(self.data)
+        return [whole[start : start + size] for start, size in zip(self.offsets, self.sizes, strict=True)]
 
     @property
     def nbytes(self) -> int:
@@ -121,65 +121,73 @@ class StagingPool:
             self._cond.notify()
 
     def _allocate(self, layout: LayoutKey) -> StagingBuffers:
-        sizes = [size for size, _ in layout]
+        sizes = [entry[0] for entry in layout]
         file_offsets, end = fmt.blob_offsets(sizes)
         offsets = [o - fmt.DATA_OFFSET for o in file_offsets]
         data = torch.zeros(end - fmt.DATA_OFFSET, dtype=torch.uint8, pin_memory=self.pin_memory)
+        destinations = [
+            _destination(data, offset, dtype, shape)
+            for offset, (_, _, dtype, shape) in zip(offsets, layout, strict=True)
+        ]
         self.allocations += 1
-        return StagingBuffers(layout, data, offsets, sizes)
+        return StagingBuffers(layout, data, offsets, sizes, destinations)
+
+
+def _destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous ``dtype`` view of ``data`` at byte ``offset`` (4 KiB aligned) with ``shape``."""
+    view = torch.empty(0, dtype=dtype)
+    view.set_(data.untyped_storage(), offset // itemsize(dtype), shape, contiguous_stride(shape))
+    return view
 
 
 def stage(snapshot: Snapshot, buffers: StagingBuffers, *, side_stream: Any = None) -> StagedCopy:
     """Copy every blob of ``snapshot`` into ``buffers``.
 
-    CPU tensors: one memcpy per tensor (strided inputs are made contiguous by the copy itself).
-    CUDA tensors: ``non_blocking`` copies on ``side_stream`` after it waits for the current
-    stream; each source is marked with ``record_stream`` so the caching allocator does not reuse
-    its memory before the copy ran. Returns at once; ``StagedCopy.wait()`` blocks until done.
+    CPU tensors: one memcpy per tensor (strided inputs are made contiguous by the copy itself),
+    issued as one batched call. CUDA tensors: ``non_blocking`` copies on ``side_stream`` after it
+    waits for the current stream; each source is marked with ``record_stream`` so the caching
+    allocator does not reuse its memory before the copy ran. Returns at once on CUDA;
+    ``StagedCopy.wait()`` blocks until the copies are done.
     """
     staged = StagedCopy(buffers)
-    cuda_blobs = [i for i, b in enumerate(snapshot.blobs) if b.device.type == "cuda"]
-    for index, blob in enumerate(snapshot.blobs):
-        if blob.device.type != "cuda":
-            _copy_blob(blob, buffers.blob(index), non_blocking=False)
-    if cuda_blobs:
-        staged.event = _stage_cuda(snapshot.blobs, cuda_blobs, buffers, side_stream, staged.sources)
+    host: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    cuda: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for blob, destination in zip(snapshot.blobs, buffers.destinations, strict=True):
+        if blob.nbytes:
+            pair = cuda if blob.tensor.is_cuda else host
+            pair[0].append(destination)
+            pair[1].append(blob.tensor)
+    _copy_all(*host, non_blocking=False)
+    if cuda[0]:
+        staged.event = _stage_cuda(*cuda, side_stream, staged.sources)
     return staged
 
 
 def _stage_cuda(
-    blobs: Sequence[BlobSource],
-    indices: list[int],
-    buffers: StagingBuffers,
+    destinations: list[torch.Tensor],
+    sources: list[torch.Tensor],
     side_stream: Any,
     keep_alive: list[torch.Tensor],
 ) -> Any:
     # The side stream must not start copying before the trainer's queued work wrote the values.
     side_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side_stream):
-        for index in indices:
-            blob = blobs[index]
-            _copy_blob(blob, buffers.blob(index), non_blocking=True)
-            blob.tensor.record_stream(side_stream)
-            keep_alive.append(blob.tensor)
+        _copy_all(destinations, sources, non_blocking=True)
+        for source in sources:
+            source.record_stream(side_stream)
+        keep_alive.extend(sources)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(side_stream)
     return event
 
 
-def _copy_blob(blob: BlobSource, dest: torch.Tensor, *, non_blocking: bool) -> None:
-    if blob.nbytes == 0:
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor], *, non_blocking: bool) -> None:
+    """``dst.copy_(src)`` for each pair, in one call where torch has the batched kernel."""
+    if not destinations:
         return
-    if blob.raw:
-        dest.copy_(blob.tensor, non_blocking=non_blocking)
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(destinations, sources, non_blocking=non_blocking)
         return
-    source = blob.tensor
-    view = torch.empty(0, dtype=source.dtype)
-    offset = int(dest.storage_offset()) // itemsize(source.dtype)
-    shape = tuple(source.shape)
-    view.set_(dest.untyped_storage(), offset, shape, contiguous_stride(shape))
-    view.copy_(source, non_blocking=non_blocking)
-
-
-def now_ms() -> float:
-    return time.perf_counter() * 1000.0
+    for destination, source in zip(destinations, sources, strict=True):
+        destination.copy_(source, non_blocking=non_blocking)

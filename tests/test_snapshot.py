@@ -65,7 +65,7 @@ def test_flatten_replaces_tensors_by_refs() -> None:
         (torch.int8, (2, 2), (2, 1)),
     ]
     assert [blob.nbytes for blob in snapshot.blobs] == [12, 4] and snapshot.nbytes == 16
-    assert snapshot.layout_key() == ((12, "cpu"), (4, "cpu"))
+    assert snapshot.layout_key() == ((12, "cpu", torch.float32, (3,)), (4, "cpu", torch.int8, (2, 2)))
 
 
 def test_flatten_copies_nothing() -> None:
