@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def load(
 def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool) -> Checkpoint:
     layout = fmt.read_layout(file, str(path))
     device = torch.device(map_location)
-    blobs = [read_blob(file, layout, i, verify=validate, path=path) for i in range(len(layout.blobs))]
+    blobs = _read_blobs(file, layout, verify=validate, path=path)
     if device.type != "cpu":
         blobs = [blob.to(device) for blob in blobs]
     tensors = [fmt.view_tensor(entry, blobs[entry.blob]) for entry in layout.tensors]
@@ -146,8 +147,23 @@ def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool
     return Checkpoint(state, layout.step, metadata, layout.version, path)
 
 
-def read_blob(file: Any, layout: fmt.Layout, index: int, *, verify: bool, path: Path) -> torch.Tensor:
-    """Blob ``index`` of an open v1 file as a new 1-D uint8 CPU tensor."""
-    blob = torch.empty(layout.blobs[index].nbytes, dtype=torch.uint8)
-    fmt.read_blob_into(file, layout, index, fmt.tensor_bytes(blob), verify=verify, path=str(path))
-    return blob
+def _read_blobs(file: Any, layout: fmt.Layout, *, verify: bool, path: Path) -> list[torch.Tensor]:
+    """Every blob of an open v1 file, each read straight into a new 1-D uint8 CPU tensor.
+
+    Large blobs are checksummed in a helper thread while the next ones are read; the first
+    broken blob (in file order) is the one reported.
+    """
+    blobs = []
+    checks = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checker:
+        for index, entry in enumerate(layout.blobs):
+            blob = torch.empty(entry.nbytes, dtype=torch.uint8)
+            data = fmt.tensor_bytes(blob)
+            inline = verify and entry.nbytes < fmt.PARALLEL_CRC_MIN
+            fmt.read_blob_into(file, layout, index, data, verify=inline, path=str(path))
+            if verify and not inline:
+                checks.append(checker.submit(fmt.verify_crc, layout, index, data, path=str(path)))
+            blobs.append(blob)
+        for check in checks:
+            check.result()
+    return blobs

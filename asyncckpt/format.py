@@ -604,6 +604,13 @@ def read_blob_into(
         raise _crc_mismatch(layout, index, crc, path)
 
 
+def verify_crc(layout: Layout, index: int, data: memoryview, *, path: str) -> None:
+    """Check the CRC32C of blob ``index`` whose bytes ``data`` already holds."""
+    crc = crc32c.crc32c(data)
+    if crc != layout.blobs[index].crc:
+        raise _crc_mismatch(layout, index, crc, path)
+
+
 def check_blob(file: BinaryIO, layout: Layout, index: int, *, path: str, scratch: memoryview) -> None:
     """Read blob ``index`` chunk by chunk through ``scratch`` and check its CRC32C; keep nothing.
 
