@@ -280,3 +280,52 @@ def test_restore_resumes_from_the_newest_checkpoint_and_logs_the_summary(tmp_pat
     assert states_equal(fresh.state_dict(), model.state_dict())
     assert states_equal(fresh_optimizer.state_dict(), optimizer.state_dict())
     assert "checkpoint.load.summary" in event_names(tmp_path)
+
+
+def test_writer_starts_on_blobs_before_staging_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncckpt import staging
+    from asyncckpt.storage import FileOps
+
+    state = deterministic_state(1, tensors=8, numel=1024)
+    blob_bytes = 1024 * 4
+
+    class WatchOps(FileOps):
+        def __init__(self) -> None:
+            self.first_blob_written = threading.Event()
+
+        def write(self, fd: int, data: memoryview | bytes) -> int:
+            written = super().write(fd, data)
+            if len(memoryview(data)) == blob_bytes:
+                self.first_blob_written.set()
+            return written
+
+    ops = WatchOps()
+    monkeypatch.setattr(staging, "PUBLISH_BYTES", 1)  # publish after every blob
+    real_copy = staging._copy_all
+    calls: list[bool] = []
+
+    def copy_then_look(*args: object, **kwargs: object) -> None:
+        real_copy(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(ops.first_blob_written.wait(30) if len(calls) == 1 else False)
+
+    monkeypatch.setattr(staging, "_copy_all", copy_then_look)
+    with AsyncCheckpointer(tmp_path, ops=ops) as ckpt:
+        path = ckpt.save(1, state).result(timeout=30)
+    assert calls[1] is True  # blob 0 reached the file while blobs 2-7 were not copied yet
+    assert path is not None and states_equal(asyncckpt.load(path).state, state)
+
+
+def test_a_staging_failure_is_raised_by_save_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asyncckpt import staging
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("copy kernel exploded")
+
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        with monkeypatch.context() as patch:
+            patch.setattr(staging, "_copy_all", broken)
+            with pytest.raises(RuntimeError, match="exploded"):
+                ckpt.save(1, deterministic_state(1))
+        ckpt.save(2, deterministic_state(2)).result(timeout=30)  # not raised again, slot released
+        ckpt.flush()
+    assert [c.step for c in asyncckpt.list_checkpoints(tmp_path)] == [2]
