@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/write_overhead.py (not part of the asyncckpt package)."""

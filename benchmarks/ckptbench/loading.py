@@ -1,0 +1,214 @@
+"""Load methods and the read floor, each timed cold (page cache dropped) and warm.
+
+The files come from the save phase: the write floor's file, asyncckpt's, torch.save's,
+safetensors' and DCP's checkpoint of the same state.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import system
+from .state import BenchState
+
+
+@dataclass
+class LoadRun:
+    seconds: float
+    peak_rss_delta: int
+
+
+class LoadMethod:
+    """Reads one file (or directory) back; ``setup``/``close`` are not timed."""
+
+    name = ""
+    description = ""
+    source = ""  # which save method's file it reads
+    is_floor = False
+
+    def __init__(self, state: BenchState, path: Path) -> None:
+        self.state = state
+        self.path = path
+
+    def setup(self) -> None:
+        pass
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def run(self) -> LoadRun:
+        before = system.rss_bytes()
+        system.reset_peak_rss()
+        started = time.perf_counter()
+        self.load()
+        elapsed = time.perf_counter() - started
+        peak = system.peak_rss_bytes()
+        return LoadRun(elapsed, max(0, peak - before))
+
+
+class ReadFloor(LoadMethod):
+    """Read floor: ``readinto`` the file's bytes, tensor by tensor, into preallocated buffers."""
+
+    name = "read_floor"
+    description = "readinto of the same bytes into preallocated host buffers (read floor)"
+    source = "write_floor"
+    is_floor = True
+
+    def setup(self) -> None:
+        self.buffers = [torch.empty_like(t) for t in self.state.tensors()]
+        for buffer in self.buffers:
+            buffer.zero_()  # fault the pages in: the floor is the read, not the allocation
+
+    def load(self) -> None:
+        with open(self.path, "rb", buffering=0) as file:
+            for buffer in self.buffers:
+                view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+                while view:
+                    got = file.readinto(view)
+                    if not got:
+                        raise EOFError(f"{self.path} is shorter than the state")
+                    view = view[got:]
+
+
+class AsyncckptLoad(LoadMethod):
+    """``asyncckpt.load(path)`` with checksums (new tensors)."""
+
+    name = "asyncckpt_load"
+    description = "asyncckpt.load (validate=True: every CRC32C checked; new tensors)"
+    source = "asyncckpt"
+
+    def load(self) -> None:
+        import asyncckpt
+
+        asyncckpt.load(self.path)
+
+
+class AsyncckptLoadTrusted(LoadMethod):
+    """``asyncckpt.load(path, validate=False)``: structure only."""
+
+    name = "asyncckpt_load_novalidate"
+    description = "asyncckpt.load(validate=False) (structure only; new tensors)"
+    source = "asyncckpt"
+
+    def load(self) -> None:
+        import asyncckpt
+
+        asyncckpt.load(self.path, validate=False)
+
+
+class AsyncckptRestore(LoadMethod):
+    """``asyncckpt.restore(dir, {"model": m, "optimizer": o})``: into the model's own tensors."""
+
+    name = "asyncckpt_restore"
+    description = "asyncckpt.restore into the existing model + optimizer (checksums on)"
+    source = "asyncckpt"
+
+    def files(self) -> list[Path]:
+        return [self.path.parent]
+
+    def setup(self) -> None:
+        self.restore = restore_function()
+
+    def load(self) -> None:
+        self.restore(self.path.parent, self.state.objects())
+
+
+class TorchLoad(LoadMethod):
+    """``torch.load(path)`` (weights_only, no mmap): new tensors."""
+
+    name = "torch_load"
+    description = "torch.load (new tensors)"
+    source = "torch_save"
+
+    def load(self) -> None:
+        torch.load(self.path, map_location="cpu")
+
+
+class TorchRestore(LoadMethod):
+    """``torch.load`` then ``model.load_state_dict`` and ``optimizer.load_state_dict``."""
+
+    name = "torch_restore"
+    description = "torch.load + model/optimizer load_state_dict"
+    source = "torch_save"
+
+    def load(self) -> None:
+        state = torch.load(self.path, map_location="cpu")
+        self.state.model.load_state_dict(state["model"])
+        self.state.optimizer.load_state_dict(state["optimizer"])
+
+
+class SafetensorsLoad(LoadMethod):
+    name = "safetensors_load"
+    description = "safetensors.torch.load_file (new tensors)"
+    source = "safetensors"
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+
+        load_file(str(self.path))
+
+
+class DcpLoad(LoadMethod):
+    """``torch.distributed.checkpoint.load`` in place into the model's and optimizer's state dicts."""
+
+    name = "dcp_load"
+    description = "torch.distributed.checkpoint.load in place into the state dicts"
+    source = "dcp_async"
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def load(self) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.state.state_dict()
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(self.path)))
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    """Drops the loader's summary event (keeps stdout clean)."""
+
+
+def restore_function() -> Any:
+    import asyncckpt
+
+    restore = getattr(asyncckpt, "restore", None)
+    if restore is None:  # the loader is not re-exported yet
+        from asyncckpt import loader
+
+        restore = loader.restore
+    if "log" in inspect.signature(restore).parameters:
+        return functools.partial(restore, log=_drop)
+    return restore
+
+
+LOAD_METHODS: dict[str, type[LoadMethod]] = {
+    m.name: m
+    for m in (
+        ReadFloor,
+        AsyncckptLoad,
+        AsyncckptLoadTrusted,
+        AsyncckptRestore,
+        TorchLoad,
+        TorchRestore,
+        SafetensorsLoad,
+        DcpLoad,
+    )
+}
+
+
+def file_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return os.path.getsize(path)

@@ -1,0 +1,331 @@
+"""Save methods and the two limits they are measured against, behind one small interface.
+
+Every method turns the same :class:`~ckptbench.state.BenchState` into a durable file (or, for the
+staging floor, into host copies) and reports two times measured on the calling (training) thread:
+
+- ``stall``: until control returns to the trainer;
+- ``durable``: until the bytes are on disk (fsync returned) and the method says it is done.
+
+Synchronous methods have ``stall == durable``. Files are deleted between runs by the driver, not
+inside the timed region.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import system
+from .state import BenchState, flat_tensors
+
+
+class Pending:
+    """A started save; ``wait()`` returns once it is durable."""
+
+    def __init__(self, wait: Callable[[], Any] | None = None) -> None:
+        self._wait = wait
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+            self._wait = None
+
+
+DONE = Pending()
+
+
+@dataclass
+class SaveRun:
+    """One timed save."""
+
+    stall_s: float
+    durable_s: float
+    peak_rss_delta: int  # high-water RSS during the save minus RSS before it, bytes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SaveMethod:
+    """A way to checkpoint the state; ``setup`` and ``close`` are not timed."""
+
+    name = ""
+    description = ""
+    is_floor = False
+
+    def __init__(self, state: BenchState, directory: Path) -> None:
+        self.state = state
+        self.directory = directory / self.name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.last_path: Path | None = None
+
+    def setup(self) -> None:
+        """Allocate what a long-running trainer would have allocated already."""
+
+    def begin(self, step: int) -> Pending:
+        """Start a save; return when the trainer would get control back."""
+        raise NotImplementedError
+
+    def save(self, step: int) -> tuple[float, float]:
+        """Save once and wait until durable; return (stall, durable) in seconds from the call."""
+        started = time.perf_counter()
+        pending = self.begin(step)
+        stalled = time.perf_counter()
+        pending.wait()
+        durable = time.perf_counter()
+        return stalled - started, durable - started
+
+    def run(self, step: int) -> SaveRun:
+        before = system.rss_bytes()
+        system.reset_peak_rss()
+        stall, durable = self.save(step)
+        peak = system.peak_rss_bytes()
+        return SaveRun(stall, durable, max(0, peak - before), self.extra())
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def cleanup(self, keep: Path | None = None) -> None:
+        """Delete what the runs wrote, except ``keep`` (untimed)."""
+        for child in sorted(self.directory.iterdir()):
+            if keep is None or child != keep:
+                system.remove(child)
+
+    def close(self) -> None:
+        """Release resources (untimed)."""
+
+
+def _host_views(tensors: list[torch.Tensor]) -> list[memoryview]:
+    views = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        views.append(memoryview(flat.numpy()))
+    return views
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class CopyFloor(SaveMethod):
+    """Staging floor: one ``copy_`` per tensor into host buffers allocated once, up front."""
+
+    name = "copy_floor"
+    description = "per-tensor copy_ into preallocated host buffers (staging floor)"
+    is_floor = True
+
+    def setup(self) -> None:
+        self.buffers = [torch.empty_like(t) for t in self.state.tensors()]
+        self.begin(0)  # fault the pages in: a trainer's buffers would be warm
+
+    def begin(self, step: int) -> Pending:
+        for dest, source in zip(self.buffers, self.state.tensors(), strict=True):
+            dest.copy_(source)
+        return DONE
+
+    def close(self) -> None:
+        self.buffers = []
+
+
+class WriteFloor(SaveMethod):
+    """Durability floor: ``os.write`` the tensors' bytes, in order, to a new file; ``fsync`` it."""
+
+    name = "write_floor"
+    description = "os.write of the same bytes to a new file + fsync (durability floor)"
+    is_floor = True
+
+    def begin(self, step: int) -> Pending:
+        path = self.directory / f"floor-{step}.bin"
+        views = _host_views(self.state.tensors())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for view in views:
+                _write_all(fd, view)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.last_path = path
+        return DONE
+
+
+class AsyncCheckpointerSave(SaveMethod):
+    """``AsyncCheckpointer.save``: stall = ``save()`` returns; durable = ``handle.result()`` returns."""
+
+    name = "asyncckpt"
+    description = "asyncckpt.AsyncCheckpointer.save (background writer)"
+
+    def setup(self) -> None:
+        import asyncckpt
+
+        # Retention off (files are removed between runs by the driver, like every method's).
+        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30)
+        self.ckpt.__enter__()
+        self.ckpt.save(0, self.state.objects()).result()  # sizes the staging pool once
+
+    def begin(self, step: int) -> Pending:
+        handle = self.ckpt.save(step, self.state.objects())
+        self.last_path = handle.path
+        return Pending(handle.result)
+
+    def extra(self) -> dict[str, Any]:
+        stats = self.ckpt.stats()
+        return {
+            "staging_bytes": stats.staging_bytes,
+            "write_ms": stats.last_write_ms,
+            "fsync_ms": stats.last_fsync_ms,
+            "writer_total_ms": stats.last_total_ms,
+        }
+
+    def cleanup(self, keep: Path | None = None) -> None:
+        for child in sorted(self.directory.glob("step-*.ckpt")):
+            if keep is None or child != keep:
+                system.remove(child)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class SyncSave(SaveMethod):
+    """``asyncckpt.save``: the synchronous, durable save (issue #2)."""
+
+    name = "asyncckpt_sync"
+    description = "asyncckpt.save (synchronous, durable)"
+
+    def begin(self, step: int) -> Pending:
+        import asyncckpt
+
+        path = self.directory / f"step-{step:010d}.ckpt"
+        asyncckpt.save(path, self.state.objects(), step=step)
+        self.last_path = path
+        return DONE
+
+
+class TorchSave(SaveMethod):
+    """``torch.save(state_dict, path)``: stall = it returns (no fsync); durable = after fsync."""
+
+    name = "torch_save"
+    description = "torch.save (synchronous; durable after an added fsync of file and directory)"
+
+    def begin(self, step: int) -> Pending:
+        path = self.directory / f"step-{step}.pt"
+        torch.save(self.state.state_dict(), path)
+        self.last_path = path
+        # The fsync is left to wait(): stall is what a plain torch.save costs a training loop.
+        return Pending(lambda: system.fsync_path(path))
+
+
+class TorchSaveThread(SaveMethod):
+    """Hand-rolled async: ``copy.deepcopy`` the state dict, ``torch.save`` + fsync it in a thread."""
+
+    name = "torch_save_thread"
+    description = "deepcopy of the state dict + torch.save and fsync in a thread (hand-rolled async)"
+
+    def begin(self, step: int) -> Pending:
+        path = self.directory / f"step-{step}.pt"
+        snapshot = copy.deepcopy(self.state.state_dict())
+        thread = threading.Thread(target=_save_and_fsync, args=(snapshot, path))
+        thread.start()
+        self.last_path = path
+        return Pending(thread.join)
+
+
+def _save_and_fsync(state: Any, path: Path) -> None:
+    torch.save(state, path)
+    system.fsync_path(path)
+
+
+class DcpAsyncSave(SaveMethod):
+    """``torch.distributed.checkpoint.async_save`` with ``FileSystemWriter(sync_files=True)``.
+
+    Single process in a gloo process group of world size 1; stall = ``async_save`` returns,
+    durable = its future completes.
+    """
+
+    name = "dcp_async"
+    description = "torch.distributed.checkpoint.async_save, FileSystemWriter(sync_files=True), gloo world=1"
+
+    def setup(self) -> None:
+        ensure_process_group()
+
+    def begin(self, step: int) -> Pending:
+        import torch.distributed.checkpoint as dcp
+
+        path = self.directory / f"step-{step}"
+        writer = dcp.FileSystemWriter(str(path), sync_files=True)
+        future = dcp.async_save(self.state.state_dict(), storage_writer=writer)
+        self.last_path = path
+        return Pending(future.result)
+
+
+def ensure_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        init = f"tcp://127.0.0.1:{system.free_port()}"
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+
+
+class SafetensorsSave(SaveMethod):
+    """safetensors ``save_file`` of the flat tensor dict (the state has no shared tensors), + fsync."""
+
+    name = "safetensors"
+    description = "safetensors.torch.save_file of the flattened tensors + fsync"
+
+    def begin(self, step: int) -> Pending:
+        from safetensors.torch import save_file
+
+        path = self.directory / f"step-{step}.safetensors"
+        save_file(flat_tensors(self.state.state_dict()), str(path))
+        system.fsync_path(path)
+        self.last_path = path
+        return DONE
+
+
+def _available_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _available_dcp() -> bool:
+    try:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint  # noqa: F401
+    except ImportError:
+        return False
+    return bool(dist.is_available())
+
+
+SAVE_METHODS: dict[str, type[SaveMethod]] = {
+    m.name: m
+    for m in (
+        CopyFloor,
+        WriteFloor,
+        AsyncCheckpointerSave,
+        SyncSave,
+        TorchSave,
+        TorchSaveThread,
+        DcpAsyncSave,
+        SafetensorsSave,
+    )
+}
+
+AVAILABLE: dict[str, Callable[[], bool]] = {
+    "safetensors": _available_safetensors,
+    "dcp_async": _available_dcp,
+}
+
+
+def available(name: str) -> bool:
+    check = AVAILABLE.get(name)
+    return check is None or check()

@@ -1,0 +1,120 @@
+"""benchmarks/write_overhead.py runs a tiny configuration end to end and writes the JSON it promises.
+
+This checks that the script works, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "write_overhead.py"
+
+TINY = [
+    "--base", "2M:40",
+    "--sizes", "1M",
+    "--tensors", "20",
+    "--repeat", "1",
+    "--scaling-repeat", "1",
+    "--warmup", "0",
+    "--parts", "save,load,interference,memory",
+    "--steps", "4",
+    "--every", "2",
+    "--interference-repeat", "1",
+    "--mlp-batch", "2",
+    "--mlp-width", "32",
+    "--mlp-depth", "2",
+    "--memory-saves", "3",
+    "--memory-size", "1M",
+]  # fmt: skip
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+
+
+def test_help_lists_the_options(tmp_path: Path) -> None:
+    done = _run(tmp_path, "--help")
+    assert done.returncode == 0, done.stderr
+    for option in ("--sizes", "--tensors", "--repeat", "--dir", "--out", "--plot"):
+        assert option in done.stdout
+
+
+def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    done = _run(tmp_path, *TINY, "--dir", str(tmp_path / "work"), "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "== targets ==" in done.stdout
+    result = json.loads(out.read_text())
+
+    for key in ("command", "machine", "config", "configs", "load", "interference", "memory", "targets"):
+        assert key in result, key
+    assert [(c["bytes_requested"], c["tensors"]) for c in result["configs"]] == [
+        (2 << 20, 40),
+        (1 << 20, 40),
+        (2 << 20, 20),
+    ]
+    save = result["configs"][0]["save"]
+    for method in (
+        "copy_floor",
+        "write_floor",
+        "asyncckpt",
+        "asyncckpt_sync",
+        "torch_save",
+        "torch_save_thread",
+    ):
+        assert method in save, method
+        assert save[method]["stall_s"]["median"] is not None
+    ours = save["asyncckpt"]
+    for key in ("stall_vs_copy_floor", "durable_vs_write_floor", "stall_vs_torch_save", "staging_bytes"):
+        assert key in ours, key
+    assert ours["staging_bytes"] >= result["configs"][0]["bytes"]
+
+    load = result["load"]
+    for temperature in ("cold", "warm"):
+        for method in ("read_floor", "asyncckpt_load", "asyncckpt_restore", "torch_load", "torch_restore"):
+            assert load[temperature][method]["seconds"]["median"] is not None, (temperature, method)
+        assert "torch_load_over_this" in load[temperature]["asyncckpt_restore"]
+
+    assert "asyncckpt" in result["interference"]["methods"]
+    assert "slowdown_pct" in result["interference"]["methods"]["asyncckpt"]
+    assert result["memory"]["saves"] == 3
+    assert result["memory"]["staging_allocations"] == 1
+    assert {t["target"] for t in result["targets"]} >= {
+        "stall <= 1.2x plain copy",
+        "time to durable <= 1.2x write+fsync",
+        "cold load <= 1.3x plain read",
+    }
+    assert not list((tmp_path / "work").iterdir()), "the benchmark leaves no files behind"
+
+
+def test_unknown_method_is_refused(tmp_path: Path) -> None:
+    done = _run(tmp_path, "--methods", "asyncckpt,nope")
+    assert done.returncode == 2
+    assert "unknown methods" in done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS and page-cache control are Linux-only")
+def test_rss_helpers_read_proc() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ckptbench import system
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert system.rss_bytes() > 0
+    assert system.peak_rss_bytes() >= system.rss_bytes() // 2
