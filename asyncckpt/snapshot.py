@@ -95,7 +95,8 @@ def flatten(state: Any) -> Snapshot:
     walker = _Walker()
     tree = walker.walk(state, ())
     tensors, blobs, table_index = _tabulate(walker.found)
-    tree = _rewrite_refs(tree, lambda ref: TensorRef(table_index[ref.index]))
+    if table_index != list(range(len(table_index))):  # some tensors were aliases: renumber
+        tree = _rewrite_refs(tree, lambda ref: TensorRef(table_index[ref.index]))
     return Snapshot(tree=tree, tensors=tensors, blobs=blobs)
 
 
