@@ -36,7 +36,7 @@ from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
 from .preemption import CallsInProgress, SigtermFlusher
 from .snapshot import flatten
-from .staging import StagedCopy, StagingPool, stage
+from .staging import StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
 from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
@@ -372,24 +372,19 @@ class AsyncCheckpointer:
             self._log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        staged = StagedCopy(buffers)
+        try:
+            staged = stage(snapshot, buffers, side_stream=self._side_stream)
+        except BaseException:
+            self._pool.release(buffers)
+            raise
+        if staged.event is not None:
+            self._guard_optimizers(state, staged.event)
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
         done_event = anyio.Event() if self._mode == "async" else None
         path = self.directory / checkpoint_name(step)
         job = Job(step, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event)
         self._track(job)
-        try:
-            self._submit(job)  # first, so the writer can start on the blobs already copied
-        except BaseException:
-            self._pool.release(buffers)
-            raise
-        try:
-            stage(snapshot, staged, side_stream=self._side_stream)
-        except BaseException as exc:
-            staged.fail(exc)  # the writer drops the job and releases the buffers
-            raise
-        if staged.event is not None:
-            self._guard_optimizers(state, staged.event)
+        self._submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
         job.stall_ms = stall_ms
         self._counts["saves"] += 1

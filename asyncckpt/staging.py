@@ -9,19 +9,16 @@ buffers are pinned and the copies are enqueued on a side stream; the returned
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import format as fmt
 from .dtypes import itemsize
-from .errors import CheckpointWriteError
 from .snapshot import BlobLayout, Snapshot, contiguous_stride
 
 LayoutKey = tuple[BlobLayout, ...]
-PUBLISH_BYTES = 64 << 20  # host bytes copied between two progress notices to the writer
 
 
 @dataclass
@@ -48,55 +45,18 @@ class StagingBuffers:
         return int(self.data.numel())
 
 
+@dataclass
 class StagedCopy:
-    """A snapshot being copied into a buffer set, published blob by blob.
+    """A snapshot being copied into a buffer set; ``wait()`` blocks until the bytes are there."""
 
-    The trainer copies host tensors in batches and publishes how many blobs are ready, so the
-    writer can start writing the first blobs while the trainer still copies the rest; CUDA copies
-    are ready when ``event`` (recorded on the side stream) has completed.
-    """
-
-    def __init__(self, buffers: StagingBuffers) -> None:
-        self.buffers = buffers
-        self.event: Any = None  # torch.cuda.Event when any copy ran on a CUDA side stream
-        self.sources: list[torch.Tensor] = []  # CUDA sources, kept alive until their copy is done
-        self.failed_in_trainer = False  # the trainer saw the staging error: report it only there
-        self._ready = 0
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-
-    def publish(self, ready: int) -> None:
-        """Blobs ``[0, ready)`` are copied (host blobs; CUDA ones once ``event`` completes)."""
-        with self._cond:
-            self._ready = ready
-            self._cond.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        """Staging failed in the trainer: wake the writer, which abandons this checkpoint."""
-        with self._cond:
-            self._error = error
-            self.failed_in_trainer = True
-            self._cond.notify_all()
-
-    def wait_for(self, count: int) -> None:
-        """Block until the first ``count`` blobs are copied; raise if staging failed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._ready >= count or self._error is not None)
-            if self._error is not None:
-                raise CheckpointWriteError(f"staging the state failed: {self._error!r}") from self._error
-        if self.event is not None:
-            self.event.synchronize()
-            self.sources.clear()
-
-    def blobs(self) -> Iterator[memoryview]:
-        """The staged bytes of each blob, in order, each yielded once it is copied."""
-        for index, data in enumerate(self.buffers.blob_bytes()):
-            self.wait_for(index + 1)
-            yield data
+    buffers: StagingBuffers
+    event: Any = None  # torch.cuda.Event when any copy ran on a CUDA side stream
+    sources: list[torch.Tensor] = field(default_factory=list)  # kept alive until the copy is done
 
     def wait(self) -> None:
-        """Block until every blob is copied."""
-        self.wait_for(len(self.buffers.sizes))
+        if self.event is not None:
+            self.event.synchronize()
+        self.sources.clear()
 
 
 class StagingPool:
@@ -180,37 +140,27 @@ def _destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tup
     return view
 
 
-def stage(snapshot: Snapshot, staged: StagedCopy, *, side_stream: Any = None) -> None:
-    """Copy every blob of ``snapshot`` into ``staged.buffers``, publishing progress as it goes.
+def stage(snapshot: Snapshot, buffers: StagingBuffers, *, side_stream: Any = None) -> StagedCopy:
+    """Copy every blob of ``snapshot`` into ``buffers``.
 
-    CUDA tensors first: ``non_blocking`` copies on ``side_stream`` after it waits for the current
-    stream; each source is marked with ``record_stream`` so the caching allocator does not reuse
-    its memory before the copy ran (returns without waiting for them). Then CPU tensors: one
-    memcpy per tensor (strided inputs are made contiguous by the copy itself), issued as batched
-    calls of about :data:`PUBLISH_BYTES`, each published for the writer when done.
+    CPU tensors: one memcpy per tensor (strided inputs are made contiguous by the copy itself),
+    issued as one batched call. CUDA tensors: ``non_blocking`` copies on ``side_stream`` after it
+    waits for the current stream; each source is marked with ``record_stream`` so the caching
+    allocator does not reuse its memory before the copy ran. Returns at once on CUDA;
+    ``StagedCopy.wait()`` blocks until the copies are done.
     """
+    staged = StagedCopy(buffers)
+    host: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     cuda: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for blob, destination in zip(snapshot.blobs, staged.buffers.destinations, strict=True):
-        if blob.nbytes and blob.tensor.is_cuda:
-            cuda[0].append(destination)
-            cuda[1].append(blob.tensor)
+    for blob, destination in zip(snapshot.blobs, buffers.destinations, strict=True):
+        if blob.nbytes:
+            pair = cuda if blob.tensor.is_cuda else host
+            pair[0].append(destination)
+            pair[1].append(blob.tensor)
+    _copy_all(*host, non_blocking=False)
     if cuda[0]:
         staged.event = _stage_cuda(*cuda, side_stream, staged.sources)
-    batch: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    pending = 0
-    for index, (blob, destination) in enumerate(
-        zip(snapshot.blobs, staged.buffers.destinations, strict=True)
-    ):
-        if blob.nbytes and not blob.tensor.is_cuda:
-            batch[0].append(destination)
-            batch[1].append(blob.tensor)
-            pending += blob.nbytes
-        if pending >= PUBLISH_BYTES:
-            _copy_all(*batch, non_blocking=False)
-            staged.publish(index + 1)
-            batch, pending = ([], []), 0
-    _copy_all(*batch, non_blocking=False)
-    staged.publish(len(snapshot.blobs))
+    return staged
 
 
 def _stage_cuda(

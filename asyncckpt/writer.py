@@ -158,8 +158,7 @@ class Writer:
             with self.stats.lock:
                 self.stats.failed += 1
             self.log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
-            if not job.staged.failed_in_trainer:  # else save() raised it already
-                self.errors.put(error)
+            self.errors.put(error)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled by abandon
                 job.future.set_exception(error)
             if not isinstance(exc, Exception):
@@ -172,6 +171,7 @@ class Writer:
 
     def _commit(self, job: Job) -> None:
         started = time.perf_counter()
+        job.staged.wait()
         buffers = job.staged.buffers
         timings = write_snapshot(
             job.path,
@@ -180,7 +180,7 @@ class Writer:
             sizes=buffers.sizes,
             step=job.step,
             metadata=job.metadata,
-            blobs=job.staged.blobs(),  # written as soon as the trainer has copied them
+            blobs=iter(buffers.blob_bytes()),
             ops=self.ops,
         )
         self._validate(job)
