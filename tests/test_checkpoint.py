@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.dtypes import DTYPE_BY_NAME
-from asyncckpt.storage import FdSink, FileOps, atomic_write, is_temp_name
+from asyncckpt.storage import FdSink, atomic_write, is_temp_name
+from asyncckpt.testing import RecordingOps
 
 SameState = Callable[[Any, Any], None]
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
@@ -96,47 +97,6 @@ def test_load_of_something_else(tmp_dir: Path, content: bytes, pattern: str) -> 
 
 
 # --------------------------------------------------------------------------- refused before writing
-
-
-class RecordingOps(FileOps):
-    """Real OS calls, each recorded as ``(name, fd-or-path)`` in ``calls`` before it is made."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def record(self, name: str, target: Any) -> None:
-        self.calls.append((name, target))
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
-
-    def open_exclusive(self, path: Path) -> int:
-        self.record("open_exclusive", path)
-        return super().open_exclusive(path)
-
-    def write(self, fd: int, data: memoryview | bytes) -> int:
-        self.record("write", fd)
-        return super().write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        self.record("fsync", fd)
-        super().fsync(fd)
-
-    def close(self, fd: int) -> None:
-        self.record("close", fd)
-        super().close(fd)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        self.record("rename", (src, dst))
-        super().rename(src, dst)
-
-    def unlink(self, path: Path) -> None:
-        self.record("unlink", path)
-        super().unlink(path)
-
-    def fsync_dir(self, directory: Path) -> None:
-        self.record("fsync_dir", directory)
-        super().fsync_dir(directory)
 
 
 class Opaque:
