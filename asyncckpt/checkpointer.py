@@ -74,8 +74,9 @@ class AsyncCheckpointer:
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
     - ``when_busy``: ``"wait"`` blocks ``save()`` until a slot frees, ``"skip"`` drops the save.
-    - ``validate``: after each commit re-open the file (``"structure"``), also re-check every
-      checksum (``"full"``), or not at all (``"none"``).
+    - ``validate``: after each commit re-open the file and check prelude, trailer, size and header
+      CRC (``"structure"``), also decode the header and re-check every blob's checksum
+      (``"full"``), or not at all (``"none"``).
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
     - ``handle_sigterm``: on SIGTERM commit the pending saves (and a ``save()`` the signal
       interrupted) in a helper thread, then hand the signal to the previous handler or the default
