@@ -159,7 +159,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if nbytes == 0:
         return memoryview(bytearray(0))
     if _HAVE_NUMPY:  # 4x cheaper than a ctypes array (a new ctypes type per size)
-        flat = tensor.as_strided((tensor.numel(),), (1,))  # a size-1 dim may carry any stride
+        flat = tensor.detach().as_strided((tensor.numel(),), (1,))  # a size-1 dim may carry any stride
         array_: Any = flat.view(torch.uint8).numpy()  # keeps the tensor alive
         return memoryview(array_).cast("B")
     array = (ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())
