@@ -108,6 +108,8 @@ class _Walker:
     def walk(self, value: Any, path: tuple[Any, ...]) -> Any:
         if len(path) > MAX_DEPTH:
             raise TypeError(f"{key_path(path)}: nesting deeper than {MAX_DEPTH} levels")
+        if isinstance(value, torch.Tensor):  # first: the most common leaf of a big state
+            return self._tensor(value, path)
         if isinstance(value, str):
             return _text(value, path, "string")
         if value is None or isinstance(value, bool | bytes):
@@ -116,8 +118,6 @@ class _Walker:
             return _int(int(value))
         if isinstance(value, float):
             return float(value)
-        if isinstance(value, torch.Tensor):
-            return self._tensor(value, path)
         if isinstance(value, Mapping | list | tuple):
             return self._container(value, path)
         state_dict = getattr(value, "state_dict", None)
