@@ -669,20 +669,7 @@ def view_tensor(entry: TensorEntry, blob: torch.Tensor) -> torch.Tensor:
 
 
 def verify_blobs(file: BinaryIO, layout: Layout, *, path: str, scratch_bytes: int = CHUNK) -> None:
-    """Re-read every blob through a small scratch buffer and check its CRC32C."""
+    """Re-read every blob through one small scratch buffer and check its CRC32C (:func:`check_blob`)."""
     scratch = memoryview(bytearray(scratch_bytes))
-    for index, blob in enumerate(layout.blobs):
-        file.seek(blob.offset)
-        crc = 0
-        for start in range(0, blob.nbytes, scratch_bytes):
-            chunk = scratch[: min(scratch_bytes, blob.nbytes - start)]
-            if file.readinto(chunk) != len(chunk):  # type: ignore[attr-defined]
-                raise CorruptedCheckpointError(
-                    f"{path}: truncated inside {layout.blob_key(index)} at offset {blob.offset + start}"
-                )
-            crc = crc32c.crc32c(chunk, crc)
-        if crc != blob.crc:
-            raise CorruptedCheckpointError(
-                f"{path}: checksum mismatch in {layout.blob_key(index)} (blob {index} at offset "
-                f"{blob.offset}, {blob.nbytes} bytes): expected crc32c {blob.crc:08x}, found {crc:08x}"
-            )
+    for index in range(len(layout.blobs)):
+        check_blob(file, layout, index, path=path, scratch=scratch)
