@@ -29,6 +29,16 @@ from asyncckpt.storage import checkpoint_name
 from asyncckpt.testing import deterministic_state, states_equal
 
 
+def load_within_measuring_memory(directory: Path) -> tuple[LoadResult, int]:
+    """``load_within(directory, 60)`` and the peak of Python memory it allocated."""
+    tracemalloc.start()
+    try:
+        result = load_within(directory, 60)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def quiet(*_: object, **__: object) -> None:
     """A ``log`` for load_latest that drops the summary."""
 
@@ -195,12 +205,7 @@ def test_a_huge_sparse_file_is_refused_without_reading_or_allocating_it(
         file.write(asyncckpt.save(tmp_path / "x.ckpt", {}, step=70).read_bytes()[:4096])
         file.truncate(1 << 40)  # 1 TiB, sparse
     (tmp_path / "x.ckpt").unlink()
-    tracemalloc.start()
-    try:
-        result = load_within(tmp_path, 60)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = load_within_measuring_memory(tmp_path)
     faults["hostile files: 1 TiB sparse file"] += 1
     assert result.step == 3 and [d.path for d in result.diagnostics] == [huge]
     assert peak < 16 << 20
@@ -211,12 +216,7 @@ def test_a_zip_bomb_named_pt_is_refused(tmp_path: Path, faults: Counter[str]) ->
     bomb = tmp_path / "model-9.pt"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data.pkl", b"\x80\x02" + b"\x00" * (64 << 20))
-    tracemalloc.start()
-    try:
-        result = load_within(tmp_path, 60)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = load_within_measuring_memory(tmp_path)
     faults["hostile files: zip bomb named .pt"] += 1
     assert result.step == 3 and [d.path for d in result.diagnostics] == [bomb]
     assert peak < 16 << 20
