@@ -1,9 +1,11 @@
 """AsyncCheckpointer: the trainer-facing object that wires snapshot, staging, writer and loader.
 
 ``save()`` flattens the state, copies it into a reused staging buffer set and queues it for the
-background writer; it returns as soon as the copy is queued (CPU: done; CUDA: enqueued on a side
-stream). Sync use runs the writer in a background thread with an anyio event loop (a blocking
-portal); async use runs it in a task group of the caller's event loop.
+background writer. Parameters and optimizer state of the optimizers in the state are copied while
+the trainer runs on (CPU: a background thread; CUDA: a side stream) and the next optimizer step
+waits for that copy; everything else is copied before ``save()`` returns. Sync use runs the
+writer in a background thread with an anyio event loop (a blocking portal); async use runs it in
+a task group of the caller's event loop.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, 
 from .format import check_step
 from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
+from .overlap import StepGuard, optimizers_in, step_guarded_blobs
 from .preemption import CallsInProgress, SigtermFlusher
 from .snapshot import flatten
-from .staging import StagingPool, stage
+from .staging import Copier, StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
 from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
@@ -78,6 +81,12 @@ class AsyncCheckpointer:
       CRC (``"structure"``), also decode the header and re-check every blob's checksum
       (``"full"``), or not at all (``"none"``).
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
+    - ``overlap``: copy the parameters and state of the optimizers found in the state while
+      forward and backward run; each such optimizer's next ``step()`` waits for the copy (a
+      step pre-hook). Between ``save()`` and that step, change those tensors in place only
+      after :meth:`wait_staged` (e.g. swapping in EMA weights for evaluation); a change the
+      copy catches fails the save with :class:`CheckpointWriteError`. ``False`` copies
+      everything before ``save()`` returns (on CUDA: orders the trainer's stream after it).
     - ``handle_sigterm``: on SIGTERM commit the pending saves (and a ``save()`` the signal
       interrupted) in a helper thread, then hand the signal to the previous handler or the default
       action. The trainer is not blocked meanwhile; saves it begins after the signal may be cut
@@ -102,6 +111,7 @@ class AsyncCheckpointer:
         event_log: str | os.PathLike[str] | None = None,
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
+        overlap: bool = True,
         ops: FileOps = OS,
     ) -> None:
         if when_busy not in ("wait", "skip"):
@@ -122,6 +132,7 @@ class AsyncCheckpointer:
         self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
+        self.overlap = overlap
         self._ops = ops
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
@@ -141,8 +152,8 @@ class AsyncCheckpointer:
         self._last_stall_ms = 0.0
         self._last_wait_ms = 0.0
         self._side_stream: Any = None
-        self._copy_event: Any = None
-        self._hooked: dict[int, Any] = {}
+        self._copier = Copier()
+        self._guard = StepGuard()
         self._saves_in_progress = CallsInProgress()
         self._sigterm: SigtermFlusher | None = None
 
@@ -304,9 +315,8 @@ class AsyncCheckpointer:
         if self._sigterm is not None:
             self._sigterm.uninstall()
             self._sigterm = None
-        for hook in self._hooked.values():
-            hook.remove()
-        self._hooked.clear()
+        self._guard.remove()
+        self._copier.close()
         if self._log is not None:
             self._log.info(ev.WRITER_STOPPED, committed=self._writer_stats.committed)
             self._log.close()
@@ -373,13 +383,17 @@ class AsyncCheckpointer:
             self._log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        optimizers = optimizers_in(state) if self.overlap else []
+        guarded = step_guarded_blobs(snapshot, optimizers)
         try:
-            staged = stage(snapshot, buffers, side_stream=self._side_stream)
+            staged = stage(
+                snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
+            )
         except BaseException:
             self._pool.release(buffers)
             raise
-        if staged.event is not None:
-            self._guard_optimizers(state, staged.event)
+        if guarded:
+            self._guard.arm(staged, optimizers)
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
         done_event = anyio.Event() if self._mode == "async" else None
         path = self.directory / checkpoint_name(step)
@@ -429,23 +443,16 @@ class AsyncCheckpointer:
         self._slot_freed.set()
         self._slot_freed = anyio.Event()
 
-    # ------------------------------------------------------------------ CUDA overlap
+    # ------------------------------------------------------------------ overlap
 
-    def _guard_optimizers(self, state: Any, event: Any) -> None:
-        """Make the next optimizer step wait (on the GPU) for the staging copy to finish.
+    def wait_staged(self) -> None:
+        """Block until the last save's copies of parameters and optimizer state are done.
 
-        Forward and backward overlap the copy; only the step, which overwrites parameters and
-        optimizer state that may not be copied yet, is ordered after it.
+        The next optimizer step does this by itself; call it before changing those tensors in
+        place any other way between ``save()`` and that step. On CUDA the wait is on the GPU:
+        the current stream is ordered after the copies.
         """
-        self._copy_event = event
-        for optimizer in _optimizers_in(state):
-            if id(optimizer) not in self._hooked:
-                self._hooked[id(optimizer)] = optimizer.register_step_pre_hook(self._wait_for_copy)
-
-    def _wait_for_copy(self, *_: Any) -> None:
-        event, self._copy_event = self._copy_event, None
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+        self._guard.wait()
 
     # ------------------------------------------------------------------ flushing
 
@@ -541,17 +548,3 @@ class AsyncCheckpointer:
             raise CheckpointError(
                 "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
             )
-
-
-def _optimizers_in(state: Any) -> list[torch.optim.Optimizer]:
-    found: list[torch.optim.Optimizer] = []
-    stack = [state]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, torch.optim.Optimizer):
-            found.append(value)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-    return found

@@ -192,7 +192,7 @@ def _extent_bytes(tensor: torch.Tensor) -> int:
     return (span + 1) * itemsize(tensor.dtype)
 
 
-def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
+def storage_key(tensor: torch.Tensor) -> StorageKey | None:
     if tensor.numel() == 0:
         return None
     # The storage's base address, without building a storage object (that costs ~20 us a tensor).
@@ -213,7 +213,7 @@ def _tabulate(
     with several distinct views becomes one span blob holding the views with their strides;
     every other tensor is one blob of its elements, stored contiguously.
     """
-    storages = [_storage_key(t) for t, _ in found]
+    storages = [storage_key(t) for t, _ in found]
     counts = Counter(storages)
     # View keys cost several microseconds a tensor: only tensors that share a storage need one.
     keys = [

@@ -1,9 +1,10 @@
 """The background writer: an anyio task that makes staged checkpoints durable, one at a time.
 
-Per checkpoint, in a worker thread (file I/O, fsync and CRC32C release the GIL): wait for the
-staging copy → encode → write temp → fsync → rename → fsync directory → validate → commit event →
-retention → release the buffers. A failure is logged at once and handed to the trainer through
-the job's future and the checkpointer's error box; it never escapes into another thread.
+Per checkpoint, in a worker thread (file I/O, fsync and CRC32C release the GIL): write the temp
+file, each blob as soon as its staging copy is done, then the header → fsync → rename → fsync
+directory → validate → commit event → retention → release the buffers. A failure is logged at
+once and handed to the trainer through the job's future and the checkpointer's error box; it
+never escapes into another thread.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .checkpoint import write_snapshot
 from .errors import CheckpointError, CheckpointWriteError
 from .retention import prunable
 from .snapshot import TensorSpec
-from .staging import StagedCopy, StagingPool
+from .staging import StagedCopy, StagingPool, StagingRaceError
 from .storage import OS, FileOps, list_checkpoints, remove_durably
 
 ValidateMode = Literal["structure", "full", "none"]
@@ -167,11 +168,11 @@ class Writer:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 job.future.set_result(job.path)
         finally:
+            job.staged.settle()  # no copy may still be filling the buffers when they are reused
             self.pool.release(job.staged.buffers)
 
     def _commit(self, job: Job) -> None:
         started = time.perf_counter()
-        job.staged.wait()
         buffers = job.staged.buffers
         timings = write_snapshot(
             job.path,
@@ -180,7 +181,7 @@ class Writer:
             sizes=buffers.sizes,
             step=job.step,
             metadata=job.metadata,
-            blobs=iter(buffers.blob_bytes()),
+            blobs=job.staged.blob_bytes(),  # each blob as soon as its copy is done
             ops=self.ops,
         )
         self._validate(job)
@@ -287,6 +288,18 @@ class _AbandonableOps(FileOps):
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:
+    if isinstance(exc, StagingRaceError):
+        key = next((t.key for t in job.tensors if t.blob == exc.blob), f"blob {exc.blob}")
+        error = CheckpointWriteError(
+            f"{job.path}: step {job.step} was not written: {key} was changed in place after save() "
+            "returned and before its copy was done, so the checkpoint would mix two training "
+            "states. Only optimizer.step() waits for the copy by itself: call ckpt.wait_staged() "
+            "before changing parameters or optimizer state any other way, or use "
+            "AsyncCheckpointer(overlap=False).",
+            step=job.step,
+        )
+        error.__cause__ = exc
+        return error
     if isinstance(exc, CheckpointWriteError):
         if exc.step is None:
             exc.step = job.step
