@@ -35,6 +35,7 @@ def save_table(config: dict[str, Any]) -> str:
         "stall s median [min-max]",
         "x copy",
         "x torch.save",
+        "stall+step wait s (x copy)",
         "durable s median [min-max]",
         "x write+fsync",
         "peak RSS +MiB",
@@ -48,6 +49,7 @@ def save_table(config: dict[str, Any]) -> str:
                 _s(m["stall_s"]),
                 _x(m.get("stall_vs_copy_floor")),
                 _x(m.get("stall_vs_torch_save")),
+                f"{_s(m['blocked_s'])} ({_x(m.get('blocked_vs_copy_floor'))})" if "blocked_s" in m else "-",
                 _s(m["durable_s"]),
                 _x(m.get("durable_vs_write_floor")),
                 f"{m['peak_extra_rss_bytes'] / (1 << 20):.0f}",
@@ -58,7 +60,11 @@ def save_table(config: dict[str, Any]) -> str:
         f"== save: {format_size(config['bytes'])} in {config['tensors']} tensors, "
         f"{config['repeat']} interleaved rounds =="
     )
-    return title + "\n" + _table(headers, rows)
+    note = (
+        "(stall+step wait: stall plus the wait of an optimizer step that comes at once, with no "
+        "forward/backward to overlap the background copy)"
+    )
+    return title + "\n" + _table(headers, rows) + "\n" + note
 
 
 def load_table(load: dict[str, Any]) -> str:
