@@ -366,8 +366,8 @@ def _apply(objects: Mapping[str, Any], state: Any, path: Path) -> None:
 
 class _TensorReader:
     """Reads the blobs of a checked v1 file, several at a time for big files; a module's tensor
-    whose blob holds exactly it (same dtype and shape, contiguous) is read straight into the
-    module's memory."""
+    or an optimizer's existing state tensor whose blob holds exactly it (same dtype and shape,
+    contiguous) is read straight into that tensor's memory."""
 
     def __init__(self, file: BinaryIO, layout: fmt.Layout, path: Path, request: _Request) -> None:
         self.file = file
@@ -504,12 +504,22 @@ class _PositionalReader:
 
 
 def _module_tensors(objects: Mapping[str, Any]) -> dict[tuple[Any, ...], torch.Tensor]:
+    """Key path in the state → an existing tensor the checkpoint's bytes may be read into.
+
+    A module's parameters and buffers, and an optimizer's existing state (its moments survive
+    ``load_state_dict``, which keeps tensors of the right dtype and device as they are).
+    """
     found: dict[tuple[Any, ...], torch.Tensor] = {}
     for name, obj in objects.items():
         if isinstance(obj, torch.nn.Module):
             for key, value in obj.state_dict().items():
                 if isinstance(value, torch.Tensor):
                     found[(name, key)] = value
+        elif isinstance(obj, torch.optim.Optimizer):
+            for index, per_param in obj.state_dict()["state"].items():
+                for key, value in per_param.items():
+                    if isinstance(value, torch.Tensor):
+                        found[(name, "state", index, key)] = value
     return found
 
 

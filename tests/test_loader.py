@@ -538,6 +538,25 @@ def test_restore_reads_straight_into_the_module_memory(tmp_path: Path) -> None:
         assert torch.equal(tensor, model.state_dict()[name])
 
 
+def test_restore_reads_straight_into_an_optimizers_existing_state(tmp_path: Path) -> None:
+    model, optimizer = trained()
+    save_objects(tmp_path, 100, model, optimizer)
+    fresh, fresh_opt = trained(seed=1, steps=2)  # its Adam state exists: an in-process rollback
+    before = {
+        (i, key): value.data_ptr()
+        for i, per_param in fresh_opt.state_dict()["state"].items()
+        for key, value in per_param.items()
+    }
+    assert before
+    result = restore(tmp_path, {"model": fresh, "optimizer": fresh_opt})
+    after = fresh_opt.state_dict()["state"]
+    for (i, key), pointer in before.items():
+        assert after[i][key].data_ptr() == pointer
+        assert result.state["optimizer"]["state"][i][key].data_ptr() == pointer  # no second copy
+    assert_same_state(fresh_opt.state_dict(), optimizer.state_dict())
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
 def test_restore_falls_back_past_a_corrupted_checkpoint(tmp_path: Path) -> None:
     old_model, old_opt = trained(steps=1)
     save_objects(tmp_path, 100, old_model, old_opt)
