@@ -38,7 +38,7 @@ from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
 from .overlap import StepGuard, optimizers_in, step_guarded_blobs
 from .preemption import CallsInProgress, SigtermFlusher
-from .snapshot import flatten
+from .snapshot import flatten, gc_paused
 from .staging import Copier, StagingPool, stage
 from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
 from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
@@ -341,9 +341,10 @@ class AsyncCheckpointer:
         self._errors.raise_first()
         started = time.perf_counter()
         check_step(step)
-        snapshot = flatten(state)
-        metadata_tree = flatten_metadata(metadata)
-        layout = snapshot.layout_key()
+        with gc_paused():
+            snapshot = flatten(state)
+            metadata_tree = flatten_metadata(metadata)
+            layout = snapshot.layout_key()
         buffers = self._pool.try_acquire(layout)
         wait_ms = 0.0
         if buffers is None:
@@ -384,11 +385,12 @@ class AsyncCheckpointer:
         if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         optimizers = optimizers_in(state) if self.overlap else []
-        guarded = step_guarded_blobs(snapshot, optimizers)
         try:
-            staged = stage(
-                snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
-            )
+            with gc_paused():
+                guarded = step_guarded_blobs(snapshot, optimizers)
+                staged = stage(
+                    snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
+                )
         except BaseException:
             self._pool.release(buffers)
             raise
