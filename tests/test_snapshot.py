@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from asyncckpt.snapshot import (
     contiguous_stride,
     dotted_key,
     flatten,
+    gc_paused,
     key_path,
     unflatten,
 )
@@ -278,3 +280,18 @@ def test_nesting_limit() -> None:
 
     with pytest.raises(TypeError, match="nesting deeper than 128 levels"):
         flatten([deepest])
+
+
+def test_gc_paused_restores_the_collector_even_on_error() -> None:
+    assert gc.isenabled()
+    with pytest.raises(TypeError), gc_paused():
+        assert not gc.isenabled()
+        flatten({"bad": object()})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller's own pause is left alone
+    finally:
+        gc.enable()
