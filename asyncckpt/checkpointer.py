@@ -36,7 +36,7 @@ from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, 
 from .format import check_step
 from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
-from .overlap import StepGuard, optimizers_in, step_guarded_blobs
+from .overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
 from .preemption import CallsInProgress, SigtermFlusher
 from .snapshot import flatten, gc_paused
 from .staging import Copier, StagingPool, stage
@@ -387,7 +387,7 @@ class AsyncCheckpointer:
         optimizers = optimizers_in(state) if self.overlap else []
         try:
             with gc_paused():
-                guarded = step_guarded_blobs(snapshot, optimizers)
+                guarded = step_guarded_blobs(snapshot, optimizers, modules_in(state) if optimizers else [])
                 staged = stage(
                     snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
                 )
@@ -501,6 +501,8 @@ class AsyncCheckpointer:
         when checkpoints exist but none is usable). The summary goes to this checkpointer's
         event log when it is open.
         """
+        # A pending background copy must not see the loader overwrite its sources.
+        self._guard.wait()
         log = self._log.info if self._log is not None else None
         try:
             return loader.restore(

@@ -150,7 +150,8 @@ def restore(
     ``load_state_dict(state[name])`` (``strict=True`` for modules); a refusal makes the candidate
     incompatible and the next one is tried. A module's tensors are read from the file straight
     into their own memory when dtype and shape match (CUDA tensors through pinned host bounce
-    buffers), so no second copy of the model is made; ``result.state`` then shares that memory.
+    buffers), and so is an optimizer's state when it already has some (an in-process rollback),
+    so no second copy is made; ``result.state`` then shares that memory.
     Big files are read by several threads at once.
 
     When a candidate fails halfway, some objects may already hold its data; a later candidate
@@ -516,10 +517,25 @@ def _module_tensors(objects: Mapping[str, Any]) -> dict[tuple[Any, ...], torch.T
                 if isinstance(value, torch.Tensor):
                     found[(name, key)] = value
         elif isinstance(obj, torch.optim.Optimizer):
-            for index, per_param in obj.state_dict()["state"].items():
-                for key, value in per_param.items():
-                    if isinstance(value, torch.Tensor):
-                        found[(name, "state", index, key)] = value
+            found.update(_optimizer_tensors(name, obj))
+    return found
+
+
+def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> dict[tuple[Any, ...], torch.Tensor]:
+    """The optimizer's state tensors under their ``state_dict()`` paths.
+
+    ``state_dict()`` numbers parameters in param-group order; walking ``state`` in that order
+    gives the same paths without calling it (some optimizers, e.g. ZeroRedundancyOptimizer,
+    refuse ``state_dict()`` until consolidated).
+    """
+    found: dict[tuple[Any, ...], torch.Tensor] = {}
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in enumerate(params):
+        per_param = optimizer.state.get(param)
+        if isinstance(per_param, Mapping):
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    found[(name, "state", index, key)] = value
     return found
 
 

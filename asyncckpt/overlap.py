@@ -3,34 +3,59 @@
 Parameters and optimizer state change only inside ``optimizer.step()``. Their copies may
 therefore run while forward and backward run, provided the next step of every optimizer in the
 state first waits for them: that is what the step pre-hook installed here does. Every other
-tensor (buffers such as BatchNorm's running statistics, tensors of a plain state dict, extras) is
-copied before ``save()`` returns.
+tensor (buffers such as BatchNorm's running statistics, weights that forward renormalises,
+tensors of a plain state dict, extras) is copied before ``save()`` returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from .snapshot import Snapshot, StorageKey, storage_key
 from .staging import StagedCopy
 
+T = TypeVar("T")
+
 
 def optimizers_in(state: Any) -> list[torch.optim.Optimizer]:
     """The optimizer objects in ``state`` (dicts, lists and tuples are searched)."""
-    found: list[torch.optim.Optimizer] = []
+    return _objects_in(state, torch.optim.Optimizer)
+
+
+def modules_in(state: Any) -> list[torch.nn.Module]:
+    """The module objects in ``state`` (dicts, lists and tuples are searched)."""
+    return _objects_in(state, torch.nn.Module)
+
+
+def _objects_in(state: Any, kind: type[T]) -> list[T]:
+    found: list[T] = []
     stack = [state]
     while stack:
         value = stack.pop()
-        if isinstance(value, torch.optim.Optimizer):
+        if isinstance(value, kind):
             found.append(value)
         elif isinstance(value, Mapping):
             stack.extend(value.values())
         elif isinstance(value, list | tuple):
             stack.extend(value)
     return found
+
+
+def forward_written_storages(modules: Sequence[torch.nn.Module]) -> set[StorageKey]:
+    """Parameters that forward itself changes in place, so the step hook cannot guard them.
+
+    ``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they look up.
+    """
+    storages: set[StorageKey | None] = set()
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Embedding | torch.nn.EmbeddingBag) and sub.max_norm is not None:
+                storages.add(storage_key(sub.weight))
+    storages.discard(None)
+    return storages  # type: ignore[return-value]
 
 
 def optimizer_storages(optimizers: list[torch.optim.Optimizer]) -> set[StorageKey]:
@@ -46,11 +71,19 @@ def optimizer_storages(optimizers: list[torch.optim.Optimizer]) -> set[StorageKe
     return storages  # type: ignore[return-value]
 
 
-def step_guarded_blobs(snapshot: Snapshot, optimizers: list[torch.optim.Optimizer]) -> frozenset[int]:
-    """Indices of the blobs whose whole storage belongs to ``optimizers``."""
+def step_guarded_blobs(
+    snapshot: Snapshot,
+    optimizers: list[torch.optim.Optimizer],
+    modules: Sequence[torch.nn.Module] = (),
+) -> frozenset[int]:
+    """Indices of the blobs whose storage only the step of ``optimizers`` changes.
+
+    Storages of ``optimizers`` (parameters and state), less those that forward of one of
+    ``modules`` writes (:func:`forward_written_storages`).
+    """
     if not optimizers:
         return frozenset()
-    storages = optimizer_storages(optimizers)
+    storages = optimizer_storages(optimizers) - forward_written_storages(modules)
     return frozenset(i for i, blob in enumerate(snapshot.blobs) if storage_key(blob.tensor) in storages)
 
 

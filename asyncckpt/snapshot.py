@@ -48,10 +48,19 @@ class BlobSource:
     tensor: torch.Tensor
     nbytes: int
     raw: bool
+    members: tuple[torch.Tensor, ...] = ()  # raw blobs: the state's views of the span
 
     @property
     def device(self) -> torch.device:
         return self.tensor.device
+
+    def watched(self) -> tuple[torch.Tensor, ...]:
+        """The state's own tensors whose version counters tell whether the bytes changed.
+
+        A raw blob's ``tensor`` is a view made here, with a version counter of its own, so the
+        members of the span speak for it.
+        """
+        return self.members if self.raw else (self.tensor,)
 
 
 BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
@@ -284,7 +293,7 @@ def _add_span_blob(members: list[torch.Tensor], blobs: list[BlobSource]) -> int:
     storage = members[0].untyped_storage()
     raw = torch.empty(0, dtype=torch.uint8, device=members[0].device)
     raw.set_(storage, lo, (hi - lo,), (1,))
-    blobs.append(BlobSource(raw, hi - lo, raw=True))
+    blobs.append(BlobSource(raw, hi - lo, raw=True, members=tuple(members)))
     return len(blobs) - 1
 
 

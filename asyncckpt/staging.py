@@ -68,7 +68,8 @@ class StagedCopy:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._finished = threading.Event()
-        self._versions: list[int] = []  # of the deferred sources, at stage()
+        self._watched: list[tuple[torch.Tensor, ...]] = []  # per deferred blob, see BlobSource.watched
+        self._versions: list[tuple[int, ...]] = []  # their version counters at stage()
         if not self.deferred:
             self._finished.set()
 
@@ -85,12 +86,12 @@ class StagedCopy:
         is copied: a source changed in place in between (not by the optimizer step, which waits
         for this copy) would make the checkpoint a mix of two states, so the copy fails.
         """
-        versions = self._versions
+        watched, versions = self._watched, self._versions
         try:
             for begin, end in _groups([self.buffers.sizes[i] for i in self.deferred]):
                 _copy_all(destinations[begin:end], sources[begin:end], non_blocking=False)
                 for k in range(begin, end):
-                    if sources[k]._version != versions[k]:
+                    if _versions(watched[k]) != versions[k]:
                         raise StagingRaceError(self.deferred[k])
                 with self._cond:
                     self._copied = end
@@ -101,6 +102,7 @@ class StagedCopy:
                 self._cond.notify_all()
         finally:
             sources.clear()
+            watched.clear()
             self._finished.set()
 
     def background_done(self) -> bool:
@@ -145,6 +147,10 @@ class StagedCopy:
         self._finished.wait()
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
+
+
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors)
 
 
 class StagingRaceError(RuntimeError):
@@ -329,7 +335,8 @@ def stage(
         staged.event = _stage_cuda(cuda_first, cuda_last, side_stream, staged.sources)
     if background[0]:
         assert copier is not None
-        staged._versions = [source._version for source in background[1]]
+        staged._watched = [snapshot.blobs[i].watched() for i in later]
+        staged._versions = [_versions(tensors) for tensors in staged._watched]
         copier.submit(staged, *background)
     return staged
 

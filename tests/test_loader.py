@@ -557,6 +557,22 @@ def test_restore_reads_straight_into_an_optimizers_existing_state(tmp_path: Path
     assert_same_state(fresh.state_dict(), model.state_dict())
 
 
+def test_restore_into_an_optimizer_whose_state_dict_refuses(tmp_path: Path) -> None:
+    class Unconsolidated(torch.optim.Adam):  # like ZeroRedundancyOptimizer before consolidation
+        def state_dict(self) -> dict[str, Any]:
+            raise RuntimeError("optimizer state has not been consolidated")
+
+    model, optimizer = trained()
+    save_objects(tmp_path, 100, model, optimizer)
+    fresh, _ = trained(seed=1, steps=0)
+    target = Unconsolidated(fresh.parameters())
+    result = restore(tmp_path, {"model": fresh, "optimizer": target})
+    assert result.step == 100
+    saved = optimizer.state_dict()["state"]
+    for index, param in enumerate(fresh.parameters()):
+        assert torch.equal(target.state[param]["exp_avg"], saved[index]["exp_avg"])
+
+
 def test_restore_falls_back_past_a_corrupted_checkpoint(tmp_path: Path) -> None:
     old_model, old_opt = trained(steps=1)
     save_objects(tmp_path, 100, old_model, old_opt)

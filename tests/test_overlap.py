@@ -7,6 +7,7 @@ depends on thread timing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import AsyncCheckpointer, CheckpointWriteError
+from asyncckpt import AsyncCheckpointer, CheckpointWriteError, loader
 from asyncckpt.format import tensor_bytes
-from asyncckpt.overlap import step_guarded_blobs
+from asyncckpt.overlap import modules_in, step_guarded_blobs
 from asyncckpt.snapshot import flatten
 from asyncckpt.staging import Copier, StagedCopy, StagingPool, stage
 
@@ -44,7 +45,7 @@ class GatedCopier(Copier):
         super().close()
 
 
-def trainer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def trainer(seed: int = 0) -> tuple[torch.nn.Sequential, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -65,7 +66,8 @@ def snapshot_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     }
 
 
-def saved_matches(path: Path, expected: dict[str, Any]) -> bool:
+def saved_matches(path: Path | None, expected: dict[str, Any]) -> bool:
+    assert path is not None
     state = asyncckpt.load(path).state
     model_ok = all(torch.equal(state["model"][k], v) for k, v in expected["model"].items())
     moments = [state["optimizer"]["state"][i] for i in sorted(state["optimizer"]["state"])]
@@ -78,37 +80,63 @@ def saved_matches(path: Path, expected: dict[str, Any]) -> bool:
 
 
 @pytest.fixture
-def copier() -> GatedCopier:
-    return GatedCopier()
+def copier() -> Iterator[GatedCopier]:
+    gated = GatedCopier()
+    yield gated
+    gated.close()  # never leave a gated worker thread behind, even after a failed assertion
 
 
-def open_checkpointer(directory: Path, copier: Copier, **options: Any) -> AsyncCheckpointer:
-    ckpt = AsyncCheckpointer(directory, keep_last=10, **options)
-    ckpt._copier = copier  # the seam: tests decide when background copies run
-    return ckpt
+@pytest.fixture
+def guard_opens_gate(copier: GatedCopier, monkeypatch: pytest.MonkeyPatch) -> GatedCopier:
+    """Only asyncckpt's own wait (``StagedCopy.guard``) lets the background copy run.
+
+    A test can then tell for certain whether that wait happened: if it did not, the copy has
+    not even started.
+    """
+    guard = StagedCopy.guard
+
+    def open_then_guard(staged: StagedCopy) -> None:
+        copier.gate.set()
+        guard(staged)
+
+    monkeypatch.setattr(StagedCopy, "guard", open_then_guard)
+    return copier
+
+
+class GatedCheckpointer(AsyncCheckpointer):
+    """Leaving opens the gate first: a failed assertion must not leave the exit's flush
+    waiting for a copy that can never start."""
+
+    def __init__(self, directory: Path, copier: GatedCopier, **options: Any) -> None:
+        super().__init__(directory, keep_last=10, **options)
+        self._copier = copier  # the seam: tests decide when background copies run
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert isinstance(self._copier, GatedCopier)
+        self._copier.gate.set()
+        super().__exit__(*exc_info)
+
+
+def open_checkpointer(directory: Path, copier: GatedCopier, **options: Any) -> AsyncCheckpointer:
+    return GatedCheckpointer(directory, copier, **options)
 
 
 def test_save_returns_before_parameters_are_copied_and_the_step_waits(
-    tmp_path: Path, copier: GatedCopier
+    tmp_path: Path, guard_opens_gate: GatedCopier
 ) -> None:
+    copier = guard_opens_gate
     model, optimizer = trainer()
     expected = snapshot_of(model, optimizer)
-    seen: dict[str, bool] = {}
-
-    def open_gate_before_the_guard(*_: Any) -> None:
-        # Registered before asyncckpt's own pre-hook, so it runs first: the copy is still
-        # pending when the step begins, and asyncckpt's hook must wait for it.
-        seen["copied_when_step_began"] = copier.staged[-1].background_done()
-        copier.gate.set()
-
-    optimizer.register_step_pre_hook(open_gate_before_the_guard)
+    seen: list[bool] = []
     with open_checkpointer(tmp_path, copier) as ckpt:
         handle = ckpt.save(1, {"model": model, "optimizer": optimizer})
-        assert not handle.done()
-        assert copier.staged and copier.staged[-1].deferred  # parameters went to the copier
+        # Registered after asyncckpt's own pre-hook, so it runs after it.
+        optimizer.register_step_pre_hook(lambda *_: seen.append(copier.staged[-1].background_done()))
+        assert not handle.done() and not copier.staged[-1].background_done()
+        assert copier.staged[-1].deferred  # parameters and moments went to the copier
         train_step(model, optimizer)  # overwrites every parameter and moment
+        assert seen == [True]  # the step began only after the copy was done
         path = handle.result(timeout=30)
-    assert seen == {"copied_when_step_began": False}
     assert path is not None and saved_matches(path, expected)
     assert not saved_matches(path, snapshot_of(model, optimizer))  # the step did change them
 
@@ -151,21 +179,91 @@ def test_changing_a_parameter_before_its_copy_fails_the_save_loudly(
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_wait_staged_lets_the_trainer_change_parameters_safely(tmp_path: Path, copier: GatedCopier) -> None:
+def test_wait_staged_lets_the_trainer_change_parameters_safely(
+    tmp_path: Path, guard_opens_gate: GatedCopier
+) -> None:
+    copier = guard_opens_gate
     model, optimizer = trainer()
     expected = snapshot_of(model, optimizer)
     with open_checkpointer(tmp_path, copier) as ckpt:
         handle = ckpt.save(1, {"model": model, "optimizer": optimizer})
-        opener = threading.Thread(target=copier.gate.set)
-        opener.start()
-        ckpt.wait_staged()  # returns only once the gated copy ran
-        opener.join()
-        assert copier.staged[-1].deferred and handle.path is not None
+        ckpt.wait_staged()
+        assert copier.staged[-1].deferred and copier.staged[-1].background_done()
         with torch.no_grad():
             for param in model.parameters():
                 param.zero_()  # e.g. swapping in EMA weights for evaluation
         path = handle.result(timeout=30)
     assert saved_matches(path, expected)
+
+
+def test_restore_waits_for_a_pending_copy_before_loading(
+    tmp_path: Path, guard_opens_gate: GatedCopier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copier = guard_opens_gate
+    model, optimizer = trainer()
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        copier.gate.set()
+        ckpt.save(1, {"model": model, "optimizer": optimizer}).result(timeout=30)
+        train_step(model, optimizer)
+        expected = snapshot_of(model, optimizer)
+        copier.gate.clear()
+        handle = ckpt.save(2, {"model": model, "optimizer": optimizer})
+        assert not copier.staged[-1].background_done()
+        restore = loader.restore
+        copied_first: list[bool] = []
+
+        def checked_restore(*args: Any, **kwargs: Any) -> Any:
+            copied_first.append(copier.staged[-1].background_done())
+            return restore(*args, **kwargs)
+
+        monkeypatch.setattr(loader, "restore", checked_restore)
+        result = ckpt.restore({"model": model, "optimizer": optimizer})  # an in-process rollback
+        assert copied_first == [True]
+        path = handle.result(timeout=30)
+    assert result is not None and result.step == 1  # step 2 was not committed yet at the time
+    assert saved_matches(path, expected)
+
+
+def test_a_view_of_a_parameter_in_the_state_still_catches_changes(
+    tmp_path: Path, copier: GatedCopier
+) -> None:
+    model, optimizer = trainer()
+    state = {"model": model, "optimizer": optimizer, "extra": {"row0": model[0].weight[0]}}
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        handle = ckpt.save(1, state)  # the weight and its row share a storage: one span blob
+        assert copier.staged[-1].deferred
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        copier.gate.set()
+        with pytest.raises(CheckpointWriteError, match="changed in place"):
+            handle.result(timeout=30)
+    assert asyncckpt.list_checkpoints(tmp_path) == []
+
+
+def test_weights_that_forward_renormalises_are_copied_before_save_returns(
+    tmp_path: Path, copier: GatedCopier
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8, max_norm=0.5), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.arange(50)).sum().backward()  # forward renormalises every row in place
+        optimizer.step()
+
+    step()
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # rows longer than max_norm again
+    weight = model[0].weight.detach().clone()
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        handle = ckpt.save(1, {"model": model, "optimizer": optimizer})
+        model(torch.arange(50))  # the ordinary loop: forward before the copy ran
+        assert not torch.equal(model[0].weight, weight)
+        copier.gate.set()
+        step()
+        path = handle.result(timeout=30)
+    assert torch.equal(asyncckpt.load(path).state["model"]["0.weight"], weight)
 
 
 def test_overlap_off_copies_everything_before_save_returns(tmp_path: Path, copier: GatedCopier) -> None:
@@ -193,6 +291,14 @@ def test_state_dicts_without_optimizer_objects_are_copied_at_once(
         path = handle.result(timeout=30)
     assert copier.staged == []
     assert saved_matches(path, expected)
+
+
+def test_guarded_blobs_leave_out_embeddings_with_max_norm() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.EmbeddingBag(10, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshot = flatten({"model": model, "optimizer": optimizer})
+    guarded = step_guarded_blobs(snapshot, [optimizer], modules_in({"model": model}))
+    assert {t.key for t in snapshot.tensors if t.blob in guarded} == {"model.1.weight"}
 
 
 def test_guarded_blobs_are_the_optimizers_parameters_and_state() -> None:
@@ -230,4 +336,3 @@ def test_the_writer_gets_eager_blobs_while_the_background_copy_waits(copier: Gat
     assert len(ready) + len(rest) == len(snapshot.blobs)
     for index, blob in enumerate(snapshot.blobs):
         assert bytes(buffers.blob_bytes()[index]) == bytes(tensor_bytes(blob.tensor.contiguous()))
-    copier.close()
