@@ -11,6 +11,8 @@ A trainer saves ``deterministic_state(step)`` for step = first, first + 1, ... w
 AsyncCheckpointer and writes ``committed <step>`` once that save is committed, straight to fd 1
 (one write per line). ``kill`` trainers wait for each save and also write ``op <name>`` before
 each file operation of the write path; the parent SIGKILLs them at a moment of its choosing.
+``stepped`` trainers are ``kill`` trainers whose state is a model and its SGD optimizer, so
+that staging overlaps and each save is followed by an optimizer step that waits for the copy.
 ``sigterm`` trainers save ``deterministic_state(step % 8)`` in a tight loop with
 ``handle_sigterm=True`` (so that the signal lands anywhere, also inside ``save()``); the parent
 sends SIGTERM. A trainer still alive after
@@ -24,6 +26,7 @@ import select
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from asyncckpt.storage import FileOps
 
@@ -76,6 +79,56 @@ def train(directory: Path, first: int, numel: int) -> None:
             say(f"committed {step}")
 
 
+def stepped_trainer(numel: int) -> tuple[Any, Any]:
+    """A model and a plain SGD optimizer (lr=1) whose parameters ``step_to`` sets exactly."""
+    import torch
+
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.zeros(numel))
+    model.bias = torch.nn.Parameter(torch.zeros(8))
+    return model, torch.optim.SGD(model.parameters(), lr=1.0)
+
+
+def parameters_at(step: int, numel: int) -> dict[str, Any]:
+    """The parameters a ``stepped`` trainer has after reaching ``step``: small integers, exact."""
+    import torch
+
+    return {
+        "weight": torch.arange(numel, dtype=torch.float32).remainder_(1000).add_(step % 1000),
+        "bias": torch.full((8,), float(-(step % 1000))),
+    }
+
+
+def step_to(model: Any, optimizer: Any, step: int, numel: int) -> None:
+    """One real optimizer step (through the pre-hooks) that lands on ``parameters_at(step)``.
+
+    With lr=1 and grad = p - target, SGD computes p - (p - target); for these small integers in
+    float32 that is exactly the target.
+    """
+    target = parameters_at(step, numel)
+    for name, param in model.named_parameters():
+        param.grad = param.detach() - target[name]
+    optimizer.step()
+
+
+def train_stepped(directory: Path, first: int, numel: int) -> None:
+    """Like ``train``, but the state is a model and its optimizer, so staging overlaps: each save
+    is followed at once by the optimizer step to the next state, which must wait for the copy."""
+    import torch
+
+    from asyncckpt import AsyncCheckpointer
+
+    torch.set_num_threads(1)
+    model, optimizer = stepped_trainer(numel)
+    step_to(model, optimizer, first, numel)
+    with AsyncCheckpointer(directory, keep_last=2, max_pending=2, ops=AnnouncingOps()) as ckpt:
+        for step in range(first, first + MAX_STEPS):
+            handle = ckpt.save(step, {"model": model, "optimizer": optimizer})
+            step_to(model, optimizer, step + 1, numel)
+            handle.result()
+            say(f"committed {step}")
+
+
 def train_until_sigterm(directory: Path, first: int, numel: int) -> None:
     import torch
 
@@ -110,7 +163,7 @@ def serve() -> None:
             pid = os.fork()
             if pid == 0:
                 code = 0
-                trainer = train if args[0] == "kill" else train_until_sigterm
+                trainer = TRAINERS[args[0]]
                 try:
                     trainer(Path(args[1]), int(args[2]), int(args[3]))
                 except BaseException as exc:  # report, never fall back into the zygote's loop
@@ -130,6 +183,8 @@ def serve() -> None:
             _, status = os.waitpid(pid, 0)
             say(f"reaped {pid} {status}" if ready else f"hung {pid}")
 
+
+TRAINERS = {"kill": train, "stepped": train_stepped, "sigterm": train_until_sigterm}
 
 if __name__ == "__main__":
     serve()

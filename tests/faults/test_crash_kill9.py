@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from crash_child import parameters_at, stepped_trainer
 from trainers import Zygote, check_after_kill, restart_removes_temp_files
 
 from asyncckpt.testing import deterministic_state
@@ -44,8 +46,23 @@ def expected_with(numel: int) -> Callable[[int], Any]:
     return lambda step: deterministic_state(step, numel=numel)
 
 
-def run_and_kill(zygote: Zygote, directory: Path, first: int, numel: int, ops_before_kill: int) -> Kill:
-    zygote.send(f"spawn kill {directory} {first} {numel}")
+def expected_stepped(numel: int) -> Callable[[int], Any]:
+    """What a crash_child.py ``stepped`` trainer saves at each step: the parameters it had then."""
+
+    def expected(step: int) -> Any:
+        model, optimizer = stepped_trainer(numel)
+        with torch.no_grad():
+            for name, value in parameters_at(step, numel).items():
+                getattr(model, name).copy_(value)
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    return expected
+
+
+def run_and_kill(
+    zygote: Zygote, directory: Path, first: int, numel: int, ops_before_kill: int, kind: str = "kill"
+) -> Kill:
+    zygote.send(f"spawn {kind} {directory} {first} {numel}")
     seen = Kill()
     pid: int | None = None
     while pid is None or sum(seen.ops.values()) < ops_before_kill:
@@ -63,7 +80,10 @@ def run_and_kill(zygote: Zygote, directory: Path, first: int, numel: int, ops_be
     return seen
 
 
-def kill_many(zygote: Zygote, root: Path, kills: int, faults: Counter[str], seed: int) -> None:
+def kill_many(
+    zygote: Zygote, root: Path, kills: int, faults: Counter[str], seed: int, kind: str = "kill"
+) -> None:
+    expected_for = expected_stepped if kind == "stepped" else expected_with
     rng = random.Random(seed)
     lineages = [(root / f"run{i}", SIZES[i % len(SIZES)]) for i in range(max(1, kills // 8))]
     resume: dict[Path, int | None] = {}
@@ -73,13 +93,14 @@ def kill_many(zygote: Zygote, root: Path, kills: int, faults: Counter[str], seed
         previous = resume.get(directory)
         first = 0 if previous is None else previous + 1
         ops_before_kill = rng.randrange(0, 40)
-        seen = run_and_kill(zygote, directory, first, numel, ops_before_kill)
+        seen = run_and_kill(zygote, directory, first, numel, ops_before_kill, kind)
         context = f"kill {number} (seed {seed}) in {directory.name} after op {seen.last_op}"
-        resumed = check_after_kill(directory, expected_with(numel), seen.committed, first)
+        resumed = check_after_kill(directory, expected_for(numel), seen.committed, first)
         if resumed is None:
             resumed = previous
         assert resumed is None or previous is None or resumed >= previous, context
-        faults["kill -9: trainer killed"] += 1
+        who = "trainer with an optimizer (overlapped staging)" if kind == "stepped" else "trainer"
+        faults[f"kill -9: {who} killed"] += 1
         faults[f"kill -9: killed after op {seen.last_op}"] += 1
         left = restart_removes_temp_files(directory)
         faults["kill -9: temp files left behind (removed at restart)"] += left
@@ -90,6 +111,17 @@ def test_kill9_at_random_instants_resumes_from_the_newest_committed(
     zygote: Zygote, tmp_path: Path, faults: Counter[str]
 ) -> None:
     kill_many(zygote, tmp_path, 25, faults, SEED)
+
+
+def test_kill9_while_staging_overlaps_the_optimizer_step(
+    zygote: Zygote, tmp_path: Path, faults: Counter[str]
+) -> None:
+    kill_many(zygote, tmp_path, 16, faults, SEED + 2, kind="stepped")
+
+
+@pytest.mark.stress
+def test_kill9_stress_while_staging_overlaps(zygote: Zygote, tmp_path: Path, faults: Counter[str]) -> None:
+    kill_many(zygote, tmp_path, 200, faults, SEED + 3, kind="stepped")
 
 
 @pytest.mark.stress
