@@ -184,7 +184,37 @@ def serve() -> None:
             say(f"reaped {pid} {status}" if ready else f"hung {pid}")
 
 
-TRAINERS = {"kill": train, "stepped": train_stepped, "sigterm": train_until_sigterm}
+def train_stepped_until_sigterm(directory: Path, first: int, numel: int) -> None:
+    """Like ``train_until_sigterm``, with a model and its optimizer: every save is followed at once
+    by the optimizer step to the next state (which waits for the overlapped copy)."""
+    import torch
+
+    from asyncckpt import AsyncCheckpointer, SaveHandle
+
+    torch.set_num_threads(1)
+    model, optimizer = stepped_trainer(numel)
+    step_to(model, optimizer, first, numel)
+    outstanding: list[SaveHandle] = []
+    with AsyncCheckpointer(
+        directory, keep_last=2, max_pending=2, when_busy="skip", handle_sigterm=True
+    ) as ckpt:
+        say("started")
+        for step in range(first, first + MAX_STEPS):
+            outstanding.append(ckpt.save(step, {"model": model, "optimizer": optimizer}))
+            step_to(model, optimizer, step + 1, numel)
+            for handle in [h for h in outstanding if h.done()]:
+                outstanding.remove(handle)
+                if not handle.skipped:
+                    handle.result()
+                    say(f"committed {handle.step}")
+
+
+TRAINERS = {
+    "kill": train,
+    "stepped": train_stepped,
+    "sigterm": train_until_sigterm,
+    "sigterm-stepped": train_stepped_until_sigterm,
+}
 
 if __name__ == "__main__":
     serve()

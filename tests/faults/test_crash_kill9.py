@@ -60,9 +60,9 @@ def expected_stepped(numel: int) -> Callable[[int], Any]:
 
 
 def run_and_kill(
-    zygote: Zygote, directory: Path, first: int, numel: int, ops_before_kill: int, kind: str = "kill"
+    zygote: Zygote, directory: Path, first: int, numel: int, ops_before_kill: int, trainer: str = "kill"
 ) -> Kill:
-    zygote.send(f"spawn {kind} {directory} {first} {numel}")
+    zygote.send(f"spawn {trainer} {directory} {first} {numel}")
     seen = Kill()
     pid: int | None = None
     while pid is None or sum(seen.ops.values()) < ops_before_kill:
@@ -81,9 +81,9 @@ def run_and_kill(
 
 
 def kill_many(
-    zygote: Zygote, root: Path, kills: int, faults: Counter[str], seed: int, kind: str = "kill"
+    zygote: Zygote, root: Path, kills: int, faults: Counter[str], seed: int, trainer: str = "kill"
 ) -> None:
-    expected_for = expected_stepped if kind == "stepped" else expected_with
+    expected_for = expected_stepped if trainer == "stepped" else expected_with
     rng = random.Random(seed)
     lineages = [(root / f"run{i}", SIZES[i % len(SIZES)]) for i in range(max(1, kills // 8))]
     resume: dict[Path, int | None] = {}
@@ -93,13 +93,13 @@ def kill_many(
         previous = resume.get(directory)
         first = 0 if previous is None else previous + 1
         ops_before_kill = rng.randrange(0, 40)
-        seen = run_and_kill(zygote, directory, first, numel, ops_before_kill, kind)
+        seen = run_and_kill(zygote, directory, first, numel, ops_before_kill, trainer)
         context = f"kill {number} (seed {seed}) in {directory.name} after op {seen.last_op}"
         resumed = check_after_kill(directory, expected_for(numel), seen.committed, first)
         if resumed is None:
             resumed = previous
         assert resumed is None or previous is None or resumed >= previous, context
-        who = "trainer with an optimizer (overlapped staging)" if kind == "stepped" else "trainer"
+        who = "trainer with an optimizer (overlapped staging)" if trainer == "stepped" else "trainer"
         faults[f"kill -9: {who} killed"] += 1
         faults[f"kill -9: killed after op {seen.last_op}"] += 1
         left = restart_removes_temp_files(directory)
@@ -116,12 +116,12 @@ def test_kill9_at_random_instants_resumes_from_the_newest_committed(
 def test_kill9_while_staging_overlaps_the_optimizer_step(
     zygote: Zygote, tmp_path: Path, faults: Counter[str]
 ) -> None:
-    kill_many(zygote, tmp_path, 16, faults, SEED + 2, kind="stepped")
+    kill_many(zygote, tmp_path, 16, faults, SEED + 2, trainer="stepped")
 
 
 @pytest.mark.stress
 def test_kill9_stress_while_staging_overlaps(zygote: Zygote, tmp_path: Path, faults: Counter[str]) -> None:
-    kill_many(zygote, tmp_path, 200, faults, SEED + 3, kind="stepped")
+    kill_many(zygote, tmp_path, 200, faults, SEED + 3, trainer="stepped")
 
 
 @pytest.mark.stress

@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from crash_child import parameters_at, stepped_trainer
 from trainers import Zygote, check_after_kill, restart_removes_temp_files
 
 import asyncckpt
@@ -152,16 +154,28 @@ def saved_at(step: int) -> dict[str, object]:
     return deterministic_state(step % 8, numel=64)
 
 
-def sigterm_many(zygote: Zygote, root: Path, count: int, faults: Counter[str], seed: int) -> None:
+def stepped_at(step: int) -> dict[str, object]:
+    """What a crash_child.py ``sigterm-stepped`` trainer saves at ``step``."""
+    model, optimizer = stepped_trainer(64)
+    with torch.no_grad():
+        for name, value in parameters_at(step, 64).items():
+            getattr(model, name).copy_(value)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def sigterm_many(
+    zygote: Zygote, root: Path, count: int, faults: Counter[str], seed: int, trainer: str = "sigterm"
+) -> None:
     """SIGTERM trainers that save in a tight loop (the signal lands anywhere, also inside save()),
     after a random number of committed saves; each must exit by the signal, promptly."""
+    expected = stepped_at if trainer == "sigterm-stepped" else saved_at
     rng = random.Random(seed)
     directory = root / "run"
     directory.mkdir()
     resumed: int | None = None
     for number in range(count):
         first = 0 if resumed is None else resumed + 1
-        zygote.send(f"spawn sigterm {directory} {first} 64")
+        zygote.send(f"spawn {trainer} {directory} {first} 64")
         pid: int | None = None
         committed: list[int] = []
         lines_before_signal = 1 + rng.randrange(0, 6)  # "started", then some "committed"
@@ -178,14 +192,26 @@ def sigterm_many(zygote: Zygote, root: Path, count: int, faults: Counter[str], s
         status = zygote.reap(pid, committed.append)  # fails if the trainer hangs
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, (number, status)
         newest = max(committed, default=None)
-        resumed = check_after_kill(directory, saved_at, newest, first) or resumed
-        faults["preemption: SIGTERM at a random instant of a tight save loop"] += 1
+        resumed = check_after_kill(directory, expected, newest, first) or resumed
+        loop = "save and optimizer-step loop (overlapped staging)" if trainer != "sigterm" else "save loop"
+        faults[f"preemption: SIGTERM at a random instant of a tight {loop}"] += 1
         left = restart_removes_temp_files(directory)
         faults["preemption: temp files left by saves begun after the signal"] += left
 
 
 def test_sigterm_at_random_instants_never_hangs(zygote: Zygote, tmp_path: Path, faults: Counter[str]) -> None:
     sigterm_many(zygote, tmp_path, 20, faults, seed=7)
+
+
+def test_sigterm_at_random_instants_while_staging_overlaps(
+    zygote: Zygote, tmp_path: Path, faults: Counter[str]
+) -> None:
+    sigterm_many(zygote, tmp_path, 12, faults, seed=9, trainer="sigterm-stepped")
+
+
+@pytest.mark.stress
+def test_sigterm_stress_while_staging_overlaps(zygote: Zygote, tmp_path: Path, faults: Counter[str]) -> None:
+    sigterm_many(zygote, tmp_path, 200, faults, seed=10, trainer="sigterm-stepped")
 
 
 @pytest.mark.stress
