@@ -385,17 +385,21 @@ class AsyncCheckpointer:
         if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         optimizers = optimizers_in(state) if self.overlap else []
+        staged = None
         try:
             with gc_paused():
-                guarded = step_guarded_blobs(snapshot, optimizers, modules_in(state) if optimizers else [])
+                modules = modules_in(state) if optimizers else []
+                guarded = step_guarded_blobs(snapshot, optimizers, modules)
                 staged = stage(
                     snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
                 )
+            if guarded:
+                self._guard.arm(staged)
         except BaseException:
+            if staged is not None:
+                staged.settle()  # no copy may still be filling the buffers
             self._pool.release(buffers)
             raise
-        if guarded:
-            self._guard.arm(staged, optimizers)
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
         done_event = anyio.Event() if self._mode == "async" else None
         path = self.directory / checkpoint_name(step)

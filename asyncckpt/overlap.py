@@ -1,18 +1,20 @@
 """Which blobs may be copied while the trainer runs on, and the optimizer hooks that wait for them.
 
 Parameters and optimizer state change only inside ``optimizer.step()``. Their copies may
-therefore run while forward and backward run, provided the next step of every optimizer in the
-state first waits for them: that is what the step pre-hook installed here does. Every other
+therefore run while forward and backward run, provided the next optimizer step first waits for
+them: that is what the step pre-hook installed here does. Every other
 tensor (buffers such as BatchNorm's running statistics, weights that forward renormalises,
 tensors of a plain state dict, extras) is copied before ``save()`` returns.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .snapshot import Snapshot, StorageKey, storage_key
 from .staging import StagedCopy
@@ -58,64 +60,72 @@ def forward_written_storages(modules: Sequence[torch.nn.Module]) -> set[StorageK
     return storages  # type: ignore[return-value]
 
 
-def optimizer_storages(optimizers: list[torch.optim.Optimizer]) -> set[StorageKey]:
-    """The storages that only ``step()`` of ``optimizers`` writes: parameters and their state."""
-    storages: set[StorageKey | None] = set()
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            storages.update(storage_key(param) for param in group["params"])
-        for per_param in optimizer.state.values():
-            if isinstance(per_param, Mapping):
-                storages.update(storage_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
-    storages.discard(None)
-    return storages  # type: ignore[return-value]
-
-
 def step_guarded_blobs(
     snapshot: Snapshot,
-    optimizers: list[torch.optim.Optimizer],
+    optimizers: Sequence[torch.optim.Optimizer],
     modules: Sequence[torch.nn.Module] = (),
 ) -> frozenset[int]:
-    """Indices of the blobs whose storage only the step of ``optimizers`` changes.
+    """Indices of the blobs whose storage only an optimizer step changes.
 
-    Storages of ``optimizers`` (parameters and state), less those that forward of one of
-    ``modules`` writes (:func:`forward_written_storages`).
+    A blob qualifies when its storage is a parameter of one of ``optimizers`` that is also a
+    parameter of one of ``modules`` (so that asyncckpt can see how the module uses it), or a
+    tensor of an optimizer's state; parameters that forward of a module writes
+    (:func:`forward_written_storages`) never qualify. An optimizer whose parameters or state
+    cannot be read (a wrapper that is not a real ``Optimizer``) guards nothing.
     """
     if not optimizers:
         return frozenset()
-    storages = optimizer_storages(optimizers) - forward_written_storages(modules)
-    return frozenset(i for i, blob in enumerate(snapshot.blobs) if storage_key(blob.tensor) in storages)
+    params: set[StorageKey | None] = set()
+    state: set[StorageKey | None] = set()
+    for optimizer in optimizers:
+        try:
+            groups, per_param_states = list(optimizer.param_groups), list(optimizer.state.values())
+        except (AttributeError, TypeError):
+            continue
+        for group in groups:
+            params.update(storage_key(param) for param in group["params"])
+        for per_param in per_param_states:
+            if isinstance(per_param, Mapping):
+                state.update(storage_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+    seen = {storage_key(param) for module in modules for param in module.parameters()}
+    guarded = ((params & seen) | state) - forward_written_storages(modules) - {None}
+    return frozenset(i for i, blob in enumerate(snapshot.blobs) if storage_key(blob.tensor) in guarded)
 
 
 class StepGuard:
-    """Makes the next ``step()`` of each hooked optimizer wait for the newest staged copy.
+    """Makes every optimizer step in the process wait for the pending staged copies.
 
-    Copies finish in the order they were staged (one copier thread, one side stream), so waiting
-    for the newest is waiting for all.
+    One global step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) while
+    copies may be pending: it also covers optimizers created after the save, wrappers whose own
+    ``step()`` runs no hooks (the inner optimizer's step does), and a parameter shared with an
+    optimizer that is not in the state. Waiting costs nothing once the copies are done.
     """
 
     def __init__(self) -> None:
-        self._pending: StagedCopy | None = None
-        self._hooks: dict[int, Any] = {}
+        self._pending: list[StagedCopy] = []
+        self._lock = threading.Lock()
+        self._hook: Any = None
 
-    def arm(self, staged: StagedCopy, optimizers: list[torch.optim.Optimizer]) -> None:
-        self._pending = staged
-        for optimizer in optimizers:
-            if id(optimizer) not in self._hooks:
-                self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(self._before_step)
+    def arm(self, staged: StagedCopy) -> None:
+        with self._lock:
+            self._pending.append(staged)
+            if self._hook is None:
+                self._hook = register_optimizer_step_pre_hook(self._before_step)
 
     def wait(self) -> None:
-        """Wait for the newest staged copy (the hooks call this before a step)."""
-        staged, self._pending = self._pending, None
-        if staged is not None:
+        """Wait for every pending staged copy (the hook calls this before a step)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for staged in pending:
             staged.guard()
 
     def _before_step(self, *_: Any) -> None:
         self.wait()
 
     def remove(self) -> None:
-        """Wait for the pending copy, then remove every hook."""
+        """Wait for the pending copies, then remove the hook."""
         self.wait()
-        for hook in self._hooks.values():
+        with self._lock:
+            hook, self._hook = self._hook, None
+        if hook is not None:
             hook.remove()
-        self._hooks.clear()

@@ -109,8 +109,8 @@ def gc_paused() -> Iterator[None]:
     if not gc.isenabled():
         yield
         return
-    gc.disable()
     try:
+        gc.disable()  # inside the try: a signal handler raising right after it must not leave it off
         yield
     finally:
         gc.enable()

@@ -304,16 +304,59 @@ def test_guarded_blobs_leave_out_embeddings_with_max_norm() -> None:
 def test_guarded_blobs_are_the_optimizers_parameters_and_state() -> None:
     model, optimizer = trainer()
     snapshot = flatten({"model": model, "optimizer": optimizer})
-    guarded = step_guarded_blobs(snapshot, [optimizer])
+    guarded = step_guarded_blobs(snapshot, [optimizer], [model])
     keys = {t.key for t in snapshot.tensors if t.blob in guarded}
     params = {f"model.{name}" for name, _ in model.named_parameters()}
     buffers = {f"model.{name}" for name, _ in model.named_buffers()}
-    assert params <= keys
+    moments = {t.key for t in snapshot.tensors if t.key.startswith("optimizer.state.")}
+    assert keys == params | moments
     assert not buffers & keys
-    assert {k for k in keys if k.startswith("optimizer.state.")} == {
-        t.key for t in snapshot.tensors if t.key.startswith("optimizer.state.")
-    }
-    assert step_guarded_blobs(snapshot, []) == frozenset()
+    assert step_guarded_blobs(snapshot, [], [model]) == frozenset()
+    # Parameters reached only through a plain state dict: asyncckpt cannot see which module uses
+    # them (forward might change them in place), so they are copied inside save().
+    plain = flatten({"model": model.state_dict(), "optimizer": optimizer})
+    guarded = step_guarded_blobs(plain, [optimizer], [])
+    assert {t.key for t in plain.tensors if t.blob in guarded} == moments
+
+
+def test_every_optimizer_step_waits_even_one_made_after_the_save(
+    tmp_path: Path, guard_opens_gate: GatedCopier
+) -> None:
+    copier = guard_opens_gate
+    model, optimizer = trainer()
+    expected = snapshot_of(model, optimizer)
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        handle = ckpt.save(1, {"model": model, "optimizer": optimizer})
+        other = torch.optim.SGD(model.parameters(), lr=0.5)  # not in the state, made afterwards
+        seen: list[bool] = []
+        other.register_step_pre_hook(lambda *_: seen.append(copier.staged[-1].background_done()))
+        model(torch.randn(8, 16)).sum().backward()
+        other.step()
+        assert seen == [True]
+        path = handle.result(timeout=30)
+    assert saved_matches(path, expected)
+
+
+def test_an_optimizer_wrapper_without_hooks_guards_nothing(tmp_path: Path, copier: GatedCopier) -> None:
+    class Wrapper(torch.optim.Optimizer):  # like accelerate's: never calls Optimizer.__init__
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            self.inner = inner
+
+        def step(self, closure: Any = None) -> Any:
+            return self.inner.step(closure)
+
+        def state_dict(self) -> dict[str, Any]:
+            return self.inner.state_dict()
+
+    model, optimizer = trainer()
+    expected = snapshot_of(model, optimizer)
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        path = ckpt.save(1, {"model": model, "optimizer": Wrapper(optimizer)}).result(timeout=30)
+        assert copier.staged == []  # nothing to guard: everything was copied inside save()
+        train_step(model, optimizer)
+        path2 = ckpt.save(2, {"model": model, "optimizer": Wrapper(optimizer)}).result(timeout=30)
+    assert saved_matches(path, expected)
+    assert saved_matches(path2, snapshot_of(model, optimizer))
 
 
 def test_the_writer_gets_eager_blobs_while_the_background_copy_waits(copier: GatedCopier) -> None:
@@ -321,7 +364,7 @@ def test_the_writer_gets_eager_blobs_while_the_background_copy_waits(copier: Gat
     snapshot = flatten(
         {"extra": {"a": torch.ones(3), "b": torch.arange(5)}, "model": model, "optimizer": optimizer}
     )
-    guarded = step_guarded_blobs(snapshot, [optimizer])
+    guarded = step_guarded_blobs(snapshot, [optimizer], [model])
     pool = StagingPool(1, pin_memory=False)
     buffers = pool.acquire(snapshot.layout_key())
     assert buffers is not None
