@@ -108,6 +108,8 @@ class StepGuard:
 
     def arm(self, staged: StagedCopy) -> None:
         with self._lock:
+            # Copies that ended need no wait: drop them, so saves without steps hold nothing.
+            self._pending = [pending for pending in self._pending if not pending.done()]
             self._pending.append(staged)
             if self._hook is None:
                 self._hook = register_optimizer_step_pre_hook(self._before_step)

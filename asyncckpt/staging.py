@@ -103,11 +103,16 @@ class StagedCopy:
         finally:
             sources.clear()
             watched.clear()
+            versions.clear()
             self._finished.set()
 
     def background_done(self) -> bool:
         """Whether the background copy has ended (at once true when there is none)."""
         return self._finished.is_set()
+
+    def done(self) -> bool:
+        """Whether every copy has ended: the background one and those on the CUDA side stream."""
+        return self._finished.is_set() and (self.event is None or bool(self.event.query()))
 
     def wait_blob(self, index: int) -> None:
         """Block until blob ``index`` is in the buffers; raise if the background copy failed."""

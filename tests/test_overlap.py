@@ -379,3 +379,12 @@ def test_the_writer_gets_eager_blobs_while_the_background_copy_waits(copier: Gat
     assert len(ready) + len(rest) == len(snapshot.blobs)
     for index, blob in enumerate(snapshot.blobs):
         assert bytes(buffers.blob_bytes()[index]) == bytes(tensor_bytes(blob.tensor.contiguous()))
+
+
+def test_saves_without_optimizer_steps_do_not_pile_up_pending_copies(tmp_path: Path) -> None:
+    model, optimizer = trainer()
+    with AsyncCheckpointer(tmp_path, keep_last=2) as ckpt:
+        for step in range(20):  # e.g. an evaluation loop that saves but never steps
+            ckpt.save(step, {"model": model, "optimizer": optimizer}).result(timeout=30)
+        assert len(ckpt._guard._pending) == 1  # only the newest, whose copy has ended anyway
+        assert ckpt._guard._pending[0].done()
