@@ -99,6 +99,17 @@ def parameters_at(step: int, numel: int) -> dict[str, Any]:
     }
 
 
+def stepped_state(step: int, numel: int) -> dict[str, Any]:
+    """The state a ``stepped`` or ``sigterm-stepped`` trainer saves at ``step`` (for checking)."""
+    import torch
+
+    model, optimizer = stepped_trainer(numel)
+    with torch.no_grad():
+        for name, value in parameters_at(step, numel).items():
+            getattr(model, name).copy_(value)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
 def step_to(model: Any, optimizer: Any, step: int, numel: int) -> None:
     """One real optimizer step (through the pre-hooks) that lands on ``parameters_at(step)``.
 

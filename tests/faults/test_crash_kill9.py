@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from crash_child import parameters_at, stepped_trainer
+from crash_child import stepped_state
 from trainers import Zygote, check_after_kill, restart_removes_temp_files
 
 from asyncckpt.testing import deterministic_state
@@ -48,15 +47,7 @@ def expected_with(numel: int) -> Callable[[int], Any]:
 
 def expected_stepped(numel: int) -> Callable[[int], Any]:
     """What a crash_child.py ``stepped`` trainer saves at each step: the parameters it had then."""
-
-    def expected(step: int) -> Any:
-        model, optimizer = stepped_trainer(numel)
-        with torch.no_grad():
-            for name, value in parameters_at(step, numel).items():
-                getattr(model, name).copy_(value)
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-
-    return expected
+    return lambda step: stepped_state(step, numel)
 
 
 def run_and_kill(

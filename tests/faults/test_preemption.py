@@ -22,8 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from crash_child import parameters_at, stepped_trainer
+from crash_child import stepped_state
 from trainers import Zygote, check_after_kill, restart_removes_temp_files
 
 import asyncckpt
@@ -156,11 +155,7 @@ def saved_at(step: int) -> dict[str, object]:
 
 def stepped_at(step: int) -> dict[str, object]:
     """What a crash_child.py ``sigterm-stepped`` trainer saves at ``step``."""
-    model, optimizer = stepped_trainer(64)
-    with torch.no_grad():
-        for name, value in parameters_at(step, 64).items():
-            getattr(model, name).copy_(value)
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    return stepped_state(step, 64)
 
 
 def sigterm_many(
