@@ -73,12 +73,6 @@ class StagedCopy:
         if not self.deferred:
             self._finished.set()
 
-    @property
-    def error(self) -> BaseException | None:
-        """Why the background copy failed, once it has."""
-        with self._cond:
-            return self._error
-
     def run_deferred(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Copy the deferred blobs (in the copier thread), publishing progress group by group.
 
