@@ -1,11 +1,11 @@
 """AsyncCheckpointer: the trainer-facing object that wires snapshot, staging, writer and loader.
 
 ``save()`` flattens the state, copies it into a reused staging buffer set and queues it for the
-background writer. Parameters and optimizer state of the optimizers in the state are copied while
-the trainer runs on (CPU: a background thread; CUDA: a side stream) and the next optimizer step
-waits for that copy; everything else is copied before ``save()`` returns. Sync use runs the
-writer in a background thread with an anyio event loop (a blocking portal); async use runs it in
-a task group of the caller's event loop.
+background writer. The optimizers' state and the parameters of the modules and optimizers in the
+state are copied while the trainer runs on (CPU: a background thread; CUDA: a side stream) and the
+next optimizer step waits for that copy; everything else is copied before ``save()`` returns.
+Sync use runs the writer in a background thread with an anyio event loop (a blocking portal);
+async use runs it in a task group of the caller's event loop.
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ class AsyncCheckpointer:
       CRC (``"structure"``), also decode the header and re-check every blob's checksum
       (``"full"``), or not at all (``"none"``).
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
-    - ``overlap``: copy the parameters and state of the optimizers found in the state while
-      forward and backward run; each such optimizer's next ``step()`` waits for the copy (a
-      step pre-hook). Between ``save()`` and that step, change those tensors in place only
-      after :meth:`wait_staged` (e.g. swapping in EMA weights for evaluation); a change the
-      copy catches fails the save with :class:`CheckpointWriteError`. ``False`` copies
-      everything before ``save()`` returns (on CUDA: orders the trainer's stream after it).
+    - ``overlap``: copy the optimizers' state, and the parameters of the modules and optimizers
+      found in the state, while forward and backward run; while such a copy is pending, every
+      optimizer step waits for it first (a global step pre-hook, held while the checkpointer
+      is open). Between ``save()`` and that step, change those tensors in place only after
+      :meth:`wait_staged` (e.g. swapping in EMA weights for evaluation); a change the copy
+      catches fails the save with :class:`CheckpointWriteError`. ``False`` copies everything
+      before ``save()`` returns (on CUDA: orders the trainer's stream after it).
     - ``handle_sigterm``: on SIGTERM commit the pending saves (and a ``save()`` the signal
       interrupted) in a helper thread, then hand the signal to the previous handler or the default
       action. The trainer is not blocked meanwhile; saves it begins after the signal may be cut
@@ -452,7 +453,7 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------------ overlap
 
     def wait_staged(self) -> None:
-        """Block until the last save's copies of parameters and optimizer state are done.
+        """Block until every pending copy of parameters and optimizer state is done.
 
         The next optimizer step does this by itself; call it before changing those tensors in
         place any other way between ``save()`` and that step. On CUDA the wait is on the GPU:
