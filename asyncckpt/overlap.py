@@ -89,7 +89,7 @@ def step_guarded_blobs(
                 state.update(storage_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
     seen = {storage_key(param) for module in modules for param in module.parameters()}
     guarded = ((params & seen) | state) - forward_written_storages(modules) - {None}
-    return frozenset(i for i, blob in enumerate(snapshot.blobs) if storage_key(blob.tensor) in guarded)
+    return frozenset(i for i, blob in enumerate(snapshot.blobs) if blob.storage in guarded)
 
 
 class StepGuard:

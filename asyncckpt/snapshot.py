@@ -37,6 +37,9 @@ class TensorSpec:
     offset: int  # bytes from the start of the blob
 
 
+StorageKey = tuple[torch.device, int]
+
+
 @dataclass(frozen=True)
 class BlobSource:
     """The bytes of one blob, still in the caller's memory.
@@ -49,6 +52,7 @@ class BlobSource:
     nbytes: int
     raw: bool
     members: tuple[torch.Tensor, ...] = ()  # raw blobs: the state's views of the span
+    storage: StorageKey | None = None  # the source's storage (None when empty)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +68,6 @@ class BlobSource:
 
 
 BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
-StorageKey = tuple[torch.device, int]
 
 
 @dataclass(frozen=True)
@@ -268,11 +271,12 @@ def _tabulate(
             continue
         if storage is not None and len(views_by_storage[storage]) > 1:
             if storage not in span_blob:
-                span_blob[storage] = _add_span_blob(members[storage], blobs)
+                span_blob[storage] = _add_span_blob(members[storage], storage, blobs)
             blob = span_blob[storage]
             tensors.append(_spec(tensor, path, blob, _span_start(blobs[blob], tensor)))
         else:
-            blobs.append(BlobSource(tensor, tensor.numel() * itemsize(tensor.dtype), raw=False))
+            nbytes = tensor.numel() * itemsize(tensor.dtype)
+            blobs.append(BlobSource(tensor, nbytes, raw=False, storage=storage))
             shape = tuple(tensor.shape)
             tensors.append(_spec(tensor, path, len(blobs) - 1, 0, stride=contiguous_stride(shape)))
         table_index.append(len(tensors) - 1)
@@ -286,14 +290,14 @@ def _tabulate(
 _SPAN_ALIGN = 16
 
 
-def _add_span_blob(members: list[torch.Tensor], blobs: list[BlobSource]) -> int:
+def _add_span_blob(members: list[torch.Tensor], storage_id: StorageKey, blobs: list[BlobSource]) -> int:
     starts = [int(t.storage_offset()) * itemsize(t.dtype) for t in members]
     lo = min(starts) // _SPAN_ALIGN * _SPAN_ALIGN
     hi = max(s + _extent_bytes(t) for s, t in zip(starts, members, strict=True))
     storage = members[0].untyped_storage()
     raw = torch.empty(0, dtype=torch.uint8, device=members[0].device)
     raw.set_(storage, lo, (hi - lo,), (1,))
-    blobs.append(BlobSource(raw, hi - lo, raw=True, members=tuple(members)))
+    blobs.append(BlobSource(raw, hi - lo, raw=True, members=tuple(members), storage=storage_id))
     return len(blobs) - 1
 
 
