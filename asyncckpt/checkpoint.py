@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .errors import CorruptedCheckpointError
-from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
+from .format.legacy import LEGACY_VERSION, legacy_step, load_legacy
 from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
 from .storage import OS, FdSink, FileOps, WriteTimings, atomic_write
 
@@ -86,10 +85,11 @@ def write_snapshot(
 ) -> WriteTimings:
     """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
 
+    header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
+
     def body(sink: FdSink) -> int:
-        return fmt.write_checkpoint(
-            sink, step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes, blobs=blobs
-        )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksums:
+            return fmt.write_file(sink, header, blobs, checksum_pool=checksums)
 
     return atomic_write(final, body, ops=ops)
 
@@ -123,16 +123,11 @@ def load(
     """
     file_path = Path(path)
     with open(file_path, "rb", buffering=0) as file:
-        head = file.read(len(fmt.MAGIC))
-        if head == fmt.MAGIC:
+        if fmt.sniff(file.read(fmt.SNIFF_BYTES), path=file_path) is fmt.FileKind.V1:
             return _load_v1(file, file_path, map_location=map_location, validate=validate)
-    if looks_like_torch_save(head):
-        state = load_legacy(file_path, map_location=map_location)
-        step = legacy_step(state, file_path)
-        return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
-    if len(head) < len(fmt.MAGIC):
-        raise CorruptedCheckpointError(f"{file_path}: truncated: {len(head)} bytes, not a checkpoint")
-    raise CorruptedCheckpointError(f"{file_path}: not a checkpoint (bad magic {head!r})")
+    state = load_legacy(file_path, map_location=map_location)
+    step = legacy_step(state, file_path)
+    return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
 
 
 def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool) -> Checkpoint:

@@ -35,6 +35,7 @@ from ._version import __version__
 from .demo import DEFAULT_DIRECTORY, DEFAULT_EVERY, DEFAULT_STEPS, print_report, run_demo
 from .errors import EXIT_CHECKPOINT, EXIT_FAILURE, EXIT_OK, EXIT_PARTIAL, CheckpointError
 from .events import EVENTS_FILE
+from .format.legacy import LEGACY_VERSION
 from .inspection import (
     Entry,
     Inspection,
@@ -47,7 +48,6 @@ from .inspection import (
     scan_directory,
     without_path,
 )
-from .legacy import LEGACY_VERSION
 from .loader import CandidateReport, check_candidates
 from .tail import DEFAULT_POLL_INTERVAL, follow_lines, read_lines
 

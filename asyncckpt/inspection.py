@@ -18,14 +18,7 @@ from typing import Any, Literal
 from . import format as fmt
 from .dtypes import dtype_name, itemsize
 from .errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
-from .legacy import (
-    LEGACY_SUFFIXES,
-    LEGACY_VERSION,
-    is_zip_torch_save,
-    legacy_step,
-    load_legacy,
-    looks_like_torch_save,
-)
+from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .loader import CandidateReport
 from .snapshot import flatten
 from .storage import is_temp_name, parse_checkpoint_name
@@ -91,10 +84,11 @@ def read_prelude(path: Path) -> tuple[str | None, CheckpointError | None]:
             head = file.read(fmt.PRELUDE_SIZE)
     except OSError as exc:
         return None, CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}")
-    if looks_like_torch_save(head):
-        return LEGACY_VERSION, None
-    if not head.startswith(fmt.MAGIC):
-        return None, CorruptedCheckpointError(f"{path}: not a checkpoint (bad magic {head[:8]!r})")
+    try:
+        if fmt.sniff(head, path=path).legacy:
+            return LEGACY_VERSION, None
+    except CorruptedCheckpointError as exc:
+        return None, exc
     declared = head[len(fmt.MAGIC) : len(fmt.MAGIC) + 16].rstrip(b"\0").decode("ascii", "replace")
     try:
         return fmt.check_prelude(head, str(path)), None
@@ -159,15 +153,12 @@ def inspect_file(path: Path) -> Inspection:
     """
     size = path.stat().st_size
     with open(path, "rb", buffering=0) as file:
-        head = file.read(len(fmt.MAGIC))
-        if head == fmt.MAGIC:
+        head = file.read(fmt.SNIFF_BYTES)
+        if fmt.sniff(head, path=path) is fmt.FileKind.V1:
             layout = fmt.read_layout(file, str(path))
             rows = _rows(layout.tensors)
             info = (layout.version, layout.step, layout.created, layout.writer, layout.metadata)
             return Inspection(path, size, *info, rows, layout.tree)
-    if not looks_like_torch_save(head):
-        what = f"truncated: {len(head)} bytes" if len(head) < len(fmt.MAGIC) else f"bad magic {head!r}"
-        raise CorruptedCheckpointError(f"{path}: not a checkpoint ({what})")
     state = load_legacy(path, mmap=is_zip_torch_save(head))
     snapshot = flatten(state)
     step = legacy_step(state, path)

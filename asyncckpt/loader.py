@@ -31,14 +31,7 @@ from .errors import (
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )
-from .legacy import (
-    LEGACY_SUFFIXES,
-    LEGACY_VERSION,
-    is_zip_torch_save,
-    legacy_step,
-    load_legacy,
-    looks_like_torch_save,
-)
+from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .snapshot import unflatten
 from .storage import is_temp_name, list_checkpoints
 
@@ -231,20 +224,11 @@ def _probe(path: Path) -> _Candidate:
 
 def _read_step(path: Path) -> int | None:
     with _open(path) as file:
-        head = file.read(len(fmt.MAGIC))
-        if head == fmt.MAGIC:
+        head = file.read(fmt.SNIFF_BYTES)
+        if fmt.sniff(head, path=path) is fmt.FileKind.V1:
             return fmt.read_layout(file, str(path)).step
-    _check_legacy_head(head, path)
     # mmap: only the pickled structure is read, not the tensor data
     return legacy_step(load_legacy(path, mmap=is_zip_torch_save(head)), path)
-
-
-def _check_legacy_head(head: bytes, path: Path) -> None:
-    if looks_like_torch_save(head):
-        return
-    if len(head) < len(fmt.MAGIC):
-        raise CorruptedCheckpointError(f"{path}: truncated: {len(head)} bytes, not a checkpoint")
-    raise CorruptedCheckpointError(f"{path}: not a checkpoint (bad magic {head!r})")
 
 
 def _open(path: Path) -> BinaryIO:
@@ -284,10 +268,8 @@ def _load_candidate(candidate: _Candidate, request: _Request) -> _Loaded:
     path = candidate.path
     try:
         with _open(path) as file:
-            head = file.read(len(fmt.MAGIC))
-            if head == fmt.MAGIC:
+            if fmt.sniff(file.read(fmt.SNIFF_BYTES), path=path) is fmt.FileKind.V1:
                 return _load_v1(file, path, request)
-        _check_legacy_head(head, path)
         return _load_legacy(path, request)
     except OSError as exc:
         raise CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
@@ -721,8 +703,8 @@ def _check(candidate: _Candidate, *, full: bool) -> CandidateReport:
 def _verify(path: Path, *, full: bool) -> tuple[str, int | None]:
     try:
         with _open(path) as file:
-            head = file.read(len(fmt.MAGIC))
-            if head == fmt.MAGIC:
+            head = file.read(fmt.SNIFF_BYTES)
+            if fmt.sniff(head, path=path) is fmt.FileKind.V1:
                 layout = fmt.read_layout(file, str(path))
                 if full:
                     scratch = memoryview(bytearray(fmt.CHUNK))
@@ -731,6 +713,5 @@ def _verify(path: Path, *, full: bool) -> tuple[str, int | None]:
                 return layout.version, layout.step
     except OSError as exc:
         raise CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
-    _check_legacy_head(head, path)
     state = load_legacy(path, mmap=not full and is_zip_torch_save(head))
     return LEGACY_VERSION, legacy_step(state, path)

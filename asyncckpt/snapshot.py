@@ -18,23 +18,16 @@ from typing import Any
 import torch
 
 from .dtypes import dtype_name, itemsize
-from .format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef
+from .format import MAX_DEPTH, MAX_NDIM, BigInt, TensorEntry, TensorRef
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)
 UINT64_MAX = 2**64 - 1
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the table: how to view it inside its blob."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    blob: int
-    offset: int  # bytes from the start of the blob
+# The table's entries are the format's own (one class for writing and reading). The old name
+# stays for the modules that import it from here until they move (writer.py, checkpoint.py).
+TensorSpec = TensorEntry
 
 
 StorageKey = tuple[torch.device, int]
@@ -75,7 +68,7 @@ class Snapshot:
     """A flattened state: the skeleton with refs, the tensor table and the blob sources."""
 
     tree: Any
-    tensors: list[TensorSpec]
+    tensors: list[TensorEntry]
     blobs: list[BlobSource]
 
     @property
@@ -239,7 +232,7 @@ def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
 def _tabulate(
     found: list[tuple[torch.Tensor, tuple[Any, ...]]],
-) -> tuple[list[TensorSpec], list[BlobSource], list[int]]:
+) -> tuple[list[TensorEntry], list[BlobSource], list[int]]:
     """Build the tensor table and the blobs; return also each found tensor's table index.
 
     Identical views of one storage (a tied weight reached twice) get one table entry. A storage
@@ -259,7 +252,7 @@ def _tabulate(
         if storage is not None:
             views_by_storage.setdefault(storage, set()).add(view_key)
             members.setdefault(storage, []).append(tensor)
-    tensors: list[TensorSpec] = []
+    tensors: list[TensorEntry] = []
     blobs: list[BlobSource] = []
     span_blob: dict[StorageKey, int] = {}
     table_by_view: dict[tuple[Any, ...], int] = {}
@@ -312,8 +305,8 @@ def _spec(
     offset: int,
     *,
     stride: tuple[int, ...] | None = None,
-) -> TensorSpec:
-    return TensorSpec(
+) -> TensorEntry:
+    return TensorEntry(
         key=dotted_key(path),
         dtype=tensor.dtype,
         shape=tuple(tensor.shape),

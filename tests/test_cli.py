@@ -305,7 +305,8 @@ def test_ls_json(run_dir: Path) -> None:
     assert files["step-0000000010.ckpt"]["problem"] is None
     assert files[".step-0000000040.ckpt.tmp-1a2b3c4d"]["kind"] == "temp"
     assert files[".step-0000000040.ckpt.tmp-1a2b3c4d"]["step"] == 40
-    assert files["step-0000000020.ckpt"]["problem"].startswith("not a checkpoint")
+    # Fewer than 8 bytes: "truncated", as load says for the same file (docs/FORMAT.md, Reading).
+    assert files["step-0000000020.ckpt"]["problem"] == "truncated: 7 bytes, not a checkpoint"
     assert [f["step"] for f in document["files"]] == [10, 20, 30, 40]
 
 
