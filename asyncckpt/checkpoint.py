@@ -15,7 +15,7 @@ from . import format as fmt
 from .errors import CorruptedCheckpointError
 from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
 from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
-from .storage import OS, FdSink, FileOps, WriteTimings, atomic_write
+from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
 
 MapLocation = str | torch.device
 
@@ -86,7 +86,7 @@ def write_snapshot(
 ) -> WriteTimings:
     """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
 
-    def body(sink: FdSink) -> int:
+    def body(sink: Sink) -> int:
         return fmt.write_checkpoint(
             sink, step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes, blobs=blobs
         )

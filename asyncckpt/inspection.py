@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import format as fmt
+from .catalog import parse_checkpoint_name
 from .dtypes import dtype_name, itemsize
 from .errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from .legacy import (
@@ -28,7 +29,7 @@ from .legacy import (
 )
 from .loader import CandidateReport
 from .snapshot import flatten
-from .storage import is_temp_name, parse_checkpoint_name
+from .storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]
 

@@ -23,11 +23,13 @@ import structlog
 import torch
 
 from . import format as fmt
+from .catalog import list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
 from .errors import (
     CheckpointError,
     CorruptedCheckpointError,
+    Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )
@@ -40,7 +42,7 @@ from .legacy import (
     looks_like_torch_save,
 )
 from .snapshot import unflatten
-from .storage import is_temp_name, list_checkpoints
+from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
 SUMMARY_EVENT = "checkpoint.load.summary"
@@ -50,20 +52,6 @@ PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
 OnCorrupt = Literal["fallback", "fail"]
 Log = Callable[..., None]
 MapLocation = str | torch.device
-
-
-@dataclass(frozen=True)
-class Diagnostic:
-    """Why one candidate checkpoint was skipped.
-
-    ``kind`` is "corrupted" (the bytes are broken) or "incompatible" (intact, but not usable
-    here); ``reason`` is one line naming what failed and where; ``timestamp`` is ISO 8601 UTC.
-    """
-
-    path: Path
-    kind: Literal["corrupted", "incompatible"]
-    reason: str
-    timestamp: str
 
 
 @dataclass(frozen=True)
@@ -607,7 +595,7 @@ def _diagnose(path: Path, exc: CheckpointError) -> Diagnostic:
         "incompatible" if isinstance(exc, IncompatibleCheckpointError) else "corrupted"
     )
     reason = " ".join(str(exc).removeprefix(f"{path}: ").split())
-    return Diagnostic(path, kind, reason, _now())
+    return Diagnostic(str(path), kind, reason, _now())
 
 
 def _now() -> str:
@@ -699,8 +687,8 @@ def _reason_field(text: str) -> str:
     return " ".join(text.replace("|", "/").split())
 
 
-def _path_field(path: Path) -> str:
-    return str(path).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
+def _path_field(path: str) -> str:
+    return path.replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
 
 
 # --------------------------------------------------------------------------- checking
