@@ -1,6 +1,7 @@
 """asyncckpt: PyTorch checkpoints off the critical path, durable, verified, with rollback."""
 
 from ._version import __version__
+from .catalog import CheckpointInfo, list_checkpoints
 from .checkpoint import Checkpoint, load, save
 from .checkpointer import AsyncCheckpointer, CheckpointerStats
 from .errors import (
@@ -8,14 +9,14 @@ from .errors import (
     CheckpointError,
     CheckpointWriteError,
     CorruptedCheckpointError,
+    Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
 from .handles import SaveHandle
-from .loader import CandidateReport, Diagnostic, LoadResult, check_candidates, load_latest, restore
+from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
 from .rng import rng_state, set_rng_state
-from .storage import CheckpointInfo, list_checkpoints
 
 __all__ = [
     "AsyncCheckpointer",

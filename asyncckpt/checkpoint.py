@@ -14,7 +14,7 @@ import torch
 from . import format as fmt
 from .format.legacy import LEGACY_VERSION, legacy_step, load_legacy
 from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
-from .storage import OS, FdSink, FileOps, WriteTimings, atomic_write
+from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
 
 MapLocation = str | torch.device
 
@@ -87,7 +87,7 @@ def write_snapshot(
 
     header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
 
-    def body(sink: FdSink) -> int:
+    def body(sink: Sink) -> int:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksums:
             return fmt.write_file(sink, header, blobs, checksum_pool=checksums)
 

@@ -31,6 +31,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from . import events as ev
 from . import loader
+from .catalog import checkpoint_name
 from .checkpoint import MapLocation, flatten_metadata
 from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, NoValidCheckpointError
 from .format import check_step
@@ -40,7 +41,7 @@ from .overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
 from .preemption import CallsInProgress, SigtermFlusher
 from .snapshot import flatten, gc_paused
 from .staging import Copier, StagingPool, stage
-from .storage import OS, FileOps, checkpoint_name, remove_durably, temp_files
+from .storage import OS, FileOps, PosixStorage
 from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
 WhenBusy = Literal["wait", "skip"]
@@ -134,7 +135,7 @@ class AsyncCheckpointer:
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
-        self._ops = ops
+        self._storage = PosixStorage(self.directory, ops=ops)
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
         self._writer_stats = WriterStats()
@@ -238,7 +239,7 @@ class AsyncCheckpointer:
         )
         self._remove_temp_files()
         self._writer = Writer(
-            self.directory,
+            self._storage,
             pool=self._pool,
             validate=self.validate,
             keep_last=self.keep_last,
@@ -246,17 +247,16 @@ class AsyncCheckpointer:
             log=self._log,
             errors=self._errors,
             stats=self._writer_stats,
-            ops=self._ops,
             on_job_done=self._on_job_done if mode == "async" else None,
         )
         return self._writer
 
     def _remove_temp_files(self) -> None:
         assert self._log is not None
-        leftovers = temp_files(self.directory)
-        remove_durably(leftovers, self.directory, ops=self._ops)
-        for path in leftovers:
-            self._log.warning(ev.TMP_REMOVED, path=str(path))
+        leftovers = self._storage.leftovers()
+        self._storage.remove_leftovers(leftovers)
+        for name in leftovers:
+            self._log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
 
     def _flush_for_close(self) -> None:
         try:
@@ -403,8 +403,11 @@ class AsyncCheckpointer:
             raise
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
         done_event = anyio.Event() if self._mode == "async" else None
-        path = self.directory / checkpoint_name(step)
-        job = Job(step, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event)
+        name = checkpoint_name(step)
+        path = self.directory / name
+        job = Job(
+            step, name, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event
+        )
         self._track(job)
         self._submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import format as fmt
+from .catalog import parse_checkpoint_name
 from .dtypes import dtype_name, itemsize
 from .errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .loader import CandidateReport
 from .snapshot import flatten
-from .storage import is_temp_name, parse_checkpoint_name
+from .storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]
 

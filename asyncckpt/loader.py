@@ -23,17 +23,19 @@ import structlog
 import torch
 
 from . import format as fmt
+from .catalog import list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
 from .errors import (
     CheckpointError,
     CorruptedCheckpointError,
+    Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )
 from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .snapshot import unflatten
-from .storage import is_temp_name, list_checkpoints
+from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
 SUMMARY_EVENT = "checkpoint.load.summary"
@@ -43,20 +45,6 @@ PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
 OnCorrupt = Literal["fallback", "fail"]
 Log = Callable[..., None]
 MapLocation = str | torch.device
-
-
-@dataclass(frozen=True)
-class Diagnostic:
-    """Why one candidate checkpoint was skipped.
-
-    ``kind`` is "corrupted" (the bytes are broken) or "incompatible" (intact, but not usable
-    here); ``reason`` is one line naming what failed and where; ``timestamp`` is ISO 8601 UTC.
-    """
-
-    path: Path
-    kind: Literal["corrupted", "incompatible"]
-    reason: str
-    timestamp: str
 
 
 @dataclass(frozen=True)
@@ -589,7 +577,7 @@ def _diagnose(path: Path, exc: CheckpointError) -> Diagnostic:
         "incompatible" if isinstance(exc, IncompatibleCheckpointError) else "corrupted"
     )
     reason = " ".join(str(exc).removeprefix(f"{path}: ").split())
-    return Diagnostic(path, kind, reason, _now())
+    return Diagnostic(str(path), kind, reason, _now())
 
 
 def _now() -> str:
@@ -681,8 +669,8 @@ def _reason_field(text: str) -> str:
     return " ".join(text.replace("|", "/").split())
 
 
-def _path_field(path: Path) -> str:
-    return str(path).replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
+def _path_field(path: str) -> str:
+    return path.replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
 
 
 # --------------------------------------------------------------------------- checking

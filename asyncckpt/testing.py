@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .storage import FileOps
+from .storage import FileOps, PosixStorage
 
 OpName = str  # "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir"
 
@@ -357,3 +357,9 @@ class PowerLossOps(FileOps):
                     seen.add(key)
                     states.append(CrashState(point, f"{ns_label}+{data_label}", files))
         return states
+
+
+def temp_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The temp files writers left in ``directory`` (a crashed or stuck write's), by name."""
+    storage = PosixStorage(directory)
+    return [storage.path(name) for name in storage.leftovers()]

@@ -14,22 +14,22 @@ import contextlib
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import events as ev
 from . import format as fmt
-from .checkpoint import write_snapshot
+from .catalog import committed
 from .errors import CheckpointError, CheckpointWriteError
 from .retention import prunable
 from .snapshot import TensorSpec
 from .staging import StagedCopy, StagingPool, StagingRaceError
-from .storage import OS, FileOps, list_checkpoints, remove_durably
+from .storage import Body, ReadHandle, Sink, Storage, StoredObject, Written
 
 ValidateMode = Literal["structure", "full", "none"]
 
@@ -39,7 +39,8 @@ class Job:
     """One staged checkpoint on its way to disk."""
 
     step: int
-    path: Path
+    name: str
+    path: Path  # where ``name`` lives, for handles and messages
     tree: Any
     tensors: list[TensorSpec]
     metadata: Any
@@ -98,7 +99,7 @@ class Writer:
 
     def __init__(
         self,
-        directory: Path,
+        storage: Storage,
         *,
         pool: StagingPool,
         validate: ValidateMode,
@@ -107,10 +108,9 @@ class Writer:
         log: ev.EventLog,
         errors: ErrorBox,
         stats: WriterStats,
-        ops: FileOps = OS,
         on_job_done: Callable[[Job], None] | None = None,
     ) -> None:
-        self.directory = directory
+        self.storage = AbandonableStorage(storage)
         self.pool = pool
         self.validate = validate
         self.keep_last = keep_last
@@ -118,7 +118,6 @@ class Writer:
         self.log = log
         self.errors = errors
         self.stats = stats
-        self.ops: FileOps = _AbandonableOps(ops)
         self.on_job_done = on_job_done
         self._scope: anyio.CancelScope | None = None
 
@@ -145,8 +144,7 @@ class Writer:
         file: it removes its temp file if the storage recovers, else the next start does. Queued
         jobs are dropped; the caller settles their futures.
         """
-        assert isinstance(self.ops, _AbandonableOps)
-        self.ops.abandoned.set()
+        self.storage.abandoned.set()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -172,74 +170,80 @@ class Writer:
             self.pool.release(job.staged.buffers)
 
     def _commit(self, job: Job) -> None:
+        """Write → fsync → verify the durable bytes → commit (rename) → retention.
+
+        Verifying before the commit means a file that does not read back never replaces a
+        committed checkpoint of the same step (nor becomes the newest one).
+        """
         started = time.perf_counter()
-        buffers = job.staged.buffers
-        timings = write_snapshot(
-            job.path,
-            tree=job.tree,
-            tensors=job.tensors,
-            sizes=buffers.sizes,
-            step=job.step,
-            metadata=job.metadata,
-            blobs=job.staged.blob_bytes(),  # each blob as soon as its copy is done
-            ops=self.ops,
-        )
-        self._validate(job)
+        written = self.storage.write(job.name, _encoder(job))
+        try:
+            self._verify(job, written)
+        except BaseException:
+            self.storage.discard(written)
+            raise
+        publish_s = self.storage.commit(written)
         total_ms = (time.perf_counter() - started) * 1000.0
-        mb_s = timings.nbytes / 1e6 / max(total_ms / 1000.0, 1e-9)
-        with self.stats.lock:
-            self.stats.committed += 1
-            self.stats.bytes_written += timings.nbytes
-            self.stats.last_step = job.step
-            self.stats.last_bytes = timings.nbytes
-            self.stats.last_write_ms = timings.write_s * 1000.0
-            self.stats.last_fsync_ms = timings.fsync_s * 1000.0
-            self.stats.last_total_ms = total_ms
-            self.stats.last_mb_s = mb_s
+        self._count(job, written, total_ms)
         self.log.info(
             ev.SAVE_COMMITTED,
             step=job.step,
             path=str(job.path),
-            bytes=timings.nbytes,
-            write_ms=round(timings.write_s * 1000.0, 3),
-            fsync_ms=round(timings.fsync_s * 1000.0, 3),
-            publish_ms=round(timings.publish_s * 1000.0, 3),
+            bytes=written.nbytes,
+            write_ms=round(written.write_s * 1000.0, 3),
+            fsync_ms=round(written.fsync_s * 1000.0, 3),
+            publish_ms=round(publish_s * 1000.0, 3),
             total_ms=round(total_ms, 3),
-            mb_s=round(mb_s, 1),
+            mb_s=round(self.stats.last_mb_s, 1),
         )
-        self._retain(job.path)
+        self._retain(job.name)
 
-    def _validate(self, job: Job) -> None:
+    def _count(self, job: Job, written: Written, total_ms: float) -> None:
+        with self.stats.lock:
+            self.stats.committed += 1
+            self.stats.bytes_written += written.nbytes
+            self.stats.last_step = job.step
+            self.stats.last_bytes = written.nbytes
+            self.stats.last_write_ms = written.write_s * 1000.0
+            self.stats.last_fsync_ms = written.fsync_s * 1000.0
+            self.stats.last_total_ms = total_ms
+            self.stats.last_mb_s = written.nbytes / 1e6 / max(total_ms / 1000.0, 1e-9)
+
+    def _verify(self, job: Job, written: Written) -> None:
         if self.validate == "none":
             return
+        where = str(job.path)
         try:
-            with open(job.path, "rb", buffering=0) as file:
+            with self.storage.open_written(written) as handle:
+                file = cast(BinaryIO, handle.cursor())
                 if self.validate == "structure":
                     # Prelude, trailer, size and header CRC: the bytes on disk are the ones
                     # written. Decoding the header again would only re-check our own encoder
                     # and hold the GIL against the trainer for ~20 us a tensor.
-                    fmt.read_header_bytes(file, str(job.path))
+                    fmt.read_header_bytes(file, where)
                     return
-                layout = fmt.read_layout(file, str(job.path))
+                layout = fmt.read_layout(file, where)
                 if layout.step != job.step:
-                    raise CheckpointWriteError(f"{job.path}: reads back step {layout.step}, wrote {job.step}")
-                fmt.verify_blobs(file, layout, path=str(job.path))
+                    raise CheckpointWriteError(
+                        f"reads back step {layout.step}, wrote {job.step}", path=job.path, step=job.step
+                    )
+                fmt.verify_blobs(file, layout, path=where)
         except CheckpointError as exc:
-            # A committed file that does not read back is worse than none: take it away.
-            remove_durably([job.path], self.directory, ops=self.ops)
-            raise CheckpointWriteError(f"{job.path}: validation after write failed: {exc}") from exc
+            raise CheckpointWriteError(
+                f"validation after write failed, nothing was published: {exc}", path=job.path, step=job.step
+            ) from exc
 
-    def _retain(self, committed: Path) -> None:
+    def _retain(self, protect: str) -> None:
         doomed = prunable(
-            list_checkpoints(self.directory),
+            committed(self.storage),
             keep_last=self.keep_last,
             keep_every=self.keep_every,
-            protect=committed,
+            protect=Path(self.storage.where(protect)),
         )
         if not doomed:
             return
         try:
-            remove_durably([c.path for c in doomed], self.directory, ops=self.ops)
+            self.storage.delete([info.path.name for info in doomed])
         except OSError as exc:
             # The new checkpoint is already committed: a file left over (or back after a power
             # loss) is retried at the next commit and must not turn this save into a failure.
@@ -249,53 +253,102 @@ class Writer:
             self.log.info(ev.PRUNED, step=info.step, path=str(info.path), bytes=info.size)
 
 
-class _AbandonableOps(FileOps):
-    """``ops`` until abandoned; then every call but clean-up fails with ``ECANCELED``."""
+def _encoder(job: Job) -> Body:
+    buffers = job.staged.buffers
+    header = fmt.prepare_header(  # every format limit, before the storage sees a byte
+        step=job.step, metadata=job.metadata, tree=job.tree, tensors=job.tensors, sizes=buffers.sizes
+    )
 
-    def __init__(self, ops: FileOps) -> None:
-        self.inner = ops
+    def body(sink: Sink) -> int:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-crc") as checksums:
+            # each blob as soon as its copy is done; large ones checksummed beside the write
+            return fmt.write_file(sink, header, job.staged.blob_bytes(), checksum_pool=checksums)
+
+    return body
+
+
+class AbandonableStorage(Storage):
+    """``storage`` until abandoned; then every call but clean-up fails with ``ECANCELED``.
+
+    The write in progress keeps its worker thread, but its next sink write fails, so it never
+    publishes its object.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.inner = storage
+        self.location = storage.location
         self.abandoned = threading.Event()
 
     def _check(self) -> None:
         if self.abandoned.is_set():
             raise OSError(errno.ECANCELED, "the checkpointer was closed while this write was stuck")
 
-    def open_exclusive(self, path: Path) -> int:
+    def where(self, name: str) -> str:
+        return self.inner.where(name)
+
+    def write(self, name: str, body: Body) -> Written:
         self._check()
-        return self.inner.open_exclusive(path)
 
-    def write(self, fd: int, data: memoryview | bytes) -> int:
+        def checked(sink: Sink) -> int:
+            return body(_CheckedSink(sink, self._check))
+
+        return self.inner.write(name, checked)
+
+    def open_written(self, written: Written) -> ReadHandle:
+        return self.inner.open_written(written)
+
+    def commit(self, written: Written) -> float:
+        try:
+            self._check()
+        except OSError as exc:
+            self.inner.discard(written)
+            raise CheckpointWriteError(f"not published: {exc}", path=self.where(written.name)) from exc
+        return self.inner.commit(written)
+
+    def discard(self, written: Written) -> None:
+        self.inner.discard(written)
+
+    def open(self, name: str) -> ReadHandle:
+        return self.inner.open(name)
+
+    def ls(self, under: str = "") -> list[StoredObject]:
+        return self.inner.ls(under)
+
+    def delete(self, names: Sequence[str]) -> None:
         self._check()
-        return self.inner.write(fd, data)
+        self.inner.delete(names)
 
-    def fsync(self, fd: int) -> None:
+    def leftovers(self) -> list[str]:
+        return self.inner.leftovers()
+
+    def remove_leftovers(self, names: Sequence[str]) -> None:
+        self.inner.remove_leftovers(names)
+
+    def append_line(self, name: str, line: str) -> None:
+        self.inner.append_line(name, line)
+
+
+class _CheckedSink:
+    def __init__(self, sink: Sink, check: Callable[[], None]) -> None:
+        self._sink = sink
+        self._check = check
+
+    def write(self, data: memoryview | bytes) -> None:
         self._check()
-        self.inner.fsync(fd)
-
-    def close(self, fd: int) -> None:
-        self.inner.close(fd)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        self._check()
-        self.inner.rename(src, dst)
-
-    def unlink(self, path: Path) -> None:
-        self.inner.unlink(path)
-
-    def fsync_dir(self, directory: Path) -> None:
-        self._check()
-        self.inner.fsync_dir(directory)
+        self._sink.write(data)
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:
     if isinstance(exc, StagingRaceError):
         key = next((t.key for t in job.tensors if t.blob == exc.blob), f"blob {exc.blob}")
         error = CheckpointWriteError(
-            f"{job.path}: step {job.step} was not written: {key} was changed in place after save() "
+            f"step {job.step} was not written: {key} was changed in place after save() "
             "returned and before its copy was done, so the checkpoint would mix two training "
             "states. Only optimizer.step() waits for the copy by itself: call ckpt.wait_staged() "
             "before changing parameters or optimizer state any other way, or use "
             "AsyncCheckpointer(overlap=False).",
+            path=job.path,
+            key=key,
             step=job.step,
         )
         error.__cause__ = exc
@@ -304,6 +357,6 @@ def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:
         if exc.step is None:
             exc.step = job.step
         return exc
-    error = CheckpointWriteError(f"{job.path}: saving step {job.step} failed: {exc!r}", step=job.step)
+    error = CheckpointWriteError(f"saving step {job.step} failed: {exc!r}", path=job.path, step=job.step)
     error.__cause__ = exc
     return error

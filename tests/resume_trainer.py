@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 import asyncckpt
+from asyncckpt.catalog import checkpoint_name
 from asyncckpt.loader import restore
 from asyncckpt.rng import rng_state, set_rng_state
-from asyncckpt.storage import checkpoint_name
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ import torch
 import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt import loader as loader_module
+from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import (
     CorruptedCheckpointError,
     IncompatibleCheckpointError,
@@ -29,7 +30,7 @@ from asyncckpt.loader import (
     load_latest,
     restore,
 )
-from asyncckpt.storage import checkpoint_name, temp_name
+from asyncckpt.storage.posix import temp_name
 
 # --------------------------------------------------------------------------- helpers
 
@@ -168,7 +169,7 @@ def test_checksum_failure_falls_back_and_names_key_and_offset(tmp_path: Path) ->
     assert_same_state(result.state, make_state(200))
     [diagnostic] = result.diagnostics
     assert isinstance(diagnostic, Diagnostic)
-    assert (diagnostic.path, diagnostic.kind) == (paths[-1], "corrupted")
+    assert (diagnostic.path, diagnostic.kind) == (str(paths[-1]), "corrupted")
     assert "checksum mismatch in model.layers.1.weight" in diagnostic.reason
     assert f"at offset {blob_offset}" in diagnostic.reason
     assert result.summary.startswith(
@@ -238,7 +239,7 @@ def test_all_broken_raises_with_every_diagnosis(tmp_path: Path) -> None:
     with pytest.raises(NoValidCheckpointError, match="no valid checkpoint in") as caught:
         load_latest(tmp_path)
     diagnostics = caught.value.diagnostics
-    assert [d.path for d in diagnostics] == paths[::-1]
+    assert [d.path for d in diagnostics] == [str(p) for p in paths[::-1]]
     assert all(d.kind == "corrupted" for d in diagnostics)
     assert "found 3 checkpoints (0 valid, 3 corrupted)" in str(caught.value)
     assert len(failed_lines(tmp_path)) == 3
@@ -427,7 +428,7 @@ def test_a_broken_legacy_file_is_diagnosed(tmp_path: Path) -> None:
     result = load_latest(tmp_path)
     assert result.step == 100
     [diagnostic] = result.diagnostics
-    assert diagnostic.path.name == "model_900.pt" and diagnostic.kind == "corrupted"
+    assert Path(diagnostic.path).name == "model_900.pt" and diagnostic.kind == "corrupted"
     assert "legacy torch.save file refused" in diagnostic.reason
 
 
@@ -449,7 +450,7 @@ def test_a_legacy_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     torch.save({"step": 999, "payload": Evil()}, tmp_path / "evil_999.pt")
     result = load_latest(tmp_path)
     assert result.step == 100
-    assert result.diagnostics[0].path.name == "evil_999.pt"
+    assert Path(result.diagnostics[0].path).name == "evil_999.pt"
     assert not (tmp_path / "pwned.txt").exists() and not Path("pwned.txt").exists()
 
 

@@ -9,8 +9,8 @@ import torch
 
 import asyncckpt
 from asyncckpt import format as fmt
+from asyncckpt.catalog import checkpoint_name
 from asyncckpt.loader import FAILED_LOG_NAME, load_latest, restore
-from asyncckpt.storage import checkpoint_name
 
 
 def model_state(step: int) -> dict[str, torch.Tensor]:
@@ -36,7 +36,7 @@ def test_c02_corrupted_primary_falls_back_with_diagnostics(tmp_path: Path) -> No
     assert (result.step, result.source, result.path) == (400, "fallback", paths[-2])
     assert torch.equal(result.state["model"]["layers.3.weight"], model_state(400)["layers.3.weight"])
     [diagnostic] = result.diagnostics
-    assert diagnostic.path == primary
+    assert diagnostic.path == str(primary)
     assert diagnostic.kind == "corrupted"
     assert "checksum mismatch in model.layers.3.weight" in diagnostic.reason
     assert f"at offset {blob.offset}" in diagnostic.reason

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CorruptedCheckpointError, IncompatibleCheckpointError
 from asyncckpt import format as fmt
+from asyncckpt.catalog import checkpoint_name
 from asyncckpt.loader import load_latest
-from asyncckpt.storage import checkpoint_name
 from asyncckpt.testing import deterministic_state, states_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
@@ -116,7 +116,7 @@ def judge(pristine: Pristine, damaged: bytes, kind: str, faults: Counter[str]) -
         result = load_latest(directory, log=quiet)
     if outcome == "refused":
         assert result.step == 1 and states_equal(result.state, state(1))
-        assert [d.path.name for d in result.diagnostics] == [victim.name]
+        assert [Path(d.path).name for d in result.diagnostics] == [victim.name]
     else:
         assert result.step == 2 and states_equal(result.state, state(2)) and not result.diagnostics
     faults[f"bad bytes: {kind}"] += 1

@@ -19,8 +19,8 @@ import pytest
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
-from asyncckpt.storage import checkpoint_name, temp_files
-from asyncckpt.testing import FaultyOps, deterministic_state, states_equal
+from asyncckpt.catalog import checkpoint_name
+from asyncckpt.testing import FaultyOps, deterministic_state, states_equal, temp_files
 
 
 def state(step: int) -> dict[str, object]:

@@ -14,8 +14,9 @@ import pytest
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
-from asyncckpt.storage import checkpoint_name, is_temp_name, temp_files
-from asyncckpt.testing import FaultyOps, RecordingOps, deterministic_state, states_equal
+from asyncckpt.catalog import checkpoint_name
+from asyncckpt.storage import is_temp_name
+from asyncckpt.testing import FaultyOps, RecordingOps, deterministic_state, states_equal, temp_files
 
 
 def state(step: int, version: int = 0) -> dict[str, Any]:

@@ -26,8 +26,7 @@ from crash_child import stepped_state
 from trainers import Zygote, check_after_kill, restart_removes_temp_files
 
 import asyncckpt
-from asyncckpt.storage import temp_files
-from asyncckpt.testing import deterministic_state, states_equal
+from asyncckpt.testing import deterministic_state, states_equal, temp_files
 
 TRAINER = textwrap.dedent(
     """

@@ -21,8 +21,8 @@ import pytest
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError, SaveHandle
-from asyncckpt.storage import checkpoint_name, temp_files
-from asyncckpt.testing import GatedOps, SlowOps, deterministic_state, states_equal
+from asyncckpt.catalog import checkpoint_name
+from asyncckpt.testing import GatedOps, SlowOps, deterministic_state, states_equal, temp_files
 
 
 class StuckOps(GatedOps):

@@ -13,9 +13,10 @@ from typing import Any
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
+from asyncckpt.catalog import parse_checkpoint_name
 from asyncckpt.loader import load_latest
-from asyncckpt.storage import is_temp_name, parse_checkpoint_name, temp_files
-from asyncckpt.testing import states_equal
+from asyncckpt.storage import is_temp_name
+from asyncckpt.testing import states_equal, temp_files
 
 CHILD = Path(__file__).with_name("crash_child.py")
 LINE_TIMEOUT = 60.0

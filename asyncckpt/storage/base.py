@@ -1,0 +1,196 @@
+"""The Storage seam: every read, write, list, delete and fsync of checkpoint bytes goes through it.
+
+A :class:`Storage` holds named objects under one root (a directory, later a bucket prefix).
+Names are relative, ``/``-separated (``step-0000000300.ckpt``, ``step-0000000300/rank-1.ckpt``).
+Writing is two steps so that verification and multi-file commits fit between them:
+
+``write(name, body)`` makes the bytes durable but not visible (:class:`Written`); ``commit``
+publishes them atomically under ``name``; ``discard`` drops them. Until ``commit`` no reader and
+no listing sees the object. Readers get a :class:`ReadHandle` with positional reads that several
+threads may share (each through its own :meth:`ReadHandle.cursor`).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+
+class Sink(Protocol):
+    """Where a body writes its bytes, in order; short writes are retried by the sink."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+
+
+Body = Callable[[Sink], int]  # writes the object's bytes to the sink, returns how many
+
+ObjectKind = Literal["file", "dir"]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One entry of a listing: a committed object (``kind="file"``) or a folder (``"dir"``).
+
+    Symlinks, FIFOs, sockets and devices are never listed: a checkpoint is a regular object.
+    """
+
+    name: str
+    kind: ObjectKind
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class Written:
+    """Bytes made durable under a private name, not yet visible under ``name``."""
+
+    name: str
+    nbytes: int
+    write_s: float
+    fsync_s: float
+    token: Any  # the implementation's handle on the hidden bytes (a temp path, an upload id)
+
+
+class ReadHandle(abc.ABC):
+    """An open object for positional reads; close it (or use ``with``)."""
+
+    name: str
+    size: int
+
+    @property
+    def local_path(self) -> Path | None:
+        """The object's file on a local filesystem, when it has one (for ``torch.load(mmap=True)``)."""
+        return None
+
+    @abc.abstractmethod
+    def read_at(self, offset: int, buffer: memoryview) -> int:
+        """Read into ``buffer`` from ``offset``; fewer bytes than asked only at the end.
+
+        Thread-safe. Raises ``OSError`` when the storage fails.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle."""
+
+    def cursor(self) -> Cursor:
+        """A file-like view (``seek``/``tell``/``read``/``readinto``) with its own position."""
+        return Cursor(self)
+
+    def __enter__(self) -> ReadHandle:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Cursor:
+    """``seek``/``tell``/``read``/``readinto`` over a :class:`ReadHandle`'s positional reads.
+
+    One per thread: the handle is shared, the position is not.
+    """
+
+    def __init__(self, handle: ReadHandle) -> None:
+        self._handle = handle
+        self._position = 0
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            position += self._position
+        elif whence == os.SEEK_END:
+            position += self._handle.size
+        self._position = max(position, 0)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._handle.read_at(self._position, memoryview(buffer).cast("B"))
+        self._position += count
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = max(self._handle.size - self._position, 0)
+        size = remaining if size < 0 else min(size, remaining)
+        buffer = bytearray(size)
+        count = self.readinto(buffer)
+        return bytes(buffer[:count])
+
+
+class Storage(abc.ABC):
+    """A root of named objects with durable writes and atomic commits (see the module docstring)."""
+
+    location: str
+
+    def where(self, name: str) -> str:
+        """``name``'s full location, for messages (a path or a URL)."""
+        return f"{self.location.rstrip('/')}/{name}"
+
+    @abc.abstractmethod
+    def write(self, name: str, body: Body) -> Written:
+        """Make ``body``'s bytes durable without publishing them.
+
+        Raises :class:`asyncckpt.CheckpointWriteError` (the OS error as its cause); then nothing
+        is left behind and whatever ``name`` held before is intact.
+        """
+
+    @abc.abstractmethod
+    def open_written(self, written: Written) -> ReadHandle:
+        """Read back bytes that are durable but not yet committed (verify before publishing)."""
+
+    @abc.abstractmethod
+    def commit(self, written: Written) -> float:
+        """Publish ``written`` under its name atomically (replacing an older object); return seconds.
+
+        Raises :class:`asyncckpt.CheckpointWriteError`; after a failure the object is either
+        fully published or not at all.
+        """
+
+    @abc.abstractmethod
+    def discard(self, written: Written) -> None:
+        """Drop durable bytes that will not be committed. Never raises for a missing object."""
+
+    @abc.abstractmethod
+    def open(self, name: str) -> ReadHandle:
+        """Open a committed object. Raises ``FileNotFoundError`` when it does not exist (or is not
+        a regular object), ``OSError`` when the storage fails."""
+
+    @abc.abstractmethod
+    def ls(self, under: str = "") -> list[StoredObject]:
+        """Committed objects and folders directly inside ``under``, sorted by name.
+
+        A missing root or folder lists as empty. Raises ``NotADirectoryError`` when the root is a
+        file, ``OSError`` when the storage fails.
+        """
+
+    @abc.abstractmethod
+    def delete(self, names: Sequence[str]) -> None:
+        """Remove committed objects durably (a missing one is not an error)."""
+
+    @abc.abstractmethod
+    def leftovers(self) -> list[str]:
+        """Names of what crashed writers left behind (temp files); never readable checkpoints."""
+
+    @abc.abstractmethod
+    def remove_leftovers(self, names: Sequence[str]) -> None:
+        """Remove the given leftovers durably."""
+
+    @abc.abstractmethod
+    def append_line(self, name: str, line: str) -> None:
+        """Append one text line to a small log object (``failed_checkpoints.txt``). ``OSError``
+        when the storage refuses (a read-only directory)."""

@@ -1,0 +1,301 @@
+"""POSIX storage: the durable-write protocol of DESIGN.md on a local directory.
+
+Every OS call the write path makes goes through a :class:`FileOps` object so that tests (and
+users, via :mod:`asyncckpt.testing`) can inject faults or record the call order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import CheckpointWriteError
+from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Written
+
+TEMP_MARK = ".tmp-"
+
+
+class FileOps:
+    """The OS calls of the write path. Subclass to inject faults; the defaults call ``os``."""
+
+    def open_exclusive(self, path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+OS = FileOps()
+
+
+@dataclass(frozen=True)
+class WriteTimings:
+    """What one atomic write took, in seconds, and how many bytes it wrote."""
+
+    nbytes: int
+    write_s: float
+    fsync_s: float
+    publish_s: float  # rename + directory fsync
+
+
+class FdSink:
+    """A sink writing to a file descriptor; retries short writes."""
+
+    def __init__(self, fd: int, ops: FileOps) -> None:
+        self.fd = fd
+        self.ops = ops
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = self.ops.write(self.fd, view)
+            if written <= 0:
+                raise OSError(f"write returned {written}")
+            view = view[written:]
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TEMP_MARK}{secrets.token_hex(4)}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a writer's temporary file (never a checkpoint)."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+class PosixFile(ReadHandle):
+    """A regular file opened for positional reads (``pread``), shared by threads."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        # O_NONBLOCK: opening a FIFO planted under a checkpoint's name must not hang; O_NOFOLLOW:
+        # a symlink could point anywhere. Both are refused as "not a regular file".
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == getattr(os, "ELOOP", 40):
+                raise FileNotFoundError(exc.errno, f"{path} is a symlink, not a checkpoint file") from exc
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise FileNotFoundError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        self._fd = fd
+        self._path = path
+        self.name = name
+        self.size = info.st_size
+
+    @property
+    def local_path(self) -> Path:
+        return self._path
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_at(self, offset: int, buffer: memoryview) -> int:
+        done = 0
+        while done < len(buffer):
+            count = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if count == 0:
+                break
+            done += count
+        return done
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class PosixStorage(Storage):
+    """Checkpoint objects as files of one local directory (folders for multi-file steps).
+
+    ``write`` creates ``.<name>.tmp-<random>`` with ``O_EXCL`` in the target's directory and
+    fsyncs it; ``commit`` renames it over ``name`` and fsyncs the directory. A failed fsync is
+    never retried: the kernel may have dropped the dirty pages, so the data is treated as lost.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, ops: FileOps = OS) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        self.ops = ops
+
+    def path(self, name: str) -> Path:
+        """The file that holds ``name``."""
+        return self.root / name
+
+    def where(self, name: str) -> str:
+        return str(self.path(name))
+
+    def write(self, name: str, body: Body) -> Written:
+        final = self.path(name)
+        tmp = temp_name(final)
+        started = time.perf_counter()
+        try:
+            fd = self.ops.open_exclusive(tmp)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot create a temp file in {final.parent}: {exc}", path=final
+            ) from exc
+        try:
+            nbytes = body(FdSink(fd, self.ops))
+            written = time.perf_counter()
+            self.ops.fsync(fd)
+            synced = time.perf_counter()
+        except BaseException as exc:
+            _close_quietly(fd, self.ops)
+            raise self._failed(exc, tmp, final) from exc
+        try:
+            self.ops.close(fd)
+        except OSError as exc:
+            raise self._failed(exc, tmp, final) from exc
+        return Written(name, nbytes, written - started, synced - written, tmp)
+
+    def _failed(self, exc: BaseException, tmp: Path, final: Path) -> BaseException:
+        left = _discard_temp(tmp, self.ops)
+        if not isinstance(exc, OSError):
+            return exc
+        return CheckpointWriteError(
+            f"writing the checkpoint failed ({exc}); {left} and the previous checkpoint is intact",
+            path=final,
+        )
+
+    def open_written(self, written: Written) -> ReadHandle:
+        return PosixFile(written.token, written.name)
+
+    def commit(self, written: Written) -> float:
+        final = self.path(written.name)
+        started = time.perf_counter()
+        try:
+            self.ops.rename(written.token, final)
+        except OSError as exc:
+            left = _discard_temp(written.token, self.ops)
+            raise CheckpointWriteError(
+                f"publishing the checkpoint failed ({exc}); {left}", path=final
+            ) from exc
+        try:
+            self.ops.fsync_dir(final.parent)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"fsync of directory {final.parent} failed ({exc}); the file is complete but its "
+                "rename may not survive a power loss",
+                path=final,
+            ) from exc
+        return time.perf_counter() - started
+
+    def discard(self, written: Written) -> None:
+        _unlink_quietly(written.token, self.ops)
+
+    def open(self, name: str) -> PosixFile:
+        return PosixFile(self.path(name), name)
+
+    def ls(self, under: str = "") -> list[StoredObject]:
+        folder = self.path(under) if under else self.root
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return []
+        found = []
+        prefix = f"{under.rstrip('/')}/" if under else ""
+        for entry in entries:
+            if is_temp_name(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed while we listed
+                continue
+            kind: ObjectKind
+            if stat.S_ISREG(info.st_mode):
+                kind = "file"
+            elif stat.S_ISDIR(info.st_mode):
+                kind = "dir"
+            else:
+                continue
+            modified = datetime.fromtimestamp(info.st_mtime, UTC)
+            size = info.st_size if kind == "file" else 0
+            found.append(StoredObject(prefix + entry.name, kind, size, modified))
+        return sorted(found, key=lambda o: o.name)
+
+    def delete(self, names: Sequence[str]) -> None:
+        folders = set()
+        for name in names:
+            path = self.path(name)
+            _unlink_quietly(path, self.ops)
+            folders.add(path.parent)
+        for folder in sorted(folders):
+            self.ops.fsync_dir(folder)
+
+    def leftovers(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(e.name for e in entries if is_temp_name(e.name) and e.is_file(follow_symlinks=False))
+
+    def remove_leftovers(self, names: Sequence[str]) -> None:
+        self.delete(names)
+
+    def append_line(self, name: str, line: str) -> None:
+        with open(self.path(name), "a", encoding="utf-8") as file:
+            file.write(line if line.endswith("\n") else line + "\n")
+
+
+def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:
+    """Write a file durably and publish it atomically under ``final`` (write, then commit).
+
+    After a crash at any instant ``final`` holds its previous content or the new complete file.
+    Raises :class:`CheckpointWriteError` with the OS error as its cause.
+    """
+    storage = PosixStorage(final.parent, ops=ops)
+    written = storage.write(final.name, body)
+    publish_s = storage.commit(written)
+    return WriteTimings(written.nbytes, written.write_s, written.fsync_s, publish_s)
+
+
+def _close_quietly(fd: int, ops: FileOps) -> None:
+    with contextlib.suppress(OSError):  # the write already failed: that is the error to report
+        ops.close(fd)
+
+
+def _discard_temp(tmp: Path, ops: FileOps) -> str:
+    """Unlink a failed write's temp file; say what became of it (for the error message).
+
+    A failure here must not hide the write's own error, which is the one to report.
+    """
+    try:
+        _unlink_quietly(tmp, ops)
+    except OSError as exc:
+        return f"the temp file {tmp.name} could not be removed ({exc}; the next start removes it)"
+    return "the temp file was removed"
+
+
+def _unlink_quietly(path: Path, ops: FileOps) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        ops.unlink(path)
