@@ -3,6 +3,7 @@ before anything of a declared size is allocated."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -353,3 +354,58 @@ def test_reader_allocates_blob_memory_only_for_checked_sizes(tmp_dir: Path) -> N
 
     assert sum(blob.nbytes for blob in layout.blobs) <= layout.header_offset - fmt.DATA_OFFSET
     assert math.prod(layout.tensors[0].shape) * 4 <= layout.blobs[0].nbytes
+
+
+# --------------------------------------------------------------------------- where: errors carry fields
+
+
+def read_error(data: bytes) -> asyncckpt.CheckpointError:
+    with pytest.raises(asyncckpt.CheckpointError) as caught:
+        fmt.read_layout(io.BytesIO(data), "run/x.ckpt")
+    error = caught.value
+    assert error.path == "run/x.ckpt" and str(error) == f"run/x.ckpt: {error.reason}"
+    assert "run/x.ckpt" not in error.reason  # the place is a field, not part of the reason
+    return error
+
+
+def test_structural_errors_carry_the_offset() -> None:
+    good = build_file(header_fields())
+    header_offset = 4096 + len(DATA)
+    trailer_offset = len(good) - 64
+
+    torn = bytearray(good)
+    torn[-1] ^= 1
+    assert read_error(bytes(torn)).offset == trailer_offset
+    bad_crc = bytearray(good)
+    bad_crc[header_offset + 3] ^= 1
+    assert read_error(bytes(bad_crc)).offset == header_offset
+    short = read_error(good[:100])
+    assert (short.reason, short.offset) == ("truncated: 100 bytes, too short for a v1 file", 100)
+    prelude = read_error(good[:10])
+    assert prelude.offset == 10 and prelude.reason.startswith("truncated: 10 bytes, shorter than")
+    version = read_error(spec_prelude(b"9.0", b"9.0.0") + good[64:])
+    assert isinstance(version, asyncckpt.UnsupportedVersionError)
+    assert version.reason.endswith("it requires asyncckpt >= 9.0.0")
+
+
+def test_header_errors_name_the_blob_and_the_key() -> None:
+    blob = read_error(build_file(header_fields(blobs=[[4100, 8, 0]], tensors=[], tree={})))
+    assert (blob.blob, blob.key, blob.offset) == (0, None, 4096 + len(DATA))
+    assert blob.reason.startswith("bad header: blob 0 at offset 4100")
+
+    tensor = read_error(build_file(header_fields(tensors=[["model.w", "float32", [5], [1], 0, 0]])))
+    assert (tensor.key, tensor.blob) == ("model.w", 0)
+    assert tensor.reason == "bad header: tensor 0 (model.w) does not fit inside blob 0 (16 bytes)"
+
+    unknown = read_error(build_file(header_fields(tensors=[["w", "float128", [4], [1], 0, 0]])))
+    assert (unknown.key, unknown.blob) == ("w", None)
+
+    not_a_key = read_error(build_file(header_fields(tensors=[[7, "float32", [4], [1], 0, 0]])))
+    assert not_a_key.key is None
+
+
+def test_check_prelude_errors_carry_fields() -> None:
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as caught:
+        fmt.check_prelude(b"ASYNCKPX" + spec_prelude()[8:], Path("p"))
+    assert (caught.value.path, caught.value.offset) == ("p", 0)
+    assert caught.value.reason == "not an asyncckpt checkpoint (bad magic b'ASYNCKPX')"

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import crc32c
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spec_files import spec_prelude, spec_trailer
 
 import asyncckpt
 from asyncckpt import format as fmt
+from asyncckpt.errors import StateTooLargeError, UnsupportedValueError, UsageError
 from asyncckpt.format import TensorRef
-
-SameState = Callable[[Any, Any], None]
+from asyncckpt.testing import RecordingOps
 
 
 def test_prelude_bytes() -> None:
@@ -129,8 +132,10 @@ def test_check_step_accepts(step: int) -> None:
     [(-1, ValueError), (2**63, ValueError), (True, TypeError), ("3", TypeError), (1.0, TypeError)],
 )
 def test_check_step_refuses(step: Any, error: type[Exception]) -> None:
-    with pytest.raises(error, match="step must be"):
+    with pytest.raises(error, match="step must be") as caught:
         fmt.check_step(step)
+    # A usage error (exit code 1), never a bare ValueError/TypeError.
+    assert isinstance(caught.value, StateTooLargeError if error is ValueError else UnsupportedValueError)
     with pytest.raises(error, match="step must be"):  # the writer checks before writing a byte
         sink = io.BytesIO()
         try:
@@ -152,3 +157,181 @@ def test_writer_refuses_what_the_reader_would(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(fmt.spec, "MAX_HEADER_BYTES", 1000)
     with pytest.raises(ValueError, match="the header would take [0-9]+ bytes, more than the limit of 1000"):
         fmt.encode_header(tree=bytes(1000), **fields)
+
+
+# --------------------------------------------------------------------------- limits before the first byte
+
+
+class RecordingSink:
+    """A sink that records every write (and can be told to fail on the first one)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: memoryview | bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def big_header_state() -> dict[str, Any]:
+    """A state whose header (2 KiB of bytes in the tree) exceeds a 1000-byte limit."""
+    return {
+        "step": 1,
+        "metadata": {},
+        "tree": {"w": TensorRef(0), "notes": bytes(2000)},
+        "tensors": [fmt.TensorEntry("w", torch.uint8, (10_000,), (1,), 0, 0)],
+        "sizes": [10_000],
+    }
+
+
+def test_a_too_large_header_is_refused_before_any_byte_reaches_the_sink(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fmt.spec, "MAX_HEADER_BYTES", 1000)
+    sink = RecordingSink()
+    pulled = []
+
+    def blobs() -> Any:
+        pulled.append(True)
+        yield memoryview(bytes(10_000))
+
+    with pytest.raises(
+        StateTooLargeError, match="the header would take [0-9]+ bytes, more than the limit of 1000"
+    ) as caught:
+        fmt.write_checkpoint(sink, blobs=blobs(), **big_header_state())
+
+    assert sink.writes == [] and pulled == []  # not a byte written, not a blob asked for
+    assert isinstance(caught.value, UsageError) and caught.value.exit_code == 1
+    with pytest.raises(StateTooLargeError):
+        fmt.prepare_header(**big_header_state())
+
+
+@pytest.mark.parametrize(("limit", "count"), [("MAX_TENSORS", "3 tensors"), ("MAX_BLOBS", "3 blobs")])
+def test_too_many_tensors_or_blobs_are_refused_before_writing(
+    monkeypatch: pytest.MonkeyPatch, limit: str, count: str
+) -> None:
+    monkeypatch.setattr(fmt.spec, limit, 2)
+    entries = [fmt.TensorEntry(f"t{i}", torch.uint8, (1,), (1,), i, 0) for i in range(3)]
+    sink = RecordingSink()
+
+    with pytest.raises(StateTooLargeError, match=f"the state has {count}, more than the limit of 2"):
+        fmt.write_checkpoint(
+            sink,
+            step=1,
+            metadata={},
+            tree=[TensorRef(i) for i in range(3)],
+            tensors=entries,
+            sizes=[1, 1, 1],
+            blobs=[memoryview(b"x")] * 3,
+        )
+    assert sink.writes == []
+
+
+def test_tuples_copying_too_much_are_refused_before_writing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fmt.spec, "MAX_TUPLE_BYTES", 1 << 20)
+    deep: Any = bytes(256 << 10)
+    for _ in range(4):
+        deep = (deep,)
+    sink = RecordingSink()
+
+    with pytest.raises(StateTooLargeError, match="tuples in the state nest"):
+        fmt.write_checkpoint(sink, step=1, metadata={}, tree=deep, tensors=[], sizes=[], blobs=[])
+    assert sink.writes == []
+
+
+def test_a_header_at_the_limit_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = big_header_state()
+    bound = fmt.prepare_header(**state).max_bytes
+    monkeypatch.setattr(fmt.spec, "MAX_HEADER_BYTES", bound)
+    sink = io.BytesIO()
+
+    fmt.write_checkpoint(sink, blobs=[memoryview(bytes(10_000))], **state)
+
+    layout = fmt.read_layout(io.BytesIO(sink.getvalue()), "mem")
+    assert layout.tree["notes"] == bytes(2000)
+    assert layout.file_size - layout.header_offset - fmt.TRAILER_SIZE <= bound
+
+
+crcs = st.integers(0, fmt.MAX_CRC)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3 * fmt.ALIGN), max_size=12),
+    data=st.data(),
+    tree=st.recursive(
+        st.none() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8),
+        lambda c: (
+            st.lists(c, max_size=3)
+            | st.lists(c, max_size=3).map(tuple)
+            | st.dictionaries(st.text(max_size=4), c)
+        ),
+        max_leaves=12,
+    ),
+)
+def test_prepared_header_is_the_whole_map_and_bounds_it(
+    sizes: list[int], data: st.DataObject, tree: Any
+) -> None:
+    checksums = data.draw(st.lists(crcs, min_size=len(sizes), max_size=len(sizes)), label="crcs")
+    offsets, _ = fmt.blob_offsets(sizes)
+    tensors = [fmt.TensorEntry(f"t{i}", torch.uint8, (n,), (1,), i, 0) for i, n in enumerate(sizes)]
+    created = "2026-01-01T00:00:00.000000+00:00"
+    fields = {"step": 4, "metadata": {"m": (1, 2)}, "tree": tree, "tensors": tensors, "created": created}
+
+    prepared = fmt.prepare_header(sizes=sizes, **fields)
+    header = prepared.finish(checksums)
+
+    blobs = [fmt.BlobEntry(o, n, c) for o, n, c in zip(offsets, sizes, checksums, strict=True)]
+    whole = {
+        "format": "asyncckpt",
+        "version": "1.0",
+        "status": "complete",
+        "step": 4,
+        "created": created,
+        "writer": f"asyncckpt {asyncckpt.__version__}",
+        "metadata": {"m": (1, 2)},
+        "blobs": [[b.offset, b.nbytes, b.crc] for b in blobs],
+        "tensors": [[t.key, "uint8", list(t.shape), [1], t.blob, 0] for t in tensors],
+        "tree": tree,
+    }
+    assert header == fmt.pack(whole) == fmt.encode_header(blobs=blobs, **fields)  # byte for byte
+    assert len(header) <= prepared.max_bytes
+    assert len(prepared.finish([fmt.MAX_CRC] * len(sizes))) == prepared.max_bytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 << 20), max_size=4), seed=st.integers(0, 2**32 - 1))
+def test_checksum_pool_writes_the_same_bytes(sizes: list[int], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    payloads = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator) for n in sizes]
+    tensors = [fmt.TensorEntry(f"t{i}", torch.uint8, (n,), (1,), i, 0) for i, n in enumerate(sizes)]
+    fields = {
+        "step": 2,
+        "metadata": {},
+        "tree": [TensorRef(i) for i in range(len(sizes))],
+        "tensors": tensors,
+    }
+    header = fmt.prepare_header(sizes=sizes, created="2026-01-01T00:00:00.000000+00:00", **fields)
+    inline, pooled = io.BytesIO(), io.BytesIO()
+
+    fmt.write_file(inline, header, [fmt.tensor_bytes(p) for p in payloads])
+    with ThreadPoolExecutor(1) as pool:
+        fmt.write_file(pooled, header, [fmt.tensor_bytes(p) for p in payloads], checksum_pool=pool)
+
+    assert inline.getvalue() == pooled.getvalue()
+    layout = fmt.read_layout(io.BytesIO(pooled.getvalue()), "mem")
+    fmt.verify_blobs(io.BytesIO(pooled.getvalue()), layout, path="mem")
+    assert [b.nbytes for b in layout.blobs] == sizes
+
+
+def test_save_refuses_a_too_large_header_before_any_file_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fmt.spec, "MAX_HEADER_BYTES", 4096)
+    ops = RecordingOps()
+
+    with pytest.raises(
+        StateTooLargeError, match="more than the limit of 4096; store large values as tensors"
+    ):
+        asyncckpt.save(tmp_path / "a.ckpt", {"w": torch.ones(2), "blob": bytes(5000)}, step=2, ops=ops)
+
+    assert ops.calls == [] and list(tmp_path.iterdir()) == []  # not even a temp file
