@@ -3,8 +3,8 @@
 The header sits after the blobs so that a file is written in one pass, checksumming each chunk
 just before (or while) it is written, while it is still in the CPU cache. Every limit a reader
 enforces is checked before the first byte is written (:func:`prepare_header`): the header is
-encoded up front with every blob checksum at its widest, which bounds its final size, and only
-the small blob table is encoded again once the checksums are known.
+encoded up front, all but the small blob table, whose size is bounded (with every checksum at
+its widest) before anything is written and which is encoded once the checksums are known.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class PreparedHeader:
     """A header encoded before its blobs are written: everything but the blob checksums.
 
     ``head`` is the map up to the ``"blobs"`` key, ``tail`` the entries after the blob table;
-    ``max_bytes`` bounds the finished header, whatever the checksums turn out to be.
+    ``max_bytes`` bounds the finished header, whatever the checksums turn out to be (exactly,
+    with every checksum at its widest, when a looser bound would exceed ``MAX_HEADER_BYTES``).
     """
 
     head: bytes
@@ -199,8 +200,13 @@ def _encode_pieces(
             f"tuples in the state nest {encoder.tuple_bytes} bytes in total, more than the limit of "
             f"{spec.MAX_TUPLE_BYTES}; use lists or tensors for large nested data"
         )
-    widest = pack([[o, n, spec.MAX_CRC] for o, n in zip(offsets, sizes, strict=True)])
-    return PreparedHeader(head, tail, tuple(offsets), tuple(sizes), len(head) + len(widest) + len(tail))
+    # A blob row packs to at most 24 bytes (array tag, two uint64, a uint32), the table's array
+    # tag to at most 5: enough to judge almost every header without packing a widest table.
+    bound = len(head) + len(tail) + 5 + 24 * len(sizes)
+    if bound > spec.MAX_HEADER_BYTES:
+        widest = pack([[o, n, spec.MAX_CRC] for o, n in zip(offsets, sizes, strict=True)])
+        bound = len(head) + len(widest) + len(tail)
+    return PreparedHeader(head, tail, tuple(offsets), tuple(sizes), bound)
 
 
 def _check_header_size(nbytes: int) -> None:
