@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from . import format as fmt
-from .catalog import parse_checkpoint_name
-from .dtypes import dtype_name, itemsize
-from .errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
-from .legacy import (
+from .. import format as fmt
+from ..catalog import parse_checkpoint_name
+from ..dtypes import dtype_name, itemsize
+from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
+from ..legacy import (
     LEGACY_SUFFIXES,
     LEGACY_VERSION,
     is_zip_torch_save,
@@ -27,9 +27,9 @@ from .legacy import (
     load_legacy,
     looks_like_torch_save,
 )
-from .loader import CandidateReport
-from .snapshot import flatten
-from .storage import is_temp_name
+from ..loader import CandidateReport
+from ..snapshot import flatten
+from ..storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]
 
@@ -91,21 +91,16 @@ def read_prelude(path: Path) -> tuple[str | None, CheckpointError | None]:
         with open(path, "rb") as file:
             head = file.read(fmt.PRELUDE_SIZE)
     except OSError as exc:
-        return None, CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}")
+        return None, CorruptedCheckpointError(f"cannot be read: {exc.strerror or exc}", path=path)
     if looks_like_torch_save(head):
         return LEGACY_VERSION, None
     if not head.startswith(fmt.MAGIC):
-        return None, CorruptedCheckpointError(f"{path}: not a checkpoint (bad magic {head[:8]!r})")
+        return None, CorruptedCheckpointError(f"not a checkpoint (bad magic {head[:8]!r})", path=path)
     declared = head[len(fmt.MAGIC) : len(fmt.MAGIC) + 16].rstrip(b"\0").decode("ascii", "replace")
     try:
         return fmt.check_prelude(head, str(path)), None
     except CheckpointError as exc:
         return declared or None, exc
-
-
-def without_path(error: CheckpointError, path: Path) -> str:
-    """The error's text without the path it starts with (the path has a column of its own)."""
-    return str(error).removeprefix(f"{path}: ")
 
 
 def resume_candidates(target: Path) -> list[Path]:
@@ -118,14 +113,14 @@ def resume_candidates(target: Path) -> list[Path]:
 
 
 def prelude_report(path: Path) -> CandidateReport:
-    """A report from the prelude alone (--skip-checkpoint-validation); "valid" means "not refused"."""
+    """A report from the prelude alone (``--verify none``); "valid" means "not refused"."""
     version, error = read_prelude(path)
     kind: Kind = "legacy" if path.name.endswith(LEGACY_SUFFIXES) else "checkpoint"
     step, size = step_of(path, kind), path.stat().st_size
     if error is None:
         return CandidateReport(step, path, size, version, "valid", None)
     status: Any = "incompatible" if isinstance(error, IncompatibleCheckpointError) else "corrupted"
-    return CandidateReport(step, path, size, None, status, without_path(error, path))
+    return CandidateReport(step, path, size, None, status, error.reason)
 
 
 @dataclass(frozen=True)
@@ -168,7 +163,7 @@ def inspect_file(path: Path) -> Inspection:
             return Inspection(path, size, *info, rows, layout.tree)
     if not looks_like_torch_save(head):
         what = f"truncated: {len(head)} bytes" if len(head) < len(fmt.MAGIC) else f"bad magic {head!r}"
-        raise CorruptedCheckpointError(f"{path}: not a checkpoint ({what})")
+        raise CorruptedCheckpointError(f"not a checkpoint ({what})", path=path)
     state = load_legacy(path, mmap=is_zip_torch_save(head))
     snapshot = flatten(state)
     step = legacy_step(state, path)
