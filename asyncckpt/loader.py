@@ -32,6 +32,7 @@ from .errors import (
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    UsageError,
 )
 from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .snapshot import unflatten
@@ -148,13 +149,19 @@ def restore(
     return _rollback(Path(directory), request, on_corrupt=on_corrupt, log=log)
 
 
-def check_candidates(directory_or_file: str | os.PathLike[str], *, full: bool) -> list[CandidateReport]:
+def check_candidates(
+    directory_or_file: str | os.PathLike[str], *, verify: Literal["full", "structure"] = "full"
+) -> list[CandidateReport]:
     """Check every candidate of a directory (newest first), or one file, without keeping any data.
 
-    ``full=True`` reads every blob and checks its checksum (legacy files are unpickled);
-    ``full=False`` checks the structure only (prelude, trailer, header). Nothing is written.
-    Raises ``FileNotFoundError`` for a missing file.
+    ``verify="full"`` checks what a resume checks: the structure and every blob's checksum (legacy
+    files are unpickled); ``verify="structure"`` checks the prelude, trailer and header only.
+    Nothing is written. Raises ``FileNotFoundError`` for a missing file and
+    :class:`~asyncckpt.errors.UsageError` for another ``verify``.
     """
+    if verify not in ("full", "structure"):
+        raise UsageError(f"verify must be 'full' or 'structure', not {verify!r}")
+    full = verify == "full"
     target = Path(directory_or_file)
     if target.is_dir():
         found = _discover(target)

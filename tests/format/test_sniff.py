@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt import format as fmt
+from asyncckpt.cli.inspection import inspect_file, read_prelude
 from asyncckpt.format import SNIFF_BYTES, FileKind, sniff
-from asyncckpt.inspection import inspect_file, read_prelude
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from . import format as fmt
-from .catalog import parse_checkpoint_name
-from .dtypes import dtype_name, itemsize
-from .errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
-from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
-from .loader import CandidateReport
-from .snapshot import flatten
-from .storage import is_temp_name
+from .. import format as fmt
+from ..catalog import parse_checkpoint_name
+from ..dtypes import dtype_name, itemsize
+from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
+from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
+from ..loader import CandidateReport
+from ..snapshot import flatten
+from ..storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]
 
@@ -84,7 +84,7 @@ def read_prelude(path: Path) -> tuple[str | None, CheckpointError | None]:
         with open(path, "rb") as file:
             head = file.read(fmt.PRELUDE_SIZE)
     except OSError as exc:
-        return None, CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}")
+        return None, CorruptedCheckpointError(f"cannot be read: {exc.strerror or exc}", path=path)
     try:
         if fmt.sniff(head, path=path).legacy:
             return LEGACY_VERSION, None
@@ -97,11 +97,6 @@ def read_prelude(path: Path) -> tuple[str | None, CheckpointError | None]:
         return declared or None, exc
 
 
-def without_path(error: CheckpointError, path: Path) -> str:
-    """The error's text without the path it starts with (the path has a column of its own)."""
-    return str(error).removeprefix(f"{path}: ")
-
-
 def resume_candidates(target: Path) -> list[Path]:
     """The files a resume would consider, newest step first (the loader's order)."""
     if not target.is_dir():
@@ -112,14 +107,14 @@ def resume_candidates(target: Path) -> list[Path]:
 
 
 def prelude_report(path: Path) -> CandidateReport:
-    """A report from the prelude alone (--skip-checkpoint-validation); "valid" means "not refused"."""
+    """A report from the prelude alone (``--verify none``); "valid" means "not refused"."""
     version, error = read_prelude(path)
     kind: Kind = "legacy" if path.name.endswith(LEGACY_SUFFIXES) else "checkpoint"
     step, size = step_of(path, kind), path.stat().st_size
     if error is None:
         return CandidateReport(step, path, size, version, "valid", None)
     status: Any = "incompatible" if isinstance(error, IncompatibleCheckpointError) else "corrupted"
-    return CandidateReport(step, path, size, None, status, without_path(error, path))
+    return CandidateReport(step, path, size, None, status, error.reason)
 
 
 @dataclass(frozen=True)
