@@ -14,9 +14,9 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .handles import SaveHandle
 from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
 from .rng import rng_state, set_rng_state
+from .save.handles import SaveHandle
 
 __all__ = [
     "AsyncCheckpointer",

@@ -14,7 +14,7 @@ import torch
 from . import format as fmt
 from .errors import CorruptedCheckpointError
 from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
-from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
+from .save.snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
 from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
 
 MapLocation = str | torch.device

@@ -35,14 +35,14 @@ from .catalog import checkpoint_name
 from .checkpoint import MapLocation, flatten_metadata
 from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, NoValidCheckpointError
 from .format import check_step
-from .handles import SaveHandle
 from .loader import LoadResult, OnCorrupt
-from .overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
 from .preemption import CallsInProgress, SigtermFlusher
-from .snapshot import flatten, gc_paused
-from .staging import Copier, StagingPool, stage
+from .save.handles import SaveHandle
+from .save.overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
+from .save.snapshot import flatten, gc_paused
+from .save.staging import Copier, StagingPool, stage
+from .save.writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 from .storage import OS, FileOps, PosixStorage
-from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
 WhenBusy = Literal["wait", "skip"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .snapshot import dotted_key
+from .save.snapshot import dotted_key
 
 Path_ = tuple[Any, ...]
 

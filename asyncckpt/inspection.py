@@ -28,7 +28,7 @@ from .legacy import (
     looks_like_torch_save,
 )
 from .loader import CandidateReport
-from .snapshot import flatten
+from .save.snapshot import flatten
 from .storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]

@@ -41,7 +41,7 @@ from .legacy import (
     load_legacy,
     looks_like_torch_save,
 )
-from .snapshot import unflatten
+from .save.snapshot import unflatten
 from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"

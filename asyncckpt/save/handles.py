@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .errors import CheckpointWriteError
+from ..errors import CheckpointWriteError
 from .writer import ErrorBox
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import format as fmt
-from .dtypes import itemsize
+from .. import format as fmt
+from ..dtypes import itemsize
 from .snapshot import BlobLayout, Snapshot, contiguous_stride
 
 LayoutKey = tuple[BlobLayout, ...]

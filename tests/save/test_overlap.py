@@ -17,9 +17,9 @@ import torch
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError, loader
 from asyncckpt.format import tensor_bytes
-from asyncckpt.overlap import modules_in, step_guarded_blobs
-from asyncckpt.snapshot import flatten
-from asyncckpt.staging import Copier, StagedCopy, StagingPool, stage
+from asyncckpt.save.overlap import modules_in, step_guarded_blobs
+from asyncckpt.save.snapshot import flatten
+from asyncckpt.save.staging import Copier, StagedCopy, StagingPool, stage
 
 
 class GatedCopier(Copier):

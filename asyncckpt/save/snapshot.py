@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .dtypes import dtype_name, itemsize
-from .format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef
+from ..dtypes import dtype_name, itemsize
+from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)

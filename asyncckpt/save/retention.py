@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .catalog import CheckpointInfo
+from ..catalog import CheckpointInfo
 
 
 def prunable(

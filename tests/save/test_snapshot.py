@@ -12,7 +12,7 @@ import torch
 
 from asyncckpt import format as fmt
 from asyncckpt.format import BigInt, TensorRef
-from asyncckpt.snapshot import (
+from asyncckpt.save.snapshot import (
     INT64_MIN,
     UINT64_MAX,
     BlobSource,

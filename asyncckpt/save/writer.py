@@ -22,14 +22,14 @@ from typing import Any, BinaryIO, Literal, cast
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import events as ev
-from . import format as fmt
-from .catalog import committed
-from .errors import CheckpointError, CheckpointWriteError
+from .. import events as ev
+from .. import format as fmt
+from ..catalog import committed
+from ..errors import CheckpointError, CheckpointWriteError
+from ..storage import Body, ReadHandle, Sink, Storage, StoredObject, Written
 from .retention import prunable
 from .snapshot import TensorSpec
 from .staging import StagedCopy, StagingPool, StagingRaceError
-from .storage import Body, ReadHandle, Sink, Storage, StoredObject, Written
 
 ValidateMode = Literal["structure", "full", "none"]
 
