@@ -32,14 +32,14 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import events as ev
 from . import loader
 from .catalog import checkpoint_name
-from .checkpoint import MapLocation, flatten_metadata
+from .checkpoint import MapLocation
 from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, NoValidCheckpointError
 from .format import check_step
 from .loader import LoadResult, OnCorrupt
 from .preemption import CallsInProgress, SigtermFlusher
 from .save.handles import SaveHandle
 from .save.overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
-from .save.snapshot import flatten, gc_paused
+from .save.snapshot import flatten, flatten_metadata, gc_paused
 from .save.staging import Copier, StagingPool, stage
 from .save.writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 from .storage import OS, FileOps, PosixStorage

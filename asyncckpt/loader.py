@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from . import format as fmt
+from ._tree import unflatten
 from .catalog import list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
@@ -41,7 +42,6 @@ from .legacy import (
     load_legacy,
     looks_like_torch_save,
 )
-from .save.snapshot import unflatten
 from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
