@@ -11,7 +11,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import CheckpointWriteError
-from .writer import ErrorBox
+from .errorbox import ErrorBox
 
 
 class SaveHandle:
