@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from . import format as fmt
+from ._tree import unflatten
+from .format import TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step, load_legacy
-from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
+from .save.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
 from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
 
 MapLocation = str | torch.device
@@ -28,14 +30,6 @@ class Checkpoint:
     metadata: dict[str, Any]
     version: str
     path: Path
-
-
-def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
-    """Check user metadata (plain values only) and return its encodable tree."""
-    snapshot = flatten(metadata or {})
-    if snapshot.tensors:
-        raise TypeError(f"metadata[{snapshot.tensors[0].key!r}]: tensors belong in the state, not metadata")
-    return snapshot.tree
 
 
 def save(
@@ -76,7 +70,7 @@ def write_snapshot(
     final: Path,
     *,
     tree: Any,
-    tensors: Sequence[TensorSpec],
+    tensors: Sequence[TensorEntry],
     sizes: Sequence[int],
     step: int,
     metadata: Any,

@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from . import format as fmt
+from ._tree import unflatten
 from .catalog import list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
@@ -35,7 +36,6 @@ from .errors import (
     UsageError,
 )
 from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
-from .snapshot import unflatten
 from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"

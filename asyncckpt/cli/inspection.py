@@ -21,7 +21,7 @@ from ..dtypes import dtype_name, itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from ..loader import CandidateReport
-from ..snapshot import flatten
+from ..save.snapshot import flatten
 from ..storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]
@@ -164,7 +164,7 @@ def inspect_file(path: Path) -> Inspection:
 
 
 def _rows(tensors: Iterable[Any]) -> list[TensorRow]:
-    """Table rows of format.TensorEntry or snapshot.TensorSpec objects."""
+    """Table rows of format.TensorEntry objects."""
     return [
         TensorRow(t.key, dtype_name(t.dtype) or str(t.dtype), t.shape, math.prod(t.shape) * itemsize(t.dtype))
         for t in tensors

@@ -17,9 +17,9 @@ import torch
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError, loader
 from asyncckpt.format import tensor_bytes
-from asyncckpt.overlap import modules_in, step_guarded_blobs
-from asyncckpt.snapshot import flatten
-from asyncckpt.staging import Copier, StagedCopy, StagingPool, stage
+from asyncckpt.save.overlap import modules_in, step_guarded_blobs
+from asyncckpt.save.snapshot import flatten
+from asyncckpt.save.staging import Copier, StagedCopy, StagingPool, stage
 
 
 class GatedCopier(Copier):
@@ -109,11 +109,11 @@ class GatedCheckpointer(AsyncCheckpointer):
 
     def __init__(self, directory: Path, copier: GatedCopier, **options: Any) -> None:
         super().__init__(directory, keep_last=10, **options)
-        self._copier = copier  # the seam: tests decide when background copies run
+        self._stager.copier = copier  # the seam: tests decide when background copies run
 
     def __exit__(self, *exc_info: Any) -> None:
-        assert isinstance(self._copier, GatedCopier)
-        self._copier.gate.set()
+        assert isinstance(self._stager.copier, GatedCopier)
+        self._stager.copier.gate.set()
         super().__exit__(*exc_info)
 
 
@@ -386,5 +386,5 @@ def test_saves_without_optimizer_steps_do_not_pile_up_pending_copies(tmp_path: P
     with AsyncCheckpointer(tmp_path, keep_last=2) as ckpt:
         for step in range(20):  # e.g. an evaluation loop that saves but never steps
             ckpt.save(step, {"model": model, "optimizer": optimizer}).result(timeout=30)
-        assert len(ckpt._guard._pending) == 1  # only the newest, whose copy has ended anyway
-        assert ckpt._guard._pending[0].done()
+        assert len(ckpt._stager.guard._pending) == 1  # only the newest, whose copy has ended anyway
+        assert ckpt._stager.guard._pending[0].done()

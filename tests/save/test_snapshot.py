@@ -1,4 +1,4 @@
-"""snapshot.py: flattening a state into skeleton, tensor table and blobs, and back."""
+"""save/snapshot.py: flattening a state into skeleton, tensor table and blobs, and back."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from asyncckpt import format as fmt
+from asyncckpt._tree import unflatten
+from asyncckpt.errors import UnsupportedValueError
 from asyncckpt.format import BigInt, TensorRef
-from asyncckpt.snapshot import (
+from asyncckpt.save.snapshot import (
     INT64_MIN,
     UINT64_MAX,
     BlobSource,
     contiguous_stride,
-    dotted_key,
     flatten,
+    flatten_metadata,
     gc_paused,
-    key_path,
-    unflatten,
 )
 
 SameState = Callable[[Any, Any], None]
@@ -39,14 +39,6 @@ def _blob_bytes(blob: BlobSource) -> torch.Tensor:
     data = blob.tensor.contiguous()
     flat = data.reshape(-1)
     return flat.view(torch.uint8).clone() if flat.numel() else torch.empty(0, dtype=torch.uint8)
-
-
-def test_key_path_and_dotted_key() -> None:
-    assert key_path(("optim", "param_groups", 0, "foo")) == "state['optim']['param_groups'][0]['foo']"
-    assert key_path(()) == "state"
-    assert key_path((1,), root="metadata") == "metadata[1]"
-    assert dotted_key(("model", "layers.3.weight")) == "model.layers.3.weight"
-    assert dotted_key(()) == "<root>"
 
 
 def test_contiguous_stride() -> None:
@@ -184,16 +176,6 @@ def test_requires_grad_parameters_are_detached() -> None:
     assert type(restore({"p": parameter})["p"]) is torch.Tensor
 
 
-def test_unflatten_rebuilds_containers() -> None:
-    tensors = [torch.ones(1), torch.zeros(1)]
-    tree = {"a": (TensorRef(1), [TensorRef(0), BigInt(2**80)]), 3: None}
-
-    out = unflatten(tree, tensors)
-
-    assert out["a"][0] is tensors[1] and out["a"][1][0] is tensors[0]
-    assert type(out["a"]) is tuple and out["a"][1][1] == 2**80 and out[3] is None
-
-
 # --------------------------------------------------------------------------- refusals
 
 
@@ -226,8 +208,10 @@ class Opaque:
     ],
 )
 def test_unstorable_values_name_their_key_path(state: Any, pattern: str) -> None:
-    with pytest.raises(TypeError, match=pattern):
+    with pytest.raises(TypeError, match=pattern) as info:
         flatten(state)
+    assert isinstance(info.value, UnsupportedValueError)
+    assert info.value.key is not None and str(info.value).startswith(info.value.key + ": ")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # quantized and sparse CSR creation warn
@@ -246,8 +230,9 @@ def test_unstorable_values_name_their_key_path(state: Any, pattern: str) -> None
     ],
 )
 def test_unstorable_tensors_name_their_key_path(make: Callable[[], torch.Tensor], pattern: str) -> None:
-    with pytest.raises(TypeError, match=rf"^state\['model'\]\[0\]: {pattern}"):
+    with pytest.raises(TypeError, match=rf"^state\['model'\]\[0\]: {pattern}") as info:
         flatten({"model": [make()]})
+    assert isinstance(info.value, UnsupportedValueError) and info.value.key == "state['model'][0]"
 
 
 def test_optimizer_with_an_unstorable_param_group_entry(trained: Any) -> None:
@@ -295,3 +280,11 @@ def test_gc_paused_restores_the_collector_even_on_error() -> None:
         assert not gc.isenabled()  # a caller's own pause is left alone
     finally:
         gc.enable()
+
+
+def test_metadata_holds_plain_values_only() -> None:
+    assert flatten_metadata(None) == {}
+    assert flatten_metadata({"lr": 0.1, "tags": ("a", 2**70)}) == {"lr": 0.1, "tags": ("a", BigInt(2**70))}
+    with pytest.raises(UnsupportedValueError, match=r"^metadata\['w'\]: tensors belong in the state") as info:
+        flatten_metadata({"w": torch.ones(2)})
+    assert info.value.key == "metadata['w']" and isinstance(info.value, TypeError)

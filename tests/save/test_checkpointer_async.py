@@ -10,6 +10,7 @@ import pytest
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointBusyError, CheckpointWriteError
+from asyncckpt.errors import UsageError
 from asyncckpt.testing import FaultyOps, GatedOps, deterministic_state, states_equal
 
 
@@ -67,3 +68,24 @@ async def test_async_awaited_failure_raises_from_the_handle(tmp_path: Path) -> N
         with pytest.raises(CheckpointWriteError, match="No space left"):
             await handle
         assert await ckpt.save(2, deterministic_state(2)) is not None
+
+
+async def test_async_busy_error_is_a_usage_error_naming_the_step(tmp_path: Path) -> None:
+    ops = GatedOps()
+    async with AsyncCheckpointer(tmp_path, ops=ops) as ckpt:
+        ckpt.save(1, deterministic_state(1))
+        assert await anyio.to_thread.run_sync(ops.entered.wait, 30)
+        with pytest.raises(CheckpointBusyError) as info:
+            ckpt.save(2, deterministic_state(2))
+        assert isinstance(info.value, UsageError) and info.value.step == 2
+        ops.release()
+
+
+async def test_async_open_checkpointer_refuses_the_sync_close_and_stays_usable(tmp_path: Path) -> None:
+    async with AsyncCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(UsageError, match="async with"):
+            ckpt.close()
+        with pytest.raises(UsageError, match="already open"):
+            await ckpt.__aenter__()
+        assert await ckpt.save(1, deterministic_state(1)) is not None
+    assert [c.step for c in asyncckpt.list_checkpoints(tmp_path)] == [1]

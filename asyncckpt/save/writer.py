@@ -1,129 +1,74 @@
 """The background writer: an anyio task that makes staged checkpoints durable, one at a time.
 
-Per checkpoint, in a worker thread (file I/O, fsync and CRC32C release the GIL): write the temp
-file, each blob as soon as its staging copy is done, then the header → fsync → rename → fsync
-directory → validate → commit event → retention → release the buffers. A failure is logged at
-once and handed to the trainer through the job's future and the checkpointer's error box; it
-never escapes into another thread.
+Per checkpoint, in a worker thread (file I/O, fsync and CRC32C release the GIL): write the
+checkpoint through the storage, each blob as soon as its staging copy is done, then the header →
+durable (fsync) → verify the durable bytes → commit (rename, fsync directory) → commit event →
+retention → release the buffers. A failure is logged at once and handed to the trainer through
+the job's future and the error box; it never escapes into another thread.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, cast
+from typing import BinaryIO, Literal, cast
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import events as ev
-from . import format as fmt
-from .catalog import committed
-from .errors import CheckpointError, CheckpointWriteError
+from .. import events as ev
+from .. import format as fmt
+from ..catalog import committed
+from ..errors import CheckpointError, CheckpointWriteError
+from ..storage import Body, Sink, Storage, Written
+from .abandon import AbandonableStorage
+from .errorbox import ErrorBox
+from .job import Job
 from .retention import prunable
-from .snapshot import TensorSpec
-from .staging import StagedCopy, StagingPool, StagingRaceError
-from .storage import Body, ReadHandle, Sink, Storage, StoredObject, Written
+from .staging import StagingPool, StagingRaceError
+from .stats import SaveStats
 
-ValidateMode = Literal["structure", "full", "none"]
-
-
-@dataclass
-class Job:
-    """One staged checkpoint on its way to disk."""
-
-    step: int
-    name: str
-    path: Path  # where ``name`` lives, for handles and messages
-    tree: Any
-    tensors: list[TensorSpec]
-    metadata: Any
-    staged: StagedCopy
-    future: concurrent.futures.Future[Path]
-    stall_ms: float
-    done_event: Any = None  # anyio.Event for awaiting handles in async use
-
-
-@dataclass
-class WriterStats:
-    """Counters and the last save's figures; updated by the writer, read by ``stats()``."""
-
-    committed: int = 0
-    failed: int = 0
-    bytes_written: int = 0
-    last_step: int | None = None
-    last_bytes: int = 0
-    last_write_ms: float = 0.0
-    last_fsync_ms: float = 0.0
-    last_total_ms: float = 0.0
-    last_mb_s: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-class ErrorBox:
-    """Background failures waiting to be raised in the trainer, oldest first."""
-
-    def __init__(self) -> None:
-        self._errors: list[CheckpointWriteError] = []
-        self._lock = threading.Lock()
-
-    def put(self, error: CheckpointWriteError) -> None:
-        with self._lock:
-            self._errors.append(error)
-
-    def discard(self, error: CheckpointWriteError) -> None:
-        """Forget ``error``: the trainer has seen it through its handle."""
-        with self._lock:
-            self._errors = [e for e in self._errors if e is not error]
-
-    def raise_first(self) -> None:
-        """Raise the oldest pending failure (the others are attached as notes) and clear all."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if not errors:
-            return
-        first = errors[0]
-        for other in errors[1:]:
-            first.add_note(f"also failed: {other}")
-        raise first
+VerifyMode = Literal["full", "structure", "none"]
 
 
 class Writer:
-    """Writes jobs received on a stream, in order. Same code for sync and async use."""
+    """Writes jobs received on a stream, in order. Same code for sync and async use.
+
+    ``verify`` says what is read back before the commit: the structure (prelude, trailer, size,
+    header CRC), the full file (also every blob's checksum and the step), or nothing.
+    """
 
     def __init__(
         self,
         storage: Storage,
         *,
         pool: StagingPool,
-        validate: ValidateMode,
+        verify: VerifyMode,
         keep_last: int,
         keep_every: int | None,
         log: ev.EventLog,
         errors: ErrorBox,
-        stats: WriterStats,
-        on_job_done: Callable[[Job], None] | None = None,
+        stats: SaveStats,
     ) -> None:
         self.storage = AbandonableStorage(storage)
         self.pool = pool
-        self.validate = validate
+        self.verify = verify
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.log = log
         self.errors = errors
         self.stats = stats
-        self.on_job_done = on_job_done
         self._scope: anyio.CancelScope | None = None
 
-    async def run(self, jobs: MemoryObjectReceiveStream[Job]) -> None:
+    async def run(
+        self, jobs: MemoryObjectReceiveStream[Job], on_done: Callable[[Job], None] | None = None
+    ) -> None:
         """Process jobs until the stream is closed and drained, or until :meth:`abandon`.
 
+        After each job: set its ``done_event``, then call ``on_done`` (on the event loop).
         Shielded: the caller's cancellation must not drop checkpoints already queued.
         """
         with anyio.CancelScope(shield=True) as scope:
@@ -133,8 +78,8 @@ class Writer:
                     await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
                     if job.done_event is not None:
                         job.done_event.set()
-                    if self.on_job_done is not None:
-                        self.on_job_done(job)
+                    if on_done is not None:
+                        on_done(job)
 
     def abandon(self) -> None:
         """Stop at once, leaving a stuck write behind (call it on the writer's event loop).
@@ -154,8 +99,7 @@ class Writer:
             self._commit(job)
         except BaseException as exc:
             error = _as_write_error(job, exc)
-            with self.stats.lock:
-                self.stats.failed += 1
+            self.stats.count_failure()
             self.log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
             self.errors.put(error)
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled by abandon
@@ -184,7 +128,13 @@ class Writer:
             raise
         publish_s = self.storage.commit(written)
         total_ms = (time.perf_counter() - started) * 1000.0
-        self._count(job, written, total_ms)
+        mb_s = self.stats.count_commit(
+            step=job.step,
+            nbytes=written.nbytes,
+            write_s=written.write_s,
+            fsync_s=written.fsync_s,
+            total_ms=total_ms,
+        )
         self.log.info(
             ev.SAVE_COMMITTED,
             step=job.step,
@@ -194,29 +144,18 @@ class Writer:
             fsync_ms=round(written.fsync_s * 1000.0, 3),
             publish_ms=round(publish_s * 1000.0, 3),
             total_ms=round(total_ms, 3),
-            mb_s=round(self.stats.last_mb_s, 1),
+            mb_s=round(mb_s, 1),
         )
         self._retain(job.name)
 
-    def _count(self, job: Job, written: Written, total_ms: float) -> None:
-        with self.stats.lock:
-            self.stats.committed += 1
-            self.stats.bytes_written += written.nbytes
-            self.stats.last_step = job.step
-            self.stats.last_bytes = written.nbytes
-            self.stats.last_write_ms = written.write_s * 1000.0
-            self.stats.last_fsync_ms = written.fsync_s * 1000.0
-            self.stats.last_total_ms = total_ms
-            self.stats.last_mb_s = written.nbytes / 1e6 / max(total_ms / 1000.0, 1e-9)
-
     def _verify(self, job: Job, written: Written) -> None:
-        if self.validate == "none":
+        if self.verify == "none":
             return
         where = str(job.path)
         try:
             with self.storage.open_written(written) as handle:
                 file = cast(BinaryIO, handle.cursor())
-                if self.validate == "structure":
+                if self.verify == "structure":
                     # Prelude, trailer, size and header CRC: the bytes on disk are the ones
                     # written. Decoding the header again would only re-check our own encoder
                     # and hold the GIL against the trainer for ~20 us a tensor.
@@ -230,7 +169,7 @@ class Writer:
                 fmt.verify_blobs(file, layout, path=where)
         except CheckpointError as exc:
             raise CheckpointWriteError(
-                f"validation after write failed, nothing was published: {exc}", path=job.path, step=job.step
+                f"verification after write failed, nothing was published: {exc}", path=job.path, step=job.step
             ) from exc
 
     def _retain(self, protect: str) -> None:
@@ -265,77 +204,6 @@ def _encoder(job: Job) -> Body:
             return fmt.write_file(sink, header, job.staged.blob_bytes(), checksum_pool=checksums)
 
     return body
-
-
-class AbandonableStorage(Storage):
-    """``storage`` until abandoned; then every call but clean-up fails with ``ECANCELED``.
-
-    The write in progress keeps its worker thread, but its next sink write fails, so it never
-    publishes its object.
-    """
-
-    def __init__(self, storage: Storage) -> None:
-        self.inner = storage
-        self.location = storage.location
-        self.abandoned = threading.Event()
-
-    def _check(self) -> None:
-        if self.abandoned.is_set():
-            raise OSError(errno.ECANCELED, "the checkpointer was closed while this write was stuck")
-
-    def where(self, name: str) -> str:
-        return self.inner.where(name)
-
-    def write(self, name: str, body: Body) -> Written:
-        self._check()
-
-        def checked(sink: Sink) -> int:
-            return body(_CheckedSink(sink, self._check))
-
-        return self.inner.write(name, checked)
-
-    def open_written(self, written: Written) -> ReadHandle:
-        return self.inner.open_written(written)
-
-    def commit(self, written: Written) -> float:
-        try:
-            self._check()
-        except OSError as exc:
-            self.inner.discard(written)
-            raise CheckpointWriteError(f"not published: {exc}", path=self.where(written.name)) from exc
-        return self.inner.commit(written)
-
-    def discard(self, written: Written) -> None:
-        self.inner.discard(written)
-
-    def open(self, name: str) -> ReadHandle:
-        return self.inner.open(name)
-
-    def ls(self, under: str = "") -> list[StoredObject]:
-        return self.inner.ls(under)
-
-    def delete(self, names: Sequence[str]) -> None:
-        self._check()
-        self.inner.delete(names)
-
-    def leftovers(self) -> list[str]:
-        return self.inner.leftovers()
-
-    def remove_leftovers(self, names: Sequence[str]) -> None:
-        self.inner.remove_leftovers(names)
-
-    def append_line(self, name: str, line: str) -> None:
-        self.inner.append_line(name, line)
-
-
-class _CheckedSink:
-    def __init__(self, sink: Sink, check: Callable[[], None]) -> None:
-        self._sink = sink
-        self._check = check
-
-    def write(self, data: memoryview | bytes) -> None:
-        self._check()
-        self._sink.write(data)
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .._tree import walk
 from .snapshot import Snapshot, StorageKey, storage_key
 from .staging import StagedCopy
 
@@ -33,17 +34,7 @@ def modules_in(state: Any) -> list[torch.nn.Module]:
 
 
 def _objects_in(state: Any, kind: type[T]) -> list[T]:
-    found: list[T] = []
-    stack = [state]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, kind):
-            found.append(value)
-        elif isinstance(value, Mapping):
-            stack.extend(value.values())
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-    return found
+    return [leaf for _, leaf in walk(state) if isinstance(leaf, kind)]
 
 
 def forward_written_storages(modules: Sequence[torch.nn.Module]) -> set[StorageKey]:

@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from . import format as fmt
-from .dtypes import itemsize
-from .snapshot import BlobLayout, Snapshot, contiguous_stride
-
-LayoutKey = tuple[BlobLayout, ...]
+from .. import format as fmt
+from ..dtypes import itemsize
+from ..errors import UsageError
+from .snapshot import LayoutKey, Snapshot, contiguous_stride
 
 
 @dataclass
@@ -221,7 +220,7 @@ class StagingPool:
 
     def __init__(self, slots: int, *, pin_memory: bool) -> None:
         if slots < 1:
-            raise ValueError(f"max_pending must be >= 1, got {slots}")
+            raise UsageError(f"max_pending must be >= 1, got {slots}")
         self.slots = slots
         self.pin_memory = pin_memory
         self.allocations = 0  # buffer sets allocated so far (a test checks reuse with it)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import threading
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import torch
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
+from asyncckpt.errors import UnsupportedValueError, UsageError
 from asyncckpt.testing import FaultyOps, GatedOps, deterministic_state, states_equal
 
 
@@ -69,15 +73,16 @@ def test_saving_an_existing_step_replaces_it(tmp_path: Path) -> None:
 
 def test_unstorable_value_raises_type_error_before_queueing(tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path) as ckpt:
-        with pytest.raises(TypeError, match=r"state\['extra'\]\['fn'\]"):
+        with pytest.raises(TypeError, match=r"state\['extra'\]\['fn'\]") as info:
             ckpt.save(1, {"extra": {"fn": print}})
+        assert isinstance(info.value, UnsupportedValueError) and info.value.key == "state['extra']['fn']"
         assert ckpt.stats().saves == 0
     assert asyncckpt.list_checkpoints(tmp_path) == []
 
 
 @pytest.mark.parametrize("mode", ["structure", "full", "none"])
-def test_validate_modes_commit(tmp_path: Path, mode: str) -> None:
-    with AsyncCheckpointer(tmp_path, validate=mode) as ckpt:  # type: ignore[arg-type]
+def test_verify_modes_commit(tmp_path: Path, mode: str) -> None:
+    with AsyncCheckpointer(tmp_path, verify=mode) as ckpt:  # type: ignore[arg-type]
         path = ckpt.save(1, deterministic_state(1)).result(timeout=30)
     assert path is not None and asyncckpt.load(path).step == 1
 
@@ -240,10 +245,11 @@ def test_stats_report_the_last_save(tmp_path: Path) -> None:
     assert stats.pending == 0
 
 
-def test_save_outside_the_context_is_an_error(tmp_path: Path) -> None:
+def test_save_outside_the_context_is_a_usage_error(tmp_path: Path) -> None:
     ckpt = AsyncCheckpointer(tmp_path)
-    with pytest.raises(asyncckpt.CheckpointError, match="not open"):
+    with pytest.raises(UsageError, match="not open") as info:
         ckpt.save(1, {})
+    assert info.value.exit_code == 1 and not isinstance(info.value, asyncckpt.CheckpointError)
 
 
 def test_module_and_optimizer_are_saved_through_state_dict(tmp_path: Path) -> None:
@@ -280,3 +286,66 @@ def test_restore_resumes_from_the_newest_checkpoint_and_logs_the_summary(tmp_pat
     assert states_equal(fresh.state_dict(), model.state_dict())
     assert states_equal(fresh_optimizer.state_dict(), optimizer.state_dict())
     assert "checkpoint.load.summary" in event_names(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"when_busy": "drop"}, "when_busy must be 'wait' or 'skip'"),
+        ({"verify": "skip"}, "verify must be 'full', 'structure' or 'none'"),
+        ({"keep_last": 0}, "keep_last must be >= 1"),
+        ({"keep_every": 0}, "keep_every must be >= 1 or None"),
+        ({"max_pending": 0}, "max_pending must be >= 1"),
+        ({"close_timeout": -1.0}, "close_timeout must be >= 0 or None"),
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path: Path, options: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(UsageError, match=pattern) as info:
+        AsyncCheckpointer(tmp_path, **options)
+    assert info.value.exit_code == 1 and not isinstance(info.value, ValueError)
+
+
+def test_entering_an_open_checkpointer_is_a_usage_error(tmp_path: Path) -> None:
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        with pytest.raises(UsageError, match="already open"):
+            ckpt.__enter__()
+        ckpt.save(1, {"s": 1})
+    assert [c.step for c in asyncckpt.list_checkpoints(tmp_path)] == [1]
+
+
+def test_handle_sigterm_off_the_main_thread_is_a_usage_error_that_starts_nothing(tmp_path: Path) -> None:
+    ckpt = AsyncCheckpointer(tmp_path, handle_sigterm=True)
+    before = signal.getsignal(signal.SIGTERM)
+    raised: list[BaseException] = []
+
+    def enter() -> None:
+        try:
+            ckpt.__enter__()
+        except BaseException as exc:  # handed to the test thread
+            raised.append(exc)
+
+    opener = threading.Thread(target=enter)
+    opener.start()
+    opener.join(30)
+    [error] = raised
+    assert isinstance(error, UsageError) and "main thread" in str(error)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not any(t.name == "asyncckpt-sigterm" for t in threading.enumerate())
+    assert not (tmp_path / "events.jsonl").exists()  # the writer never started
+    with pytest.raises(UsageError, match="not open"):
+        ckpt.save(1, {})
+    with ckpt:  # the main thread may open it
+        ckpt.save(1, {"s": 1}).result(timeout=30)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_close_of_a_checkpointer_never_opened_does_nothing(tmp_path: Path) -> None:
+    AsyncCheckpointer(tmp_path / "never").close()
+    assert not (tmp_path / "never").exists()
+
+
+def test_aflush_also_works_in_sync_use(tmp_path: Path) -> None:
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        handle = ckpt.save(1, deterministic_state(1))
+        anyio.run(ckpt.aflush)
+        assert handle.done()

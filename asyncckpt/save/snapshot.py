@@ -1,7 +1,8 @@
 """Application state ⇄ (tree skeleton, table of tensors, list of byte blobs).
 
 ``flatten`` walks a state tree once, checks every value, turns objects with ``state_dict()`` into
-their state dicts, and replaces each tensor by a :class:`TensorRef`. Tensors that share one storage
+their state dicts, and replaces each tensor by a :class:`TensorRef` (the inverse is
+:func:`asyncckpt._tree.unflatten`). Tensors that share one storage
 (tied weights, views) become one blob so that they are written once and restored as aliases.
 Nothing is copied here: blob sources are views of the caller's tensors.
 """
@@ -11,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .dtypes import dtype_name, itemsize
-from .format import MAX_DEPTH, MAX_NDIM, BigInt, TensorEntry, TensorRef
+from .._tree import KeyPath, dotted_key, key_path, renumber_refs
+from ..dtypes import dtype_name, itemsize
+from ..errors import UnsupportedValueError
+from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorEntry, TensorRef
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)
@@ -27,7 +30,6 @@ UINT64_MAX = 2**64 - 1
 
 # The table's entries are the format's own (one class for writing and reading). The old name
 # stays for the modules that import it from here until they move (writer.py, checkpoint.py).
-TensorSpec = TensorEntry
 
 
 StorageKey = tuple[torch.device, int]
@@ -61,6 +63,7 @@ class BlobSource:
 
 
 BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
+LayoutKey = tuple[BlobLayout, ...]
 
 
 @dataclass(frozen=True)
@@ -75,22 +78,12 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(blob.nbytes for blob in self.blobs)
 
-    def layout_key(self) -> tuple[BlobLayout, ...]:
+    def layout_key(self) -> LayoutKey:
         """Per blob: size, device, and dtype and shape of what is copied into it. Snapshots with
         equal keys fit the same staging buffers, and the same destination views."""
         return tuple(
             (b.nbytes, str(b.tensor.device), b.tensor.dtype, tuple(b.tensor.shape)) for b in self.blobs
         )
-
-
-def key_path(path: tuple[Any, ...], root: str = "state") -> str:
-    """``("optim", "param_groups", 0)`` → ``state["optim"]["param_groups"][0]``."""
-    return root + "".join(f"[{part!r}]" for part in path)
-
-
-def dotted_key(path: tuple[Any, ...]) -> str:
-    """``("model", "layers.3.weight")`` → ``model.layers.3.weight`` (for diagnostics)."""
-    return ".".join(map(str, path)) or "<root>"
 
 
 @contextlib.contextmanager
@@ -115,25 +108,45 @@ def gc_paused() -> Iterator[None]:
 def flatten(state: Any) -> Snapshot:
     """Check ``state`` and split it into skeleton, tensor table and blob sources.
 
-    Raises ``TypeError`` naming the key path of the first value that cannot be stored; nothing is
-    written before this returns.
+    Raises :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) for the first value
+    that cannot be stored; its ``key`` is the value's key path, which the message names too.
+    Nothing is written before this returns.
     """
     walker = _Walker()
     tree = walker.walk(state, ())
     tensors, blobs, table_index = _tabulate(walker.found)
     if table_index != list(range(len(table_index))):  # some tensors were aliases: renumber
-        tree = _rewrite_refs(tree, lambda ref: TensorRef(table_index[ref.index]))
+        tree = renumber_refs(tree, table_index)
     return Snapshot(tree=tree, tensors=tensors, blobs=blobs)
+
+
+def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
+    """Check user metadata (plain values only) and return its encodable tree.
+
+    Raises :class:`asyncckpt.errors.UnsupportedValueError` for a value that cannot be stored,
+    and for a tensor (tensors belong in the state).
+    """
+    snapshot = flatten(metadata or {})
+    if snapshot.tensors:
+        key = f"metadata[{snapshot.tensors[0].key!r}]"
+        raise UnsupportedValueError(f"{key}: tensors belong in the state, not metadata", key=key)
+    return snapshot.tree
+
+
+def _unsupported(path: KeyPath, reason: str) -> UnsupportedValueError:
+    """The error for a value at ``path`` that cannot be stored; the message starts with the key path."""
+    where = key_path(path)
+    return UnsupportedValueError(f"{where}: {reason}", key=where)
 
 
 class _Walker:
     def __init__(self) -> None:
-        self.found: list[tuple[torch.Tensor, tuple[Any, ...]]] = []
+        self.found: list[tuple[torch.Tensor, KeyPath]] = []
         self._active: set[int] = set()
 
-    def walk(self, value: Any, path: tuple[Any, ...]) -> Any:
+    def walk(self, value: Any, path: KeyPath) -> Any:
         if len(path) > MAX_DEPTH:
-            raise TypeError(f"{key_path(path)}: nesting deeper than {MAX_DEPTH} levels")
+            raise _unsupported(path, f"nesting deeper than {MAX_DEPTH} levels")
         if isinstance(value, torch.Tensor):  # first: the most common leaf of a big state
             return self._tensor(value, path)
         if isinstance(value, str):
@@ -149,25 +162,26 @@ class _Walker:
         state_dict = getattr(value, "state_dict", None)
         if callable(state_dict):
             return self.walk(state_dict(), path)
-        raise TypeError(
-            f"{key_path(path)}: cannot store a value of type {type(value).__qualname__}; "
+        raise _unsupported(
+            path,
+            f"cannot store a value of type {type(value).__qualname__}; "
             "checkpoints hold dicts, lists, tuples, None, bool, int, float, str, bytes, tensors "
-            "and objects with state_dict()"
+            "and objects with state_dict()",
         )
 
-    def _tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> TensorRef:
+    def _tensor(self, tensor: torch.Tensor, path: KeyPath) -> TensorRef:
         if dtype_name(tensor.dtype) is None:
-            raise TypeError(f"{key_path(path)}: tensors of dtype {tensor.dtype} cannot be stored")
+            raise _unsupported(path, f"tensors of dtype {tensor.dtype} cannot be stored")
         if tensor.layout is not torch.strided:  # sparse, sparse_csr, mkldnn, jagged, ...
-            raise TypeError(f"{key_path(path)}: only dense (strided) tensors can be stored")
+            raise _unsupported(path, "only dense (strided) tensors can be stored")
         if tensor.dim() > MAX_NDIM:
-            raise TypeError(f"{key_path(path)}: tensors of more than {MAX_NDIM} dimensions")
+            raise _unsupported(path, f"tensors of more than {MAX_NDIM} dimensions")
         self.found.append((tensor.detach(), path))
         return TensorRef(len(self.found) - 1)
 
-    def _container(self, value: Any, path: tuple[Any, ...]) -> Any:
+    def _container(self, value: Any, path: KeyPath) -> Any:
         if id(value) in self._active:
-            raise TypeError(f"{key_path(path)}: the state refers to itself (a cycle)")
+            raise _unsupported(path, "the state refers to itself (a cycle)")
         self._active.add(id(value))
         try:
             if isinstance(value, Mapping):
@@ -178,24 +192,25 @@ class _Walker:
             self._active.discard(id(value))
 
     @staticmethod
-    def _key(key: Any, path: tuple[Any, ...]) -> str | int:
+    def _key(key: Any, path: KeyPath) -> str | int:
         if isinstance(key, bool) or not isinstance(key, str | int):
-            raise TypeError(
-                f"{key_path(path)}: dict key {key!r} of type {type(key).__qualname__} "
-                "cannot be stored (keys must be str or int)"
+            raise _unsupported(
+                path,
+                f"dict key {key!r} of type {type(key).__qualname__} "
+                "cannot be stored (keys must be str or int)",
             )
         if isinstance(key, int) and not INT64_MIN <= key <= UINT64_MAX:
-            raise TypeError(f"{key_path(path)}: dict key {key} does not fit 64 bits")
+            raise _unsupported(path, f"dict key {key} does not fit 64 bits")
         return _text(key, path, "dict key") if isinstance(key, str) else int(key)
 
 
-def _text(value: str, path: tuple[Any, ...], what: str) -> str:
+def _text(value: str, path: KeyPath, what: str) -> str:
     """``value`` as an exact ``str``; lone surrogates have no UTF-8 form, so msgpack cannot store them."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise TypeError(
-            f"{key_path(path)}: {what} {value!r} cannot be stored: it is not valid UTF-8 ({exc.reason})"
+        raise _unsupported(
+            path, f"{what} {value!r} cannot be stored: it is not valid UTF-8 ({exc.reason})"
         ) from None
     return str(value)
 
@@ -231,7 +246,7 @@ def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
 
 
 def _tabulate(
-    found: list[tuple[torch.Tensor, tuple[Any, ...]]],
+    found: list[tuple[torch.Tensor, KeyPath]],
 ) -> tuple[list[TensorEntry], list[BlobSource], list[int]]:
     """Build the tensor table and the blobs; return also each found tensor's table index.
 
@@ -300,7 +315,7 @@ def _span_start(blob: BlobSource, tensor: torch.Tensor) -> int:
 
 def _spec(
     tensor: torch.Tensor,
-    path: tuple[Any, ...],
+    path: KeyPath,
     blob: int,
     offset: int,
     *,
@@ -323,30 +338,3 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(size, 1)
     return tuple(reversed(stride))
-
-
-def _rewrite_refs(tree: Any, fn: Callable[[TensorRef], TensorRef]) -> Any:
-    if isinstance(tree, TensorRef):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _rewrite_refs(v, fn) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_rewrite_refs(v, fn) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_rewrite_refs(v, fn) for v in tree)
-    return tree
-
-
-def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
-    """Put ``tensors`` back where their refs stand in ``tree`` (a decoded header tree)."""
-    if isinstance(tree, TensorRef):
-        return tensors[tree.index]
-    if isinstance(tree, BigInt):
-        return tree.value
-    if isinstance(tree, dict):
-        return {k: unflatten(v, tensors) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [unflatten(v, tensors) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(unflatten(v, tensors) for v in tree)
-    return tree

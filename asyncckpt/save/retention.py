@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .catalog import CheckpointInfo
+from ..catalog import CheckpointInfo
+from ..errors import UsageError
 
 
 def prunable(
@@ -17,13 +18,15 @@ def prunable(
 ) -> list[CheckpointInfo]:
     """The checkpoints retention may delete, oldest first.
 
-    Kept: the ``keep_last`` newest steps, every step divisible by ``keep_every``, and ``protect``
-    (the checkpoint just committed, which is the newest valid one whatever else the directory holds).
+    Kept: the ``keep_last`` newest steps (never fewer than the newest one), every step divisible
+    by ``keep_every``, and ``protect`` (the checkpoint just committed, which is the newest valid
+    one whatever else the directory holds). Raises :class:`asyncckpt.errors.UsageError` for a
+    negative ``keep_last``.
     """
     if keep_last < 0:
-        raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        raise UsageError(f"keep_last must be >= 0, got {keep_last}")
     ordered = sorted(checkpoints, key=lambda c: c.step)
-    newest = {c.path for c in ordered[max(len(ordered) - keep_last, 0) :]} if keep_last else set()
+    newest = {c.path for c in ordered[-max(keep_last, 1) :]}
     return [
         c
         for c in ordered

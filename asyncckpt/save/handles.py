@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .errors import CheckpointWriteError
-from .writer import ErrorBox
+from ..errors import CheckpointWriteError
+from .errorbox import ErrorBox
 
 
 class SaveHandle:
