@@ -1,6 +1,6 @@
 """AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` goes one way down: :func:`~asyncckpt.save.plan.plan_save` checks and flattens the
+``save()`` goes one way down: a :class:`~asyncckpt.save.plan.Planner` checks and flattens the
 state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
 :class:`~asyncckpt.save.stager.Stager` copies the state into it; the job goes to the writer
 through the open lifecycle, a :class:`~asyncckpt.save.runner.SyncRunner` (``with``: an event loop
@@ -30,7 +30,7 @@ from .save.errorbox import ErrorBox
 from .save.handles import SaveHandle
 from .save.job import Job
 from .save.pending import PendingSaves
-from .save.plan import SavePlan, plan_save
+from .save.plan import Planner, SavePlan
 from .save.runner import AsyncRunner, Runner, SyncRunner
 from .save.stager import Stager
 from .save.staging import StagedCopy, StagingPool
@@ -106,6 +106,7 @@ class AsyncCheckpointer:
         self._errors = ErrorBox()
         self._pending = PendingSaves()
         self._stats = SaveStats()
+        self._planner = Planner()
         self._stager = Stager(self._pool)
         self._saves_in_progress = CallsInProgress()
         self._runner: Runner | None = None
@@ -261,7 +262,7 @@ class AsyncCheckpointer:
         runner = self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
-        plan = plan_save(step, state, metadata, overlap=self.overlap)
+        plan = self._planner.plan(step, state, metadata, overlap=self.overlap)
         buffers = self._pool.try_acquire(plan.layout)
         wait_ms = 0.0
         if buffers is None:
@@ -274,10 +275,11 @@ class AsyncCheckpointer:
         staged = self._stager.stage(plan, buffers)
         job = self._job(plan, staged, runner)
         self._pending.add(job)
-        runner.submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
         self._stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
+        # Logged before the writer has the job: its events come after this one.
         runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
+        runner.submit(job)
         return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
 
     def _job(self, plan: SavePlan, staged: StagedCopy, runner: Runner) -> Job:
@@ -292,6 +294,7 @@ class AsyncCheckpointer:
             staged=staged,
             future=concurrent.futures.Future(),
             done_event=runner.done_event(),
+            structure=plan.snapshot.structure,
         )
 
     def _skip(self, runner: Runner, step: int) -> SaveHandle:

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 
 from ..format import TensorEntry
+from .snapshot import Structure
 from .staging import StagedCopy
 
 
@@ -32,3 +33,4 @@ class Job:
     staged: StagedCopy
     future: concurrent.futures.Future[Path]
     done_event: anyio.Event | None = None
+    structure: Structure | None = None  # whose memo keeps the encoded header table

@@ -10,7 +10,7 @@ tensors of a plain state dict, extras) is copied before ``save()`` returns.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any, TypeVar
 
 import torch
@@ -58,14 +58,29 @@ def step_guarded_blobs(
 ) -> frozenset[int]:
     """Indices of the blobs whose storage only an optimizer step changes.
 
-    A blob qualifies when its storage is a parameter of one of ``optimizers`` that is also a
-    parameter of one of ``modules`` (so that asyncckpt can see how the module uses it), or a
-    tensor of an optimizer's state; parameters that forward of a module writes
-    (:func:`forward_written_storages`) never qualify. An optimizer whose parameters or state
-    cannot be read (a wrapper that is not a real ``Optimizer``) guards nothing.
+    A blob qualifies when its storage is one of :func:`guarded_storages`.
     """
     if not optimizers:
         return frozenset()
+    return blobs_in(snapshot, guarded_storages(optimizers, modules))
+
+
+def blobs_in(snapshot: Snapshot, storages: Set[StorageKey]) -> frozenset[int]:
+    """Indices of the blobs of ``snapshot`` whose storage is one of ``storages``."""
+    return frozenset(i for i, storage in enumerate(snapshot.structure.storages) if storage in storages)
+
+
+def guarded_storages(
+    optimizers: Sequence[torch.optim.Optimizer], modules: Sequence[torch.nn.Module] = ()
+) -> set[StorageKey]:
+    """The storages that only an optimizer step changes.
+
+    A parameter of one of ``optimizers`` that is also a parameter of one of ``modules`` (so
+    that asyncckpt can see how the module uses it), or a tensor of an optimizer's state;
+    parameters that forward of a module writes (:func:`forward_written_storages`) never
+    qualify. An optimizer whose parameters or state cannot be read (a wrapper that is not a
+    real ``Optimizer``) guards nothing.
+    """
     params: set[StorageKey | None] = set()
     state: set[StorageKey | None] = set()
     for optimizer in optimizers:
@@ -74,13 +89,14 @@ def step_guarded_blobs(
         except (AttributeError, TypeError):
             continue
         for group in groups:
-            params.update(storage_key(param) for param in group["params"])
+            params.update(map(storage_key, group["params"]))
         for per_param in per_param_states:
             if isinstance(per_param, Mapping):
                 state.update(storage_key(v) for v in per_param.values() if isinstance(v, torch.Tensor))
     seen = {storage_key(param) for module in modules for param in module.parameters()}
-    guarded = ((params & seen) | state) - forward_written_storages(modules) - {None}
-    return frozenset(i for i, blob in enumerate(snapshot.blobs) if blob.storage in guarded)
+    guarded = ((params & seen) | state) - forward_written_storages(modules)
+    guarded.discard(None)
+    return guarded  # type: ignore[return-value]
 
 
 class StepGuard:

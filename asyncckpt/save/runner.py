@@ -10,6 +10,9 @@ most ``close_timeout``), abandon those that are stuck, stop the writer, raise th
 from __future__ import annotations
 
 import abc
+import asyncio
+import concurrent.futures
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -105,15 +108,30 @@ class SyncRunner(Runner):
     _portal: BlockingPortal | None = None
     _writer_done: Any = None  # the concurrent.futures.Future of the writer task
 
+    _loop: asyncio.AbstractEventLoop | None = None
+
     def start(self) -> None:
         """Start the portal thread and the writer task in it."""
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
+        self._loop = self._portal.call(asyncio.get_running_loop)
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
     def submit(self, job: Job) -> None:
-        assert self._portal is not None
-        self._portal.call(self._send.send_nowait, job)
+        # Hand the job over without waiting for the event loop to take it: a portal call is a
+        # round trip, and the trainer would wait for the writer's thread to get the GIL.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, job)
+
+    def _deliver(self, job: Job) -> None:
+        """Queue ``job`` for the writer (on the event loop); fail it if the writer has stopped."""
+        try:
+            self._send.send_nowait(job)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            reason = "the writer had stopped; nothing was written"
+            error = CheckpointWriteError(reason, path=job.path, step=job.step)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_exception(error)
 
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
         buffers = pool.acquire(plan.layout)
@@ -151,7 +169,7 @@ class SyncRunner(Runner):
         finally:
             if self._portal_cm is not None:
                 self._portal_cm.__exit__(None, None, None)
-            self._portal = self._portal_cm = self._writer_done = None
+            self._portal = self._portal_cm = self._writer_done = self._loop = None
 
 
 class AsyncRunner(Runner):

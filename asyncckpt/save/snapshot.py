@@ -1,38 +1,50 @@
 """Application state ⇄ (tree skeleton, table of tensors, list of byte blobs).
 
-``flatten`` walks a state tree once, checks every value, turns objects with ``state_dict()`` into
-their state dicts, and replaces each tensor by a :class:`TensorRef` (the inverse is
-:func:`asyncckpt._tree.unflatten`). Tensors that share one storage
-(tied weights, views) become one blob so that they are written once and restored as aliases.
-Nothing is copied here: blob sources are views of the caller's tensors.
+``flatten`` walks a state tree once (:func:`~asyncckpt.save.walker.walk_state`) and lays out its
+tensors: a :class:`Structure` (the skeleton, the tensor table, which tensor each blob is copied
+from, the blobs' sizes) that depends only on the state's shape and where its tensors live, and a
+:class:`Snapshot` of one save (the structure and the tensors found this time). Tensors that share
+one storage (tied weights, views) become one blob so that they are written once and restored as
+aliases. Nothing is copied here: blob sources are views of the caller's tensors. The inverse is
+:func:`asyncckpt._tree.unflatten`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .._tree import KeyPath, dotted_key, key_path, renumber_refs
-from ..dtypes import dtype_name, itemsize
+from .._tree import renumber_refs
 from ..errors import UnsupportedValueError
-from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorEntry, TensorRef
+from ..format import TensorEntry
+from .walker import INT64_MIN, UINT64_MAX, StateDicts, Walked, walk_state
 
-# Python ints outside this range are stored as big ints (a msgpack extension type).
-INT64_MIN = -(2**63)
-UINT64_MAX = 2**64 - 1
-
-
-# The table's entries are the format's own (one class for writing and reading). The old name
-# stays for the modules that import it from here until they move (writer.py, checkpoint.py).
-
+__all__ = [
+    "INT64_MIN",
+    "UINT64_MAX",
+    "BlobSource",
+    "LayoutKey",
+    "Snapshot",
+    "StorageKey",
+    "Structure",
+    "contiguous_stride",
+    "flatten",
+    "flatten_metadata",
+    "gc_paused",
+    "lay_out",
+    "storage_key",
+]
 
 StorageKey = tuple[torch.device, int]
+BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
+LayoutKey = tuple[BlobLayout, ...]
 
 
 @dataclass(frozen=True)
@@ -62,28 +74,102 @@ class BlobSource:
         return self.members if self.raw else (self.tensor,)
 
 
-BlobLayout = tuple[int, str, torch.dtype, tuple[int, ...]]
-LayoutKey = tuple[BlobLayout, ...]
-
-
 @dataclass(frozen=True)
-class Snapshot:
-    """A flattened state: the skeleton with refs, the tensor table and the blob sources."""
+class Span:
+    """A blob holding a storage span shared by several tensors: bytes ``[lo, hi)`` of the storage."""
+
+    members: tuple[int, ...]  # indices of the found tensors that view the span
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, eq=False)
+class Structure:
+    """What a state's shape and its tensors' places decide; the same for every save of an
+    unchanged state, so it is computed once and reused (see :mod:`asyncckpt.save.fingerprint`).
+
+    Per blob: ``sources[b]`` is the index (in the order found) of the tensor copied into blob
+    ``b``, or -1 for a span blob (``spans[b]``); ``storages[b]`` its storage. ``memo`` holds what
+    later steps derive from the structure alone (copy plans, the encoded header table).
+    """
 
     tree: Any
     tensors: list[TensorEntry]
-    blobs: list[BlobSource]
+    sizes: list[int]
+    sources: list[int]
+    spans: dict[int, Span]
+    storages: list[StorageKey | None]
+    layout: LayoutKey
+    found: int  # how many tensors a walk of the state finds
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(blob.nbytes for blob in self.blobs)
+        return sum(self.sizes)
+
+    @functools.cached_property
+    def uses_cuda(self) -> bool:
+        """Whether any blob is copied from a CUDA device."""
+        return any(device == "cuda" or device.startswith("cuda:") for _, device, _, _ in self.layout)
+
+
+class Snapshot:
+    """One save's flattened state: its :class:`Structure` and the tensors found this time."""
+
+    def __init__(self, structure: Structure, found: list[torch.Tensor]) -> None:
+        assert len(found) == structure.found
+        self.structure = structure
+        self.found = found
+
+    @property
+    def tree(self) -> Any:
+        return self.structure.tree
+
+    @property
+    def tensors(self) -> list[TensorEntry]:
+        return self.structure.tensors
+
+    @property
+    def nbytes(self) -> int:
+        return self.structure.nbytes
 
     def layout_key(self) -> LayoutKey:
         """Per blob: size, device, and dtype and shape of what is copied into it. Snapshots with
         equal keys fit the same staging buffers, and the same destination views."""
-        return tuple(
-            (b.nbytes, str(b.tensor.device), b.tensor.dtype, tuple(b.tensor.shape)) for b in self.blobs
-        )
+        return self.structure.layout
+
+    @functools.cached_property
+    def sources(self) -> list[torch.Tensor]:
+        """Per blob, the tensor whose bytes are copied into it (span blobs: a uint8 view)."""
+        found = self.found
+        sources = [found[i] for i in self.structure.sources]
+        for blob, span in self.structure.spans.items():
+            sources[blob] = _span_view(found[span.members[0]], span)
+        return sources
+
+    def watched(self, blob: int) -> tuple[torch.Tensor, ...]:
+        """The state's tensors whose version counters tell whether blob ``blob`` changed."""
+        span = self.structure.spans.get(blob)
+        if span is None:
+            return (self.sources[blob],)
+        return tuple(self.found[i] for i in span.members)
+
+    @functools.cached_property
+    def blobs(self) -> list[BlobSource]:
+        """Each blob's source, size and storage."""
+        structure = self.structure
+        return [
+            BlobSource(
+                tensor,
+                size,
+                raw=blob in structure.spans,
+                members=self.watched(blob) if blob in structure.spans else (),
+                storage=storage,
+            )
+            for blob, (tensor, size, storage) in enumerate(
+                zip(self.sources, structure.sizes, structure.storages, strict=True)
+            )
+        ]
 
 
 @contextlib.contextmanager
@@ -105,19 +191,16 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def flatten(state: Any) -> Snapshot:
+def flatten(state: Any, state_dicts: StateDicts | None = None) -> Snapshot:
     """Check ``state`` and split it into skeleton, tensor table and blob sources.
 
     Raises :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) for the first value
     that cannot be stored; its ``key`` is the value's key path, which the message names too.
-    Nothing is written before this returns.
+    Nothing is written before this returns. ``state_dicts`` replays the ``state_dict()`` results
+    an earlier walk of the same save already took.
     """
-    walker = _Walker()
-    tree = walker.walk(state, ())
-    tensors, blobs, table_index = _tabulate(walker.found)
-    if table_index != list(range(len(table_index))):  # some tensors were aliases: renumber
-        tree = renumber_refs(tree, table_index)
-    return Snapshot(tree=tree, tensors=tensors, blobs=blobs)
+    walked = walk_state(state, state_dicts)
+    return Snapshot(lay_out(walked), walked.tensors)
 
 
 def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
@@ -126,171 +209,129 @@ def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
     Raises :class:`asyncckpt.errors.UnsupportedValueError` for a value that cannot be stored,
     and for a tensor (tensors belong in the state).
     """
-    snapshot = flatten(metadata or {})
-    if snapshot.tensors:
-        key = f"metadata[{snapshot.tensors[0].key!r}]"
+    walked = walk_state(metadata or {})
+    if walked.tensors:
+        key = f"metadata[{walked.keys[0]!r}]"
         raise UnsupportedValueError(f"{key}: tensors belong in the state, not metadata", key=key)
-    return snapshot.tree
-
-
-def _unsupported(path: KeyPath, reason: str) -> UnsupportedValueError:
-    """The error for a value at ``path`` that cannot be stored; the message starts with the key path."""
-    where = key_path(path)
-    return UnsupportedValueError(f"{where}: {reason}", key=where)
-
-
-class _Walker:
-    def __init__(self) -> None:
-        self.found: list[tuple[torch.Tensor, KeyPath]] = []
-        self._active: set[int] = set()
-
-    def walk(self, value: Any, path: KeyPath) -> Any:
-        if len(path) > MAX_DEPTH:
-            raise _unsupported(path, f"nesting deeper than {MAX_DEPTH} levels")
-        if isinstance(value, torch.Tensor):  # first: the most common leaf of a big state
-            return self._tensor(value, path)
-        if isinstance(value, str):
-            return _text(value, path, "string")
-        if value is None or isinstance(value, bool | bytes):
-            return _exact(value)
-        if isinstance(value, int):
-            return _int(int(value))
-        if isinstance(value, float):
-            return float(value)
-        if isinstance(value, Mapping | list | tuple):
-            return self._container(value, path)
-        state_dict = getattr(value, "state_dict", None)
-        if callable(state_dict):
-            return self.walk(state_dict(), path)
-        raise _unsupported(
-            path,
-            f"cannot store a value of type {type(value).__qualname__}; "
-            "checkpoints hold dicts, lists, tuples, None, bool, int, float, str, bytes, tensors "
-            "and objects with state_dict()",
-        )
-
-    def _tensor(self, tensor: torch.Tensor, path: KeyPath) -> TensorRef:
-        if dtype_name(tensor.dtype) is None:
-            raise _unsupported(path, f"tensors of dtype {tensor.dtype} cannot be stored")
-        if tensor.layout is not torch.strided:  # sparse, sparse_csr, mkldnn, jagged, ...
-            raise _unsupported(path, "only dense (strided) tensors can be stored")
-        if tensor.dim() > MAX_NDIM:
-            raise _unsupported(path, f"tensors of more than {MAX_NDIM} dimensions")
-        self.found.append((tensor.detach(), path))
-        return TensorRef(len(self.found) - 1)
-
-    def _container(self, value: Any, path: KeyPath) -> Any:
-        if id(value) in self._active:
-            raise _unsupported(path, "the state refers to itself (a cycle)")
-        self._active.add(id(value))
-        try:
-            if isinstance(value, Mapping):
-                return {self._key(k, path): self.walk(v, (*path, k)) for k, v in value.items()}
-            items = [self.walk(v, (*path, i)) for i, v in enumerate(value)]
-            return tuple(items) if isinstance(value, tuple) else items
-        finally:
-            self._active.discard(id(value))
-
-    @staticmethod
-    def _key(key: Any, path: KeyPath) -> str | int:
-        if isinstance(key, bool) or not isinstance(key, str | int):
-            raise _unsupported(
-                path,
-                f"dict key {key!r} of type {type(key).__qualname__} "
-                "cannot be stored (keys must be str or int)",
-            )
-        if isinstance(key, int) and not INT64_MIN <= key <= UINT64_MAX:
-            raise _unsupported(path, f"dict key {key} does not fit 64 bits")
-        return _text(key, path, "dict key") if isinstance(key, str) else int(key)
-
-
-def _text(value: str, path: KeyPath, what: str) -> str:
-    """``value`` as an exact ``str``; lone surrogates have no UTF-8 form, so msgpack cannot store them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _unsupported(
-            path, f"{what} {value!r} cannot be stored: it is not valid UTF-8 ({exc.reason})"
-        ) from None
-    return str(value)
-
-
-def _exact(value: Any) -> Any:
-    if isinstance(value, bytes) and type(value) is not bytes:
-        return bytes(value)
-    return value
-
-
-def _int(value: int) -> int | BigInt:
-    return value if INT64_MIN <= value <= UINT64_MAX else BigInt(value)
-
-
-def _extent_bytes(tensor: torch.Tensor) -> int:
-    """Bytes from the tensor's first element to one past its last (0 when empty)."""
-    if tensor.numel() == 0:
-        return 0
-    span = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
-    return (span + 1) * itemsize(tensor.dtype)
+    return walked.tree
 
 
 def storage_key(tensor: torch.Tensor) -> StorageKey | None:
+    """The device and base address of ``tensor``'s storage; None for an empty tensor."""
     if tensor.numel() == 0:
         return None
-    # The storage's base address, without building a storage object (that costs ~20 us a tensor).
-    base = tensor.data_ptr() - int(tensor.storage_offset()) * itemsize(tensor.dtype)
-    return (tensor.device, base)
+    # The storage's base address, without building a storage object.
+    return (tensor.device, tensor.data_ptr() - int(tensor.storage_offset()) * tensor.itemsize)
 
 
-def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
-
-
-def _tabulate(
-    found: list[tuple[torch.Tensor, KeyPath]],
-) -> tuple[list[TensorEntry], list[BlobSource], list[int]]:
-    """Build the tensor table and the blobs; return also each found tensor's table index.
+def lay_out(walked: Walked) -> Structure:
+    """The tensor table and the blobs of a walked state.
 
     Identical views of one storage (a tied weight reached twice) get one table entry. A storage
     with several distinct views becomes one span blob holding the views with their strides;
     every other tensor is one blob of its elements, stored contiguously.
     """
-    storages = [storage_key(t) for t, _ in found]
+    found = walked.tensors
+    storages = [storage_key(t) for t in found]
     counts = Counter(storages)
-    # View keys cost several microseconds a tensor: only tensors that share a storage need one.
-    keys = [
-        (storage, _view_key(t) if storage is not None and counts[storage] > 1 else None)
-        for (t, _), storage in zip(found, storages, strict=True)
+    counts.pop(None, None)
+    if all(count == 1 for count in counts.values()):
+        return _one_blob_each(walked, storages)
+    return _LayOut(walked, storages, counts).structure()
+
+
+def _one_blob_each(walked: Walked, storages: list[StorageKey | None]) -> Structure:
+    """The common case: no two tensors share a storage, so each is one contiguous blob."""
+    fields = [
+        (t.dtype, tuple(t.shape), t.numel() * t.itemsize, _device_name(t.device)) for t in walked.tensors
     ]
-    views_by_storage: dict[StorageKey, set[tuple[Any, ...] | None]] = {}
-    members: dict[StorageKey, list[torch.Tensor]] = {}
-    for (tensor, _), (storage, view_key) in zip(found, keys, strict=True):
-        if storage is not None:
-            views_by_storage.setdefault(storage, set()).add(view_key)
-            members.setdefault(storage, []).append(tensor)
-    tensors: list[TensorEntry] = []
-    blobs: list[BlobSource] = []
-    span_blob: dict[StorageKey, int] = {}
-    table_by_view: dict[tuple[Any, ...], int] = {}
-    table_index: list[int] = []
-    for (tensor, path), (storage, view_key) in zip(found, keys, strict=True):
-        view = (storage, view_key)
-        if storage is not None and view in table_by_view:
-            table_index.append(table_by_view[view])
-            continue
-        if storage is not None and len(views_by_storage[storage]) > 1:
-            if storage not in span_blob:
-                span_blob[storage] = _add_span_blob(members[storage], storage, blobs)
-            blob = span_blob[storage]
-            tensors.append(_spec(tensor, path, blob, _span_start(blobs[blob], tensor)))
-        else:
-            nbytes = tensor.numel() * itemsize(tensor.dtype)
-            blobs.append(BlobSource(tensor, nbytes, raw=False, storage=storage))
+    tensors = [
+        TensorEntry(key, dtype, shape, contiguous_stride(shape), index, 0)
+        for index, (key, (dtype, shape, _, _)) in enumerate(zip(walked.keys, fields, strict=True))
+    ]
+    sizes = [size for _, _, size, _ in fields]
+    layout = tuple((size, device, dtype, shape) for dtype, shape, size, device in fields)
+    count = len(tensors)
+    return Structure(walked.tree, tensors, sizes, list(range(count)), {}, storages, layout, count)
+
+
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = str(device)
+    return name
+
+
+class _LayOut:
+    """The general case of :func:`lay_out`: some tensors share a storage."""
+
+    def __init__(
+        self, walked: Walked, storages: list[StorageKey | None], counts: Counter[StorageKey | None]
+    ) -> None:
+        self.walked = walked
+        self.storages = storages
+        # View keys cost several microseconds a tensor: only tensors that share a storage need one.
+        self.views = [
+            (storage, _view_key(t) if storage is not None and counts[storage] > 1 else None)
+            for t, storage in zip(walked.tensors, storages, strict=True)
+        ]
+        self.views_by_storage: dict[StorageKey, set[Any]] = {}
+        self.members: dict[StorageKey, list[int]] = {}
+        for index, (storage, view_key) in enumerate(self.views):
+            if storage is not None:
+                self.views_by_storage.setdefault(storage, set()).add(view_key)
+                self.members.setdefault(storage, []).append(index)
+
+    def structure(self) -> Structure:
+        found = self.walked.tensors
+        tensors: list[TensorEntry] = []
+        sizes: list[int] = []
+        sources: list[int] = []
+        spans: dict[int, Span] = {}
+        blob_storages: list[StorageKey | None] = []
+        layout: list[BlobLayout] = []
+        span_blob: dict[StorageKey, int] = {}
+        table_by_view: dict[Any, int] = {}
+        table_index: list[int] = []
+        for index, (tensor, key, view) in enumerate(zip(found, self.walked.keys, self.views, strict=True)):
+            storage = view[0]
+            if storage is not None and view in table_by_view:
+                table_index.append(table_by_view[view])
+                continue
             shape = tuple(tensor.shape)
-            tensors.append(_spec(tensor, path, len(blobs) - 1, 0, stride=contiguous_stride(shape)))
-        table_index.append(len(tensors) - 1)
-        if storage is not None:
-            table_by_view[view] = table_index[-1]
-    return tensors, blobs, table_index
+            if storage is not None and len(self.views_by_storage[storage]) > 1:
+                if storage not in span_blob:
+                    span = _span(self.members[storage], found)
+                    span_blob[storage] = len(sizes)
+                    spans[len(sizes)] = span
+                    sizes.append(span.hi - span.lo)
+                    sources.append(-1)
+                    blob_storages.append(storage)
+                    layout.append((span.hi - span.lo, str(tensor.device), torch.uint8, (span.hi - span.lo,)))
+                blob = span_blob[storage]
+                start = int(tensor.storage_offset()) * tensor.itemsize - spans[blob].lo
+                tensors.append(TensorEntry(key, tensor.dtype, shape, tuple(tensor.stride()), blob, start))
+            else:
+                sizes.append(tensor.numel() * tensor.itemsize)
+                sources.append(index)
+                blob_storages.append(storage)
+                layout.append((sizes[-1], str(tensor.device), tensor.dtype, shape))
+                stride = contiguous_stride(shape)
+                tensors.append(TensorEntry(key, tensor.dtype, shape, stride, len(sizes) - 1, 0))
+            table_index.append(len(tensors) - 1)
+            if storage is not None:
+                table_by_view[view] = table_index[-1]
+        tree = self.walked.tree
+        if table_index != list(range(len(table_index))):  # some tensors were aliases: renumber
+            tree = renumber_refs(tree, table_index)
+        return Structure(tree, tensors, sizes, sources, spans, blob_storages, tuple(layout), len(found))
+
+
+def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
 
 
 # Span blobs start at a multiple of the largest element size, so every member view keeps its
@@ -298,40 +339,31 @@ def _tabulate(
 _SPAN_ALIGN = 16
 
 
-def _add_span_blob(members: list[torch.Tensor], storage_id: StorageKey, blobs: list[BlobSource]) -> int:
-    starts = [int(t.storage_offset()) * itemsize(t.dtype) for t in members]
+def _span(members: list[int], found: list[torch.Tensor]) -> Span:
+    starts = [int(found[i].storage_offset()) * found[i].itemsize for i in members]
     lo = min(starts) // _SPAN_ALIGN * _SPAN_ALIGN
-    hi = max(s + _extent_bytes(t) for s, t in zip(starts, members, strict=True))
-    storage = members[0].untyped_storage()
-    raw = torch.empty(0, dtype=torch.uint8, device=members[0].device)
-    raw.set_(storage, lo, (hi - lo,), (1,))
-    blobs.append(BlobSource(raw, hi - lo, raw=True, members=tuple(members), storage=storage_id))
-    return len(blobs) - 1
+    hi = max(start + _extent_bytes(found[i]) for start, i in zip(starts, members, strict=True))
+    return Span(tuple(members), lo, hi)
 
 
-def _span_start(blob: BlobSource, tensor: torch.Tensor) -> int:
-    return int(tensor.storage_offset()) * itemsize(tensor.dtype) - int(blob.tensor.storage_offset())
+def _span_view(member: torch.Tensor, span: Span) -> torch.Tensor:
+    """A 1-D uint8 view of bytes ``[lo, hi)`` of ``member``'s storage."""
+    raw = torch.empty(0, dtype=torch.uint8, device=member.device)
+    raw.set_(member.untyped_storage(), span.lo, (span.hi - span.lo,), (1,))
+    return raw
 
 
-def _spec(
-    tensor: torch.Tensor,
-    path: KeyPath,
-    blob: int,
-    offset: int,
-    *,
-    stride: tuple[int, ...] | None = None,
-) -> TensorEntry:
-    return TensorEntry(
-        key=dotted_key(path),
-        dtype=tensor.dtype,
-        shape=tuple(tensor.shape),
-        stride=tuple(tensor.stride()) if stride is None else stride,
-        blob=blob,
-        offset=offset,
-    )
+def _extent_bytes(tensor: torch.Tensor) -> int:
+    """Bytes from the tensor's first element to one past its last (0 when empty)."""
+    if tensor.numel() == 0:
+        return 0
+    span = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return (span + 1) * tensor.itemsize
 
 
+@functools.lru_cache(maxsize=4096)
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (a size-0 dimension counts as 1)."""
     stride = []
     acc = 1
     for size in reversed(shape):

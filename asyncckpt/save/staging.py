@@ -21,7 +21,7 @@ import torch
 from .. import format as fmt
 from ..dtypes import itemsize
 from ..errors import UsageError
-from .snapshot import LayoutKey, Snapshot, contiguous_stride
+from .snapshot import LayoutKey, Snapshot, Structure, contiguous_stride
 
 
 @dataclass
@@ -33,6 +33,7 @@ class StagingBuffers:
     offsets: list[int]  # of each blob inside ``data``
     sizes: list[int]
     destinations: list[torch.Tensor]  # per blob: a view of ``data`` shaped like its source
+    plan: Any = None  # the last (structure, deferred, CopyPlan) staged into these buffers
 
     def blob(self, index: int) -> torch.Tensor:
         start = self.offsets[index]
@@ -67,10 +68,28 @@ class StagedCopy:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._finished = threading.Event()
-        self._watched: list[tuple[torch.Tensor, ...]] = []  # per deferred blob, see BlobSource.watched
-        self._versions: list[tuple[int, ...]] = []  # their version counters at stage()
+        # The tensors whose version counters speak for the deferred blobs (Snapshot.watched),
+        # flat; deferred blob k's are _watched[_bounds[k]:_bounds[k + 1]] (one each: no bounds).
+        self._watched: list[torch.Tensor] = []
+        self._bounds: list[int] | None = None
+        self._versions: list[int] = []  # their version counters at stage()
         if not self.deferred:
             self._finished.set()
+
+    def watch(self, per_blob: list[tuple[torch.Tensor, ...]]) -> None:
+        """Record the version counters that speak for each deferred blob (before its copy)."""
+        flat: list[torch.Tensor] = []
+        bounds = [0]
+        for tensors in per_blob:
+            flat.extend(tensors)
+            bounds.append(len(flat))
+        self._watched, self._bounds = flat, bounds
+        self._versions = [t._version for t in flat]
+
+    def watch_one_each(self, tensors: list[torch.Tensor]) -> None:
+        """:meth:`watch` where each deferred blob has one tensor (no span blob is deferred)."""
+        self._watched, self._bounds = list(tensors), None
+        self._versions = [t._version for t in tensors]
 
     def run_deferred(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Copy the deferred blobs (in the copier thread), publishing progress group by group.
@@ -79,13 +98,10 @@ class StagedCopy:
         is copied: a source changed in place in between (not by the optimizer step, which waits
         for this copy) would make the checkpoint a mix of two states, so the copy fails.
         """
-        watched, versions = self._watched, self._versions
         try:
             for begin, end in _groups([self.buffers.sizes[i] for i in self.deferred]):
                 _copy_all(destinations[begin:end], sources[begin:end], non_blocking=False)
-                for k in range(begin, end):
-                    if _versions(watched[k]) != versions[k]:
-                        raise StagingRaceError(self.deferred[k])
+                self._check_versions(begin, end)
                 with self._cond:
                     self._copied = end
                     self._cond.notify_all()
@@ -95,9 +111,20 @@ class StagedCopy:
                 self._cond.notify_all()
         finally:
             sources.clear()
-            watched.clear()
-            versions.clear()
+            self._watched = []
+            self._versions = []
             self._finished.set()
+
+    def _check_versions(self, begin: int, end: int) -> None:
+        """Raise :class:`StagingRaceError` if a deferred blob in ``[begin, end)`` changed."""
+        bounds = self._bounds
+        low, high = (begin, end) if bounds is None else (bounds[begin], bounds[end])
+        if [t._version for t in self._watched[low:high]] == self._versions[low:high]:
+            return
+        for k in range(begin, end):
+            a, b = (k, k + 1) if bounds is None else (bounds[k], bounds[k + 1])
+            if [t._version for t in self._watched[a:b]] != self._versions[a:b]:
+                raise StagingRaceError(self.deferred[k])
 
     def background_done(self) -> bool:
         """Whether the background copy has ended (at once true when there is none)."""
@@ -116,6 +143,22 @@ class StagedCopy:
             self._cond.wait_for(lambda: self._copied > position or self._error is not None)
             if self._copied <= position:
                 raise _copy_failed(self._error)
+
+    def region(self) -> memoryview:
+        """The staged bytes laid out as in the file from ``DATA_OFFSET`` (zeros between blobs);
+        read each blob only after :meth:`wait_ready` says it is there."""
+        return fmt.tensor_bytes(self.buffers.data)
+
+    def wait_ready(self, index: int) -> int:
+        """Block until blob ``index`` is in the buffers; return an index beyond it below which
+        every blob is. Raises if the background copy failed."""
+        if self.event is not None and self.sources:
+            self.event.synchronize()
+            self.sources.clear()
+        self.wait_blob(index)
+        with self._cond:
+            copied = self._copied
+        return self.deferred[copied] if copied < len(self.deferred) else len(self.buffers.sizes)
 
     def blob_bytes(self) -> Iterator[memoryview]:
         """Each blob's staged bytes, in order, each yielded once it is copied."""
@@ -145,10 +188,6 @@ class StagedCopy:
         self._finished.wait()
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
-
-
-def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
 
 
 class StagingRaceError(RuntimeError):
@@ -292,6 +331,48 @@ def _destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tup
     return view
 
 
+@dataclass(frozen=True)
+class CopyPlan:
+    """Which blobs of a structure are copied how, into which destinations of one buffer set.
+
+    ``now``: CPU blobs copied by ``stage()``; ``later``: CPU blobs the copier copies (ascending);
+    ``cuda_first`` / ``cuda_last``: CUDA blobs enqueued before / after the trainer's stream
+    waits. Empty blobs are in none. Depends on the structure, the deferred set and the buffers
+    only, so it is computed once and reused while those stay the same.
+    """
+
+    now: list[int]
+    later: list[int]
+    cuda_first: list[int]
+    cuda_last: list[int]
+    destinations: dict[str, list[torch.Tensor]]
+    spans_later: bool  # a span blob is among ``later`` (its members are watched, not its view)
+
+
+def copy_plan(structure: Structure, buffers: StagingBuffers, deferred: frozenset[int]) -> CopyPlan:
+    """The :class:`CopyPlan` of ``structure`` into ``buffers`` (cached on ``buffers``)."""
+    cached = buffers.plan
+    if cached is not None and cached[0] is structure and cached[1] == deferred:
+        hit: CopyPlan = cached[2]
+        return hit
+    groups: dict[str, list[int]] = {"now": [], "later": [], "cuda_first": [], "cuda_last": []}
+    for index, (size, (_, device, _, _)) in enumerate(zip(structure.sizes, structure.layout, strict=True)):
+        if not size:
+            continue
+        is_cuda = device == "cuda" or device.startswith("cuda:")
+        if is_cuda:
+            groups["cuda_last" if index in deferred else "cuda_first"].append(index)
+        else:
+            groups["later" if index in deferred else "now"].append(index)
+    plan = CopyPlan(
+        **groups,
+        destinations={name: [buffers.destinations[i] for i in blobs] for name, blobs in groups.items()},
+        spans_later=any(i in structure.spans for i in groups["later"]),
+    )
+    buffers.plan = (structure, deferred, plan)
+    return plan
+
+
 def stage(
     snapshot: Snapshot,
     buffers: StagingBuffers,
@@ -311,31 +392,23 @@ def stage(
     the GPU), so later kernels of the trainer cannot overwrite them before they are copied;
     the blobs in ``deferred`` are only ordered by :meth:`StagedCopy.guard`.
     """
-    if copier is None:
-        deferred = ()
-    later = sorted(i for i in deferred if snapshot.blobs[i].nbytes and not snapshot.blobs[i].tensor.is_cuda)
-    staged = StagedCopy(buffers, later)
-    now: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    background: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    cuda_first: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    cuda_last: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-    for index, (blob, destination) in enumerate(zip(snapshot.blobs, buffers.destinations, strict=True)):
-        if not blob.nbytes:
-            continue
-        if blob.tensor.is_cuda:
-            pair = cuda_last if index in deferred else cuda_first
-        else:
-            pair = background if index in deferred and copier is not None else now
-        pair[0].append(destination)
-        pair[1].append(blob.tensor)
-    _copy_all(*now, non_blocking=False)
-    if cuda_first[0] or cuda_last[0]:
-        staged.event = _stage_cuda(cuda_first, cuda_last, side_stream, staged.sources)
-    if background[0]:
+    plan = copy_plan(snapshot.structure, buffers, frozenset(deferred) if copier is not None else frozenset())
+    sources = snapshot.sources
+    staged = StagedCopy(buffers, plan.later)
+    destinations = plan.destinations
+    _copy_all(destinations["now"], [sources[i] for i in plan.now], non_blocking=False)
+    if plan.cuda_first or plan.cuda_last:
+        first = (destinations["cuda_first"], [sources[i] for i in plan.cuda_first])
+        last = (destinations["cuda_last"], [sources[i] for i in plan.cuda_last])
+        staged.event = _stage_cuda(first, last, side_stream, staged.sources)
+    if plan.later:
         assert copier is not None
-        staged._watched = [snapshot.blobs[i].watched() for i in later]
-        staged._versions = [_versions(tensors) for tensors in staged._watched]
-        copier.submit(staged, *background)
+        later = [sources[i] for i in plan.later]
+        if plan.spans_later:
+            staged.watch([snapshot.watched(i) for i in plan.later])
+        else:
+            staged.watch_one_each(later)
+        copier.submit(staged, destinations["later"], later)
     return staged
 
 

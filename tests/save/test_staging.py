@@ -148,8 +148,7 @@ def test_a_source_changed_before_its_copy_fails_the_staged_copy() -> None:
     buffers = StagingPool(1, pin_memory=False).acquire(flatten({"w": source}).layout_key())
     assert buffers is not None
     staged = StagedCopy(buffers, [0])
-    staged._watched = [(source,)]
-    staged._versions = [(source._version,)]
+    staged.watch([(source,)])
     source.add_(1.0)  # after stage() noted the version, before the copier ran
 
     staged.run_deferred([staged.buffers.destinations[0]], [source])
