@@ -15,17 +15,20 @@ from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verif
 from .codec import pack, unpack
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
 from .encode import (
+    EncodedLayout,
     PreparedHeader,
     Sink,
     blob_offsets,
     check_step,
     encode_header,
+    encode_layout,
     encode_prelude,
     encode_trailer,
     prepare_header,
     write_all,
     write_checkpoint,
     write_file,
+    write_region,
 )
 from .sniff import SNIFF_BYTES, FileKind, sniff
 from .spec import (
@@ -98,6 +101,7 @@ __all__ = [
     "BlobEntry",
     "FileKind",
     "Layout",
+    "EncodedLayout",
     "PreparedHeader",
     "Sink",
     "TensorEntry",
@@ -111,6 +115,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_header",
+    "encode_layout",
     "encode_prelude",
     "encode_trailer",
     "legacy",
@@ -131,4 +136,5 @@ __all__ = [
     "write_all",
     "write_checkpoint",
     "write_file",
+    "write_region",
 ]

@@ -193,17 +193,31 @@ class Writer:
 
 
 def _encoder(job: Job) -> Body:
-    buffers = job.staged.buffers
     header = fmt.prepare_header(  # every format limit, before the storage sees a byte
-        step=job.step, metadata=job.metadata, tree=job.tree, tensors=job.tensors, sizes=buffers.sizes
+        step=job.step, metadata=job.metadata, layout=_encoded_layout(job)
     )
 
     def body(sink: Sink) -> int:
+        staged = job.staged
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-crc") as checksums:
-            # each blob as soon as its copy is done; large ones checksummed beside the write
-            return fmt.write_file(sink, header, job.staged.blob_bytes(), checksum_pool=checksums)
+            # the buffers hold the file's bytes: written in large pieces as the copies finish;
+            # large blobs checksummed beside the write
+            return fmt.write_region(
+                sink, header, staged.region(), ready=staged.wait_ready, checksum_pool=checksums
+            )
 
     return body
+
+
+def _encoded_layout(job: Job) -> fmt.EncodedLayout:
+    """The header's tensor table and tree, encoded once per structure (kept in its memo)."""
+    structure = job.structure
+    layout = None if structure is None else structure.memo.get("encoded_layout")
+    if layout is None:
+        layout = fmt.encode_layout(tree=job.tree, tensors=job.tensors, sizes=job.staged.buffers.sizes)
+        if structure is not None:
+            structure.memo["encoded_layout"] = layout
+    return layout
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:

@@ -37,6 +37,12 @@ class FileOps:
     def write(self, fd: int, data: memoryview | bytes) -> int:
         return os.write(fd, data)
 
+    def writev(self, fd: int, buffers: Sequence[memoryview | bytes]) -> int:
+        """Write ``buffers`` in order with one call (at most ``IOV_MAX`` of them); return the
+        bytes written, which may be fewer than all. A subclass that overrides only ``write``
+        gets one ``write`` per buffer instead (see :class:`FdSink`), so its faults still apply."""
+        return os.writev(fd, buffers)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
@@ -71,11 +77,17 @@ class WriteTimings:
 
 
 class FdSink:
-    """A sink writing to a file descriptor; retries short writes."""
+    """A sink writing to a file descriptor; retries short writes.
+
+    ``writev`` writes several buffers with one system call where ``ops`` can (its ``writev``
+    is the default or its own), else with one ``write`` each.
+    """
 
     def __init__(self, fd: int, ops: FileOps) -> None:
         self.fd = fd
         self.ops = ops
+        kind = type(ops)
+        self._vectored = kind.writev is not FileOps.writev or kind.write is FileOps.write
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -84,6 +96,37 @@ class FdSink:
             if written <= 0:
                 raise OSError(f"write returned {written}")
             view = view[written:]
+
+    def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
+        if not self._vectored:
+            for data in buffers:
+                self.write(data)
+            return
+        pending = list(buffers)
+        while pending:
+            batch = pending[:_IOV_MAX]
+            written = self.ops.writev(self.fd, batch)
+            if written <= 0:
+                raise OSError(f"writev returned {written}")
+            done = 0
+            for data in batch:  # drop what was written; a buffer written in part goes on
+                if written < len(data):
+                    break
+                written -= len(data)
+                done += 1
+            pending = pending[done:]
+            if written:
+                pending[0] = memoryview(pending[0]).cast("B")[written:]
+
+
+def _iov_max() -> int:
+    try:
+        return max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 16
+
+
+_IOV_MAX = _iov_max()  # buffers per writev call
 
 
 def temp_name(final: Path) -> Path:

@@ -137,7 +137,9 @@ def test_every_crash_point_leaves_the_old_or_the_new_checkpoint(tmp_path: Path, 
             state = small_state(step)
             history.watch(ckpt.save(step, state), state)
     assert [c.step for c in asyncckpt.list_checkpoints(directory)] == [4, 5]
-    assert history.ops.points > 60
+    # Five saves of create, three writes (prelude page, blobs, header), fsync, rename, fsync of
+    # the directory, and the pruning: every one of those points is a crash point replayed below.
+    assert history.ops.points > 45
     assert replay_every_crash(history, tmp_path / "scratch", faults) == []
 
 
