@@ -40,6 +40,9 @@ class FileOps:
     def rename(self, src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path, 0o755)
+
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
@@ -159,6 +162,7 @@ class PosixStorage(Storage):
         tmp = temp_name(final)
         started = time.perf_counter()
         try:
+            self._make_folders(final.parent)
             fd = self.ops.open_exclusive(tmp)
         except OSError as exc:
             raise CheckpointWriteError(
@@ -177,6 +181,21 @@ class PosixStorage(Storage):
         except OSError as exc:
             raise self._failed(exc, tmp, final) from exc
         return Written(name, nbytes, written - started, synced - written, tmp)
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents below the root (``step-0000000300/``).
+
+        Each new folder's entry is made durable in its parent (directory fsync) before a file is
+        written into it. Several processes may create the same folder at once.
+        """
+        missing = []
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                self.ops.mkdir(path)
+            self.ops.fsync_dir(path.parent)
 
     def _failed(self, exc: BaseException, tmp: Path, final: Path) -> BaseException:
         left = _discard_temp(tmp, self.ops)
@@ -253,11 +272,15 @@ class PosixStorage(Storage):
             self.ops.fsync_dir(folder)
 
     def leftovers(self) -> list[str]:
+        """Temp files in the root and in its folders one level down (multi-rank step folders)."""
+        found = _temp_files(self.root, "")
         try:
-            entries = list(os.scandir(self.root))
+            folders = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
-        return sorted(e.name for e in entries if is_temp_name(e.name) and e.is_file(follow_symlinks=False))
+        for folder in folders:
+            found += _temp_files(self.root / folder, f"{folder}/")
+        return sorted(found)
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
@@ -277,6 +300,14 @@ def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:
     written = storage.write(final.name, body)
     publish_s = storage.commit(written)
     return WriteTimings(written.nbytes, written.write_s, written.fsync_s, publish_s)
+
+
+def _temp_files(folder: Path, prefix: str) -> list[str]:
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [prefix + e.name for e in entries if is_temp_name(e.name) and e.is_file(follow_symlinks=False)]
 
 
 def _close_quietly(fd: int, ops: FileOps) -> None:
