@@ -20,7 +20,7 @@ import torch
 
 from .storage import FileOps, PosixStorage
 
-OpName = str  # "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir"
+OpName = str  # "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir" | "mkdir"
 
 
 class RecordingOps(FileOps):
@@ -61,6 +61,10 @@ class RecordingOps(FileOps):
     def unlink(self, path: Path) -> None:
         self.record("unlink", path)
         super().unlink(path)
+
+    def mkdir(self, path: Path) -> None:
+        self.record("mkdir", path)
+        super().mkdir(path)
 
     def fsync_dir(self, directory: Path) -> None:
         self.record("fsync_dir", directory)

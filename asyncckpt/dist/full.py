@@ -22,7 +22,7 @@ from ._dcp import dcp_load
 from .commit import read_record
 from .planner import FullStateLoadPlanner
 from .record import CommitRecord
-from .restore import _now, diagnose
+from .restore import diagnose, utc_now
 from .save import failure_cause
 from .shards import ShardFiles
 from .storage import AsyncckptReader
@@ -57,7 +57,7 @@ def load_full(location: Location, *, step: int | None = None) -> FullState:
             return _read(storage, read_record(storage, candidate), diagnostics)
         except FileNotFoundError:
             diagnostics.append(
-                Diagnostic(where, "corrupted", "no commit record: not committed", _now(), candidate)
+                Diagnostic(where, "corrupted", "no commit record: not committed", utc_now(), candidate)
             )
         except (CheckpointError, OSError) as exc:
             diagnostics.append(diagnose(exc, where, candidate))

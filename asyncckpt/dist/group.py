@@ -78,10 +78,10 @@ class CoordinationGroup:
     def gather_outcomes(self, work: Callable[[], T], *, what: str, error: Callable[..., Exception]) -> T:
         """Run ``work`` here; return its result once every rank's ``work`` succeeded.
 
-        If ``work`` raised on any rank, every rank raises the same ``error(reason, rank=...)``
-        naming each failed rank and its error (on the failed rank, its own error is the
-        ``__cause__``), so that no rank goes on to a collective the others will not join. Only
-        success or the error's text travels between ranks.
+        If ``work`` raised on any rank, every rank raises, so that no rank goes on to a
+        collective the others will not join: a rank whose ``work`` raised re-raises its own
+        error; the others raise ``error(reason, rank=...)`` naming each failed rank and its
+        error. Only success or the error's text travels between ranks.
         """
         mine: BaseException | None = None
         result: T | None = None
@@ -94,9 +94,11 @@ class CoordinationGroup:
         outcomes = self.all_gather(outcome, what=what)
         failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
         if failed:
+            if mine is not None:
+                raise mine
             listing = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             reason = f"{what} failed on {len(failed)} of {self.world_size} ranks: {listing}"
-            raise error(reason, rank=failed[0][0]) from mine
+            raise error(reason, rank=failed[0][0])
         return result  # type: ignore[return-value]  # work() returned: result is a T
 
     def agree(self, operation: str, step: int | None) -> None:

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from .. import catalog
+from .. import format as fmt
 from ..errors import (
     CheckpointError,
     CoordinationError,
@@ -33,7 +34,7 @@ from ..storage import Location, Storage, open_storage
 from ._dcp import dcp_load
 from .commit import read_record
 from .group import CoordinationGroup, first_line
-from .planner import LoadPlanner
+from .planner import LoadPlanner, decode_value
 from .record import CommitRecord
 from .save import failure_cause, solo_or
 from .shards import ShardFiles, check_item
@@ -154,11 +155,14 @@ def verify_step(
                     )
                 if item.type == LoadItemType.TENSOR:
                     check_item(shards, location, item, record.metadata)
-                shards.verify(location.rank, location.tensor)
+                    shards.verify(location.rank, location.tensor)
+                else:  # a plain value: it must decode too
+                    data = shards.read(location.rank, location.tensor)
+                    decode_value(bytes(fmt.tensor_bytes(data)), key=item.storage_index.fqn)
             if record.world_size == world_size:
                 _check_per_rank(shards.per_rank(rank), targets, shards.where(rank))
     except FileNotFoundError:
-        return Diagnostic(where, "corrupted", "the commit record vanished", _now(), step)
+        return Diagnostic(where, "corrupted", "the commit record vanished", utc_now(), step)
     except (CheckpointError, OSError) as exc:
         return diagnose(exc, where, step)
     return record
@@ -241,14 +245,14 @@ def diagnose(exc: BaseException, where: str, step: int) -> Diagnostic:
     )
     path = getattr(exc, "path", None) or where
     reason = getattr(exc, "reason", None) or str(exc)
-    return Diagnostic(str(path), kind, " ".join(str(reason).split()), _now(), step)
+    return Diagnostic(str(path), kind, " ".join(str(reason).split()), utc_now(), step)
 
 
 def _not_everywhere(storage: Storage, step: int, views: list[Any]) -> Diagnostic:
     blind = [rank for rank, view in enumerate(views) if step not in view]
     where = storage.where(catalog.commit_record_name(step))
     reason = f"committed, but ranks {blind} do not see its commit record"
-    return Diagnostic(where, "incompatible", reason, _now(), step)
+    return Diagnostic(where, "incompatible", reason, utc_now(), step)
 
 
 def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
@@ -275,5 +279,6 @@ def _record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
             return
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, as the diagnostics' ISO 8601 UTC timestamp."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

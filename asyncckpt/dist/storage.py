@@ -37,8 +37,8 @@ from torch.futures import Future
 from .. import catalog
 from .. import format as fmt
 from ..dtypes import itemsize
-from ..errors import CheckpointWriteError, UsageError
-from ..snapshot import flatten
+from ..errors import CheckpointWriteError, UnsupportedValueError, UsageError
+from ..snapshot import Snapshot, flatten
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value
@@ -61,6 +61,13 @@ def _storage_for(location: Location, ops: FileOps) -> Storage:
     if not isinstance(location, Storage):
         Path(location).mkdir(parents=True, exist_ok=True)
     return open_storage(location, ops=ops)
+
+
+def _flatten(per_rank: Any) -> Snapshot:
+    try:
+        return flatten(per_rank)
+    except TypeError as exc:  # the key path of the value leads the message
+        raise UnsupportedValueError(f"per-rank values: {exc}") from exc
 
 
 def step_of(checkpoint_id: str | os.PathLike[str] | int) -> int:
@@ -97,7 +104,7 @@ class AsyncckptWriter(StorageWriter):
     ) -> None:
         self.storage = _storage_for(location, ops)
         self.step = step_of(step)
-        self.per_rank = None if per_rank is None else flatten(per_rank)
+        self.per_rank = None if per_rank is None else _flatten(per_rank)
         self.check_shards = check_shards
         self.is_coordinator = False
         self.rank = 0
