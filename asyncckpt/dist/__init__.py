@@ -21,6 +21,7 @@ from .planner import FullStateLoadPlanner, LoadPlanner, SavePlanner, decode_valu
 from .record import CommitRecord, ItemLocation, ShardDigest
 from .restore import RestoredStep, restore_latest, verify_step
 from .save import SavedStep, save_step
+from .steps import committed_steps, delete_step, remove_uncommitted
 from .storage import AsyncckptReader, AsyncckptWriter
 
 __all__ = [
@@ -36,10 +37,13 @@ __all__ = [
     "SavePlanner",
     "SavedStep",
     "ShardDigest",
+    "committed_steps",
     "decode_value",
+    "delete_step",
     "encode_value",
     "load_full",
     "read_record",
+    "remove_uncommitted",
     "restore_latest",
     "save_step",
     "verify_step",

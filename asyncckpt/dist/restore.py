@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Literal
 
 import structlog
@@ -81,30 +80,30 @@ def restore_latest(
     coordination = solo_or(group)
     coordination.agree("restore", None)
     storage = open_storage(location)
-    what = "restoring"
-    views = coordination.all_gather(
-        _attempt(lambda: [i.step for i in catalog.committed_steps(storage)]), what=what
-    )
+    views = coordination.all_gather(_listing(storage), what="restoring: listing the committed steps")
     for rank, view in enumerate(views):
         if isinstance(view, str):
             raise CoordinationError(f"rank {rank} cannot list {storage.location}: {view}", rank=rank)
     everywhere = set.intersection(*(set(view) for view in views))
     diagnostics = [_not_everywhere(storage, step, views) for step in sorted(set().union(*views) - everywhere)]
-    targets = coordination.gather_outcomes(
-        lambda: load_targets(objects), what="preparing the restore", error=partial(CoordinationError)
-    )
-    chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
+    chosen = targets = None
+    if everywhere:  # (the same on every rank) only then may the objects be touched
+        targets = coordination.gather_outcomes(
+            lambda: load_targets(objects), what="preparing the restore", error=CoordinationError
+        )
+        chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
     if coordination.rank == 0:
         _record_failures(storage, diagnostics)
-    if chosen is None:
+    if chosen is None or targets is None:
         _nothing(storage, everywhere, diagnostics)
         return None
     return _load(storage, chosen, objects, targets, coordination, diagnostics)
 
 
-def _attempt(work: Any) -> Any:
+def _listing(storage: Storage) -> list[int] | str:
+    """The committed steps this rank sees, or why it cannot list them."""
     try:
-        return work()
+        return [info.step for info in catalog.committed_steps(storage)]
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
 
@@ -117,17 +116,34 @@ def _vote(
     diagnostics: list[Diagnostic],
 ) -> CommitRecord | None:
     """The newest candidate every rank verifies (its record), or None; failures go to ``diagnostics``."""
-    for step in candidates:
-        verdict = verify_step(storage, step, targets, coordination.rank, coordination.world_size)
-        verdicts = coordination.all_gather(
-            verdict if isinstance(verdict, Diagnostic) else None, what=f"restoring: verifying step {step}"
-        )
-        failed = _unique([v for v in verdicts if v is not None])
+    for step in candidates:  # one all-gather per candidate
+        what = f"restoring: verifying step {step}"
+        verdict: CommitRecord | Diagnostic | Exception
+        try:
+            verdict = verify_step(storage, step, targets, coordination.rank, coordination.world_size)
+        except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
+            verdict = exc
+        verdicts = coordination.all_gather(_shared(verdict), what=what)
+        errors = [f"rank {rank}: {text}" for rank, (kind, text) in enumerate(verdicts) if kind == "error"]
+        if errors:  # stops every rank
+            if isinstance(verdict, Exception):
+                raise verdict
+            raise CoordinationError(f"{what} failed: {'; '.join(errors)}", rank=coordination.rank, step=step)
+        failed = _unique([d for kind, d in verdicts if kind == "failed"])
         if not failed:
             assert isinstance(verdict, CommitRecord)
             return verdict
         diagnostics.extend(failed)
     return None
+
+
+def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
+    """What the other ranks need of a verdict (a record stays here)."""
+    if isinstance(verdict, Exception):
+        return "error", f"{type(verdict).__name__}: {first_line(verdict)}"
+    if isinstance(verdict, Diagnostic):
+        return "failed", verdict
+    return "ok", None
 
 
 def verify_step(

@@ -50,11 +50,14 @@ _DIGEST_KEY = "\0asyncckpt.shard-digest"  # the WriteResult that carries a rank'
 
 @dataclass(frozen=True)
 class _PlanInfo:
-    """What the coordinator tells each rank in its plan: its rank, the world size, the step."""
+    """What the coordinator tells each rank in its plan: its rank and the world size.
+
+    (With DCP's plan caching a rank may reuse the plan of an earlier save: nothing in it may
+    depend on the step.)
+    """
 
     rank: int
     world_size: int
-    step: int
 
 
 def _storage_for(location: Location, ops: FileOps) -> Storage:
@@ -118,13 +121,17 @@ class AsyncckptWriter(StorageWriter):
         self.rank = int(kwargs.get("rank", 0))
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        return dataclasses.replace(plan, storage_data=self.step)  # checked by the coordinator
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        steps = {rank: plan.storage_data for rank, plan in enumerate(plans) if plan.usable}
+        if any(step != self.step for step in steps.values()):
+            listing = ", ".join(f"rank {rank}: step {step}" for rank, step in steps.items())
+            raise UsageError(f"the ranks save different steps ({listing})", step=self.step)
         world_size = len(plans)
         self._uncommit(world_size)
         return [
-            dataclasses.replace(plan, storage_data=_PlanInfo(rank, world_size, self.step))
+            dataclasses.replace(plan, storage_data=_PlanInfo(rank, world_size))
             for rank, plan in enumerate(plans)
         ]
 
@@ -146,12 +153,6 @@ class AsyncckptWriter(StorageWriter):
         info = plan.storage_data
         if not isinstance(info, _PlanInfo):
             raise UsageError("AsyncckptWriter needs DCP's global planning (its plans carry no rank)")
-        if info.step != self.step:
-            raise UsageError(
-                f"rank {info.rank} saves step {self.step}, the coordinator saves step {info.step}",
-                rank=info.rank,
-                step=self.step,
-            )
         items = [_item_data(item, planner) for item in plan.items]
         digest, first = write_shard(
             self.storage,

@@ -43,6 +43,9 @@ class FileOps:
     def mkdir(self, path: Path) -> None:
         os.mkdir(path, 0o755)
 
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
@@ -263,10 +266,15 @@ class PosixStorage(Storage):
         return sorted(found, key=lambda o: o.name)
 
     def delete(self, names: Sequence[str]) -> None:
+        """Unlink files, remove (empty) folders, then fsync the directories that held them."""
         folders = set()
         for name in names:
             path = self.path(name)
-            _unlink_quietly(path, self.ops)
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    self.ops.rmdir(path)
+            else:
+                _unlink_quietly(path, self.ops)
             folders.add(path.parent)
         for folder in sorted(folders):
             self.ops.fsync_dir(folder)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from asyncckpt import catalog
+from asyncckpt import dist as adist
 from asyncckpt.errors import UsageError
 from asyncckpt.storage import PosixStorage
 from asyncckpt.testing import RecordingOps
@@ -85,3 +86,38 @@ def test_leftovers_include_temp_files_in_step_folders(tmp_path: Path) -> None:
     storage.remove_leftovers(leftovers)
     assert storage.leftovers() == []
     assert (tmp_path / catalog.shard_name(5, 0)).exists()
+
+
+def test_delete_step_removes_the_record_first_then_the_folder(tmp_path: Path) -> None:
+    ops = RecordingOps()
+    storage = PosixStorage(tmp_path, ops=ops)
+    for step in (1, 2):
+        write(storage, catalog.shard_name(step, 0))
+        write(storage, catalog.shard_name(step, 1))
+        write(storage, catalog.commit_record_name(step))
+    (tmp_path / "step-0000000001" / ".rank-00002.ckpt.tmp-00000000").write_bytes(b"partial")
+    ops.calls.clear()
+
+    adist.delete_step(storage, 1)
+
+    removed = [target for name, target in ops.calls if name in ("unlink", "rmdir")]
+    assert removed[0] == tmp_path / catalog.commit_record_name(1)
+    assert removed[-1] == tmp_path / "step-0000000001"
+    assert not (tmp_path / "step-0000000001").exists()
+    assert [info.step for info in adist.committed_steps(storage)] == [2]
+
+
+def test_remove_uncommitted_keeps_committed_steps(tmp_path: Path) -> None:
+    storage = PosixStorage(tmp_path)
+    write(storage, catalog.shard_name(1, 0))
+    write(storage, catalog.commit_record_name(1))
+    write(storage, catalog.shard_name(2, 0))  # a save that never committed
+    (tmp_path / "step-0000000001" / ".rank-00001.ckpt.tmp-00000000").write_bytes(b"partial")
+
+    assert adist.remove_uncommitted(storage) == ["step-0000000002"]
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000000001"]
+    assert sorted(p.name for p in (tmp_path / "step-0000000001").iterdir()) == [
+        "commit.record",
+        "rank-00000.ckpt",
+    ]

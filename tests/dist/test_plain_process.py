@@ -293,3 +293,19 @@ def test_readers_only_read_committed_steps(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         adist.read_record(PosixStorage(tmp_path), 1)
     assert isinstance(CheckpointError("x"), Exception)
+
+
+def test_plan_caching_reuses_the_plan_and_keeps_every_step_right(tmp_path: Path) -> None:
+    model, optimizer = plain_model_and_optimizer()
+    held = {}
+    for step in (1, 2, 3):
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        adist.save_step(tmp_path, step, {"model": model, "optimizer": optimizer}, plan_caching=True)
+        held[step] = _clone(
+            {"model": get_model_state_dict(model), "optimizer": optimizer_state(model, optimizer)}
+        )
+
+    for step in (1, 2, 3):
+        full = adist.load_full(tmp_path, step=step)
+        assert states_equal(full.state, held[step]), step
