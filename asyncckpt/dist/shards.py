@@ -14,6 +14,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO, cast
 
 import crc32c
@@ -29,15 +30,23 @@ from ..storage import ReadHandle, Storage, Written
 from .record import SHARD_KIND, CommitRecord, ItemLocation, ShardDigest
 
 
+SMALL_BLOB = 1 << 20
+
+
 @dataclass(frozen=True)
 class ItemData:
-    """One DCP write item to store as a tensor of its own: bytes resolved only when written."""
+    """One DCP write item to store as a tensor of its own: bytes resolved only when written.
+
+    ``packed`` items (msgpack-encoded plain values, small) share one blob at the end of the
+    file instead of a 4 KiB-aligned blob each.
+    """
 
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
     data: Callable[[], memoryview]
+    packed: bool = False
 
 
 def write_shard(
@@ -56,20 +65,16 @@ def write_shard(
     """
     name = catalog.shard_name(step, rank)
     first = len(per_rank.tensors) if per_rank else 0
-    blobs_before = len(per_rank.blobs) if per_rank else 0
     tensors: list[Any] = list(per_rank.tensors) if per_rank else []
-    tensors += [
-        TensorSpec(item.key, item.dtype, item.shape, contiguous_stride(item.shape), blobs_before + i, 0)
-        for i, item in enumerate(items)
-    ]
     sizes = [b.nbytes for b in per_rank.blobs] if per_rank else []
-    sizes += [item.nbytes for item in items]
+    sources: list[Callable[[], memoryview]] = [
+        partial(_cpu_bytes, source.tensor) for source in (per_rank.blobs if per_rank else ())
+    ]
+    tensors += _item_specs(items, len(sizes), sizes, sources)
 
     def blobs() -> Iterator[memoryview]:
-        for source in per_rank.blobs if per_rank else ():
-            yield _cpu_bytes(source.tensor)
-        for item in items:
-            yield item.data()
+        for source in sources:
+            yield source()
 
     def body(sink: Any) -> int:
         return fmt.write_checkpoint(
@@ -90,6 +95,29 @@ def write_shard(
         raise
     storage.commit(written)
     return digest, first
+
+
+def _item_specs(
+    items: Sequence[ItemData], blob: int, sizes: list[int], sources: list[Callable[[], memoryview]]
+) -> list[TensorSpec]:
+    """Table entries of ``items`` (in order), their blobs appended to ``sizes`` and ``sources``:
+    one blob per tensor, then one shared blob for all packed items."""
+    specs: list[TensorSpec | None] = [None] * len(items)
+    for i, item in enumerate(items):
+        if not item.packed:
+            specs[i] = TensorSpec(item.key, item.dtype, item.shape, contiguous_stride(item.shape), blob, 0)
+            sizes.append(item.nbytes)
+            sources.append(item.data)
+            blob += 1
+    packed = [(i, item) for i, item in enumerate(items) if item.packed]
+    offset = 0
+    for i, item in packed:
+        specs[i] = TensorSpec(item.key, torch.uint8, (item.nbytes,), (1,), blob, offset)
+        offset += item.nbytes
+    if packed:
+        sizes.append(offset)
+        sources.append(lambda: memoryview(b"".join(item.data() for _, item in packed)))
+    return [spec for spec in specs if spec is not None]
 
 
 def _cpu_bytes(tensor: torch.Tensor) -> memoryview:
@@ -136,6 +164,7 @@ class ShardFiles:
         self.record = record
         self._open: dict[int, tuple[ReadHandle, fmt.Layout]] = {}
         self._verified: set[tuple[int, int]] = set()
+        self._last: tuple[int, int, torch.Tensor] | None = None  # the last small blob read
         self._lock = threading.Lock()
 
     def where(self, rank: int) -> str:
@@ -201,9 +230,16 @@ class ShardFiles:
             self._verified.add((rank, entry.blob))
 
     def read(self, rank: int, tensor: int) -> torch.Tensor:
-        """``rank``'s tensor ``tensor`` as a new CPU tensor, its blob's CRC32C checked."""
+        """``rank``'s tensor ``tensor`` as a CPU tensor (do not write to it), its blob's CRC32C
+        checked. The last small blob read is kept, for the plain values that share one."""
         entry = self.entry(rank, tensor)
-        return fmt.view_tensor(entry, self.read_blob(rank, entry.blob))
+        last = self._last
+        if last is not None and last[:2] == (rank, entry.blob):
+            return fmt.view_tensor(entry, last[2])
+        blob = self.read_blob(rank, entry.blob)
+        if blob.numel() <= SMALL_BLOB:
+            self._last = (rank, entry.blob, blob)
+        return fmt.view_tensor(entry, blob)
 
     def read_blob(self, rank: int, blob: int) -> torch.Tensor:
         """Blob ``blob`` of ``rank``'s file as a 1-D uint8 tensor, its CRC32C checked."""

@@ -190,7 +190,7 @@ def _item_data(item: WriteItem, planner: DcpSavePlanner) -> ItemData:
     key = item.index.fqn if item.index.offset is None else f"{item.index.fqn}@{list(item.index.offset)}"
     if item.type == WriteItemType.BYTE_IO:
         data = _encoded_value(item, planner)
-        return ItemData(key, torch.uint8, (len(data),), len(data), lambda: memoryview(data))
+        return ItemData(key, torch.uint8, (len(data),), len(data), lambda: memoryview(data), packed=True)
     assert item.tensor_data is not None
     shape = tuple(item.tensor_data.chunk.sizes)
     dtype = item.tensor_data.properties.dtype

@@ -80,9 +80,19 @@ def plant(root: Path, step: int, fqn: str, payload: bytes) -> None:
             file.seek(blob.offset)
             blobs.append(file.read(blob.nbytes))
     target = layout.tensors[where.tensor]
-    blobs[target.blob] = payload
     tensors = list(layout.tensors)
-    tensors[where.tensor] = fmt.TensorEntry(target.key, torch.uint8, (len(payload),), (1,), target.blob, 0)
+    shared = [i for i, t in enumerate(tensors) if t.blob == target.blob]  # plain values share a blob
+    parts = []
+    offset = 0
+    for i in shared:
+        entry = tensors[i]
+        data = (
+            payload if i == where.tensor else blobs[entry.blob][entry.offset : entry.offset + entry.shape[0]]
+        )
+        tensors[i] = fmt.TensorEntry(entry.key, torch.uint8, (len(data),), (1,), entry.blob, offset)
+        parts.append(data)
+        offset += len(data)
+    blobs[target.blob] = b"".join(parts)
 
     def body(sink: Any) -> int:
         return fmt.write_checkpoint(
