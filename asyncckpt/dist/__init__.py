@@ -21,7 +21,7 @@ from .planner import FullStateLoadPlanner, LoadPlanner, SavePlanner, decode_valu
 from .record import CommitRecord, ItemLocation, ShardDigest
 from .restore import RestoredStep, restore_latest, verify_step
 from .save import SavedStep, save_step
-from .steps import committed_steps, delete_step, remove_uncommitted
+from .steps import check_step, committed_steps, delete_step, remove_uncommitted
 from .storage import AsyncckptReader, AsyncckptWriter
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "SavePlanner",
     "SavedStep",
     "ShardDigest",
+    "check_step",
     "committed_steps",
     "decode_value",
     "delete_step",

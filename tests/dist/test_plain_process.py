@@ -309,3 +309,18 @@ def test_plan_caching_reuses_the_plan_and_keeps_every_step_right(tmp_path: Path)
     for step in (1, 2, 3):
         full = adist.load_full(tmp_path, step=step)
         assert states_equal(full.state, held[step]), step
+
+
+def test_check_step_names_each_broken_file(tmp_path: Path) -> None:
+    save_two_steps(tmp_path)
+    shard = tmp_path / catalog.shard_name(2, 0)
+    data = bytearray(shard.read_bytes())
+    data[4096] ^= 0x01  # the first blob
+    shard.write_bytes(bytes(data))
+    (tmp_path / catalog.commit_record_name(1)).unlink()
+
+    assert adist.check_step(tmp_path, 2)[0].path == str(shard)
+    [missing] = adist.check_step(tmp_path, 1)
+    assert "never committed" in missing.reason
+    adist.save_step(tmp_path, 3, {"model": torch.nn.Linear(2, 2), "n": 3})
+    assert adist.check_step(tmp_path, 3) == []
