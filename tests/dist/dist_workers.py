@@ -217,3 +217,48 @@ def dcp_round_trip(rank: int, world: int, root: str, ours: bool) -> bool:
     if rank != 0:
         return True
     return asyncckpt.testing.states_equal(expected, got)
+
+
+class KillAfterOps(FileOps):
+    """SIGKILL this process at its ``n``-th file operation (any kind)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def _tick(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def open_exclusive(self, path: Path) -> int:
+        self._tick()
+        return super().open_exclusive(path)
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        self._tick()
+        return super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        self._tick()
+        super().fsync(fd)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._tick()
+        super().rename(src, dst)
+
+    def fsync_dir(self, directory: Path) -> None:
+        self._tick()
+        super().fsync_dir(directory)
+
+
+def save_loop_and_die(rank: int, world: int, root: str, victim: int, ops: int, first: int) -> str:
+    """Save steps ``first`` .. ``first + 3``; ``victim`` dies at its ``ops``-th file operation."""
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model, optimizer = fsdp_trained(1, 1)
+    storage = PosixStorage(root, ops=KillAfterOps(ops) if rank == victim else FileOps())
+    for step in range(first, first + 4):
+        train(model, optimizer, step)
+        adist.save_step(
+            storage, step, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()}, group=group
+        )
+    return "saved"
