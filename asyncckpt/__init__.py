@@ -2,7 +2,6 @@
 
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
-from .checkpoint import Checkpoint, load, save
 from .checkpointer import AsyncCheckpointer
 from .errors import (
     CheckpointBusyError,
@@ -15,7 +14,12 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .load import CandidateReport, LoadResult, check_candidates, load_latest, restore
+
+# After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
+# that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the
+# one-shot functions.
+from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
 from .save.handles import SaveHandle
 from .save.stats import CheckpointerStats
