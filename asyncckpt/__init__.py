@@ -14,15 +14,15 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .load import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .loading import CandidateReport, LoadResult, check_candidates, load_latest, restore
 
 # After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
 # that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the
 # one-shot functions.
 from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
-from .save.handles import SaveHandle
-from .save.stats import CheckpointerStats
+from .saving.handles import SaveHandle
+from .saving.stats import CheckpointerStats
 
 __all__ = [
     "AsyncCheckpointer",

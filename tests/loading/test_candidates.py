@@ -10,8 +10,8 @@ import torch
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
-from asyncckpt.load import load_latest
-from asyncckpt.load.candidates import discover
+from asyncckpt.loading import load_latest
+from asyncckpt.loading.candidates import discover
 from asyncckpt.storage import PosixFile, PosixStorage
 from asyncckpt.storage.posix import temp_name
 
