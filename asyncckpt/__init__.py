@@ -2,25 +2,31 @@
 
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
-from .checkpoint import Checkpoint, load, save
 from .checkpointer import AsyncCheckpointer
 from .errors import (
+    AsyncckptError,
     CheckpointBusyError,
     CheckpointError,
     CheckpointWriteError,
+    CoordinationError,
     CorruptedCheckpointError,
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    StateTooLargeError,
+    UnsupportedValueError,
     UnsupportedVersionError,
+    UsageError,
 )
-from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .loading import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
-from .save.handles import SaveHandle
-from .save.stats import CheckpointerStats
+from .saving.handles import SaveHandle
+from .saving.stats import CheckpointerStats
 
 __all__ = [
     "AsyncCheckpointer",
+    "AsyncckptError",
     "CandidateReport",
     "Checkpoint",
     "CheckpointBusyError",
@@ -28,13 +34,17 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointWriteError",
     "CheckpointerStats",
+    "CoordinationError",
     "CorruptedCheckpointError",
     "Diagnostic",
     "IncompatibleCheckpointError",
     "LoadResult",
     "NoValidCheckpointError",
     "SaveHandle",
+    "StateTooLargeError",
+    "UnsupportedValueError",
     "UnsupportedVersionError",
+    "UsageError",
     "__version__",
     "check_candidates",
     "list_checkpoints",

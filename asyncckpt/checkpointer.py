@@ -1,10 +1,10 @@
 """AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` goes one way down: a :class:`~asyncckpt.save.plan.Planner` checks and flattens the
+``save()`` goes one way down: a :class:`~asyncckpt.saving.plan.Planner` checks and flattens the
 state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
-:class:`~asyncckpt.save.stager.Stager` copies the state into it; the job goes to the writer
-through the open lifecycle, a :class:`~asyncckpt.save.runner.SyncRunner` (``with``: an event loop
-in a background thread) or an :class:`~asyncckpt.save.runner.AsyncRunner` (``async with``: the
+:class:`~asyncckpt.saving.stager.Stager` copies the state into it; the job goes to the writer
+through the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop
+in a background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
 caller's task group).
 """
 
@@ -21,21 +21,21 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from . import events as ev
-from . import loader
 from .catalog import checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
-from .loader import LoadResult, MapLocation, OnCorrupt
+from .loading import LoadResult, MapLocation, OnCorrupt
+from .loading import rollback as loader
 from .preemption import CallsInProgress, SigtermFlusher
-from .save.errorbox import ErrorBox
-from .save.handles import SaveHandle
-from .save.job import Job
-from .save.pending import PendingSaves
-from .save.plan import Planner, SavePlan
-from .save.runner import AsyncRunner, Runner, SyncRunner
-from .save.stager import Stager
-from .save.staging import StagedCopy, StagingPool
-from .save.stats import CheckpointerStats, SaveStats
-from .save.writer import VerifyMode, Writer
+from .saving.errorbox import ErrorBox
+from .saving.handles import SaveHandle
+from .saving.job import Job
+from .saving.pending import PendingSaves
+from .saving.plan import Planner, SavePlan
+from .saving.runner import AsyncRunner, Runner, SyncRunner
+from .saving.stager import Stager
+from .saving.staging import StagedCopy, StagingPool
+from .saving.stats import CheckpointerStats, SaveStats
+from .saving.writer import VerifyMode, Writer
 from .storage import OS, FileOps, PosixStorage
 
 WhenBusy = Literal["wait", "skip"]
@@ -361,7 +361,7 @@ class AsyncCheckpointer:
                 objects,
                 map_location=map_location,
                 on_corrupt=on_corrupt,
-                validate=validate,
+                verify="full" if validate else "structure",
                 expect=expect,
                 log=log,
             )

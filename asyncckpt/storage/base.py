@@ -168,7 +168,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def open(self, name: str) -> ReadHandle:
         """Open a committed object. Raises ``FileNotFoundError`` when it does not exist (or is not
-        a regular object), ``OSError`` when the storage fails."""
+        a regular object), ``OSError`` when the storage fails, and
+        :class:`asyncckpt.CorruptedCheckpointError` when its commit record is damaged (stores that
+        commit with a record, see docs/REMOTE.md)."""
 
     @abc.abstractmethod
     def ls(self, under: str = "") -> list[StoredObject]:
@@ -180,7 +182,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, names: Sequence[str]) -> None:
-        """Remove committed objects durably (a missing one is not an error)."""
+        """Remove committed objects durably (a missing one is not an error). A folder name
+        (``kind="dir"`` in :meth:`ls`) removes the folder, which must be empty by then."""
 
     @abc.abstractmethod
     def leftovers(self) -> list[str]:

@@ -1,0 +1,146 @@
+"""One-shot ``asyncckpt.save`` and ``asyncckpt.load``: one checkpoint file, synchronously.
+
+``save`` writes durably and atomically; ``load`` reads through the same reader as a resume
+(:mod:`asyncckpt.reader`), so ``load(map_location="cuda")`` and ``restore()`` read a file the
+same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import format as fmt
+from . import reader
+from ._tree import unflatten
+from .format import FileKind, TensorEntry
+from .format.legacy import LEGACY_VERSION, legacy_step
+from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
+from .saving.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
+from .storage import OS, FileOps, ReadHandle, Sink, WriteTimings, atomic_write, open_storage
+
+__all__ = ["Checkpoint", "MapLocation", "load", "save", "write_snapshot"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: its state tree, step, user metadata, format version and file."""
+
+    state: Any
+    step: int
+    metadata: dict[str, Any]
+    version: str
+    path: Path
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Any,
+    *,
+    step: int,
+    metadata: dict[str, Any] | None = None,
+    ops: FileOps = OS,
+) -> Path:
+    """Write ``state`` to ``path`` durably and atomically; return the path.
+
+    After a crash at any instant ``path`` holds either its previous complete content or the new
+    complete file. Tensor bytes are written straight from tensor memory (CUDA tensors are copied to
+    the host one at a time). Raises ``TypeError`` naming the key path of a value that cannot be
+    stored, and ``TypeError`` / ``ValueError`` for a step that is not an int in
+    ``[0, 2**63 - 1]``, before anything is written; :class:`CheckpointWriteError` when the
+    write fails.
+    """
+    fmt.check_step(step)
+    final = Path(path)
+    snapshot = flatten(state)
+    meta = flatten_metadata(metadata)
+    write_snapshot(
+        final,
+        tree=snapshot.tree,
+        tensors=snapshot.tensors,
+        sizes=[blob.nbytes for blob in snapshot.blobs],
+        step=step,
+        metadata=meta,
+        blobs=_host_bytes(snapshot),
+        ops=ops,
+    )
+    return final
+
+
+def write_snapshot(
+    final: Path,
+    *,
+    tree: Any,
+    tensors: Sequence[TensorEntry],
+    sizes: Sequence[int],
+    step: int,
+    metadata: Any,
+    blobs: Iterator[memoryview],
+    ops: FileOps = OS,
+) -> WriteTimings:
+    """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
+
+    header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
+
+    def body(sink: Sink) -> int:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksums:
+            return fmt.write_file(sink, header, blobs, checksum_pool=checksums)
+
+    return atomic_write(final, body, ops=ops)
+
+
+def _host_bytes(snapshot: Snapshot) -> Iterator[memoryview]:
+    for blob in snapshot.blobs:
+        yield fmt.tensor_bytes(_host_contiguous(blob))
+
+
+def _host_contiguous(blob: BlobSource) -> torch.Tensor:
+    tensor = blob.tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    return tensor.contiguous()
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    map_location: MapLocation = "cpu",
+    verify: Verify = "full",
+) -> Checkpoint:
+    """Read and check one checkpoint file.
+
+    v1 files are checked for structure and, with ``verify="full"``, every checksum
+    (``"structure"`` and ``"none"`` skip the tensor checksums; the structure is always checked);
+    tensors are read straight into their own memory on ``map_location`` (CUDA through pinned
+    bounce buffers). Legacy ``torch.save`` files load read-only with ``weights_only=True`` and
+    report ``version == "0.x"`` (and ``step == -1`` when they have none).
+
+    Raises :class:`CorruptedCheckpointError` (broken bytes), :class:`UnsupportedVersionError`
+    (newer format), :class:`UsageError` for another ``verify``, ``FileNotFoundError`` for a file
+    that is missing or not a regular file, ``PermissionError`` for one that cannot be opened.
+    """
+    checksums = one_of("verify", verify, VERIFY_MODES) == "full"
+    file_path = Path(path)
+    where = str(file_path)
+    with open_storage(file_path.parent).open(file_path.name) as handle:
+        kind = reader.file_kind(handle, where)
+        if kind is FileKind.V1:
+            return _load_v1(handle, file_path, device=torch.device(map_location), checksums=checksums)
+        legacy = reader.read_legacy(handle, kind, where=where, map_location=map_location, checksums=checksums)
+    step = legacy_step(legacy.state, file_path)
+    return Checkpoint(legacy.state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
+
+
+def _load_v1(handle: ReadHandle, path: Path, *, device: torch.device, checksums: bool) -> Checkpoint:
+    where = str(path)
+    layout = reader.read_layout(handle, where)
+    tensors = reader.read_tensors(handle, layout, where=where, checksums=checksums, device=device)
+    state = unflatten(layout.tree, tensors)
+    metadata = unflatten(layout.metadata, [])
+    return Checkpoint(state, layout.step, metadata, layout.version, path)

@@ -1,0 +1,202 @@
+"""A state's structural fingerprint, and the structure of the last save, reused while it matches.
+
+Laying out a state (checking every value, building the skeleton and the tensor table, finding
+shared storages) costs tens of microseconds a tensor, but a training state keeps its shape from
+one save to the next. :func:`scan` walks the state once, calling ``state_dict()`` as flattening
+would, and records everything the layout depends on, exactly: container kinds and keys (with
+their types), every plain value (floats by their bits), and per tensor its dtype, shape,
+strides, storage offset, data pointer, device and layout. :class:`StructureCache` lays the state
+out afresh only when that fingerprint differs from the last one; otherwise the new snapshot is
+the cached :class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors.
+
+Equal fingerprints mean equal layouts: every value the layout reads is in the fingerprint. A
+storage freed and another allocated at the same address with the same shapes lays out the same
+way; the copies always read the tensors found in this save, never the cached ones.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..format import MAX_DEPTH
+from .snapshot import Snapshot, Structure, flatten
+from .walker import StateDicts
+
+
+class _Token:
+    """A marker in a fingerprint; equal only to itself."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_DICT, _LIST, _TUPLE, _TENSOR = _Token("dict"), _Token("list"), _Token("tuple"), _Token("tensor")
+_TENSORS = _Token("tensors")  # a container whose values are all tensors
+_INT, _FLOAT, _BYTES, _STR = _Token("int"), _Token("float"), _Token("bytes"), _Token("str")
+_DOUBLE = struct.Struct("<d").pack  # floats by their bits: 0.0 and -0.0 differ, NaN equals NaN
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+# What the layout reads of each tensor, fetched for all tensors at once (C loops, no bytecode).
+_META = operator.attrgetter("dtype", "shape", "device", "layout", "requires_grad")
+_STRIDE = operator.methodcaller("stride")
+_OFFSET = operator.methodcaller("storage_offset")
+_POINTER = operator.methodcaller("data_ptr")
+
+
+class _Unscannable(Exception):
+    """The state holds a value the fingerprint does not cover (flattening decides about it)."""
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A state's fingerprint, its tensors in the order found, and its top-level objects.
+
+    ``objects`` are the objects with ``state_dict()`` met outside any state dict (the modules
+    and optimizers the overlap rule looks at).
+    """
+
+    signature: list[Any]
+    found: list[torch.Tensor]
+    objects: list[Any]
+
+
+def scan(state: Any, state_dicts: StateDicts) -> Scan | None:
+    """Fingerprint ``state`` (see the module docstring); None when it holds a value outside
+    what flattening accepts, or nests too deep. ``state_dicts`` records each ``state_dict()``."""
+    scanner = _Scanner(state_dicts)
+    try:
+        scanner.visit(state, 0, False)
+        return scanner.finish()
+    except _Unscannable:
+        return None
+
+
+class _Scanner:
+    """The walk records the tree's shape and plain values, and marks where tensors stand; the
+    tensors' own fields are fetched at the end, for all of them at once."""
+
+    def __init__(self, state_dicts: StateDicts) -> None:
+        self.signature: list[Any] = []
+        self.found: list[torch.Tensor] = []
+        self.objects: list[Any] = []
+        self.state_dict_of = state_dicts.reader()
+
+    def finish(self) -> Scan:
+        found = self.found
+        try:
+            meta = list(map(_META, found))
+            fields = [meta, list(map(_STRIDE, found)), list(map(_OFFSET, found)), list(map(_POINTER, found))]
+        except Exception:  # a tensor without strides or storage (sparse, a wrapper subclass)
+            raise _Unscannable from None
+        if any(m[3] is not torch.strided for m in meta):
+            raise _Unscannable
+        if any(m[4] for m in meta):  # requires grad: copy from a detached view
+            found = [t.detach() if m[4] else t for t, m in zip(found, meta, strict=True)]
+        self.signature += fields
+        return Scan(self.signature, found, self.objects)
+
+    def items(self, values: Any, depth: int, inside: bool) -> None:
+        """The values of one container: all tensors at once, or plain ones inline."""
+        values = values if type(values) is list else list(values)
+        if values and set(map(type, values)) <= _TENSOR_TYPES:
+            self.signature.append(_TENSORS)
+            self.found += values
+            return
+        put = self.signature.append
+        put_all = self.signature.extend
+        for value in values:
+            kind = type(value)
+            if kind is str or kind is bool or value is None:
+                put(value)
+            elif kind is int:
+                put_all((_INT, value))
+            elif kind in _TENSOR_TYPES:
+                put(_TENSOR)
+                self.found.append(value)
+            elif kind is float:
+                put_all((_FLOAT, _DOUBLE(value)))
+            else:
+                self.visit(value, depth + 1, inside)
+
+    def visit(self, value: Any, depth: int, inside: bool) -> None:
+        if depth > MAX_DEPTH:  # also ends a cycle
+            raise _Unscannable
+        kind = type(value)
+        if kind is dict or kind is OrderedDict:
+            keys = tuple(value)
+            self.signature += (_DICT, keys, tuple(map(type, keys)))
+            self.items(value.values(), depth, inside)
+        elif kind is list:
+            self.signature += (_LIST, len(value))
+            self.items(value, depth, inside)
+        elif kind is tuple:
+            self.signature += (_TUPLE, len(value))
+            self.items(value, depth, inside)
+        else:
+            self.other(value, depth, inside)
+
+    def other(self, value: Any, depth: int, inside: bool) -> None:
+        """Everything but the exact container types, in the order flattening looks at them."""
+        if isinstance(value, torch.Tensor):
+            self.signature.append(_TENSOR)
+            self.found.append(value)
+        elif isinstance(value, str):
+            self.signature += (_STR, str(value))
+        elif value is None or isinstance(value, bool):
+            self.signature.append(value)
+        elif isinstance(value, bytes):
+            self.signature += (_BYTES, bytes(value))
+        elif isinstance(value, int):
+            self.signature += (_INT, int(value))
+        elif isinstance(value, float):
+            self.signature += (_FLOAT, _DOUBLE(float(value)))
+        elif isinstance(value, Mapping):
+            items = list(value.items())
+            keys = tuple(k for k, _ in items)
+            self.signature += (_DICT, keys, tuple(map(type, keys)))
+            self.items([v for _, v in items], depth, inside)
+        elif isinstance(value, list | tuple):
+            self.signature += (_TUPLE if isinstance(value, tuple) else _LIST, len(value))
+            self.items(value, depth, inside)
+        elif callable(getattr(value, "state_dict", None)):
+            if not inside:
+                self.objects.append(value)
+            self.visit(self.state_dict_of(value), depth, True)
+        else:
+            raise _Unscannable
+
+
+class StructureCache:
+    """The fingerprint and structure of the last state laid out; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._last: tuple[list[Any], Structure] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def snapshot(self, state: Any) -> tuple[Snapshot, list[Any] | None]:
+        """Flatten ``state``, reusing the last structure when the fingerprint matches.
+
+        Returns the snapshot and the top-level objects with ``state_dict()`` (None when the
+        state could not be fingerprinted; the caller then finds them itself). Raises what
+        :func:`~asyncckpt.saving.snapshot.flatten` raises.
+        """
+        state_dicts = StateDicts()
+        scanned = scan(state, state_dicts)
+        last = self._last
+        if scanned is not None and last is not None and scanned.signature == last[0]:
+            self.hits += 1
+            return Snapshot(last[1], scanned.found), scanned.objects
+        self.misses += 1
+        snapshot = flatten(state, state_dicts)  # replays the state dicts the scan took
+        self._last = None if scanned is None else (scanned.signature, snapshot.structure)
+        return snapshot, None if scanned is None else scanned.objects

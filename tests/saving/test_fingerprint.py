@@ -1,0 +1,310 @@
+"""save/fingerprint.py: the structure of the last save is reused only while nothing it depends on changed.
+
+Each case saves a state, changes it in one way, saves again through the same checkpointer, and
+checks that every file loads back bit for bit as the state it was saved from (and, for the
+fingerprint itself, that the change was seen).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt import AsyncCheckpointer
+from asyncckpt.saving.fingerprint import StructureCache, scan
+from asyncckpt.saving.plan import Planner
+from asyncckpt.saving.walker import StateDicts
+from asyncckpt.testing import states_equal
+
+SameState = Callable[[Any, Any], None]
+
+
+def fingerprint(state: Any) -> list[Any]:
+    scanned = scan(state, StateDicts())
+    assert scanned is not None
+    return scanned.signature
+
+
+def saved_copy(state: Any) -> Any:
+    """What a save of ``state`` must hold: its state dicts taken now, tensors cloned."""
+    return _clone(flatten_to_plain(state))
+
+
+def flatten_to_plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: flatten_to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [flatten_to_plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if hasattr(value, "state_dict"):
+        return flatten_to_plain(value.state_dict())
+    return value
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_clone(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+def model_and_adam(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+
+
+# Each change takes the state and returns the state to save next (often the same object, changed).
+def add_a_key(state: dict[str, Any]) -> dict[str, Any]:
+    state["extra"] = torch.arange(5.0)
+    return state
+
+
+def change_a_shape(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"] = torch.arange(12.0).view(3, 4)
+    return state
+
+
+def change_a_dtype(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"] = state["w"].double()
+    return state
+
+
+def transpose_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"] = state["w"].t()  # same storage, same numel, other strides
+    return state
+
+
+def tie_two_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    state["b"] = state["w"]  # now one blob for both
+    return state
+
+
+def view_into_another(state: dict[str, Any]) -> dict[str, Any]:
+    state["b"] = state["w"].view(-1)[1:3]  # a span blob shared by two views
+    return state
+
+
+def set_storage_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].set_(torch.arange(6.0) * 7)  # same tensor object, new storage
+    return state
+
+
+def change_a_plain_value(state: dict[str, Any]) -> dict[str, Any]:
+    state["lr"] = 0.5
+    return state
+
+
+def int_becomes_bool(state: dict[str, Any]) -> dict[str, Any]:
+    state["n"] = True  # 1 == True, but the file must say bool
+    return state
+
+
+def int_becomes_float(state: dict[str, Any]) -> dict[str, Any]:
+    state["n"] = 1.0
+    return state
+
+
+def zero_becomes_negative_zero(state: dict[str, Any]) -> dict[str, Any]:
+    state["lr"] = -0.0 if state["lr"] == 0.0 else 0.0
+    return state
+
+
+def list_becomes_tuple(state: dict[str, Any]) -> dict[str, Any]:
+    state["seq"] = tuple(state["seq"])
+    return state
+
+
+def int_key_becomes_str_key(state: dict[str, Any]) -> dict[str, Any]:
+    state["map"] = {"1": state["map"][1]}
+    return state
+
+
+def reorder_keys(state: dict[str, Any]) -> dict[str, Any]:
+    return dict(reversed(list(state.items())))
+
+
+def simple_state() -> dict[str, Any]:
+    return {
+        "w": torch.arange(6.0).view(2, 3),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "lr": 0.0,
+        "n": 1,
+        "seq": [1, 2],
+        "map": {1: "one"},
+    }
+
+
+CHANGES = [
+    add_a_key,
+    change_a_shape,
+    change_a_dtype,
+    transpose_in_place,
+    tie_two_tensors,
+    view_into_another,
+    set_storage_in_place,
+    change_a_plain_value,
+    int_becomes_bool,
+    int_becomes_float,
+    zero_becomes_negative_zero,
+    list_becomes_tuple,
+    int_key_becomes_str_key,
+    reorder_keys,
+]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda c: c.__name__)
+def test_a_changed_state_is_saved_as_it_is_now(
+    tmp_path: Path, change: Callable[[dict[str, Any]], dict[str, Any]], assert_same_state: SameState
+) -> None:
+    state = simple_state()
+    before = fingerprint(state)
+    with AsyncCheckpointer(tmp_path, keep_last=10) as ckpt:
+        expected = [saved_copy(state)]
+        first = ckpt.save(1, state)
+        first.result(timeout=30)
+        state = change(state)
+        expected.append(saved_copy(state))
+        second = ckpt.save(2, state)
+        second.result(timeout=30)
+        assert fingerprint(state) != before
+    for handle, want in zip((first, second), expected, strict=True):
+        assert handle.path is not None
+        assert_same_state(want, asyncckpt.load(handle.path).state)
+
+
+def test_an_unchanged_state_reuses_the_structure_and_saves_new_values(tmp_path: Path) -> None:
+    state = simple_state()
+    cache = StructureCache()
+    first, _ = cache.snapshot(state)
+    state["w"].add_(1.0)  # values change every step; the structure does not
+    second, _ = cache.snapshot(state)
+    assert second.structure is first.structure and (cache.hits, cache.misses) == (1, 1)
+    assert second.sources[0] is state["w"]  # the copies read this save's tensors
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            state["w"].mul_(2.0)
+            path = ckpt.save(step, state).result(timeout=30)
+            assert path is not None
+            assert states_equal(asyncckpt.load(path).state, state)
+
+
+def test_training_objects_across_structure_changes(tmp_path: Path, assert_same_state: SameState) -> None:
+    """Optimizer state appearing after the first step, a parameter replaced, a group added."""
+    model, optimizer = model_and_adam()
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    expected = []
+    paths = []
+
+    def save(step: int) -> None:
+        expected.append(saved_copy(state))
+        handle = ckpt.save(step, state)
+        ckpt.wait_staged()  # the next change may touch parameters in place
+        paths.append(handle.result(timeout=30))
+
+    with AsyncCheckpointer(tmp_path, keep_last=20) as ckpt:
+        save(1)  # no optimizer state yet
+        train_step(model, optimizer)
+        save(2)  # exp_avg / exp_avg_sq / step appear
+        train_step(model, optimizer)
+        save(3)  # same structure, new values
+        model[0].weight = torch.nn.Parameter(torch.randn(3, 4))  # a parameter replaced
+        save(4)
+        optimizer.add_param_group({"params": [model[0].weight]})
+        train_step(model, optimizer)
+        save(5)
+        model[2] = torch.nn.Linear(3, 2, bias=False)  # a key gone
+        save(6)
+    for want, path in zip(expected, paths, strict=True):
+        assert path is not None
+        assert_same_state(want, asyncckpt.load(path).state)
+
+
+def test_the_overlap_plan_follows_the_optimizer() -> None:
+    model, optimizer = model_and_adam()
+    planner = Planner()
+    state = {"model": model, "optimizer": optimizer}
+
+    def deferred_keys() -> set[str]:
+        plan = planner.plan(1, state, None, overlap=True)
+        return {t.key for t in plan.snapshot.tensors if t.blob in plan.deferred}
+
+    params = {f"model.{name}" for name, _ in model.named_parameters()}
+    assert deferred_keys() == params
+    train_step(model, optimizer)
+    after_step = deferred_keys()
+    assert params < after_step and all(k in params or k.startswith("optimizer.state.") for k in after_step)
+    assert deferred_keys() == after_step  # reused
+    other = torch.optim.SGD(model[0].parameters(), lr=0.1)  # a new optimizer: only its parameters
+    state["optimizer"] = other
+    assert deferred_keys() == {"model.0.weight", "model.0.bias"}
+
+
+def test_floats_are_compared_by_their_bits() -> None:
+    assert fingerprint({"x": 0.0}) != fingerprint({"x": -0.0})
+    assert fingerprint({"x": math.nan}) == fingerprint({"x": math.nan})
+    assert fingerprint({"x": 1}) != fingerprint({"x": 1.0}) != fingerprint({"x": True})
+    assert fingerprint({1: 0}) != fingerprint({True: 0})
+
+
+def test_subclasses_are_fingerprinted_by_what_is_stored() -> None:
+    class Name(str):
+        pass
+
+    assert fingerprint({"k": Name("v")}) == fingerprint({"k": Name("v")})
+    assert fingerprint(OrderedDict(a=1)) == fingerprint({"a": 1})  # both stored as a dict
+
+
+def test_a_state_that_cannot_be_stored_is_not_cached() -> None:
+    cache = StructureCache()
+    with pytest.raises(TypeError, match="cannot store"):
+        cache.snapshot({"f": print})
+    assert scan({"f": print}, StateDicts()) is None
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    assert scan(cycle, StateDicts()) is None
+
+
+def test_state_dict_is_called_once_per_save() -> None:
+    class Counting:
+        calls = 0
+
+        def state_dict(self) -> dict[str, Any]:
+            Counting.calls += 1
+            return {"t": torch.ones(2), "odd": [Name("x")]}
+
+    class Name(str):  # the fast walk hands this state to the careful one
+        pass
+
+    cache = StructureCache()
+    cache.snapshot({"obj": Counting()})
+    cache.snapshot({"obj": Counting()})
+    assert Counting.calls == 2
+
+
+def test_tensors_that_require_grad_are_read_through_a_detached_view() -> None:
+    weight = torch.nn.Parameter(torch.ones(3))
+    cache = StructureCache()
+    cache.snapshot({"w": weight})
+    snapshot, _ = cache.snapshot({"w": weight})
+    assert cache.hits == 1 and not snapshot.sources[0].requires_grad
+    assert snapshot.sources[0].data_ptr() == weight.data_ptr()
