@@ -46,7 +46,7 @@ _INT, _FLOAT, _BYTES, _STR = _Token("int"), _Token("float"), _Token("bytes"), _T
 _DOUBLE = struct.Struct("<d").pack  # floats by their bits: 0.0 and -0.0 differ, NaN equals NaN
 _TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 # What the layout reads of each tensor, fetched for all tensors at once (C loops, no bytecode).
-_META = operator.attrgetter("dtype", "shape", "device", "layout", "requires_grad")
+_META = operator.attrgetter("dtype", "shape", "device", "layout")
 _STRIDE = operator.methodcaller("stride")
 _OFFSET = operator.methodcaller("storage_offset")
 _POINTER = operator.methodcaller("data_ptr")
@@ -99,9 +99,7 @@ class _Scanner:
             raise _Unscannable from None
         if any(m[3] is not torch.strided for m in meta):
             raise _Unscannable
-        if any(m[4] for m in meta):  # requires grad: copy from a detached view
-            found = [t.detach() if m[4] else t for t, m in zip(found, meta, strict=True)]
-        self.signature += fields
+        self.signature += fields  # (tensors that require grad are copied without autograd)
         return Scan(self.signature, found, self.objects)
 
     def items(self, values: Any, depth: int, inside: bool) -> None:

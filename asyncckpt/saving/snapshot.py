@@ -108,6 +108,11 @@ class Structure:
         return sum(self.sizes)
 
     @functools.cached_property
+    def one_each(self) -> bool:
+        """Whether blob ``i`` is the ``i``-th tensor found, for every ``i``."""
+        return not self.spans and self.sources == list(range(len(self.sources)))
+
+    @functools.cached_property
     def uses_cuda(self) -> bool:
         """Whether any blob is copied from a CUDA device."""
         return any(device == "cuda" or device.startswith("cuda:") for _, device, _, _ in self.layout)
@@ -142,7 +147,9 @@ class Snapshot:
     def sources(self) -> list[torch.Tensor]:
         """Per blob, the tensor whose bytes are copied into it (span blobs: a uint8 view)."""
         found = self.found
-        sources = [found[i] for i in self.structure.sources]
+        if self.structure.one_each:
+            return found
+        sources = list(map(found.__getitem__, self.structure.sources))
         for blob, span in self.structure.spans.items():
             sources[blob] = _span_view(found[span.members[0]], span)
         return sources

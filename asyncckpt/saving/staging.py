@@ -10,6 +10,7 @@ returned :class:`StagedCopy` tells when each blob is there.
 from __future__ import annotations
 
 import bisect
+import operator
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -89,7 +90,7 @@ class StagedCopy:
     def watch_one_each(self, tensors: list[torch.Tensor]) -> None:
         """:meth:`watch` where each deferred blob has one tensor (no span blob is deferred)."""
         self._watched, self._bounds = list(tensors), None
-        self._versions = [t._version for t in tensors]
+        self._versions = list(map(_VERSION, tensors))
 
     def run_deferred(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Copy the deferred blobs (in the copier thread), publishing progress group by group.
@@ -119,7 +120,7 @@ class StagedCopy:
         """Raise :class:`StagingRaceError` if a deferred blob in ``[begin, end)`` changed."""
         bounds = self._bounds
         low, high = (begin, end) if bounds is None else (bounds[begin], bounds[end])
-        if [t._version for t in self._watched[low:high]] == self._versions[low:high]:
+        if list(map(_VERSION, self._watched[low:high])) == self._versions[low:high]:
             return
         for k in range(begin, end):
             a, b = (k, k + 1) if bounds is None else (bounds[k], bounds[k + 1])
@@ -188,6 +189,9 @@ class StagedCopy:
         self._finished.wait()
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 class StagingRaceError(RuntimeError):
@@ -403,7 +407,7 @@ def stage(
         staged.event = _stage_cuda(first, last, side_stream, staged.sources)
     if plan.later:
         assert copier is not None
-        later = [sources[i] for i in plan.later]
+        later = list(map(sources.__getitem__, plan.later))
         if plan.spans_later:
             staged.watch([snapshot.watched(i) for i in plan.later])
         else:
@@ -446,12 +450,16 @@ def _enqueue_cuda(
 
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor], *, non_blocking: bool) -> None:
-    """``dst.copy_(src)`` for each pair, in one call where torch has the batched kernel."""
+    """``dst.copy_(src)`` for each pair, in one call where torch has the batched kernel.
+
+    Without autograd: a source may require grad (a parameter read without ``detach()``).
+    """
     if not destinations:
         return
-    foreach_copy = getattr(torch, "_foreach_copy_", None)
-    if foreach_copy is not None:
-        foreach_copy(destinations, sources, non_blocking=non_blocking)
-        return
-    for destination, source in zip(destinations, sources, strict=True):
-        destination.copy_(source, non_blocking=non_blocking)
+    with torch.no_grad():
+        foreach_copy = getattr(torch, "_foreach_copy_", None)
+        if foreach_copy is not None:
+            foreach_copy(destinations, sources, non_blocking=non_blocking)
+            return
+        for destination, source in zip(destinations, sources, strict=True):
+            destination.copy_(source, non_blocking=non_blocking)

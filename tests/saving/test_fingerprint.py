@@ -20,6 +20,7 @@ import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.saving.fingerprint import StructureCache, scan
 from asyncckpt.saving.plan import Planner
+from asyncckpt.saving.staging import StagingPool, stage
 from asyncckpt.saving.walker import StateDicts
 from asyncckpt.testing import states_equal
 
@@ -301,10 +302,14 @@ def test_state_dict_is_called_once_per_save() -> None:
     assert Counting.calls == 2
 
 
-def test_tensors_that_require_grad_are_read_through_a_detached_view() -> None:
+def test_tensors_that_require_grad_are_copied_without_autograd() -> None:
     weight = torch.nn.Parameter(torch.ones(3))
     cache = StructureCache()
     cache.snapshot({"w": weight})
     snapshot, _ = cache.snapshot({"w": weight})
-    assert cache.hits == 1 and not snapshot.sources[0].requires_grad
-    assert snapshot.sources[0].data_ptr() == weight.data_ptr()
+    assert cache.hits == 1 and snapshot.sources[0].data_ptr() == weight.data_ptr()
+    buffers = StagingPool(1, pin_memory=False).acquire(snapshot.layout_key())
+    assert buffers is not None
+    stage(snapshot, buffers).wait()
+    copy = buffers.destinations[0]
+    assert not copy.requires_grad and copy.grad_fn is None and torch.equal(copy, torch.ones(3))
