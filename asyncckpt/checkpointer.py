@@ -33,8 +33,9 @@ from .saving.pending import PendingSaves
 from .saving.plan import Planner, SavePlan
 from .saving.runner import AsyncRunner, Runner, SyncRunner
 from .saving.stager import Stager
-from .saving.staging import StagedCopy, StagingPool
+from .saving.staging import Staged, StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
+from .saving.streaming import StreamedCopy
 from .saving.writer import VerifyMode, Writer
 from .storage import OS, FileOps, PosixStorage
 
@@ -72,6 +73,12 @@ class AsyncCheckpointer:
       cannot be interrupted: its worker thread is a daemon thread, so it never keeps the
       interpreter from exiting, and it never publishes the abandoned file; its temp file is
       removed if the storage recovers, else at the next start.
+    - ``staging_budget``: host memory (bytes) the staging buffers may hold, all ``max_pending``
+      sets together (default: one full copy of the state per set). A state larger than a set's
+      share streams through it in pieces while the writer writes: ``save()`` returns once the
+      tensors the optimizer step does not guard are copied, and the next optimizer step waits
+      until the whole state is copied (so the stall grows as the budget shrinks; the checkpoint
+      is one consistent state either way). For ``with`` use; at least 64 KiB per set.
 
     Bad options raise :class:`asyncckpt.errors.UsageError`.
     """
@@ -89,6 +96,7 @@ class AsyncCheckpointer:
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
         overlap: bool = True,
+        staging_budget: int | None = None,
         ops: FileOps = OS,
     ) -> None:
         _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
@@ -102,7 +110,8 @@ class AsyncCheckpointer:
         self.close_timeout = close_timeout
         self.overlap = overlap
         self._storage = PosixStorage(self.directory, ops=ops)
-        self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
+        self.staging_budget = staging_budget
+        self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available(), budget=staging_budget)
         self._errors = ErrorBox()
         self._pending = PendingSaves()
         self._stats = SaveStats()
@@ -147,6 +156,8 @@ class AsyncCheckpointer:
 
     async def __aenter__(self) -> AsyncCheckpointer:
         self._require_closed()
+        if self.staging_budget is not None:  # save() may wait for the writer: not on its loop
+            raise UsageError("staging_budget needs `with` (sync use); leave it out for `async with`")
         try:
             await self._open(AsyncRunner).start()
         except BaseException:
@@ -275,14 +286,19 @@ class AsyncCheckpointer:
         staged = self._stager.stage(plan, buffers)
         job = self._job(plan, staged, runner)
         self._pending.add(job)
+        if isinstance(staged, StreamedCopy):
+            runner.submit(job)  # the writer empties the buffer the rest of the state streams through
+            staged.wait_eager()
         stall_ms = (time.perf_counter() - started) * 1000.0
         self._stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
-        # Logged before the writer has the job: its events come after this one.
+        # Logged before the writer has the job (streamed: before it can have finished), so
+        # the writer's events come after this one.
         runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
-        runner.submit(job)
+        if not isinstance(staged, StreamedCopy):
+            runner.submit(job)
         return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
 
-    def _job(self, plan: SavePlan, staged: StagedCopy, runner: Runner) -> Job:
+    def _job(self, plan: SavePlan, staged: Staged, runner: Runner) -> Job:
         name = checkpoint_name(plan.step)
         return Job(
             step=plan.step,

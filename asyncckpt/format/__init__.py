@@ -28,6 +28,7 @@ from .encode import (
     write_all,
     write_checkpoint,
     write_file,
+    write_parts,
     write_region,
 )
 from .sniff import SNIFF_BYTES, FileKind, sniff
@@ -136,5 +137,6 @@ __all__ = [
     "write_all",
     "write_checkpoint",
     "write_file",
+    "write_parts",
     "write_region",
 ]

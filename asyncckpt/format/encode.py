@@ -423,6 +423,60 @@ def write_region(
     return _finish(_Batch(sink), header, crcs, DATA_OFFSET + end)
 
 
+Part = tuple[int, memoryview, Callable[[], None] | None]
+
+
+def write_parts(sink: Sink, header: PreparedHeader, parts: Iterable[Part]) -> int:
+    """Write a file whose blobs arrive in parts; return the file size.
+
+    Each part is ``(blob, data, then)``: the next bytes of blob ``blob``; parts come in file
+    order and each blob's parts add up to its size (empty blobs need none). ``then``, when
+    given, is called once ``data`` and every part before it are written, so that its memory
+    may be reused (a staging buffer smaller than the state). Small parts are written in
+    batches; checksums run on each part as it comes. Raises ``ValueError`` for parts out of
+    order or of the wrong total length, and whatever ``sink`` raises.
+    """
+    offsets, sizes = header.offsets, header.sizes
+    out = _Batch(sink)
+    out.add(encode_prelude())
+    crcs = [0] * len(sizes)
+    position = PRELUDE_SIZE
+    blob = -1
+    filled = 0
+    for index, data, then in parts:
+        if index != blob:
+            if not 0 <= index < len(sizes):
+                raise ValueError(f"there is no blob {index}")
+            _check_blobs_between(blob, filled, index, sizes)
+            out.pad(offsets[index] - position)
+            position = offsets[index]
+            blob, filled = index, 0
+        crcs[blob] = crc32c.crc32c(data, crcs[blob])
+        out.add(data)
+        filled += len(data)
+        position += len(data)
+        if then is not None:
+            out.flush()
+            then()
+    _check_blobs_between(blob, filled, len(sizes), sizes)
+    if sizes:
+        end = offsets[-1] + sizes[-1]
+        out.pad(end - position)
+        position = end
+    return _finish(out, header, crcs, position)
+
+
+def _check_blobs_between(blob: int, filled: int, following: int, sizes: Sequence[int]) -> None:
+    """Blob ``blob`` got all its bytes, and the blobs before blob ``following`` are empty."""
+    if blob >= 0 and filled != sizes[blob]:
+        raise ValueError(f"blob {blob} got {filled} bytes, expected {sizes[blob]}")
+    if following <= blob or following > len(sizes):
+        raise ValueError(f"a part of blob {following} came after blob {blob}")
+    skipped = next((i for i in range(blob + 1, following) if sizes[i]), None)
+    if skipped is not None:
+        raise ValueError(f"blob {skipped} got no bytes, expected {sizes[skipped]}")
+
+
 def _finish(out: _Batch, header: PreparedHeader, crcs: list[int], position: int) -> int:
     """Write the header (after the blobs, which end at ``position``) and the trailer."""
     raw = header.finish(crcs)

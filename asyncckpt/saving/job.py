@@ -12,7 +12,7 @@ import anyio
 
 from ..format import TensorEntry
 from .snapshot import Structure
-from .staging import StagedCopy
+from .staging import Staged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,7 @@ class Job:
     tree: Any
     tensors: Sequence[TensorEntry]
     metadata: Any
-    staged: StagedCopy
+    staged: Staged
     future: concurrent.futures.Future[Path]
     done_event: anyio.Event | None = None
     structure: Structure | None = None  # whose memo keeps the encoded header table

@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .._tree import walk
 from .snapshot import Snapshot, StorageKey, storage_key
-from .staging import StagedCopy
+from .staging import Staged
 
 T = TypeVar("T")
 
@@ -109,11 +109,11 @@ class StepGuard:
     """
 
     def __init__(self) -> None:
-        self._pending: list[StagedCopy] = []
+        self._pending: list[Staged] = []
         self._lock = threading.Lock()
         self._hook: Any = None
 
-    def arm(self, staged: StagedCopy) -> None:
+    def arm(self, staged: Staged) -> None:
         with self._lock:
             # Copies that ended need no wait: drop them, so saves without steps hold nothing.
             self._pending = [pending for pending in self._pending if not pending.done()]

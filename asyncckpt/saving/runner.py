@@ -30,7 +30,7 @@ from .errorbox import ErrorBox
 from .job import Job
 from .pending import PendingSaves
 from .plan import SavePlan
-from .staging import StagingBuffers, StagingPool
+from .staging import Buffers, StagingPool
 from .writer import Writer
 
 Mode = Literal["sync", "async"]
@@ -68,7 +68,7 @@ class Runner(abc.ABC):
         """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots)."""
 
     @abc.abstractmethod
-    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
+    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:
         """A buffer set for ``plan`` when every slot is busy and ``when_busy="wait"``."""
 
     def done_event(self) -> anyio.Event | None:
@@ -133,7 +133,7 @@ class SyncRunner(Runner):
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 job.future.set_exception(error)
 
-    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
+    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:
         buffers = pool.acquire(plan.layout)
         assert buffers is not None  # no timeout
         return buffers
@@ -195,7 +195,7 @@ class AsyncRunner(Runner):
     def submit(self, job: Job) -> None:
         self._send.send_nowait(job)
 
-    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
+    def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:
         raise CheckpointBusyError(
             f"step {plan.step}: all {pool.slots} staging slots are busy and waiting would "
             "block the event loop; use `await ckpt.asave(step, state)` or when_busy='skip'",

@@ -14,7 +14,8 @@ import torch
 from .overlap import StepGuard
 from .plan import SavePlan
 from .snapshot import gc_paused
-from .staging import Copier, StagedCopy, StagingBuffers, StagingPool, stage
+from .staging import Buffers, Copier, RingBuffers, Staged, StagingPool, stage
+from .streaming import StreamedCopy, stage_streamed
 
 
 class Stager:
@@ -29,22 +30,33 @@ class Stager:
         self.guard = StepGuard()
         self._side_stream: Any = None
 
-    def stage(self, plan: SavePlan, buffers: StagingBuffers) -> StagedCopy:
-        """Copy ``plan`` into ``buffers`` (see :func:`~asyncckpt.saving.staging.stage`); the step
-        guard then covers the deferred blobs. On failure the buffers go back to the pool."""
+    def stage(self, plan: SavePlan, buffers: Buffers) -> Staged:
+        """Copy ``plan`` into ``buffers`` (see :func:`~asyncckpt.saving.staging.stage`), or start
+        streaming it through them when they are a bounded ring
+        (:func:`~asyncckpt.saving.streaming.stage_streamed`); the step guard then covers what
+        is copied in the background. On failure the buffers go back to the pool."""
         if plan.uses_cuda and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        staged = None
+        staged: Staged | None = None
         try:
             with gc_paused():
-                staged = stage(
-                    plan.snapshot,
-                    buffers,
-                    side_stream=self._side_stream,
-                    deferred=plan.deferred,
-                    copier=self.copier,
-                )
-            if plan.deferred:
+                if isinstance(buffers, RingBuffers):
+                    staged = stage_streamed(
+                        plan.snapshot,
+                        buffers,
+                        deferred=plan.deferred,
+                        start=self.copier.start,
+                        side_stream=self._side_stream,
+                    )
+                else:
+                    staged = stage(
+                        plan.snapshot,
+                        buffers,
+                        side_stream=self._side_stream,
+                        deferred=plan.deferred,
+                        copier=self.copier,
+                    )
+            if plan.deferred or isinstance(staged, StreamedCopy):
                 self.guard.arm(staged)
         except BaseException:
             if staged is not None:

@@ -12,42 +12,55 @@ from __future__ import annotations
 import bisect
 import operator
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .. import format as fmt
-from ..dtypes import itemsize
-from ..errors import UsageError
-from .snapshot import LayoutKey, Snapshot, Structure, contiguous_stride
+from .buffers import Buffers, RingBuffers, StagingBuffers, StagingPool, destination
+from .snapshot import Snapshot, Structure
+
+__all__ = [
+    "Buffers",
+    "Copier",
+    "CopyPlan",
+    "RingBuffers",
+    "Staged",
+    "StagedCopy",
+    "StagingBuffers",
+    "StagingPool",
+    "StagingRaceError",
+    "copy_all",
+    "copy_plan",
+    "destination",
+    "failure",
+    "stage",
+]
 
 
-@dataclass
-class StagingBuffers:
-    """One host buffer set, sized for one snapshot layout."""
+class Staged(Protocol):
+    """A save being copied into a buffer set (:class:`StagedCopy`, or a
+    :class:`~asyncckpt.saving.streaming.StreamedCopy` through a bounded one)."""
 
-    layout: LayoutKey
-    data: torch.Tensor  # 1-D uint8, zero-filled at allocation (the padding stays zero)
-    offsets: list[int]  # of each blob inside ``data``
-    sizes: list[int]
-    destinations: list[torch.Tensor]  # per blob: a view of ``data`` shaped like its source
-    plan: Any = None  # the last (structure, deferred, CopyPlan) staged into these buffers
+    buffers: Any
 
-    def blob(self, index: int) -> torch.Tensor:
-        start = self.offsets[index]
-        return self.data[start : start + self.sizes[index]]
+    def write(self, sink: fmt.Sink, header: fmt.PreparedHeader, *, checksum_pool: Any = None) -> int:
+        """Write the file through ``sink`` as the copies finish (the writer's thread)."""
 
-    def blob_bytes(self) -> list[memoryview]:
-        """Zero-copy views of each staged blob, for the writer."""
-        whole = fmt.tensor_bytes(self.data)
-        return [whole[start : start + size] for start, size in zip(self.offsets, self.sizes, strict=True)]
+    def settle(self) -> None:
+        """Block until no copy into the buffers or out of the sources is still running."""
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.numel())
+    def guard(self) -> None:
+        """Order the trainer after the copies the step hook guards."""
+
+    def done(self) -> bool:
+        """Whether every copy has ended."""
+
+    def wait(self) -> None:
+        """Block until every blob is copied; raise if a copy failed."""
 
 
 class StagedCopy:
@@ -101,7 +114,7 @@ class StagedCopy:
         """
         try:
             for begin, end in _groups([self.buffers.sizes[i] for i in self.deferred]):
-                _copy_all(destinations[begin:end], sources[begin:end], non_blocking=False)
+                copy_all(destinations[begin:end], sources[begin:end], non_blocking=False)
                 self._check_versions(begin, end)
                 with self._cond:
                     self._copied = end
@@ -143,7 +156,7 @@ class StagedCopy:
         with self._cond:
             self._cond.wait_for(lambda: self._copied > position or self._error is not None)
             if self._copied <= position:
-                raise _copy_failed(self._error)
+                raise failure(self._error)
 
     def region(self) -> memoryview:
         """The staged bytes laid out as in the file from ``DATA_OFFSET`` (zeros between blobs);
@@ -161,6 +174,12 @@ class StagedCopy:
             copied = self._copied
         return self.deferred[copied] if copied < len(self.deferred) else len(self.buffers.sizes)
 
+    def write(self, sink: fmt.Sink, header: fmt.PreparedHeader, *, checksum_pool: Any = None) -> int:
+        """Write the file through ``sink``: the buffers in large pieces as the copies finish
+        (see :func:`asyncckpt.format.write_region`)."""
+        region = self.region()
+        return fmt.write_region(sink, header, region, ready=self.wait_ready, checksum_pool=checksum_pool)
+
     def blob_bytes(self) -> Iterator[memoryview]:
         """Each blob's staged bytes, in order, each yielded once it is copied."""
         if self.event is not None:
@@ -174,7 +193,7 @@ class StagedCopy:
         """Block until every blob is copied; raise if the background copy failed."""
         self.settle()
         if self._error is not None:
-            raise _copy_failed(self._error)
+            raise failure(self._error)
 
     def settle(self) -> None:
         """Block until no copy into the buffers or out of the sources is still running."""
@@ -202,7 +221,7 @@ class StagingRaceError(RuntimeError):
         self.blob = blob
 
 
-def _copy_failed(error: BaseException | None) -> BaseException:
+def failure(error: BaseException | None) -> BaseException:
     if isinstance(error, StagingRaceError):
         return error
     failure = RuntimeError(f"staging copy failed: {error!r}")
@@ -243,6 +262,12 @@ class Copier:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-stage")
         self._executor.submit(self.run, staged, destinations, sources)
 
+    def start(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in the copier thread, after the copies queued before it."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-stage")
+        self._executor.submit(work)
+
     def run(self, staged: StagedCopy, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Run one save's deferred copies (in the copier thread)."""
         staged.run_deferred(destinations, sources)
@@ -252,87 +277,6 @@ class Copier:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-
-
-class StagingPool:
-    """At most ``slots`` buffer sets; a set of the same layout is reused, never reallocated.
-
-    ``acquire`` hands out a free set (reallocating it only when the layout changed), or returns
-    None when all are in use and ``block`` is false (or ``timeout`` passes).
-    """
-
-    def __init__(self, slots: int, *, pin_memory: bool) -> None:
-        if slots < 1:
-            raise UsageError(f"max_pending must be >= 1, got {slots}")
-        self.slots = slots
-        self.pin_memory = pin_memory
-        self.allocations = 0  # buffer sets allocated so far (a test checks reuse with it)
-        self._free: list[StagingBuffers | None] = [None] * slots
-        self._in_use = 0
-        self._bytes = 0
-        self._cond = threading.Condition()
-
-    @property
-    def nbytes(self) -> int:
-        """Host memory held by the buffer sets, free or in use, as far as the pool knows."""
-        with self._cond:
-            return self._bytes
-
-    @property
-    def in_use(self) -> int:
-        with self._cond:
-            return self._in_use
-
-    def try_acquire(self, layout: LayoutKey) -> StagingBuffers | None:
-        """A free set for ``layout`` without waiting, or None when all are busy."""
-        with self._cond:
-            if not self._free:
-                return None
-            return self._take(layout)
-
-    def acquire(self, layout: LayoutKey, *, timeout: float | None = None) -> StagingBuffers | None:
-        """Wait until a set is free (at most ``timeout`` seconds); None on timeout."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._free), timeout):
-                return None
-            return self._take(layout)
-
-    def _take(self, layout: LayoutKey) -> StagingBuffers:
-        match = next((i for i, b in enumerate(self._free) if b is not None and b.layout == layout), None)
-        buffers = self._free.pop(match if match is not None else -1)
-        self._in_use += 1
-        if buffers is None or buffers.layout != layout:
-            if buffers is not None:
-                self._bytes -= buffers.nbytes
-            del buffers  # drop the old set before allocating its replacement
-            buffers = self._allocate(layout)
-            self._bytes += buffers.nbytes
-        return buffers
-
-    def release(self, buffers: StagingBuffers) -> None:
-        with self._cond:
-            self._free.append(buffers)
-            self._in_use -= 1
-            self._cond.notify()
-
-    def _allocate(self, layout: LayoutKey) -> StagingBuffers:
-        sizes = [entry[0] for entry in layout]
-        file_offsets, end = fmt.blob_offsets(sizes)
-        offsets = [o - fmt.DATA_OFFSET for o in file_offsets]
-        data = torch.zeros(end - fmt.DATA_OFFSET, dtype=torch.uint8, pin_memory=self.pin_memory)
-        destinations = [
-            _destination(data, offset, dtype, shape)
-            for offset, (_, _, dtype, shape) in zip(offsets, layout, strict=True)
-        ]
-        self.allocations += 1
-        return StagingBuffers(layout, data, offsets, sizes, destinations)
-
-
-def _destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A contiguous ``dtype`` view of ``data`` at byte ``offset`` (4 KiB aligned) with ``shape``."""
-    view = torch.empty(0, dtype=dtype)
-    view.set_(data.untyped_storage(), offset // itemsize(dtype), shape, contiguous_stride(shape))
-    return view
 
 
 @dataclass(frozen=True)
@@ -400,7 +344,7 @@ def stage(
     sources = snapshot.sources
     staged = StagedCopy(buffers, plan.later)
     destinations = plan.destinations
-    _copy_all(destinations["now"], [sources[i] for i in plan.now], non_blocking=False)
+    copy_all(destinations["now"], [sources[i] for i in plan.now], non_blocking=False)
     if plan.cuda_first or plan.cuda_last:
         first = (destinations["cuda_first"], [sources[i] for i in plan.cuda_first])
         last = (destinations["cuda_last"], [sources[i] for i in plan.cuda_last])
@@ -440,7 +384,7 @@ def _enqueue_cuda(
     keep_alive: list[torch.Tensor],
 ) -> Any:
     """Enqueue the copies on ``side_stream`` (the current stream here); return an event after them."""
-    _copy_all(destinations, sources, non_blocking=True)
+    copy_all(destinations, sources, non_blocking=True)
     for source in sources:
         source.record_stream(side_stream)
     keep_alive.extend(sources)
@@ -449,7 +393,7 @@ def _enqueue_cuda(
     return event
 
 
-def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor], *, non_blocking: bool) -> None:
+def copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor], *, non_blocking: bool) -> None:
     """``dst.copy_(src)`` for each pair, in one call where torch has the batched kernel.
 
     Without autograd: a source may require grad (a parameter read without ``detach()``).

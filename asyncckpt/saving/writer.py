@@ -198,13 +198,9 @@ def _encoder(job: Job) -> Body:
     )
 
     def body(sink: Sink) -> int:
-        staged = job.staged
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-crc") as checksums:
-            # the buffers hold the file's bytes: written in large pieces as the copies finish;
-            # large blobs checksummed beside the write
-            return fmt.write_region(
-                sink, header, staged.region(), ready=staged.wait_ready, checksum_pool=checksums
-            )
+            # written as the copies finish; large blobs checksummed beside the write
+            return job.staged.write(sink, header, checksum_pool=checksums)
 
     return body
 

@@ -338,3 +338,77 @@ def test_save_refuses_a_too_large_header_before_any_file_operation(
         asyncckpt.save(tmp_path / "a.ckpt", {"w": torch.ones(2), "blob": bytes(5000)}, step=2, ops=ops)
 
     assert ops.calls == [] and list(tmp_path.iterdir()) == []  # not even a temp file
+
+
+def _parts_state(sizes: list[int]) -> tuple[Any, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(len(sizes))
+    payloads = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator) for n in sizes]
+    tensors = [fmt.TensorEntry(f"t{i}", torch.uint8, (n,), (1,), i, 0) for i, n in enumerate(sizes)]
+    header = fmt.prepare_header(
+        step=3,
+        metadata={},
+        tree=[TensorRef(i) for i in range(len(sizes))],
+        tensors=tensors,
+        sizes=sizes,
+        created="2026-01-01T00:00:00.000000+00:00",
+    )
+    return header, payloads
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3 * fmt.ALIGN), max_size=8), cut=st.integers(1, 5000))
+def test_the_three_writers_write_the_same_bytes(sizes: list[int], cut: int) -> None:
+    header, payloads = _parts_state(sizes)
+    whole, parts, region = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    fmt.write_file(whole, header, [fmt.tensor_bytes(p) for p in payloads])
+
+    released: list[int] = []
+
+    def pieces() -> Any:
+        for blob, payload in enumerate(payloads):
+            data = fmt.tensor_bytes(payload)
+            for start in range(0, len(data), cut):
+                yield blob, data[start : start + cut], lambda b=blob: released.append(b)
+
+    fmt.write_parts(parts, header, pieces())
+    staged = bytearray(header.offsets[-1] + header.sizes[-1] - fmt.DATA_OFFSET if sizes else 0)
+    for offset, payload in zip(header.offsets, payloads, strict=True):
+        start = offset - fmt.DATA_OFFSET
+        staged[start : start + payload.numel()] = bytes(payload.numpy())
+    fmt.write_region(region, header, memoryview(staged), ready=lambda i: i + 1)
+
+    assert whole.getvalue() == parts.getvalue() == region.getvalue()
+    assert len(released) == sum(-(-n // cut) for n in sizes)  # every part released once written
+
+
+def test_parts_out_of_order_or_short_are_refused() -> None:
+    header, payloads = _parts_state([10, 20])
+    a, b = fmt.tensor_bytes(payloads[0]), fmt.tensor_bytes(payloads[1])
+    with pytest.raises(ValueError, match="came after"):
+        fmt.write_parts(io.BytesIO(), header, [(0, a, None), (1, b, None), (0, a, None)])
+    with pytest.raises(ValueError, match="blob 0 got 5 bytes, expected 10"):
+        fmt.write_parts(io.BytesIO(), header, [(0, a[:5], None), (1, b, None)])
+    with pytest.raises(ValueError, match="blob 1 got no bytes"):
+        fmt.write_parts(io.BytesIO(), header, [(0, a, None)])
+    with pytest.raises(ValueError, match="there is no blob 2"):
+        fmt.write_parts(io.BytesIO(), header, [(2, a, None)])
+
+
+def test_small_blobs_go_out_in_few_writes() -> None:
+    sizes = [100] * 300
+    header, payloads = _parts_state(sizes)
+    sink = RecordingSink()
+    fmt.write_file(sink, header, [fmt.tensor_bytes(p) for p in payloads])
+    assert len(sink.writes) <= 5  # joined: the sink has no writev
+
+
+def test_an_encoded_layout_is_the_same_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = big_header_state()
+    layout = fmt.encode_layout(tree=state["tree"], tensors=state["tensors"], sizes=state["sizes"])
+    fields = {"step": state["step"], "metadata": state["metadata"], "created": "2026-01-01T00:00:00+00:00"}
+    fresh = fmt.prepare_header(tree=state["tree"], tensors=state["tensors"], sizes=state["sizes"], **fields)
+    reused = fmt.prepare_header(layout=layout, **fields)
+    assert reused.finish([7]) == fresh.finish([7]) and reused.max_bytes == fresh.max_bytes
+    monkeypatch.setattr(fmt.spec, "MAX_BLOBS", 0)  # limits are read at call time, also when reused
+    with pytest.raises(StateTooLargeError, match="blobs"):
+        fmt.prepare_header(layout=layout, **fields)
