@@ -1,8 +1,9 @@
 """On-disk format v1 (docs/FORMAT.md), bytes only: no ``os``, no threads, no paths opened.
 
 Modules, one job each: :mod:`.spec` (constants, limits, entries, versions), :mod:`.codec`
-(msgpack with exact types), :mod:`.encode` (writing a file to a sink), :mod:`.decode` (checked
-reading of prelude, trailer and header), :mod:`.blobs` (reading and checking blobs),
+(msgpack with exact types), :mod:`.encode` (prelude, trailer and header, checked before
+writing), :mod:`.writing` (writing a file to a sink), :mod:`.decode` (checked reading of
+prelude, trailer and header), :mod:`.blobs` (reading and checking blobs),
 :mod:`.sniff` (what kind of file this is) and :mod:`.legacy` (pre-versioned ``torch.save``
 files). Readers work on file-like objects they are given; the limits are read as
 ``spec.MAX_...`` at call time.
@@ -10,7 +11,7 @@ files). Readers work on file-like objects they are given; the limits are read as
 
 from __future__ import annotations
 
-from . import codec, decode, encode, legacy, spec
+from . import codec, decode, encode, legacy, spec, writing
 from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verify_crc, view_tensor
 from .codec import pack, unpack
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
@@ -25,11 +26,6 @@ from .encode import (
     encode_prelude,
     encode_trailer,
     prepare_header,
-    write_all,
-    write_checkpoint,
-    write_file,
-    write_parts,
-    write_region,
 )
 from .sniff import SNIFF_BYTES, FileKind, sniff
 from .spec import (
@@ -68,6 +64,7 @@ from .spec import (
     align_up,
     parse_version,
 )
+from .writing import write_all, write_checkpoint, write_file, write_parts, write_region
 
 __all__ = [
     "ALIGN",
@@ -139,4 +136,5 @@ __all__ = [
     "write_file",
     "write_parts",
     "write_region",
+    "writing",
 ]

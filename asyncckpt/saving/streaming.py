@@ -242,7 +242,7 @@ class StreamedCopy:
         """Write the file through ``sink`` as the pieces arrive (see :func:`asyncckpt.format.write_parts`)."""
         return fmt.write_parts(sink, header, self._parts())
 
-    def _parts(self) -> Iterator[fmt.encode.Part]:
+    def _parts(self) -> Iterator[fmt.writing.Part]:
         whole = fmt.tensor_bytes(self.buffers.data)
         for index, piece in enumerate(self.plan.pieces):
             self._wait_copied(index)
