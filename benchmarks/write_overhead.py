@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tensors", default="100,1000,10000", help="tensor counts for the count axis (default %(default)s)"
     )
     parser.add_argument(
+        "--extra",
+        default="32M:10000,256M:100000",
+        help="more SIZE:COUNT configurations for the scaling part, e.g. small states in many tensors "
+        "as every rank of a sharded run holds (default %(default)s; '' for none)",
+    )
+    parser.add_argument(
         "--base",
         default="1G:1000",
         help="SIZE:COUNT of the headline configuration, where the axes cross and loads are measured "
@@ -122,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.base_bytes, args.base_tensors = parse_size(size), int(count or 1000)
     args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.tensor_list = [int(n) for n in args.tensors.split(",") if n.strip()]
+    args.extra_list = []
+    for item in (i.strip() for i in args.extra.split(",")):
+        if item:
+            size, _, count = item.partition(":")
+            args.extra_list.append((parse_size(size), int(count or args.base_tensors)))
     return args
 
 
@@ -137,6 +148,7 @@ def configurations(args: argparse.Namespace) -> list[tuple[int, int]]:
     configs = [(args.base_bytes, args.base_tensors)]
     configs += [(s, args.base_tensors) for s in args.size_list]
     configs += [(args.base_bytes, n) for n in args.tensor_list]
+    configs += args.extra_list
     unique: list[tuple[int, int]] = []
     for config in configs:
         if config not in unique:
@@ -201,7 +213,7 @@ def summarize_saves(
         if "torch_save" in stall and not method.is_floor:
             entry["stall_vs_torch_save"] = ratios(stall[name], stall["torch_save"])
             entry["durable_vs_torch_save"] = ratios(durable[name], durable["torch_save"])
-        if name in ("asyncckpt", "asyncckpt_eager"):
+        if name.startswith("asyncckpt") and name != "asyncckpt_sync":
             for peer in PEERS_FOR_STALL:
                 if peer in stall:
                     entry[f"{peer}_stall_over_this"] = ratios(stall[peer], stall[name])
@@ -497,6 +509,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 at_least=False,
             )
         )
+    targets += per_tensor_targets(result)
     load = result.get("load")
     if load:
         for temp in ("cold", "warm"):
@@ -553,6 +566,59 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def per_tensor_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #16's per-tensor goals, judged on the configurations of 10,000 tensors or more."""
+    targets = []
+    for config in result["configs"]:
+        if config["tensors"] < 10_000:
+            continue
+        where = f"{format_size(config['bytes'])}/{config['tensors']}"
+        us = config.get("per_tensor_us", {}).get("save")
+        if us is not None:
+            targets.append(
+                _target("16", f"{where}: save() <= 5 us/tensor", us, 5.0, at_least=False, unit=" us")
+            )
+        save = config["save"]
+        if "asyncckpt_sync" in save and "torch_save" in save:
+            ratio = median(ratios(_durations(save["asyncckpt_sync"]), _durations(save["torch_save"])))
+            targets.append(
+                _target("16", f"{where}: sync save < torch.save + fsync", ratio, 1.0, at_least=False)
+            )
+        if "asyncckpt" in save:
+            value = median(save["asyncckpt"].get("durable_vs_write_floor"))
+            targets.append(
+                _target("16", f"{where}: time to durable <= 1.5x write+fsync", value, 1.5, at_least=False)
+            )
+    return targets
+
+
+def _durations(entry: dict[str, Any]) -> list[float]:
+    return list(entry["durable_s"].get("runs", []))
+
+
+def per_tensor(config: dict[str, Any]) -> dict[str, float | None]:
+    """Microseconds per tensor of one configuration: ``save()`` (the stall), the writer (from the
+    checkpointer's own stats), the sync ``asyncckpt.save`` and, where loads ran, warm load."""
+    n = config["tensors"]
+    save = config["save"]
+
+    def us(value: float | None) -> float | None:
+        return None if value is None else value / n * 1e6
+
+    ours = save.get("asyncckpt", {})
+    writer_ms = median(ours.get("writer_total_ms")) if ours else None
+    load = config.get("load", {}).get("warm", {})
+    return {
+        "save": us(median(ours.get("stall_s"))) if ours else None,
+        "copy_floor": us(median(save["copy_floor"]["stall_s"])) if "copy_floor" in save else None,
+        "writer": None if writer_ms is None else writer_ms / 1e3 / n * 1e6,
+        "sync_save": us(median(save["asyncckpt_sync"]["durable_s"])) if "asyncckpt_sync" in save else None,
+        "torch_save_fsync": us(median(save["torch_save"]["durable_s"])) if "torch_save" in save else None,
+        "load_warm": us(median(load["asyncckpt_load"]["seconds"])) if "asyncckpt_load" in load else None,
+        "read_floor_warm": us(median(load["read_floor"]["seconds"])) if "read_floor" in load else None,
+    }
+
+
 def scaling_notes(result: dict[str, Any]) -> dict[str, Any]:
     """Per-tensor overhead: how much the stall and the durable time grow from fewest to most tensors."""
     base_bytes = result["config"]["base_bytes"]
@@ -584,6 +650,8 @@ def scaling_notes(result: dict[str, Any]) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     """Every table of a result, as printed on stdout."""
     parts = [report.save_table(config) for config in result["configs"]]
+    if any("per_tensor_us" in config for config in result["configs"]):
+        parts.append(report.per_tensor_table(result["configs"]))
     if result.get("load"):
         parts.append(report.load_table(result["load"]))
     if result.get("interference"):
@@ -656,6 +724,7 @@ def run(args: argparse.Namespace, directory: Path, command: str) -> dict[str, An
             "base_tensors": args.base_tensors,
             "sizes": args.size_list,
             "tensors": args.tensor_list,
+            "extra": args.extra_list,
             "repeat": args.repeat,
             "scaling_repeat": args.scaling_repeat,
             "warmup": args.warmup,
@@ -693,6 +762,8 @@ def run(args: argparse.Namespace, directory: Path, command: str) -> dict[str, An
             if with_loads:
                 log("== load: cold and warm")
                 result["load"] = run_loads(state, methods, repeat=repeat, warmup=args.warmup)
+                config["load"] = result["load"]
+            config["per_tensor_us"] = per_tensor(config)
             for method in methods:
                 method.close()
                 method.cleanup()

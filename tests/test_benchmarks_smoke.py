@@ -20,6 +20,7 @@ TINY = [
     "--base", "2M:40",
     "--sizes", "1M",
     "--tensors", "20",
+    "--extra", "1M:60",
     "--repeat", "1",
     "--scaling-repeat", "1",
     "--warmup", "0",
@@ -68,6 +69,7 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
         (2 << 20, 40),
         (1 << 20, 40),
         (2 << 20, 20),
+        (1 << 20, 60),
     ]
     save = result["configs"][0]["save"]
     for method in (
@@ -77,6 +79,8 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
         "asyncckpt_sync",
         "torch_save",
         "torch_save_thread",
+        "asyncckpt_budget4",
+        "asyncckpt_budget16",
     ):
         assert method in save, method
         assert save[method]["stall_s"]["median"] is not None
@@ -84,6 +88,9 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
     for key in ("stall_vs_copy_floor", "durable_vs_write_floor", "stall_vs_torch_save", "staging_bytes"):
         assert key in ours, key
     assert ours["staging_bytes"] >= result["configs"][0]["bytes"]
+    assert save["asyncckpt_budget4"]["staging_bytes"] <= result["configs"][0]["bytes"] // 4
+    per_tensor = result["configs"][0]["per_tensor_us"]
+    assert per_tensor["save"] is not None and per_tensor["load_warm"] is not None
 
     load = result["load"]
     for temperature in ("cold", "warm"):

@@ -67,6 +67,33 @@ def save_table(config: dict[str, Any]) -> str:
     return title + "\n" + _table(headers, rows) + "\n" + note
 
 
+def per_tensor_table(configs: list[dict[str, Any]]) -> str:
+    """Microseconds per tensor of each configuration (medians; see ``per_tensor`` in the JSON)."""
+    headers = [
+        "state",
+        "save() stall",
+        "copy floor",
+        "writer",
+        "sync save",
+        "torch.save+fsync",
+        "warm load",
+        "read floor",
+    ]
+    keys = ["save", "copy_floor", "writer", "sync_save", "torch_save_fsync", "load_warm", "read_floor_warm"]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = [
+        [
+            f"{format_size(c['bytes'])} / {c['tensors']}",
+            *(cell(c.get("per_tensor_us", {}).get(k)) for k in keys),
+        ]
+        for c in configs
+    ]
+    return "== microseconds per tensor (median) ==\n" + _table(headers, rows)
+
+
 def load_table(load: dict[str, Any]) -> str:
     headers = [
         "method",

@@ -220,6 +220,33 @@ class AsyncCheckpointerEagerSave(AsyncCheckpointerSave):
     overlap = False
 
 
+class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
+    """``AsyncCheckpointer(staging_budget=state / N).save``: the state streams through a buffer
+    of 1/N of its size while the writer writes (``save()`` returns once the tensors the step
+    hook does not guard are copied; the step waits for the rest)."""
+
+    name = "asyncckpt_budget4"
+    description = "asyncckpt.AsyncCheckpointer(staging_budget=state/4).save (streamed staging)"
+    fraction = 4
+
+    def setup(self) -> None:
+        import asyncckpt
+
+        budget = max(self.state.nbytes // self.fraction, 64 << 10)
+        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, staging_budget=budget)
+        self.ckpt.__enter__()
+        self.ckpt.save(0, self.state.objects()).result()
+        self.step_wait_s = 0.0
+
+
+class AsyncCheckpointerBudget16Save(AsyncCheckpointerBudgetSave):
+    """The same with a buffer of 1/16 of the state."""
+
+    name = "asyncckpt_budget16"
+    description = "asyncckpt.AsyncCheckpointer(staging_budget=state/16).save (streamed staging)"
+    fraction = 16
+
+
 class SyncSave(SaveMethod):
     """``asyncckpt.save``: the synchronous, durable save (issue #2)."""
 
@@ -340,6 +367,8 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         WriteFloor,
         AsyncCheckpointerSave,
         AsyncCheckpointerEagerSave,
+        AsyncCheckpointerBudgetSave,
+        AsyncCheckpointerBudget16Save,
         SyncSave,
         TorchSave,
         TorchSaveThread,
