@@ -217,3 +217,23 @@ def test_big_ints_beyond_the_limit_are_refused_before_writing() -> None:
         fmt.unpack(msgpack.packb(msgpack.ExtType(fmt.EXT_BIGINT, b"\x01" + bytes(1024))))
     with pytest.raises(ValueError, match="an int of more than 8192 bits"):  # too long a payload
         fmt.unpack(msgpack.packb(msgpack.ExtType(fmt.EXT_BIGINT, bytes(1026))))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.tensor([1 + 2j, 3 - 4j]).conj(),
+        lambda: torch._neg_view(torch.tensor([1.0, -2.0])),
+        lambda: torch._neg_view(torch.tensor([1 + 2j]).conj()),
+    ],
+)
+def test_conjugate_and_negative_views_are_written_with_their_values(make: Any, tmp_dir: Any) -> None:
+    # Their memory holds the values before the conjugation or negation: tensor_bytes used to
+    # fail (torch refuses the dtype view), and a raw view of the memory would be wrong.
+    tensor = make()
+
+    assert bytes(fmt.tensor_bytes(tensor)) == bytes(
+        fmt.tensor_bytes(tensor.clone().resolve_conj().resolve_neg())
+    )
+    path = asyncckpt.save(tmp_dir / "views.ckpt", {"t": tensor}, step=1)
+    assert torch.equal(asyncckpt.load(path).state["t"], tensor.resolve_conj().resolve_neg())
