@@ -23,10 +23,10 @@ import crc32c
 import msgpack
 
 from .._version import __version__
-from ..dtypes import dtype_name
+from ..dtypes import dtype_name, itemsize
 from ..errors import StateTooLargeError, UnsupportedValueError
 from . import spec
-from .codec import Encoder, pack, pack_map_header
+from .codec import Encoder, count_objects, pack, pack_map_header
 from .spec import (
     DATA_OFFSET,
     EXT_TENSOR,
@@ -102,7 +102,8 @@ class EncodedLayout:
     """The parts of a header that depend on the state's structure only, encoded once.
 
     ``tail`` is the ``"tensors"`` and ``"tree"`` entries (the map's last two), ``tuple_bytes``
-    the tuple payloads in it, ``offsets`` each blob's file offset. Files of one structure share
+    the tuple payloads in it, ``offsets`` each blob's file offset, ``tree_objects`` the objects
+    a reader counts in the tree. Files of one structure share
     it; :func:`prepare_header` adds what each file has of its own (step, time, metadata).
     """
 
@@ -111,6 +112,7 @@ class EncodedLayout:
     tensor_count: int
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
+    tree_objects: int  # what a reader counts in the tree (see codec.count_objects)
 
     def table_bound(self) -> int:
         """A bound on the packed blob table: at most 24 bytes a row (array tag, two uint64, a
@@ -142,7 +144,7 @@ class _TreeEncoder(Encoder):
     _lock = threading.Lock()
 
     def _default(self, value: Any) -> Any:
-        if type(value) is TensorRef and value.index >= 0:
+        if type(value) is TensorRef and not value.flags and value.index >= 0:
             refs = self._refs
             if len(refs) <= value.index:
                 with self._lock:
@@ -156,15 +158,17 @@ def encode_layout(*, tree: Any, tensors: Sequence[TensorEntry], sizes: Sequence[
     """Encode what the header of a state of this structure says about its tensors and tree.
 
     Raises :class:`UnsupportedValueError` for a value msgpack cannot hold and
-    :class:`StateTooLargeError` for too many tensors or blobs.
+    :class:`StateTooLargeError` for too many tensors or blobs, or a tensor row readers refuse.
     """
     _check_count(len(tensors), spec.MAX_TENSORS, "tensors")
     _check_count(len(sizes), spec.MAX_BLOBS, "blobs")
     encoder = _TreeEncoder()
-    rows = [[t.key, dtype_name(t.dtype), list(t.shape), list(t.stride), t.blob, t.offset] for t in tensors]
+    rows = [_tensor_row(t) for t in tensors]
     tail = encoder.pack("tensors") + encoder.pack(rows) + encoder.pack("tree") + encoder.pack(tree)
     offsets, _ = blob_offsets(sizes)
-    return EncodedLayout(tail, encoder.tuple_bytes, len(tensors), tuple(offsets), tuple(sizes))
+    return EncodedLayout(
+        tail, encoder.tuple_bytes, len(tensors), tuple(offsets), tuple(sizes), count_objects(tree)
+    )
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ def prepare_header(
 
 
 def _prepare(step: int, metadata: Any, created: str | None, layout: EncodedLayout) -> PreparedHeader:
-    """Encode the head of the header map; refuse tuples that nest too many bytes."""
+    """Encode the head of the header map; refuse a header too costly to decode."""
     encoder = Encoder()
     fields = {
         "format": FORMAT_NAME,
@@ -263,11 +267,12 @@ def _prepare(step: int, metadata: Any, created: str | None, layout: EncodedLayou
     head = pack_map_header(_HEADER_FIELDS)
     head += b"".join(encoder.pack(key) + encoder.pack(value) for key, value in fields.items())
     head += encoder.pack("blobs")
-    if encoder.tuple_bytes + layout.tuple_bytes > spec.MAX_TUPLE_BYTES:
-        raise StateTooLargeError(
-            f"tuples in the state nest {encoder.tuple_bytes + layout.tuple_bytes} bytes in total, more "
-            f"than the limit of {spec.MAX_TUPLE_BYTES}; use lists or tensors for large nested data"
-        )
+    # The root map, the blob table and its rows, the tensor table and its rows with their shape
+    # and stride lists: what a reader counts besides the metadata and the tree.
+    sizes = layout.sizes
+    objects = 3 + len(sizes) + 3 * layout.tensor_count + count_objects(metadata) + layout.tree_objects
+    known = len(head) + len(layout.tail)
+    _check_decoding_cost(encoder.tuple_bytes + layout.tuple_bytes, objects, known, layout.offsets, sizes)
     bound = len(head) + len(layout.tail) + layout.table_bound()
     if bound > spec.MAX_HEADER_BYTES:
         bound = len(head) + layout.widest_table + len(layout.tail)
@@ -288,13 +293,50 @@ def encode_header(
     Raises :class:`StateTooLargeError` for a header readers would refuse.
     """
     encoder = Encoder()
-    rows = [[t.key, dtype_name(t.dtype), list(t.shape), list(t.stride), t.blob, t.offset] for t in tensors]
+    rows = [_tensor_row(t) for t in tensors]
     tail = encoder.pack("tensors") + encoder.pack(rows) + encoder.pack("tree") + encoder.pack(tree)
     offsets, sizes = tuple(b.offset for b in blobs), tuple(b.nbytes for b in blobs)
-    layout = EncodedLayout(tail, encoder.tuple_bytes, len(tensors), offsets, sizes)
+    layout = EncodedLayout(tail, encoder.tuple_bytes, len(tensors), offsets, sizes, count_objects(tree))
     header = _prepare(step, metadata, created, layout).finish([b.crc for b in blobs])
     _check_header_size(len(header))
     return header
+
+
+def _tensor_row(entry: TensorEntry) -> list[Any]:
+    problem = spec.tensor_size_problem(entry.shape, entry.stride, itemsize(entry.dtype))
+    if problem is not None:
+        raise StateTooLargeError(f"tensor {entry.key} {problem}", key=entry.key)
+    return [
+        entry.key,
+        dtype_name(entry.dtype),
+        list(entry.shape),
+        list(entry.stride),
+        entry.blob,
+        entry.offset,
+    ]
+
+
+def _check_decoding_cost(
+    tuple_bytes: int, objects: int, known_bytes: int, offsets: Sequence[int], sizes: Sequence[int]
+) -> None:
+    """Refuse what readers would refuse as too costly to decode, judged on the smallest header
+    these pieces can make (every blob checksum 0 packs to one byte): the real one is larger."""
+    smallest = known_bytes + 1 + 6 * len(sizes)  # a blob row is at least 6 bytes (offsets >= 4096)
+    if tuple_bytes <= spec.max_tuple_bytes(smallest) and objects <= spec.max_header_objects(smallest):
+        return
+    smallest = known_bytes + len(pack([[o, n, 0] for o, n in zip(offsets, sizes, strict=True)]))
+    if tuple_bytes > spec.max_tuple_bytes(smallest):
+        raise StateTooLargeError(
+            f"tuples in the state nest {tuple_bytes} bytes in total, more than the limit of "
+            f"{spec.max_tuple_bytes(smallest)} for this header; use lists or tensors for large nested data"
+        )
+    if objects > spec.max_header_objects(smallest):
+        raise StateTooLargeError(
+            f"the header would hold {objects} lists, tuples, dicts, tensors and big ints in {smallest} "
+            f"bytes, more than the limit of {spec.max_header_objects(smallest)} (at most "
+            f"{spec.HEADER_FREE_OBJECTS} and one per {spec.HEADER_BYTES_PER_OBJECT} bytes); store large "
+            "collections of small values as tensors"
+        )
 
 
 def _check_header_size(nbytes: int) -> None:

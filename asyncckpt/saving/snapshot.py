@@ -109,8 +109,8 @@ class Structure:
 
     @functools.cached_property
     def one_each(self) -> bool:
-        """Whether blob ``i`` is the ``i``-th tensor found, for every ``i``."""
-        return not self.spans and self.sources == list(range(len(self.sources)))
+        """Whether blob ``i`` is the ``i``-th tensor found, for every ``i`` (no aliases, no spans)."""
+        return not self.spans and self.sources == list(range(self.found))
 
     @functools.cached_property
     def uses_cuda(self) -> bool:

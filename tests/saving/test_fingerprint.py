@@ -313,3 +313,18 @@ def test_tensors_that_require_grad_are_copied_without_autograd() -> None:
     stage(snapshot, buffers).wait()
     copy = buffers.destinations[0]
     assert not copy.requires_grad and copy.grad_fn is None and torch.equal(copy, torch.ones(3))
+
+
+def test_a_tensor_reached_twice_is_one_blob_on_reuse_too(tmp_path: Path) -> None:
+    weight = torch.arange(4.0)
+    state = {"x": weight, "again": weight}
+    cache = StructureCache()
+    for _ in range(2):
+        snapshot, _ = cache.snapshot(state)
+        assert len(snapshot.sources) == len(snapshot.structure.sizes) == 1
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            path = ckpt.save(step, state).result(timeout=30)
+            assert path is not None
+            loaded = asyncckpt.load(path).state
+            assert loaded["x"] is loaded["again"] and torch.equal(loaded["x"], weight)
