@@ -12,7 +12,7 @@ plain process, for evaluation and export.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -22,10 +22,12 @@ from torch.distributed.checkpoint.planner import LoadItemType
 
 from .. import catalog
 from .. import format as fmt
+from .._tree import unflatten
 from ..errors import (
     CheckpointError,
     CoordinationError,
     Diagnostic,
+    CorruptedCheckpointError,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )
@@ -61,10 +63,15 @@ class RestoredStep:
     source: Literal["primary", "fallback"]
     diagnostics: list[Diagnostic]
     summary: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the user metadata saved with the step
 
 
 def restore_latest(
-    location: Location, objects: Mapping[str, Any], *, group: CoordinationGroup | None = None
+    location: Location,
+    objects: Mapping[str, Any],
+    *,
+    group: CoordinationGroup | None = None,
+    on_corrupt: Literal["fallback", "fail"] = "fallback",
 ) -> RestoredStep | None:
     """Load the newest multi-rank step that verifies on every rank into ``objects``; collective.
 
@@ -75,7 +82,10 @@ def restore_latest(
 
     Raises :class:`asyncckpt.NoValidCheckpointError` (with every rank's diagnostics, on every
     rank) when no committed step verifies, :class:`asyncckpt.CoordinationError` when the ranks
-    do not make the same call or one stops answering within the group's timeout.
+    do not make the same call or one stops answering within the group's timeout. With
+    ``on_corrupt="fail"`` the newest committed step must verify: otherwise every rank raises
+    :class:`asyncckpt.CorruptedCheckpointError` (or :class:`asyncckpt.IncompatibleCheckpointError`)
+    for its first diagnostic, and nothing is loaded.
     """
     coordination = solo_or(group)
     coordination.agree("restore", None)
@@ -93,11 +103,18 @@ def restore_latest(
         )
         chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
     if coordination.rank == 0:
-        _record_failures(storage, diagnostics)
+        record_failures(storage, diagnostics)
+    if on_corrupt == "fail" and diagnostics:
+        raise _as_error(diagnostics[0])
     if chosen is None or targets is None:
         _nothing(storage, everywhere, diagnostics)
         return None
     return _load(storage, chosen, objects, targets, coordination, diagnostics)
+
+
+def _as_error(diagnostic: Diagnostic) -> CheckpointError:
+    kind = IncompatibleCheckpointError if diagnostic.kind == "incompatible" else CorruptedCheckpointError
+    return kind(diagnostic.reason, path=diagnostic.path, step=diagnostic.step)
 
 
 def _listing(storage: Storage) -> list[int] | str:
@@ -216,15 +233,17 @@ def _load(
     apply_sharded(targets)
     same_world = record.world_size == coordination.world_size
     state: dict[str, Any] = {}
+    with ShardFiles(storage, record) as shards:
+        saved = shards.per_rank(rank) if same_world else None
+        user = shards.layout(rank if same_world else 0).metadata.get("user")
     if same_world:
-        with ShardFiles(storage, record) as shards:
-            saved = shards.per_rank(rank)
         state = dict(saved) if isinstance(saved, dict) else {}
         apply_per_rank(objects, state)
+    metadata = unflatten(user, []) if isinstance(user, dict) else {}
     summary = _summary(record, coordination.world_size, diagnostics)
     _log(summary, step, diagnostics, dropped=not same_world)
     source: Literal["primary", "fallback"] = "fallback" if diagnostics else "primary"
-    return RestoredStep(step, state, record.world_size, same_world, source, diagnostics, summary)
+    return RestoredStep(step, state, record.world_size, same_world, source, diagnostics, summary, metadata)
 
 
 def _nothing(storage: Storage, candidates: set[int], diagnostics: list[Diagnostic]) -> None:
@@ -283,8 +302,9 @@ def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
     return unique
 
 
-def _record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
-    """Append ``{path}|{reason}|{timestamp}`` lines (as the single-process loader does)."""
+def record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
+    """Append one ``{path}|{reason}|{timestamp}`` line per diagnostic to
+    ``failed_checkpoints.txt`` (as the single-process loader does)."""
     for d in diagnostics:
         path = d.path.replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
         reason = " ".join(d.reason.replace("|", "/").split())
