@@ -14,7 +14,8 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .loading import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .loading import CandidateReport, LoadResult, check_candidates, restore
+from .multirank import load_latest
 
 # After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
 # that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the

@@ -178,7 +178,17 @@ def uncommitted_step_folders(storage: Storage) -> list[str]:
 def list_checkpoints(directory: str | os.PathLike[str] | Storage) -> list[CheckpointInfo]:
     """Committed checkpoints in ``directory``, oldest step first (newest last).
 
-    Temp files, symlinks and other non-regular files are never listed. A missing directory has
-    no checkpoints.
+    Single files and committed multi-rank steps (``path`` is the step's folder, ``size`` the
+    bytes of its files, ``created`` when its commit record was written). Temp files, symlinks
+    and other non-regular files, and step folders without a commit record, are never listed.
+    A missing directory has no checkpoints.
     """
-    return committed(open_storage(directory))
+    storage = open_storage(directory)
+    found = committed(storage) + [_step_info(storage, info) for info in committed_steps(storage)]
+    return sorted(found, key=lambda c: (c.step, c.path.suffix != CHECKPOINT_SUFFIX))
+
+
+def _step_info(storage: Storage, step: StepInfo) -> CheckpointInfo:
+    folder = step_folder_name(step.step)
+    size = sum(obj.size for obj in storage.ls(folder) if obj.kind == "file")
+    return CheckpointInfo(step.step, Path(step.folder), size, step.committed_at)

@@ -25,6 +25,13 @@ from .catalog import checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
 from .loading import rollback as loader
+from .multirank import (
+    DEFAULT_COORDINATION_TIMEOUT_S,
+    distributed_mode,
+    newest_is_multi_rank,
+    refuse_dtensors,
+    restore_plain,
+)
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
@@ -72,6 +79,14 @@ class AsyncCheckpointer:
       cannot be interrupted: its worker thread is a daemon thread, so it never keeps the
       interpreter from exiting, and it never publishes the abandoned file; its temp file is
       removed if the storage recovers, else at the next start.
+    - ``process_group`` / ``coordination_timeout``: distributed mode (docs/MULTI_GPU.md), on
+      by itself when ``torch.distributed`` is initialized with more than one rank (a
+      ``process_group`` picks the ranks, and turns it on at one rank too). Every rank opens the
+      checkpointer and calls ``save()`` and ``restore()`` with the same steps in the same order:
+      each step is a multi-rank step (one shard file per rank, a commit record written last),
+      written in the background over asyncckpt's own gloo group, whose every exchange is
+      bounded by ``coordination_timeout`` seconds. ``when_busy="skip"`` is refused there (the
+      ranks would skip different steps).
 
     Bad options raise :class:`asyncckpt.errors.UsageError`.
     """
@@ -89,9 +104,12 @@ class AsyncCheckpointer:
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
         overlap: bool = True,
+        process_group: Any = None,
+        coordination_timeout: float = DEFAULT_COORDINATION_TIMEOUT_S,
         ops: FileOps = OS,
     ) -> None:
         _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
+        self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -177,14 +195,18 @@ class AsyncCheckpointer:
         """Open the event log, remove leftover temp files, and build the writer and its runner."""
         self.directory.mkdir(parents=True, exist_ok=True)
         log = ev.EventLog(self.event_log_path)
+        if self._multirank is not None:  # collective: every rank opens its checkpointer
+            self._multirank.bind(log)
         log.info(
             ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
         )
-        leftovers = self._storage.leftovers()
-        self._storage.remove_leftovers(leftovers)
-        for name in leftovers:
-            log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
-        writer = Writer(
+        if self._multirank is None:  # (several ranks: rank 0 cleans up whole steps before the first save)
+            leftovers = self._storage.leftovers()
+            self._storage.remove_leftovers(leftovers)
+            for name in leftovers:
+                log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
+        make_writer = Writer if self._multirank is None else self._multirank.writer
+        writer = make_writer(
             self._storage,
             pool=self._pool,
             verify=self.verify,
@@ -261,7 +283,12 @@ class AsyncCheckpointer:
         runner = self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
-        plan = plan_save(step, state, metadata, overlap=self.overlap)
+        if self._multirank is None:
+            refuse_dtensors(state)
+            plan = plan_save(step, state, metadata, overlap=self.overlap)
+        else:
+            planned = self._multirank.plan(step, state, metadata, overlap=self.overlap)
+            plan = planned.plan
         buffers = self._pool.try_acquire(plan.layout)
         wait_ms = 0.0
         if buffers is None:
@@ -272,7 +299,10 @@ class AsyncCheckpointer:
             self._stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         staged = self._stager.stage(plan, buffers)
-        job = self._job(plan, staged, runner)
+        if self._multirank is None:
+            job = self._job(plan, staged, runner)
+        else:
+            job = self._multirank.job(planned, staged, runner, self.directory)
         self._pending.add(job)
         runner.submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
@@ -348,10 +378,24 @@ class AsyncCheckpointer:
         what :func:`asyncckpt.restore` returns, and raises what it raises (``NoValidCheckpointError``
         when checkpoints exist but none is usable). The summary goes to this checkpointer's
         event log when it is open.
+
+        In distributed mode it is collective, and returns the same step on every rank, or None
+        everywhere (see docs/MULTI_GPU.md): pending saves are waited for first; modules and
+        optimizers are loaded through DCP at any world size; ``result.state`` holds this rank's
+        own values. Shards are always checked in full there (``validate`` and ``map_location``
+        do not apply). A directory whose newest step is a multi-rank one is restored that way
+        in a plain process too (a group of one).
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()
         log = self._runner.log.info if self._runner is not None else None
+        if self._multirank is not None:
+            self._pending.wait()  # the writer's collectives first: one exchange at a time
+            return self._multirank.restore(
+                self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log
+            )
+        if newest_is_multi_rank(self._storage):
+            return restore_plain(self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log)
         try:
             return loader.restore(
                 self.directory,
