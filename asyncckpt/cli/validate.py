@@ -19,14 +19,24 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import catalog
 from ..errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, NoValidCheckpointError
 from ..loading import CandidateReport, check_candidates
 from .exits import DebugOption, existing, reports_errors
 from .inspection import prelude_report, resume_candidates
 from .render import JsonOption, human_bytes, plural, stderr, stdout, step_text
+from .steps import (
+    Mode,
+    StepReport,
+    check_steps,
+    has_step_folders,
+    is_step_folder,
+    resume_rows,
+    steps_document,
+)
 
 PROGRESS_MIN_BYTES = 256 << 20  # --verify full shows a progress bar past this many bytes to read
-NO_CHECKPOINTS = "no checkpoints (no step-*.ckpt, *.pt or *.pth files)"
+NO_CHECKPOINTS = "no checkpoints (no step-*.ckpt, *.pt or *.pth files, no committed step-*/ folders)"
 
 
 class Verify(enum.StrEnum):
@@ -73,10 +83,14 @@ def validate(
     invalid; 1: usage or unexpected errors.
     """
     target = existing(path)
-    rows = _check_all(resume_candidates(target), verify)
-    code = _exit_code(rows, single_file=not target.is_dir())
+    steps = _check_steps(target, verify)
+    files = [] if is_step_folder(target) else resume_candidates(target)
+    rows = _newest_first(_check_all(files, verify) + [step.report for step in steps])
+    code = _exit_code(rows, single_file=not target.is_dir() or is_step_folder(target))
     if as_json:
-        typer.echo(json.dumps(_document(target, verify, rows, code), indent=2))
+        document = _document(target, verify, rows, code)
+        document["steps"] = steps_document(steps)
+        typer.echo(json.dumps(document, indent=2))
     else:
         _print(target, verify, rows)
     if not rows:
@@ -102,6 +116,14 @@ def _check_all(files: list[Path], verify: Verify) -> list[CandidateReport]:
     return _newest_first(reports)
 
 
+def _check_steps(target: Path, verify: Verify) -> list[StepReport]:
+    """Multi-rank steps: all of a directory's committed ones, or the one folder given."""
+    mode: Mode = verify.value
+    if is_step_folder(target):
+        return check_steps(target.parent, mode, only=catalog.parse_step_folder(target.name))
+    return check_steps(target, mode) if target.is_dir() and has_step_folders(target) else []
+
+
 def _newest_first(reports: list[CandidateReport]) -> list[CandidateReport]:
     """The loader's order: newest step first, a v1 file before a legacy one of the same step."""
     return sorted(
@@ -113,11 +135,12 @@ def _resume_row(rows: list[CandidateReport], verify: Verify) -> CandidateReport 
     """The row a resume would load: the newest valid one with a step (the loader ignores the rest)."""
     if verify == Verify.none:
         return None
-    return next((r for r in rows if r.status == "valid" and r.step is not None), None)
+    return next((r for r in resume_rows(rows) if r.status == "valid" and r.step is not None), None)
 
 
 def _skipped(rows: list[CandidateReport], chosen: CandidateReport) -> list[CandidateReport]:
     """The newer candidates a resume would try and skip before it loads ``chosen``."""
+    rows = resume_rows(rows)
     return [r for r in rows[: rows.index(chosen)] if r.status != "valid"]
 
 

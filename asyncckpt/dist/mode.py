@@ -119,7 +119,8 @@ def restore_steps(
     Collective over ``group`` (None: a plain process). Returns None on every rank when the
     directory holds no checkpoint at all. ``result.state`` holds this rank's per-rank values
     (empty at another world size than the one saved; ``result.per_rank_restored`` says which).
-    ``log`` (a checkpointer's event log) also gets the summary, as ``checkpoint.load.summary``.
+    The summary goes to ``log`` (a checkpointer's event log; default: structlog's "asyncckpt"
+    logger) as the ``checkpoint.dist.restore.summary`` event.
     Raises what :func:`asyncckpt.dist.restore_latest` raises, and
     :class:`asyncckpt.NoValidCheckpointError` when the directory holds single-file checkpoints
     only (a multi-rank run cannot resume from them: see docs/MULTI_GPU.md).
@@ -127,15 +128,11 @@ def restore_steps(
     if expect is not None:
         raise UsageError("expect= does not apply to multi-rank steps: DCP checks the objects' keys and shapes")
     storage = open_storage(directory)
-    restored = restore_latest(storage, objects, group=group, on_corrupt=on_corrupt)
+    restored = restore_latest(storage, objects, group=group, on_corrupt=on_corrupt, log=log)
     if restored is None:
         _refuse_single_files(storage)
         return None
-    result = as_load_result(restored, storage)
-    if log is not None:
-        failures = [{"path": d.path, "kind": d.kind, "reason": d.reason} for d in result.diagnostics]
-        log(ev.LOAD_SUMMARY, summary=result.summary, step=result.step, path=str(result.path), failures=failures)
-    return result
+    return as_load_result(restored, storage)
 
 
 @dataclass(frozen=True)

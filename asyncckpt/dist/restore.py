@@ -11,7 +11,7 @@ plain process, for evaluation and export.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -72,6 +72,7 @@ def restore_latest(
     *,
     group: CoordinationGroup | None = None,
     on_corrupt: Literal["fallback", "fail"] = "fallback",
+    log: Callable[..., None] | None = None,
 ) -> RestoredStep | None:
     """Load the newest multi-rank step that verifies on every rank into ``objects``; collective.
 
@@ -85,7 +86,9 @@ def restore_latest(
     do not make the same call or one stops answering within the group's timeout. With
     ``on_corrupt="fail"`` the newest committed step must verify: otherwise every rank raises
     :class:`asyncckpt.CorruptedCheckpointError` (or :class:`asyncckpt.IncompatibleCheckpointError`)
-    for its first diagnostic, and nothing is loaded.
+    for its first diagnostic, and nothing is loaded. The summary is logged as the
+    ``checkpoint.dist.restore.summary`` event through ``log`` (default: structlog's "asyncckpt"
+    logger).
     """
     coordination = solo_or(group)
     coordination.agree("restore", None)
@@ -107,9 +110,9 @@ def restore_latest(
     if on_corrupt == "fail" and diagnostics:
         raise _as_error(diagnostics[0])
     if chosen is None or targets is None:
-        _nothing(storage, everywhere, diagnostics)
+        _nothing(storage, everywhere, diagnostics, log)
         return None
-    return _load(storage, chosen, objects, targets, coordination, diagnostics)
+    return _load(storage, chosen, objects, targets, coordination, diagnostics, log)
 
 
 def _as_error(diagnostic: Diagnostic) -> CheckpointError:
@@ -215,6 +218,7 @@ def _load(
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
+    log: Callable[..., None] | None,
 ) -> RestoredStep:
     step, rank = record.step, coordination.rank
     reader = AsyncckptReader(storage, step)
@@ -241,19 +245,21 @@ def _load(
         apply_per_rank(objects, state)
     metadata = unflatten(user, []) if isinstance(user, dict) else {}
     summary = _summary(record, coordination.world_size, diagnostics)
-    _log(summary, step, diagnostics, dropped=not same_world)
+    _log(log, summary, step, diagnostics, dropped=not same_world)
     source: Literal["primary", "fallback"] = "fallback" if diagnostics else "primary"
     return RestoredStep(step, state, record.world_size, same_world, source, diagnostics, summary, metadata)
 
 
-def _nothing(storage: Storage, candidates: set[int], diagnostics: list[Diagnostic]) -> None:
+def _nothing(
+    storage: Storage, candidates: set[int], diagnostics: list[Diagnostic], log: Callable[..., None] | None
+) -> None:
     """Log a fresh start, or raise :class:`NoValidCheckpointError` when steps exist but none verifies."""
     if not candidates and not diagnostics:
-        _log(f"no committed multi-rank step in {storage.location}", None, [], dropped=False)
+        _log(log, f"no committed multi-rank step in {storage.location}", None, [], dropped=False)
         return
     reasons = "; ".join(f"step {d.step} {d.kind}: {d.reason}" for d in diagnostics)
     summary = f"no committed multi-rank step verifies on every rank in {storage.location}: {reasons}"
-    _log(summary, None, diagnostics, dropped=False)
+    _log(log, summary, None, diagnostics, dropped=False)
     raise NoValidCheckpointError(summary, diagnostics, path=storage.location)
 
 
@@ -266,9 +272,17 @@ def _summary(record: CommitRecord, world_size: int, diagnostics: list[Diagnostic
     return text
 
 
-def _log(summary: str, step: int | None, diagnostics: list[Diagnostic], *, dropped: bool) -> None:
-    logger = structlog.get_logger("asyncckpt")
-    log = logger.warning if diagnostics or dropped else logger.info
+def _log(
+    log: Callable[..., None] | None,
+    summary: str,
+    step: int | None,
+    diagnostics: list[Diagnostic],
+    *,
+    dropped: bool,
+) -> None:
+    if log is None:
+        logger = structlog.get_logger("asyncckpt")
+        log = logger.warning if diagnostics or dropped else logger.info
     failures = [{"path": d.path, "kind": d.kind, "reason": d.reason} for d in diagnostics]
     log(SUMMARY_EVENT, summary=summary, step=step, failures=failures)
 
