@@ -74,9 +74,8 @@ def main() -> None:
                 ckpt.save(step, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
     if rank == 0:
         first = "started fresh" if restored is None else f"resumed from step {restored.step}"
-        print(
-            f"{first}; trained steps {start}-{args.steps} on {dist.get_world_size()} ranks; loss {loss.item():.4f}"
-        )
+        world = dist.get_world_size()
+        print(f"{first}; trained steps {start}-{args.steps} on {world} ranks; loss {loss.item():.4f}")
     dist.destroy_process_group()
 
 

@@ -55,7 +55,10 @@ def list_directory(
             }
             for e in entries
         ]
-        typer.echo(json.dumps({"path": str(root), "files": document, "steps": steps_json(steps)}, indent=2))
+        listing: dict[str, object] = {"path": str(root), "files": document}
+        if steps:
+            listing["steps"] = steps_json(steps)
+        typer.echo(json.dumps(listing, indent=2))
     else:
         if entries or not steps:
             _print(root, entries, preludes)

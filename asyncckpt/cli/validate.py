@@ -89,7 +89,8 @@ def validate(
     code = _exit_code(rows, single_file=not target.is_dir() or is_step_folder(target))
     if as_json:
         document = _document(target, verify, rows, code)
-        document["steps"] = steps_document(steps)
+        if steps:
+            document["steps"] = steps_document(steps)
         typer.echo(json.dumps(document, indent=2))
     else:
         _print(target, verify, rows)

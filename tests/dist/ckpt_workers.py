@@ -232,3 +232,20 @@ class GatedCopier(Copier):
 
 
 ENOSPC, EIO = errno.ENOSPC, errno.EIO
+
+
+def save_loop_killed(rank: int, world: int, root: str, victim: int, ops: int, first: int) -> Any:
+    """Save steps ``first`` .. ``first + 3`` through the checkpointer (``max_pending=2``);
+    ``victim`` dies (kill -9) at its ``ops``-th file operation. The others end with their error."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    faults = w.KillAfterOps(ops) if rank == victim else FileOps()
+    try:
+        with asyncckpt.AsyncCheckpointer(
+            root, ops=faults, keep_last=2, max_pending=2, coordination_timeout=TIMEOUT_S
+        ) as ckpt:
+            for step in range(first, first + 4):
+                w.train(model, optimizer, step)
+                ckpt.save(step, state_of(model, optimizer))
+    except BaseException as exc:
+        return {"error": outcome(exc)}
+    return {"error": None}

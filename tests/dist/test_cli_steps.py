@@ -73,7 +73,8 @@ def test_ls_shows_steps_with_their_ranks(run_dir: Path) -> None:
 
     assert result.exit_code == EXIT_OK, result.output
     for step in (1, 2, 3):
-        assert re.search(rf"{step} .* 2 .* 1\.0 .* step-{step:010d}/ .* 2 ranks, 2 shard files", result.stdout)
+        row = rf"{step} .* 2 .* 1\.0 .* step-{step:010d}/ .* 2 ranks, 2 shard files"
+        assert re.search(row, result.stdout)
     assert re.search(r"4 .* step-0000000004/ .* uncommitted", result.stdout)
     assert "3 multi-rank steps, 1 uncommitted" in result.stdout
     rows = {row["step"]: row for row in document["steps"]}
@@ -90,7 +91,8 @@ def test_validate_names_the_broken_shard_and_predicts_the_resume(run_dir: Path) 
     resumed = resume_in_a_plain_process(run_dir)
 
     assert result.exit_code == EXIT_PARTIAL, result.output
-    assert re.search(r"3 .*step-0000000003 .* corrupted .* rank-00001\.ckpt: .*checksum mismatch", result.stdout)
+    row = r"3 .*step-0000000003 .* corrupted .* rank-00001\.ckpt: .*checksum mismatch"
+    assert re.search(row, result.stdout)
     assert "a resume would load step 2" in result.stdout
     [broken] = next(s for s in document["steps"] if s["step"] == 3)["broken"]
     assert broken["rank"] == 1 and broken["path"].endswith("step-0000000003/rank-00001.ckpt")
@@ -127,6 +129,7 @@ def test_inspect_a_step_folder(run_dir: Path) -> None:
     assert re.search(r"world size\s+2", result.stdout) and "metadata" in result.stdout
     assert re.search(r"0 .* rank-00000\.ckpt .* ok", result.stdout)
     assert re.search(r"1 .* rank-00001\.ckpt .* missing", result.stdout)
-    assert re.search(r"model\.0\.weight .* float32 .* \[16, 8\] .* 2", result.stdout)  # global shape, 2 chunks
+    # the global shape, in 2 chunks
+    assert re.search(r"model\.0\.weight .* float32 .* \[16, 8\] .* 2", result.stdout)
     assert document["world_size"] == 2 and document["metadata"] == {"step": 3}
     assert [s["status"] for s in document["shards"]] == ["ok", "missing"]
