@@ -58,20 +58,17 @@ def distributed_mode(process_group: Any, *, timeout: float, when_busy: str) -> M
 
 
 def refuse_dtensors(state: Any) -> None:
-    """Refuse a state whose modules or optimizers hold DTensors in single-file mode (their local
-    shards are not the tensors, and copying them as tensors crashes): raise
-    :class:`UnsupportedValueError` pointing at ``process_group=``. Looks at the top level only."""
+    """Refuse a state whose modules hold DTensors in single-file mode (their local shards are not
+    the tensors, and copying them as tensors crashes): raise :class:`UnsupportedValueError`
+    pointing at ``process_group=``. Looks at the first parameter of the top level's modules only
+    (a check per save must cost nothing)."""
     if "torch.distributed.tensor" not in sys.modules or not isinstance(state, Mapping):
         return
     from torch.distributed.tensor import DTensor
 
     for name, value in state.items():
-        params: Any = ()
-        if isinstance(value, torch.nn.Module):
-            params = value.parameters()
-        elif isinstance(value, torch.optim.Optimizer):
-            params = (p for group in value.param_groups for p in group["params"])
-        if any(isinstance(p, DTensor) for p in params):
+        first = next(value.parameters(), None) if isinstance(value, torch.nn.Module) else None
+        if isinstance(first, DTensor):  # FSDP2 and tensor parallel make every parameter one
             raise UnsupportedValueError(
                 f"state[{name!r}] holds DTensors (FSDP2 or tensor parallel): save it as a multi-rank "
                 "step with AsyncCheckpointer(..., process_group=torch.distributed.group.WORLD)",

@@ -159,9 +159,13 @@ def guarded_blobs(
     params: set[StorageKey | None] = set()
     state: set[StorageKey | None] = set()
     for optimizer in optimizers:
-        for group in optimizer.param_groups:
+        try:  # a wrapper that is not a real Optimizer (no param_groups) guards nothing
+            groups, per_param_states = list(optimizer.param_groups), list(optimizer.state.values())
+        except (AttributeError, TypeError):
+            continue
+        for group in groups:
             params.update(storage_key(_local(param)) for param in group["params"])
-        for per_param in optimizer.state.values():
+        for per_param in per_param_states:
             if isinstance(per_param, Mapping):
                 state.update(storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor))
     seen = {storage_key(_local(param)) for module in modules for param in module.parameters()}
