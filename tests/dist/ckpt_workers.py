@@ -249,3 +249,8 @@ def save_loop_killed(rank: int, world: int, root: str, victim: int, ops: int, fi
     except BaseException as exc:
         return {"error": outcome(exc)}
     return {"error": None}
+
+
+def train_with_retention(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Saves of steps 1-5 with keep_last=1, keep_every=2."""
+    return train_and_save(rank, world, root, [1, 2, 3, 4, 5], 5, keep_last=1, keep_every=2)

@@ -59,6 +59,20 @@ def test_exact_resume_after_one_rank_is_killed_mid_save(tmp_path: Path, world: i
     assert adist.check_step(tmp_path / "b", 4) == []
 
 
+def test_retention_prunes_whole_steps_on_one_rank(tmp_path: Path) -> None:
+    (tmp_path / "step-0000000009").mkdir(parents=True)  # left by a save that never committed
+    (tmp_path / "step-0000000009" / "rank-00000.ckpt").write_bytes(b"partial")
+
+    all_ok(run_world(cw.train_with_retention, 2, str(tmp_path)))
+
+    assert committed(tmp_path) == [2, 4, 5]  # keep_last=1, keep_every=2
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert folders == ["step-0000000002", "step-0000000004", "step-0000000005"]
+    events = (tmp_path / "events.jsonl").read_text().splitlines()
+    pruned = [line for line in events if '"checkpoint.pruned"' in line]
+    assert len(pruned) == 2 and all('"rank": 0' in line for line in pruned)  # by rank 0 only
+
+
 @pytest.mark.parametrize(("saved_by", "restored_by"), [(2, 1), (2, 4), (4, 2)])
 def test_resharding_through_the_checkpointer(tmp_path: Path, saved_by: int, restored_by: int) -> None:
     saved = all_ok(run_world(cw.train_and_save, saved_by, str(tmp_path), [3], 3))[0]["full"]
