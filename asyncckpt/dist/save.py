@@ -98,7 +98,6 @@ def write_step(
     """
     coordination = group
     catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
-    coordination.agree("save", step)
 
     def build() -> tuple[dict[str, Any], AsyncckptWriter]:
         prepared = prepare()
@@ -112,9 +111,15 @@ def write_step(
         return prepared.sharded, writer
 
     failed = partial(CheckpointWriteError, step=step)
-    sharded, writer = coordination.gather_outcomes(build, what=f"preparing step {step}", error=failed)
+    # One exchange checks that every rank saves this step and that every rank is ready. (A rank
+    # that saves another step has only built its writer meanwhile: nothing is written yet.)
+    sharded, writer = coordination.gather_outcomes(
+        build, what=f"preparing step {step}", error=failed, call=("save", step)
+    )
     try:
         planner = SavePlanner(enable_plan_caching=plan_caching)
+        if plan_caching:  # DCP keys its plan cache by class: one cache per location
+            planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
         dcp_save(sharded, writer=writer, planner=planner, group=coordination.group)
     except CheckpointException as exc:
         raise write_failed(exc, step) from failure_cause(exc)

@@ -50,7 +50,9 @@ class StepWriter(Writer):
         assert isinstance(job, StepJob)
         started = time.perf_counter()
         try:
-            saved = write_step(self.storage, job.step, lambda: self._prepare(job), group=self.group)
+            saved = write_step(
+                self.storage, job.step, lambda: self._prepare(job), group=self.group, plan_caching=True
+            )
         except CoordinationError as exc:  # steps differ, or a rank is gone: name it as a write failure
             error = CheckpointWriteError(
                 f"step {job.step} was not saved: {exc.reason}", path=job.path, rank=exc.rank, step=job.step
