@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import structlog
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 
 from .. import catalog
 from .. import format as fmt
@@ -112,7 +112,7 @@ def restore_latest(
     if chosen is None or targets is None:
         _nothing(storage, everywhere, diagnostics, log)
         return None
-    return _load(storage, chosen, objects, targets, coordination, diagnostics, log)
+    return _load(storage, *chosen, objects, targets, coordination, diagnostics, log)
 
 
 def _as_error(diagnostic: Diagnostic) -> CheckpointError:
@@ -134,13 +134,17 @@ def _vote(
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
-) -> CommitRecord | None:
-    """The newest candidate every rank verifies (its record), or None; failures go to ``diagnostics``."""
+) -> tuple[CommitRecord, _PlannedOnce] | None:
+    """The newest candidate every rank verifies (its record, and the planner that planned its
+    load), or None; failures go to ``diagnostics``."""
     for step in candidates:  # one all-gather per candidate
         what = f"restoring: verifying step {step}"
         verdict: CommitRecord | Diagnostic | Exception
+        planner = _PlannedOnce()
         try:
-            verdict = verify_step(storage, step, targets, coordination.rank, coordination.world_size)
+            verdict = verify_step(
+                storage, step, targets, coordination.rank, coordination.world_size, planner=planner
+            )
         except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
             verdict = exc
         verdicts = coordination.all_gather(_shared(verdict), what=what)
@@ -152,9 +156,23 @@ def _vote(
         failed = _unique([d for kind, d in verdicts if kind == "failed"])
         if not failed:
             assert isinstance(verdict, CommitRecord)
-            return verdict
+            return verdict, planner
         diagnostics.extend(failed)
     return None
+
+
+class _PlannedOnce(LoadPlanner):
+    """A load planner that plans once: DCP's load asks again for the plan the vote computed
+    (same objects, same record), and gets it without planning a second time."""
+
+    _planned: tuple[Any, LoadPlan] | None = None
+
+    def create_local_plan(self) -> LoadPlan:
+        if self._planned is not None and self._planned[0] is self.metadata:
+            return self._planned[1]
+        plan = super().create_local_plan()
+        self._planned = (self.metadata, plan)
+        return plan
 
 
 def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
@@ -167,15 +185,22 @@ def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
 
 
 def verify_step(
-    storage: Storage, step: int, targets: SplitState, rank: int, world_size: int
+    storage: Storage,
+    step: int,
+    targets: SplitState,
+    rank: int,
+    world_size: int,
+    *,
+    planner: LoadPlanner | None = None,
 ) -> CommitRecord | Diagnostic:
     """Check all that ``rank`` would read of ``step``: the record, the shards it needs (digest
-    and the CRC32C of every blob it needs), its per-rank values. The record, or why not."""
+    and the CRC32C of every blob it needs), its per-rank values. The record, or why not.
+    ``planner`` (default: a new :class:`LoadPlanner`) plans the load of ``targets``."""
     where = storage.where(catalog.step_folder_name(step))
+    planner = planner if planner is not None else LoadPlanner()
     try:
         record = read_record(storage, step)
-        planner = LoadPlanner()
-        planner.set_up_planner(dict(targets.sharded), record.metadata, rank == 0)
+        planner.set_up_planner(targets.sharded, record.metadata, rank == 0)
         try:
             plan = planner.create_local_plan()
         except (RuntimeError, ValueError, KeyError) as exc:  # DCP's "missing key" / "size mismatch"
@@ -214,6 +239,7 @@ def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
 def _load(
     storage: Storage,
     record: CommitRecord,
+    planner: LoadPlanner,
     objects: Mapping[str, Any],
     targets: SplitState,
     coordination: CoordinationGroup,
@@ -221,9 +247,9 @@ def _load(
     log: Callable[..., None] | None,
 ) -> RestoredStep:
     step, rank = record.step, coordination.rank
-    reader = AsyncckptReader(storage, step)
+    reader = AsyncckptReader(storage, step, record=record)  # the record and plan the vote checked
     try:
-        dcp_load(targets.sharded, reader=reader, planner=LoadPlanner(), group=coordination.group)
+        dcp_load(targets.sharded, reader=reader, planner=planner, group=coordination.group)
     except CheckpointException as exc:
         raise CheckpointError(
             f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step

@@ -264,12 +264,22 @@ class AsyncckptReader(StorageReader):
     Only committed steps are read; each shard file must match the digest in the commit record,
     and each blob its CRC32C, before its bytes are used. Use a planner derived from
     ``DefaultLoadPlanner`` (``asyncckpt.dist.LoadPlanner``): non-tensor values are msgpack.
+    ``record`` is ``step``'s commit record when the caller has read and checked it already.
     """
 
-    def __init__(self, location: Location, step: int | None = None, *, ops: FileOps = OS) -> None:
+    def __init__(
+        self,
+        location: Location,
+        step: int | None = None,
+        *,
+        record: CommitRecord | None = None,
+        ops: FileOps = OS,
+    ) -> None:
         self.storage = open_storage(location, ops=ops)
         self.step = None if step is None else step_of(step)
-        self.record: CommitRecord | None = None
+        if record is not None and record.step != self.step:
+            raise UsageError(f"the commit record given is step {record.step}'s, not step {self.step}'s")
+        self.record: CommitRecord | None = record
         self.shards: ShardFiles | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -279,6 +289,8 @@ class AsyncckptReader(StorageReader):
             self.step = step_of(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.record is not None:
+            return self.record.metadata
         if self.step is None:
             steps = catalog.committed_steps(self.storage)
             if not steps:
