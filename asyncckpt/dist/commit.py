@@ -27,7 +27,7 @@ from .record import (
     encode_metadata,
     record_tree,
 )
-from .shards import header_digest, located
+from .shards import located, shard_digest
 
 MAX_RECORD_BLOB = 1 << 32  # the encoded DCP metadata of a step (4 GiB: far beyond 10k ranks)
 
@@ -122,7 +122,7 @@ def _check_shard(storage: Storage, step: int, digest: ShardDigest) -> Checkpoint
     where = storage.where(name)
     try:
         with storage.open(name) as handle:
-            found, _ = header_digest(handle, where, digest.rank)
+            found = shard_digest(handle, where, digest.rank)
     except (OSError, CheckpointError) as exc:
         error = CheckpointWriteError(
             f"rank {digest.rank}'s shard does not read back before the commit: {exc}",

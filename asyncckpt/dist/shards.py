@@ -153,6 +153,13 @@ def _verify_written(storage: Storage, written: Written, *, step: int, rank: int)
     return ShardDigest(rank, size, crc32c.crc32c(raw))
 
 
+def shard_digest(handle: ReadHandle, where: str, rank: int) -> ShardDigest:
+    """The digest of a committed shard file (prelude, trailer and header CRC checked; the header
+    is not decoded: the coordinator's check before a commit only compares digests)."""
+    _, raw, _, size = fmt.read_header_bytes(cast(BinaryIO, handle.cursor()), where)
+    return ShardDigest(rank, size, crc32c.crc32c(raw))
+
+
 def header_digest(handle: ReadHandle, where: str, rank: int) -> tuple[ShardDigest, fmt.Layout]:
     """The digest and checked layout of a committed shard file (prelude, trailer, header CRC)."""
     file = cast(BinaryIO, handle.cursor())

@@ -209,7 +209,7 @@ class AsyncckptWriter(StorageWriter):
 
 
 def _item_data(item: WriteItem, planner: DcpSavePlanner) -> ItemData:
-    key = item.index.fqn if item.index.offset is None else f"{item.index.fqn}@{list(item.index.offset)}"
+    key = item.index.fqn if item.index.offset is None else f"{item.index.fqn}@{[*item.index.offset]}"
     if item.type == WriteItemType.BYTE_IO:
         data = _encoded_value(item, planner)
         return ItemData(key, torch.uint8, (len(data),), len(data), lambda: memoryview(data), packed=True)
