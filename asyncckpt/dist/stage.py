@@ -67,14 +67,16 @@ def plan_step(step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bo
     naming the key path), before anything is staged.
     """
     check_step(step)
-    split = split_state(state)
-    shards: dict[_ViewKey, DTensor] = {}
-    local, template = localize(split.sharded, shards)
+    # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
+    # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
     with gc_paused():
+        split = split_state(state)
+        shards: dict[_ViewKey, DTensor] = {}
+        local, template = localize(split.sharded, shards)
         snapshot = _watch_dtensors(flatten({"sharded": local, "per_rank": split.per_rank}), shards)
         metadata_tree = flatten_metadata(metadata)
         deferred = guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
-    plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
+        plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
     return StepPlan(plan, template)
 
 
