@@ -346,7 +346,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def coordination_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| world | layout | tensors | agree (all-gather) ms | shard header read+decode ms | commit record bytes |",
+        "| world | layout | tensors | agree (all-gather) ms | shard header read+decode ms "
+        "| commit record bytes |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
