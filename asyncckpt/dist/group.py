@@ -45,12 +45,22 @@ class CoordinationGroup:
         parent = process_group if process_group is not None else dist.group.WORLD
         assert parent is not None
         ranks = dist.get_process_group_ranks(parent)
-        self.group = dist.new_group(
-            ranks=ranks,
-            backend="gloo",
-            timeout=timedelta(seconds=self.timeout),
-            use_local_synchronization=len(ranks) != dist.get_world_size(),
-        )
+        try:
+            self.group = dist.new_group(
+                ranks=ranks,
+                backend="gloo",
+                timeout=timedelta(seconds=self.timeout),
+                use_local_synchronization=len(ranks) != dist.get_world_size(),
+            )
+        except Exception as exc:  # the store barrier timed out: not every rank got here
+            raise CoordinationError(
+                f"creating asyncckpt's coordination group over ranks {ranks[:8]}"
+                f"{'...' if len(ranks) > 8 else ''}: not every rank joined within {self.timeout:g} s "
+                f"({first_line(exc)}). Every rank of the group opens the checkpointer (or creates "
+                "the CoordinationGroup) at the same point; to checkpoint from one rank only, pass "
+                "process_group=dist.new_group([rank], use_local_synchronization=True)",
+                rank=dist.get_rank(),
+            ) from exc
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
 

@@ -254,3 +254,25 @@ def save_loop_killed(rank: int, world: int, root: str, victim: int, ops: int, fi
 def train_with_retention(rank: int, world: int, root: str) -> dict[str, Any]:
     """Saves of steps 1-5 with keep_last=1, keep_every=2."""
     return train_and_save(rank, world, root, [1, 2, 3, 4, 5], 5, keep_last=1, keep_every=2)
+
+
+def one_rank_opens(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Only rank 0 opens a checkpointer: in automatic distributed mode it ends in a clear error
+    within the timeout; with a group of its own rank it saves (a multi-rank step of one rank)."""
+    error = None
+    model = torch.nn.Linear(4, 4)
+    started = time.monotonic()
+    if rank == 0:
+        try:
+            with asyncckpt.AsyncCheckpointer(root, coordination_timeout=2.0) as ckpt:
+                ckpt.save(1, {"model": model})
+        except asyncckpt.CoordinationError as exc:
+            error = outcome(exc)
+    seconds = time.monotonic() - started
+    dist.barrier()
+    own = dist.new_group([rank], use_local_synchronization=True)
+    if rank == 0:
+        with asyncckpt.AsyncCheckpointer(root, process_group=own, coordination_timeout=TIMEOUT_S) as ckpt:
+            ckpt.save(2, {"model": model})
+    dist.barrier()
+    return {"error": error, "seconds": seconds}

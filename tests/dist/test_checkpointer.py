@@ -176,6 +176,17 @@ def test_a_rank_that_does_not_save_ends_in_an_error_within_the_timeout(tmp_path:
     assert committed(tmp_path) == []
 
 
+def test_a_checkpointer_opened_on_one_rank_only_ends_in_a_clear_error(tmp_path: Path) -> None:
+    results = all_ok(run_world(cw.one_rank_opens, 2, str(tmp_path), deadline=60))
+
+    error = results[0]["error"]
+    assert error is not None and "CoordinationError" in error["classes"], results[0]
+    assert "not every rank joined" in error["message"] and "use_local_synchronization" in error["message"]
+    assert results[0]["seconds"] < 20  # bounded by the timeout, not the trainer's 30 minutes
+    record = adist.read_record(PosixStorage(tmp_path), 2)  # a group of one rank saves alone
+    assert record.world_size == 1 and committed(tmp_path) == [2]
+
+
 def test_a_source_changed_before_its_copy_fails_the_step_everywhere(tmp_path: Path) -> None:
     results = all_ok(run_world(cw.overlap_race, 2, str(tmp_path)))
 
