@@ -390,6 +390,8 @@ class AsyncCheckpointer:
         self._stager.guard.wait()
         log = self._runner.log.info if self._runner is not None else None
         if self._multirank is not None:
+            if len(self._pending) and isinstance(self._runner, AsyncRunner):  # the writer needs this loop
+                raise UsageError("saves are pending: `await ckpt.aflush()` before restore() in async use")
             self._pending.wait()  # the writer's collectives first: one exchange at a time
             return self._multirank.restore(
                 self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log
