@@ -276,3 +276,22 @@ def one_rank_opens(rank: int, world: int, root: str) -> dict[str, Any]:
             ckpt.save(2, {"model": model})
     dist.barrier()
     return {"error": error, "seconds": seconds}
+
+
+def async_saves(rank: int, world: int, root: str) -> dict[str, Any]:
+    """``async with`` on several ranks: asave, aflush, a handle awaited, then restore."""
+    import anyio
+
+    model, optimizer = w.fsdp_trained(1, 1)
+
+    async def main() -> dict[str, Any]:
+        async with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+            for step in (1, 2):
+                w.train(model, optimizer, step)
+                handle = await ckpt.asave(step, state_of(model, optimizer))
+            path = await handle
+            await ckpt.aflush()
+            restored = ckpt.restore({"model": model, "optimizer": optimizer})
+        return {"path": str(path), "restored": None if restored is None else restored.step}
+
+    return anyio.run(main)

@@ -205,3 +205,11 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert refused[1].startswith("dtensor: ") and "process_group" in refused[1]
     with pytest.raises(UsageError, match="initialized"):
         asyncckpt.AsyncCheckpointer(tmp_path, process_group=object())
+
+
+def test_async_with_on_several_ranks(tmp_path: Path) -> None:
+    results = all_ok(run_world(cw.async_saves, 2, str(tmp_path)))
+
+    assert [r["restored"] for r in results] == [2, 2]
+    assert all(r["path"] == str(tmp_path / "step-0000000002") for r in results)
+    assert committed(tmp_path) == [1, 2]
