@@ -4,6 +4,7 @@ from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpointer import AsyncCheckpointer
 from .errors import (
+    AsyncckptError,
     CheckpointBusyError,
     CheckpointError,
     CheckpointWriteError,
@@ -12,14 +13,13 @@ from .errors import (
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    StateTooLargeError,
+    UnsupportedValueError,
     UnsupportedVersionError,
+    UsageError,
 )
 from .loading import CandidateReport, LoadResult, check_candidates, restore
 from .multirank import load_latest
-
-# After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
-# that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the
-# one-shot functions.
 from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
 from .saving.handles import SaveHandle
@@ -27,6 +27,7 @@ from .saving.stats import CheckpointerStats
 
 __all__ = [
     "AsyncCheckpointer",
+    "AsyncckptError",
     "CandidateReport",
     "Checkpoint",
     "CheckpointBusyError",
@@ -41,7 +42,10 @@ __all__ = [
     "LoadResult",
     "NoValidCheckpointError",
     "SaveHandle",
+    "StateTooLargeError",
+    "UnsupportedValueError",
     "UnsupportedVersionError",
+    "UsageError",
     "__version__",
     "check_candidates",
     "list_checkpoints",
