@@ -11,8 +11,18 @@ files). Readers work on file-like objects they are given; the limits are read as
 from __future__ import annotations
 
 from . import codec, decode, encode, legacy, spec
-from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verify_crc, view_tensor
+from .blobs import (
+    check_blob,
+    check_crc,
+    read_blob_into,
+    tensor_bytes,
+    truncated,
+    verify_blobs,
+    verify_crc,
+    view_tensor,
+)
 from .codec import pack, unpack
+from .crc import crc32c_combine
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
 from .encode import (
     PreparedHeader,
@@ -105,9 +115,11 @@ __all__ = [
     "align_up",
     "blob_offsets",
     "check_blob",
+    "check_crc",
     "check_prelude",
     "check_step",
     "codec",
+    "crc32c_combine",
     "decode",
     "encode",
     "encode_header",
@@ -123,6 +135,7 @@ __all__ = [
     "sniff",
     "spec",
     "tensor_bytes",
+    "truncated",
     "unpack",
     "unsupported_version",
     "verify_blobs",
