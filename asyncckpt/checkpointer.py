@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+import structlog
 import torch
 
 from . import events as ev
@@ -36,7 +37,8 @@ from .saving.stager import Stager
 from .saving.staging import StagedCopy, StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
 from .saving.writer import VerifyMode, Writer
-from .storage import OS, FileOps, PosixStorage
+from .storage import OS, CheckpointPath, FileOps, path_of
+from .storage.localcopy import open_run_storage
 
 WhenBusy = Literal["wait", "skip"]
 R = TypeVar("R", bound=Runner)
@@ -45,7 +47,9 @@ R = TypeVar("R", bound=Runner)
 class AsyncCheckpointer:
     """Asynchronous, durable checkpoints of a training run into ``directory``, one file per step.
 
-    Use as ``with`` (sync trainers) or ``async with`` (async trainers). Options:
+    ``directory`` is a local path or a URL of an object store (``s3://bucket/run``, any fsspec
+    filesystem; docs/REMOTE.md). Use as ``with`` (sync trainers) or ``async with`` (async
+    trainers). Options:
 
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
@@ -53,7 +57,15 @@ class AsyncCheckpointer:
     - ``verify``: before each commit read the durable file back and check prelude, trailer, size
       and header CRC (``"structure"``), also decode the header and re-check every blob's
       checksum (``"full"``), or not at all (``"none"``). A file that fails is never published.
-    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
+    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``; for a URL
+      ``<local_copy>/events.jsonl``, or, without a local copy, structlog's "asyncckpt" logger).
+    - ``storage_options``: passed to fsspec for a URL (credentials, ``endpoint_url``, ...);
+      ignored for a local path.
+    - ``local_copy``: a local directory (e.g. on NVMe) that keeps the newest committed step as
+      well (URLs only). The same bytes go to both at once; the upload's commit is the commit.
+      :meth:`restore` reads the local copy when it matches the remote commit record (size and
+      every part's CRC32C), and the remote object otherwise. A local copy that cannot be
+      written only logs ``checkpoint.local_copy.failed``.
     - ``overlap``: copy the optimizers' state, and the parameters of the modules and optimizers
       found in the state, while forward and backward run; while such a copy is pending, every
       optimizer step waits for it first (a global step pre-hook, held while the checkpointer
@@ -89,19 +101,24 @@ class AsyncCheckpointer:
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
         overlap: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        local_copy: str | os.PathLike[str] | None = None,
         ops: FileOps = OS,
     ) -> None:
         _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
-        self.directory = Path(directory)
+        self.directory: CheckpointPath = path_of(directory)
+        self.local_copy = Path(local_copy) if local_copy is not None else None
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.when_busy = when_busy
         self.verify: VerifyMode = verify
-        self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
+        self.event_log_path = ev.default_path(event_log, self.directory, self.local_copy)
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
-        self._storage = PosixStorage(self.directory, ops=ops)
+        self._storage = open_run_storage(
+            directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
+        )
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
         self._pending = PendingSaves()
@@ -173,9 +190,16 @@ class AsyncCheckpointer:
         """Flush pending saves and stop the writer (what leaving ``with`` does)."""
         self.__exit__(None, None, None)
 
+    def _notify(self, event: str, **fields: Any) -> None:
+        """An event of the storage (the local copy used, ignored or failed)."""
+        log: Any = self._runner.log if self._runner is not None else structlog.get_logger("asyncckpt")
+        (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
+
     def _open(self, kind: type[R]) -> R:
         """Open the event log, remove leftover temp files, and build the writer and its runner."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        for folder in (self.directory, self.local_copy):
+            if isinstance(folder, Path):
+                folder.mkdir(parents=True, exist_ok=True)
         log = ev.EventLog(self.event_log_path)
         log.info(
             ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
@@ -354,7 +378,7 @@ class AsyncCheckpointer:
         log = self._runner.log.info if self._runner is not None else None
         try:
             return loader.restore(
-                self.directory,
+                self._storage,
                 objects,
                 map_location=map_location,
                 on_corrupt=on_corrupt,
