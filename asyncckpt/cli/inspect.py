@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -12,16 +11,21 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..format.legacy import LEGACY_VERSION
-from .exits import DebugOption, existing, reports_errors
+from .exits import DebugOption, reports_errors
 from .inspection import Inspection, TensorRow, inspect_file, plain_json
 from .render import JsonOption, human_bytes, plain_tree, stdout, step_text
+from .targets import StorageOptionsOption, open_location
 
 
 @reports_errors
 def inspect_command(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="One checkpoint file (v1 or legacy torch.save).")],
+    file: Annotated[
+        str,
+        typer.Argument(help="One checkpoint file (v1 or legacy torch.save): a path or a URL."),
+    ],
     as_json: JsonOption = False,
+    storage_options: StorageOptionsOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Show a checkpoint's metadata, its tensor table (key, dtype, shape, bytes) and its plain values.
@@ -29,9 +33,10 @@ def inspect_command(
     Reads the header only (legacy files: the pickled structure): use `validate` to check the
     tensor bytes.
     """
-    if existing(file).is_dir():
-        raise UsageError("is a directory (use `asyncckpt ls` or `asyncckpt validate`)", path=file)
-    found = inspect_file(file)
+    storage, name = open_location(file, storage_options)
+    if name is None:
+        raise UsageError("is a directory (use `asyncckpt ls` or `asyncckpt validate`)", path=storage.location)
+    found = inspect_file((storage, name))
     if as_json:
         typer.echo(json.dumps(_document(found), indent=2))
         return
