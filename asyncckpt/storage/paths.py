@@ -1,9 +1,9 @@
 """How results name a checkpoint: a ``Path`` for a local file, a :class:`RemotePath` for a URL.
 
 ``pathlib.Path("s3://bucket/run")`` folds the ``//`` into ``s3:/bucket/run``, so a URL stays
-text. :class:`RemotePath` is that text (a ``str``) with the few ``Path`` attributes results are
-read for (``name``, ``suffix``, ``stem``, ``parent``, ``/``). It has no ``__fspath__``: a URL is
-never opened as a local file by accident.
+text. :class:`RemotePath` is that text (a ``str``: it prints, compares and serializes as the
+URL) with the few ``Path`` attributes results are read for (``name``, ``suffix``, ``stem``,
+``parent``, ``/``).
 """
 
 from __future__ import annotations
