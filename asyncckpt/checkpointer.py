@@ -37,7 +37,7 @@ from .saving.stager import Stager
 from .saving.staging import StagedCopy, StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
 from .saving.writer import VerifyMode, Writer
-from .storage import OS, CheckpointPath, FileOps, path_of
+from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
 
 WhenBusy = Literal["wait", "skip"]
@@ -47,9 +47,10 @@ R = TypeVar("R", bound=Runner)
 class AsyncCheckpointer:
     """Asynchronous, durable checkpoints of a training run into ``directory``, one file per step.
 
-    ``directory`` is a local path or a URL of an object store (``s3://bucket/run``, any fsspec
-    filesystem; docs/REMOTE.md). Use as ``with`` (sync trainers) or ``async with`` (async
-    trainers). Options:
+    ``directory`` is a local path, a URL of an object store (``s3://bucket/run``, any fsspec
+    filesystem; docs/REMOTE.md) or a :class:`~asyncckpt.storage.Storage` (e.g. an
+    ``FsspecStorage`` with its own part size and retry policy). Use as ``with`` (sync trainers)
+    or ``async with`` (async trainers). Options:
 
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
@@ -90,7 +91,7 @@ class AsyncCheckpointer:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep_last: int = 3,
         keep_every: int | None = None,
@@ -106,7 +107,9 @@ class AsyncCheckpointer:
         ops: FileOps = OS,
     ) -> None:
         _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
-        self.directory: CheckpointPath = path_of(directory)
+        self.directory: CheckpointPath = path_of(
+            directory.location if isinstance(directory, Storage) else directory
+        )
         self.local_copy = Path(local_copy) if local_copy is not None else None
         self.keep_last = keep_last
         self.keep_every = keep_every

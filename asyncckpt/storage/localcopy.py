@@ -35,7 +35,7 @@ Notify = Callable[..., None]  # notify(event, **fields)
 
 
 def open_run_storage(
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | Storage,
     *,
     storage_options: dict[str, Any] | None = None,
     local_copy: str | os.PathLike[str] | None = None,
@@ -49,8 +49,9 @@ def open_run_storage(
     """
     from . import open_storage
 
-    if local_copy is not None and not is_url(directory):
-        raise UsageError("local_copy= is for a remote directory (a URL), not a local one", path=directory)
+    remote = directory.location if isinstance(directory, Storage) else directory
+    if local_copy is not None and (isinstance(directory, PosixStorage) or not is_url(remote)):
+        raise UsageError("local_copy= is for a remote directory (a URL), not a local one", path=remote)
     storage = open_storage(directory, storage_options=storage_options, ops=ops)
     if local_copy is None:
         return storage

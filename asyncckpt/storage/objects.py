@@ -81,8 +81,8 @@ class ObjectStore:
         return entries
 
     def get(self, key: str) -> bytes:
-        """The whole object (small objects only: commit records, logs)."""
-        data: bytes = self.retry(lambda: self.fs.cat_file(key))
+        """The whole object (small objects only: commit records, logs), in one GET."""
+        data: bytes = self.retry(lambda: self.fs.cat_file(key, start=0))
         return data
 
     def get_range(self, key: str, start: int, end: int) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ from .retry import RetryPolicy
 
 UPLOAD_MARK = "?uploadId="  # in a leftover's name: an unfinished multipart upload of that key
 READ_CHUNK = 16 * MIB  # the largest ranged GET one read_at makes
+HEAD_BYTES = 4 << 10  # small reads in the first 4 KiB (a checkpoint's prelude) share one GET
+TAIL_BYTES = 256 << 10  # and so do small reads in the last 256 KiB (its trailer and header)
 
 
 class FsspecStorage(Storage):
@@ -274,6 +277,11 @@ class RemoteFile(ReadHandle):
 
     ``record`` is the commit record it was opened through (None for a plain object or bytes
     not yet committed): its size and part checksums, e.g. to check a local copy against.
+
+    Small reads in the first ``HEAD_BYTES`` or the last ``TAIL_BYTES`` (a checkpoint's prelude,
+    trailer and header) are served from one GET of that end, made at the first such read:
+    decoding a header costs two requests, not five. Keys are never rewritten: the cached bytes
+    cannot go stale.
     """
 
     def __init__(
@@ -291,6 +299,8 @@ class RemoteFile(ReadHandle):
         self.size = size
         self.record = record
         self._reads = reads
+        self._edges: dict[tuple[int, int], bytes] = {}  # (first, last + 1) → the cached bytes of one end
+        self._lock = threading.Lock()
 
     @property
     def parallel_reads(self) -> ParallelReads:
@@ -311,6 +321,12 @@ class RemoteFile(ReadHandle):
 
     def read_at(self, offset: int, buffer: memoryview) -> int:
         end = min(offset + len(buffer), self.size)
+        edge = self._edge(offset, end)
+        if edge is not None:
+            start, data = edge
+            chunk = data[offset - start : end - start]
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
         done = 0
         position = offset
         while position < end:
@@ -323,8 +339,26 @@ class RemoteFile(ReadHandle):
             position += len(data)
         return done
 
+    def _edge(self, offset: int, end: int) -> tuple[int, bytes] | None:
+        """``(first byte, bytes)`` of the cached end ``[offset, end)`` lies in; None for a read
+        that is large or in the middle."""
+        if end <= offset or end - offset > TAIL_BYTES // 4:
+            return None
+        if end <= HEAD_BYTES:
+            start, stop = 0, min(HEAD_BYTES, self.size)
+        elif offset >= self.size - TAIL_BYTES:
+            start, stop = max(self.size - TAIL_BYTES, 0), self.size
+        else:
+            return None
+        with self._lock:
+            data = self._edges.get((start, stop))
+            if data is None:
+                data = self._edges[start, stop] = self.store.get_range(self.key, start, stop)
+        return start, data
+
     def close(self) -> None:
-        """Nothing to release: every read is its own request."""
+        """Drop the cached ends; every other read was its own request."""
+        self._edges.clear()
 
 
 class _GuardedSink:
