@@ -39,7 +39,8 @@ from .records import (
 from .retry import RetryPolicy
 
 UPLOAD_MARK = "?uploadId="  # in a leftover's name: an unfinished multipart upload of that key
-READ_CHUNK = 16 * MIB  # the largest ranged GET one read_at makes
+READ_CHUNK = 16 * MIB  # the largest ranged GET of a store that cannot stream (one bytes in between)
+MAX_RANGE = 128 * MIB  # the largest ranged GET of a store that streams (S3)
 HEAD_BYTES = 4 << 10  # small reads in the first 4 KiB (a checkpoint's prelude) share one GET
 TAIL_BYTES = 256 << 10  # and so do small reads in the last 256 KiB (its trailer and header)
 
@@ -103,10 +104,18 @@ class FsspecStorage(Storage):
 
     def open_written(self, written: Written) -> ReadHandle:
         uploaded: Uploaded = written.token
-        return RemoteFile(self.store, uploaded.key, written.name, uploaded.nbytes, self._reads())
+        return RemoteFile(
+            self.store, uploaded.key, written.name, uploaded.nbytes, self._reads(uploaded.nbytes)
+        )
 
-    def _reads(self) -> ParallelReads:
-        return ParallelReads(READ_CHUNK, self.options.concurrency)
+    def _reads(self, size: int) -> ParallelReads:
+        """Ranged reads for an object of ``size`` bytes: ``concurrency`` in flight; on S3 (reads
+        stream) about two requests per reader, from 16 MiB to 128 MiB each, since every request
+        costs a round trip; elsewhere 16 MiB, which is also the memory each one holds."""
+        request = READ_CHUNK
+        if self.store.streams:
+            request = min(max(READ_CHUNK, size // (2 * self.options.concurrency)), MAX_RANGE)
+        return ParallelReads(request, self.options.concurrency)
 
     def commit(self, written: Written) -> float:
         uploaded: Uploaded = written.token
@@ -169,7 +178,8 @@ class FsspecStorage(Storage):
         token = versions.current()
         if token is None:
             if versions.plain is not None:
-                return RemoteFile(self.store, versions.plain.key, name, versions.plain.size, self._reads())
+                plain = versions.plain
+                return RemoteFile(self.store, plain.key, name, plain.size, self._reads(plain.size))
             raise FileNotFoundError(errno.ENOENT, "no committed object of this name", self.where(name))
         data = versions.data[token]
         where = self.where(commit_name(name, token))
@@ -182,7 +192,7 @@ class FsspecStorage(Storage):
             raise CorruptedCheckpointError(
                 f"the data object has {data.size} bytes, its commit object says {record.size}", path=where
             )
-        return RemoteFile(self.store, data.key, name, record.size, self._reads(), record)
+        return RemoteFile(self.store, data.key, name, record.size, self._reads(record.size), record)
 
     def _versions(self, name: str) -> Versions:
         folder, _, base = name.rpartition("/")
@@ -307,17 +317,13 @@ class RemoteFile(ReadHandle):
         return self._reads
 
     def read_pieces(self, offset: int, length: int, pieces: Sequence[tuple[int, memoryview]]) -> int:
-        """One ranged GET for the whole range (at most ``READ_CHUNK`` bytes per request)."""
+        """One ranged GET for the whole range, its bytes copied into the pieces."""
         end = min(offset + length, self.size)
-        if end - offset > READ_CHUNK:
+        if end <= offset:
+            return 0
+        if end - offset > READ_CHUNK and not self.store.streams:
             return super().read_pieces(offset, length, pieces)
-        data = memoryview(self.store.get_range(self.key, offset, end) if end > offset else b"")
-        data = data[: end - offset]
-        for at, view in pieces:
-            start = at - offset
-            chunk = data[start : start + len(view)]
-            view[: len(chunk)] = chunk
-        return len(data)
+        return min(self.store.read_into(self.key, offset, end, pieces), end - offset)
 
     def read_at(self, offset: int, buffer: memoryview) -> int:
         end = min(offset + len(buffer), self.size)
@@ -328,21 +334,21 @@ class RemoteFile(ReadHandle):
             buffer[: len(chunk)] = chunk
             return len(chunk)
         done = 0
-        position = offset
-        while position < end:
-            stop = min(end, position + READ_CHUNK)
-            data = self.store.get_range(self.key, position, stop)[: stop - position]
-            if not data:
+        step = self._reads.request_bytes
+        while offset + done < end:
+            start = offset + done
+            stop = min(end, start + step)
+            view = buffer[done : stop - offset]
+            got = min(self.store.read_into(self.key, start, stop, [(start, view)]), stop - start)
+            done += got
+            if got < stop - start:
                 break
-            buffer[done : done + len(data)] = data
-            done += len(data)
-            position += len(data)
         return done
 
     def _edge(self, offset: int, end: int) -> tuple[int, bytes] | None:
         """``(first byte, bytes)`` of the cached end ``[offset, end)`` lies in; None for a read
-        that is large or in the middle."""
-        if end <= offset or end - offset > TAIL_BYTES // 4:
+        that reaches the middle."""
+        if end <= offset:
             return None
         if end <= HEAD_BYTES:
             start, stop = 0, min(HEAD_BYTES, self.size)

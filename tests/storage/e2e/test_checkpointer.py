@@ -174,6 +174,8 @@ def test_restore_reads_blobs_with_few_ranged_gets_and_lists_once(
         Fault("drop", method="PUT", query="partNumber", times=2),
         Fault("lost", method="PUT", path=".commit"),
         Fault("503", method="GET", query="list-type", times=2),
+        Fault("truncate", method="GET", path=".data", times=3),  # read back, then restored
+        Fault("drop", method="GET", path=".data", times=3),
     ],
     ids=lambda f: f"{f.action}-{f.method}-{f.query or f.path}",
 )
