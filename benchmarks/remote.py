@@ -275,7 +275,8 @@ def run_size(
     finally:
         run.close()
     (scratch / "floor.ckpt").unlink(missing_ok=True)
-    found: dict[str, Any] = {"bytes": nbytes, "tensors": args.tensors, "loadavg_end": system.loadavg()}
+    found: dict[str, Any] = {"size": format_size(size), "bytes": nbytes, "tensors": args.tensors}
+    found["loadavg_end"] = system.loadavg()
     found |= {p: _part(times[p], nbytes) for p in parts}
     if "save" in found:
         found["save"]["asyncckpt_upload"] = summary(uploads)
@@ -307,7 +308,7 @@ def table(results: list[dict[str, Any]]) -> str:
             row = result[part]
             cells = [_cell(row.get(m)) for m in METHODS]
             vs_dcp = _ratio(row.get("asyncckpt_vs_dcp"))
-            size = f"{format_size(result['bytes'])} in {result['tensors']} tensors"
+            size = f"{result['size']} in {result['tensors']} tensors"
             lines.append(
                 f"| {size} | {part} | {' | '.join(cells)} | {_ratio(row['asyncckpt_vs_floor'])} | {vs_dcp} |"
             )

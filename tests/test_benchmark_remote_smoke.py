@@ -47,4 +47,4 @@ def test_tiny_configuration_writes_json_and_markdown(tmp_path: Path) -> None:
         assert result[part]["asyncckpt"]["n"] == 1 and result[part]["floor"]["n"] == 1
         assert result[part]["asyncckpt_vs_floor"]["median"] > 0
     assert "--sizes 1M" in document["command"]
-    assert "| 1.0M in 10 tensors | save |" in out.with_suffix(".md").read_text()
+    assert "| 1M in 10 tensors | save |" in out.with_suffix(".md").read_text()

@@ -237,6 +237,11 @@ def test_a_trainer_killed_mid_save_leaves_older_steps_and_the_next_start_cleans_
     try:
         assert child.stdout is not None
         lines = [child.stdout.readline().strip() for _ in range(3)]
+        live = keys(moto_url, bucket)
+        assert storage.leftovers() == []  # the trainer is alive: nothing of its is anyone's to remove
+        with asyncckpt.AsyncCheckpointer(storage, event_log=tmp_path / "other.jsonl"):
+            pass  # a second process starting on the same run
+        assert keys(moto_url, bucket) == live
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
