@@ -374,7 +374,8 @@ class AsyncCheckpointer:
         Returns None when the directory holds no checkpoint at all (a fresh run); otherwise
         what :func:`asyncckpt.restore` returns, and raises what it raises (``NoValidCheckpointError``
         when checkpoints exist but none is usable). The summary goes to this checkpointer's
-        event log when it is open.
+        event log when it is open. With ``local_copy``, a step is read from the local copy when
+        that matches the remote commit record, else from the remote store.
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()

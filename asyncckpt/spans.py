@@ -147,8 +147,10 @@ class SpanReads:
 
     def _complete(self, index: int, finish: Finish, *, checksums: bool) -> None:
         if checksums:
+            with self._lock:
+                pieces = self._crcs.pop(index, {})
             crc = 0
-            for _, (piece_crc, nbytes) in sorted(self._crcs.pop(index, {}).items()):
+            for _, (piece_crc, nbytes) in sorted(pieces.items()):
                 crc = fmt.crc32c_combine(crc, piece_crc, nbytes)
             fmt.check_crc(self.layout, index, crc, path=self.where)
         finish(index)

@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dir", type=Path, help="local scratch directory (default: a temp directory)")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--render", type=Path, help="only write OUT.md again from this JSON result file")
     return parser.parse_args(argv)
 
 
@@ -327,9 +328,10 @@ def _ratio(entry: dict[str, Any] | None) -> str:
     return f"{entry['median']:.2f}x"
 
 
-def write_results(out: Path, document: dict[str, Any]) -> None:
+def write_results(out: Path, document: dict[str, Any], *, json_too: bool = True) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
+    if json_too:
+        out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
     machine = document["machine"]
     text = [
         f"# Remote storage: {document['server']}",
@@ -342,12 +344,30 @@ def write_results(out: Path, document: dict[str, Any]) -> None:
         "",
         table(document["results"]),
         "",
+        "asyncckpt's save is the time to durable: staging, the upload, the read-back before the",
+        "commit (two ranged GETs) and the commit. The upload alone (the writer's write + fsync) took",
+        "; ".join(
+            f"{r['size']}: {r['save']['asyncckpt_upload']['median']:.2f} s"
+            for r in document["results"]
+            if "save" in r
+        )
+        + " (medians).",
+        "",
+        f"Load average at the start {machine['loadavg_start']}, after each size "
+        + ", ".join(str(r["loadavg_end"]) for r in document["results"])
+        + f" ({machine['cpus']} CPUs shared with the server and other work).",
+        "",
     ]
     out.with_suffix(".md").write_text("\n".join(text))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        write_results(
+            args.out or args.render.with_suffix(""), json.loads(args.render.read_text()), json_too=False
+        )
+        return 0
     warnings.filterwarnings("ignore", category=UserWarning)  # DCP without a process group
     for name, value in fake_credentials().items():
         if args.endpoint is None:
