@@ -16,10 +16,20 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import UsageError
-from .storage import Storage, StoredObject, is_temp_name, open_storage
+from .storage import (
+    CheckpointPath,
+    Location,
+    Storage,
+    StoredObject,
+    is_temp_name,
+    is_url,
+    local_path,
+    open_storage,
+    path_of,
+)
 
 CHECKPOINT_SUFFIX = ".ckpt"
 LEGACY_SUFFIXES = (".pt", ".pth")
@@ -36,10 +46,14 @@ Kind = Literal["checkpoint", "legacy", "temp"]
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint found in a directory: its step, file, size and modification time."""
+    """A committed checkpoint found in a directory: its step, file, size and modification time.
+
+    ``path`` is a ``Path`` for a local file and a :class:`~asyncckpt.storage.RemotePath` (the
+    URL as a ``str``) for an object store.
+    """
 
     step: int
-    path: Path
+    path: CheckpointPath
     size: int
     created: datetime
 
@@ -75,6 +89,30 @@ def kind_of(name: str) -> Kind | None:
     return None
 
 
+def open_target(
+    location: Location, *, storage_options: dict[str, Any] | None = None
+) -> tuple[Storage, str | None]:
+    """A checkpoint directory, or one checkpoint file: ``(its storage, None)`` or ``(the storage
+    of its folder, its name)``.
+
+    A local path is a file unless it is a directory. A URL is a file when its last segment is
+    a checkpoint's or a legacy file's name (``.../step-0000000300.ckpt``, ``.../model.pt``)
+    and it does not end in ``/``; object stores have no directories to ask.
+    """
+    if isinstance(location, Storage):
+        return location, None
+    text = os.fspath(location)
+    if is_url(text):
+        folder, _, base = text.rpartition("/")
+        if base and kind_of(base) in ("checkpoint", "legacy") and not folder.endswith(":/"):
+            return open_storage(folder, storage_options=storage_options), base
+        return open_storage(text, storage_options=storage_options), None
+    path = Path(local_path(text))
+    if path.is_dir():
+        return open_storage(path), None
+    return open_storage(path.parent), path.name
+
+
 def temp_step(name: str) -> int | None:
     """The step a writer's temp file was for (``.step-0000000300.ckpt.tmp-1a2b3c4d``)."""
     return parse_checkpoint_name(name.rpartition("/")[2][1:].partition(".tmp-")[0])
@@ -82,9 +120,13 @@ def temp_step(name: str) -> int | None:
 
 def committed(storage: Storage) -> list[CheckpointInfo]:
     """Committed asyncckpt checkpoints of ``storage``'s root, oldest step first."""
+    return _committed_in(storage, storage.ls())
+
+
+def _committed_in(storage: Storage, listing: list[StoredObject]) -> list[CheckpointInfo]:
     found = [
-        CheckpointInfo(step, Path(storage.where(obj.name)), obj.size, obj.modified)
-        for obj in storage.ls()
+        CheckpointInfo(step, path_of(storage.where(obj.name)), obj.size, obj.modified)
+        for obj in listing
         if obj.kind == "file" and (step := parse_checkpoint_name(obj.name)) is not None
     ]
     return sorted(found, key=lambda c: c.step)
@@ -175,16 +217,23 @@ def uncommitted_step_folders(storage: Storage) -> list[str]:
     ]
 
 
-def list_checkpoints(directory: str | os.PathLike[str] | Storage) -> list[CheckpointInfo]:
-    """Committed checkpoints in ``directory``, oldest step first (newest last).
+def list_checkpoints(
+    directory: str | os.PathLike[str] | Storage, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    """Committed checkpoints in ``directory`` (a path or a URL such as ``s3://bucket/run``),
+    oldest step first (newest last).
 
     Single files and committed multi-rank steps (``path`` is the step's folder, ``size`` the
     bytes of its files, ``created`` when its commit record was written). Temp files, symlinks
-    and other non-regular files, and step folders without a commit record, are never listed.
-    A missing directory has no checkpoints.
+    and other non-regular files, uploads without their commit object and step folders without
+    a commit record are never listed. A missing directory has no checkpoints.
+    ``storage_options`` go to fsspec for a URL (credentials, ``endpoint_url``, ...).
     """
-    storage = open_storage(directory)
-    found = committed(storage) + [_step_info(storage, info) for info in committed_steps(storage)]
+    storage = open_storage(directory, storage_options=storage_options)
+    listing = storage.ls()
+    found = _committed_in(storage, listing)
+    if any(obj.kind == "dir" for obj in listing):  # one LIST when the run has no step folders
+        found += [_step_info(storage, info) for info in committed_steps(storage)]
     return sorted(found, key=lambda c: (c.step, c.path.suffix != CHECKPOINT_SUFFIX))
 
 

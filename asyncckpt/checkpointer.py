@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+import structlog
 import torch
 
 from . import events as ev
@@ -43,7 +44,8 @@ from .saving.stager import Stager
 from .saving.staging import StagedCopy, StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
 from .saving.writer import VerifyMode, Writer
-from .storage import OS, FileOps, PosixStorage
+from .storage import OS, CheckpointPath, FileOps, Storage, path_of
+from .storage.localcopy import open_run_storage
 
 WhenBusy = Literal["wait", "skip"]
 R = TypeVar("R", bound=Runner)
@@ -52,7 +54,10 @@ R = TypeVar("R", bound=Runner)
 class AsyncCheckpointer:
     """Asynchronous, durable checkpoints of a training run into ``directory``, one file per step.
 
-    Use as ``with`` (sync trainers) or ``async with`` (async trainers). Options:
+    ``directory`` is a local path, a URL of an object store (``s3://bucket/run``, any fsspec
+    filesystem; docs/REMOTE.md) or a :class:`~asyncckpt.storage.Storage` (e.g. an
+    ``FsspecStorage`` with its own part size and retry policy). Use as ``with`` (sync trainers)
+    or ``async with`` (async trainers). Options:
 
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
@@ -60,7 +65,15 @@ class AsyncCheckpointer:
     - ``verify``: before each commit read the durable file back and check prelude, trailer, size
       and header CRC (``"structure"``), also decode the header and re-check every blob's
       checksum (``"full"``), or not at all (``"none"``). A file that fails is never published.
-    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
+    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``; for a URL
+      ``<local_copy>/events.jsonl``, or, without a local copy, structlog's "asyncckpt" logger).
+    - ``storage_options``: passed to fsspec for a URL (credentials, ``endpoint_url``, ...);
+      ignored for a local path.
+    - ``local_copy``: a local directory (e.g. on NVMe) that keeps the newest committed step as
+      well (URLs only). The same bytes go to both at once; the upload's commit is the commit.
+      :meth:`restore` reads the local copy when it matches the remote commit record (size and
+      every part's CRC32C), and the remote object otherwise. A local copy that cannot be
+      written only logs ``checkpoint.local_copy.failed``.
     - ``overlap``: copy the optimizers' state, and the parameters of the modules and optimizers
       found in the state, while forward and backward run; while such a copy is pending, every
       optimizer step waits for it first (a global step pre-hook, held while the checkpointer
@@ -93,7 +106,7 @@ class AsyncCheckpointer:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep_last: int = 3,
         keep_every: int | None = None,
@@ -106,20 +119,27 @@ class AsyncCheckpointer:
         overlap: bool = True,
         process_group: Any = None,
         coordination_timeout: float = DEFAULT_COORDINATION_TIMEOUT_S,
+        storage_options: dict[str, Any] | None = None,
+        local_copy: str | os.PathLike[str] | None = None,
         ops: FileOps = OS,
     ) -> None:
         _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
         self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
-        self.directory = Path(directory)
+        self.directory: CheckpointPath = path_of(
+            directory.location if isinstance(directory, Storage) else directory
+        )
+        self.local_copy = Path(local_copy) if local_copy is not None else None
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.when_busy = when_busy
         self.verify: VerifyMode = verify
-        self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
+        self.event_log_path = ev.default_path(event_log, self.directory, self.local_copy)
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
-        self._storage = PosixStorage(self.directory, ops=ops)
+        self._storage = open_run_storage(
+            directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
+        )
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
         self._pending = PendingSaves()
@@ -191,9 +211,16 @@ class AsyncCheckpointer:
         """Flush pending saves and stop the writer (what leaving ``with`` does)."""
         self.__exit__(None, None, None)
 
+    def _notify(self, event: str, **fields: Any) -> None:
+        """An event of the storage (the local copy used, ignored or failed)."""
+        log: Any = self._runner.log if self._runner is not None else structlog.get_logger("asyncckpt")
+        (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
+
     def _open(self, kind: type[R]) -> R:
         """Open the event log, remove leftover temp files, and build the writer and its runner."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        for folder in (self.directory, self.local_copy):
+            if isinstance(folder, Path):
+                folder.mkdir(parents=True, exist_ok=True)
         log = ev.EventLog(self.event_log_path)
         if self._multirank is not None:  # collective: every rank opens its checkpointer
             self._multirank.bind(log)
@@ -302,7 +329,7 @@ class AsyncCheckpointer:
         if self._multirank is None:
             job = self._job(plan, staged, runner)
         else:
-            job = self._multirank.job(planned, staged, runner, self.directory)
+            job = self._multirank.job(planned, staged, runner, Path(self.directory))
         self._pending.add(job)
         runner.submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
@@ -385,6 +412,8 @@ class AsyncCheckpointer:
         own values. Shards are always checked in full there (``validate`` and ``map_location``
         do not apply). A directory whose newest step is a multi-rank one is restored that way
         in a plain process too (a group of one).
+        With ``local_copy``, a step is read from the local copy when that matches the remote
+        commit record, else from the remote store.
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()
@@ -394,13 +423,13 @@ class AsyncCheckpointer:
                 raise UsageError("saves are pending: `await ckpt.aflush()` before restore() in async use")
             self._pending.wait()  # the writer's collectives first: one exchange at a time
             return self._multirank.restore(
-                self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log
+                Path(self.directory), objects, on_corrupt=on_corrupt, expect=expect, log=log
             )
         if newest_is_multi_rank(self._storage):
             return restore_plain(self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log)
         try:
             return loader.restore(
-                self.directory,
+                self._storage,
                 objects,
                 map_location=map_location,
                 on_corrupt=on_corrupt,

@@ -78,6 +78,9 @@ def refuse_dtensors(state: Any) -> None:
 
 def newest_is_multi_rank(storage: Storage) -> bool:
     """Whether ``storage``'s newest committed step is a multi-rank one (False when it has none)."""
+    listing = storage.ls()
+    if not any(obj.kind == "dir" for obj in listing):  # no step folders: no extra requests
+        return False
     steps = catalog.committed_steps(storage)
     if not steps:
         return False
@@ -102,6 +105,7 @@ def load_latest(
     verify: Verify = "full",
     expect: Any = None,
     log: Log | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> LoadResult:
     """Load the newest usable checkpoint in ``directory``, falling back past broken ones.
 
@@ -112,10 +116,16 @@ def load_latest(
     saved, ``result.per_rank[rank]`` each rank's own values. Shards are always checked in
     full (``verify`` does not apply); ``expect`` is refused (:class:`UsageError`).
     """
-    storage = open_storage(directory)
+    storage = open_storage(directory, storage_options=storage_options)
     if not newest_is_multi_rank(storage):
         return load_single_files(
-            directory, map_location=map_location, on_corrupt=on_corrupt, verify=verify, expect=expect, log=log
+            directory,
+            map_location=map_location,
+            on_corrupt=on_corrupt,
+            verify=verify,
+            expect=expect,
+            log=log,
+            storage_options=storage_options,
         )
     if expect is not None:
         raise UsageError("expect= does not apply to multi-rank steps", path=storage.location)

@@ -12,20 +12,22 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..format.legacy import LEGACY_VERSION
-from .exits import DebugOption, existing, reports_errors
+from .exits import DebugOption, reports_errors
 from .inspection import Inspection, TensorRow, inspect_file, plain_json
 from .render import JsonOption, human_bytes, plain_tree, stdout, step_text
 from .steps import StepInspection, inspect_step, is_step_folder
+from .targets import StorageOptionsOption, open_location
 
 
 @reports_errors
 def inspect_command(
     ctx: typer.Context,
     file: Annotated[
-        Path,
-        typer.Argument(help="One checkpoint file (v1 or legacy torch.save), or a multi-rank step folder."),
+        str,
+        typer.Argument(help="One checkpoint file (a path or a URL) or a multi-rank step folder."),
     ],
     as_json: JsonOption = False,
+    storage_options: StorageOptionsOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Show a checkpoint's metadata, its tensor table (key, dtype, shape, bytes) and its plain values.
@@ -34,12 +36,13 @@ def inspect_command(
     tensor bytes. A multi-rank step folder (`step-0000000300/`): its commit record, each rank's
     shard file (checked against the record's digest) and DCP's tensors (global shapes).
     """
-    if is_step_folder(existing(file)):
-        show_step(inspect_step(file), as_json=as_json)
+    if "://" not in file and is_step_folder(Path(file)):
+        show_step(inspect_step(Path(file)), as_json=as_json)
         return
-    if file.is_dir():
-        raise UsageError("is a directory (use `asyncckpt ls` or `asyncckpt validate`)", path=file)
-    found = inspect_file(file)
+    storage, name = open_location(file, storage_options)
+    if name is None:
+        raise UsageError("is a directory (use `asyncckpt ls` or `asyncckpt validate`)", path=storage.location)
+    found = inspect_file((storage, name))
     if as_json:
         typer.echo(json.dumps(_document(found), indent=2))
         return

@@ -10,14 +10,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import CheckpointError, NoValidCheckpointError
-from .exits import DebugOption, existing_directory, reports_errors
+from ..errors import CheckpointError, NoValidCheckpointError, UsageError
+from ..storage import CheckpointPath
+from .exits import DebugOption, reports_errors
 from .inspection import Entry, read_prelude, scan_directory
 from .render import JsonOption, human_bytes, plural, stdout, step_text
 from .steps import StepEntry, has_step_folders, scan_steps, step_note
+from .targets import StorageOptionsOption, open_location
 from .validate import NO_CHECKPOINTS
 
-Preludes = dict[Path, tuple[str | None, CheckpointError | None]]
+Preludes = dict[CheckpointPath, tuple[str | None, CheckpointError | None]]
 
 NOTES = {
     "checkpoint": "",
@@ -29,19 +31,26 @@ NOTES = {
 @reports_errors
 def list_directory(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="A checkpoint directory.")],
+    directory: Annotated[
+        str, typer.Argument(help="A checkpoint directory: a path, or a URL such as s3://bucket/run/.")
+    ],
     as_json: JsonOption = False,
+    storage_options: StorageOptionsOption = None,
     debug: DebugOption = False,
 ) -> None:
     """List checkpoints with step, time, size and format version; mark temp and legacy files.
 
     Reads only the first 64 bytes of each file: use `validate` to check them. Exit code 3 when
-    the directory holds no checkpoint.
+    the directory holds no checkpoint. On an object store the listing is one LIST request, and
+    uploads without their commit object show as temp.
     """
-    root = existing_directory(directory, hint="use `asyncckpt inspect` for one file")
-    entries = scan_directory(root)
-    preludes = {e.path: read_prelude(e.path) for e in entries if e.kind != "temp"}
-    steps = scan_steps(root) if has_step_folders(root) else []
+    storage, name = open_location(directory, storage_options)
+    if name is not None:
+        raise UsageError("not a directory (use `asyncckpt inspect` for one file)", path=storage.where(name))
+    root = storage.location
+    entries = scan_directory(storage)
+    preludes = {e.path: read_prelude(e) for e in entries if e.kind != "temp"}
+    steps = scan_steps(Path(root)) if "://" not in root and has_step_folders(Path(root)) else []
     if as_json:
         document = [
             {
@@ -72,7 +81,7 @@ def _problem(entry: Entry, preludes: Preludes) -> str | None:
     return None if error is None else error.reason
 
 
-def _print(root: Path, entries: list[Entry], preludes: Preludes) -> None:
+def _print(root: str, entries: list[Entry], preludes: Preludes) -> None:
     out = stdout()
     if entries:
         out.print(f"[bold]{escape(str(root))}[/]")

@@ -12,8 +12,18 @@ files). Readers work on file-like objects they are given; the limits are read as
 from __future__ import annotations
 
 from . import codec, decode, encode, legacy, scan, spec
-from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verify_crc, view_tensor
+from .blobs import (
+    check_blob,
+    check_crc,
+    read_blob_into,
+    tensor_bytes,
+    truncated,
+    verify_blobs,
+    verify_crc,
+    view_tensor,
+)
 from .codec import count_objects, not_exact, pack, unpack
+from .crc import crc32c_combine
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
 from .encode import (
     PreparedHeader,
@@ -119,10 +129,12 @@ __all__ = [
     "align_up",
     "blob_offsets",
     "check_blob",
+    "check_crc",
     "check_prelude",
     "check_step",
     "codec",
     "count_objects",
+    "crc32c_combine",
     "decode",
     "encode",
     "encode_header",
@@ -143,6 +155,7 @@ __all__ = [
     "spec",
     "tensor_bytes",
     "tensor_size_problem",
+    "truncated",
     "unpack",
     "unsupported_version",
     "verify_blobs",

@@ -19,7 +19,7 @@ from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleChec
 from ..format import FileKind
 from ..format.legacy import legacy_step
 from ..reader import file_kind, read_layout, read_legacy
-from ..storage import ReadHandle, Storage
+from ..storage import CheckpointPath, ReadHandle, Storage, path_of
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class Candidate:
     error: CheckpointError | None = None
 
     @property
-    def path(self) -> Path:
-        return Path(self.where)
+    def path(self) -> CheckpointPath:
+        """Where it is: a ``Path``, or a :class:`~asyncckpt.storage.RemotePath` for a URL."""
+        return path_of(self.where)
 
     @property
     def label(self) -> str:

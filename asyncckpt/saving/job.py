@@ -5,12 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 
 from ..format import TensorEntry
+from ..storage import CheckpointPath
 from .staging import StagedCopy
 
 
@@ -25,10 +25,10 @@ class Job:
 
     step: int
     name: str
-    path: Path
+    path: CheckpointPath
     tree: Any
     tensors: Sequence[TensorEntry]
     metadata: Any
     staged: StagedCopy
-    future: concurrent.futures.Future[Path]
+    future: concurrent.futures.Future[CheckpointPath]
     done_event: anyio.Event | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import anyio
@@ -23,6 +22,7 @@ from anyio.from_thread import BlockingPortal
 
 from .. import events as ev
 from ..errors import CheckpointBusyError, CheckpointWriteError
+from ..storage import CheckpointPath
 from .errorbox import ErrorBox
 from .job import Job
 from .pending import PendingSaves
@@ -50,7 +50,7 @@ class Runner(abc.ABC):
         errors: ErrorBox,
         log: ev.EventLog,
         close_timeout: float | None,
-        directory: Path,
+        directory: CheckpointPath,
     ) -> None:
         self.writer = writer
         self.pending = pending

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import anyio
@@ -21,9 +20,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import events as ev
 from .. import format as fmt
-from ..catalog import committed
+from ..catalog import checkpoint_name, committed
 from ..errors import CheckpointError, CheckpointWriteError
-from ..storage import Body, Sink, Storage, Written
+from ..storage import Body, Sink, Storage, Written, path_of
 from .abandon import AbandonableStorage
 from .errorbox import ErrorBox
 from .job import Job
@@ -177,12 +176,12 @@ class Writer:
             committed(self.storage),
             keep_last=self.keep_last,
             keep_every=self.keep_every,
-            protect=Path(self.storage.where(protect)),
+            protect=path_of(self.storage.where(protect)),
         )
         if not doomed:
             return
         try:
-            self.storage.delete([info.path.name for info in doomed])
+            self.storage.delete([checkpoint_name(info.step) for info in doomed])
         except OSError as exc:
             # The new checkpoint is already committed: a file left over (or back after a power
             # loss) is retried at the next commit and must not turn this save into a failure.

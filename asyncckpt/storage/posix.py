@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import CheckpointWriteError
-from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Written
+from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Unfinished, Written
 
 TEMP_MARK = ".tmp-"
 STALE_TEMP_S = 3600.0  # another host's temp file untouched this long belongs to a dead writer
@@ -367,6 +367,28 @@ class PosixStorage(Storage):
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
+
+    def unfinished(self, under: str = "") -> list[Unfinished]:
+        """Every temp file directly inside ``under`` (a live writer's too), regular files only."""
+        folder = self.path(under) if under else self.root
+        prefix = f"{under.rstrip('/')}/" if under else ""
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for entry in entries:
+            if not is_temp_name(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                name = prefix + entry.name[1:].partition(TEMP_MARK)[0]
+                modified = datetime.fromtimestamp(info.st_mtime, UTC)
+                found.append(Unfinished(name, prefix + entry.name, info.st_size, modified))
+        return sorted(found, key=lambda u: u.label)
 
     def append_line(self, name: str, line: str) -> None:
         text = line if line.endswith("\n") else line + "\n"
