@@ -3,7 +3,7 @@
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpoint import Checkpoint, load, save
-from .checkpointer import AsyncCheckpointer, CheckpointerStats
+from .checkpointer import AsyncCheckpointer
 from .errors import (
     CheckpointBusyError,
     CheckpointError,
@@ -14,9 +14,10 @@ from .errors import (
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .handles import SaveHandle
 from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
 from .rng import rng_state, set_rng_state
+from .save.handles import SaveHandle
+from .save.stats import CheckpointerStats
 
 __all__ = [
     "AsyncCheckpointer",

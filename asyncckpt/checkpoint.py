@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .errors import CorruptedCheckpointError
-from .legacy import LEGACY_VERSION, legacy_step, load_legacy, looks_like_torch_save
-from .snapshot import BlobSource, Snapshot, TensorSpec, flatten, unflatten
+from ._tree import unflatten
+from .format import TensorEntry
+from .format.legacy import LEGACY_VERSION, legacy_step, load_legacy
+from .save.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
 from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
 
 MapLocation = str | torch.device
@@ -29,14 +30,6 @@ class Checkpoint:
     metadata: dict[str, Any]
     version: str
     path: Path
-
-
-def flatten_metadata(metadata: dict[str, Any] | None) -> Any:
-    """Check user metadata (plain values only) and return its encodable tree."""
-    snapshot = flatten(metadata or {})
-    if snapshot.tensors:
-        raise TypeError(f"metadata[{snapshot.tensors[0].key!r}]: tensors belong in the state, not metadata")
-    return snapshot.tree
 
 
 def save(
@@ -77,7 +70,7 @@ def write_snapshot(
     final: Path,
     *,
     tree: Any,
-    tensors: Sequence[TensorSpec],
+    tensors: Sequence[TensorEntry],
     sizes: Sequence[int],
     step: int,
     metadata: Any,
@@ -86,10 +79,11 @@ def write_snapshot(
 ) -> WriteTimings:
     """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
 
+    header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
+
     def body(sink: Sink) -> int:
-        return fmt.write_checkpoint(
-            sink, step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes, blobs=blobs
-        )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksums:
+            return fmt.write_file(sink, header, blobs, checksum_pool=checksums)
 
     return atomic_write(final, body, ops=ops)
 
@@ -123,16 +117,11 @@ def load(
     """
     file_path = Path(path)
     with open(file_path, "rb", buffering=0) as file:
-        head = file.read(len(fmt.MAGIC))
-        if head == fmt.MAGIC:
+        if fmt.sniff(file.read(fmt.SNIFF_BYTES), path=file_path) is fmt.FileKind.V1:
             return _load_v1(file, file_path, map_location=map_location, validate=validate)
-    if looks_like_torch_save(head):
-        state = load_legacy(file_path, map_location=map_location)
-        step = legacy_step(state, file_path)
-        return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
-    if len(head) < len(fmt.MAGIC):
-        raise CorruptedCheckpointError(f"{file_path}: truncated: {len(head)} bytes, not a checkpoint")
-    raise CorruptedCheckpointError(f"{file_path}: not a checkpoint (bad magic {head!r})")
+    state = load_legacy(file_path, map_location=map_location)
+    step = legacy_step(state, file_path)
+    return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
 
 
 def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool) -> Checkpoint:

@@ -1,73 +1,45 @@
-"""AsyncCheckpointer: the trainer-facing object that wires snapshot, staging, writer and loader.
+"""AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` flattens the state, copies it into a reused staging buffer set and queues it for the
-background writer. The optimizers' state and the parameters of the modules and optimizers in the
-state are copied while the trainer runs on (CPU: a background thread; CUDA: a side stream) and the
-next optimizer step waits for that copy; everything else is copied before ``save()`` returns.
-Sync use runs the writer in a background thread with an anyio event loop (a blocking portal);
-async use runs it in a task group of the caller's event loop.
+``save()`` goes one way down: :func:`~asyncckpt.save.plan.plan_save` checks and flattens the
+state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
+:class:`~asyncckpt.save.stager.Stager` copies the state into it; the job goes to the writer
+through the open lifecycle, a :class:`~asyncckpt.save.runner.SyncRunner` (``with``: an event loop
+in a background thread) or an :class:`~asyncckpt.save.runner.AsyncRunner` (``async with``: the
+caller's task group).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import math
 import os
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import anyio
-import anyio.from_thread
 import torch
-from anyio.abc import TaskGroup
-from anyio.from_thread import BlockingPortal
-from anyio.streams.memory import MemoryObjectSendStream
 
 from . import events as ev
 from . import loader
 from .catalog import checkpoint_name
-from .checkpoint import MapLocation, flatten_metadata
-from .errors import CheckpointBusyError, CheckpointError, CheckpointWriteError, NoValidCheckpointError
-from .format import check_step
-from .handles import SaveHandle
-from .loader import LoadResult, OnCorrupt
-from .overlap import StepGuard, modules_in, optimizers_in, step_guarded_blobs
+from .errors import NoValidCheckpointError, UsageError
+from .loader import LoadResult, MapLocation, OnCorrupt
 from .preemption import CallsInProgress, SigtermFlusher
-from .snapshot import flatten, gc_paused
-from .staging import Copier, StagingPool, stage
+from .save.errorbox import ErrorBox
+from .save.handles import SaveHandle
+from .save.job import Job
+from .save.pending import PendingSaves
+from .save.plan import SavePlan, plan_save
+from .save.runner import AsyncRunner, Runner, SyncRunner
+from .save.stager import Stager
+from .save.staging import StagedCopy, StagingPool
+from .save.stats import CheckpointerStats, SaveStats
+from .save.writer import VerifyMode, Writer
 from .storage import OS, FileOps, PosixStorage
-from .writer import ErrorBox, Job, ValidateMode, Writer, WriterStats
 
 WhenBusy = Literal["wait", "skip"]
-
-
-@dataclass(frozen=True)
-class CheckpointerStats:
-    """Counters and the last save's figures (milliseconds, bytes, MB/s)."""
-
-    saves: int
-    committed: int
-    failed: int
-    skipped: int
-    waits: int
-    pending: int
-    bytes_written: int
-    last_step: int | None
-    last_stall_ms: float
-    last_wait_ms: float
-    last_write_ms: float
-    last_fsync_ms: float
-    last_total_ms: float
-    last_bytes: int
-    last_mb_s: float
-    staging_bytes: int
-    staging_allocations: int
+R = TypeVar("R", bound=Runner)
 
 
 class AsyncCheckpointer:
@@ -78,9 +50,9 @@ class AsyncCheckpointer:
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
     - ``when_busy``: ``"wait"`` blocks ``save()`` until a slot frees, ``"skip"`` drops the save.
-    - ``validate``: after each commit re-open the file and check prelude, trailer, size and header
-      CRC (``"structure"``), also decode the header and re-check every blob's checksum
-      (``"full"``), or not at all (``"none"``).
+    - ``verify``: before each commit read the durable file back and check prelude, trailer, size
+      and header CRC (``"structure"``), also decode the header and re-check every blob's
+      checksum (``"full"``), or not at all (``"none"``). A file that fails is never published.
     - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
     - ``overlap``: copy the optimizers' state, and the parameters of the modules and optimizers
       found in the state, while forward and backward run; while such a copy is pending, every
@@ -92,13 +64,16 @@ class AsyncCheckpointer:
     - ``handle_sigterm``: on SIGTERM commit the pending saves (and a ``save()`` the signal
       interrupted) in a helper thread, then hand the signal to the previous handler or the default
       action. The trainer is not blocked meanwhile; saves it begins after the signal may be cut
-      short by the exit (their temp files are removed at the next start).
+      short by the exit (their temp files are removed at the next start). Needs ``with`` in the
+      main thread.
     - ``close_timeout``: how long leaving the context waits for pending saves (default: as long as
       the storage takes). When it passes, the stuck saves are abandoned and leaving raises
       :class:`CheckpointWriteError` naming them; older checkpoints stay intact. A stuck OS call
       cannot be interrupted: its worker thread is a daemon thread, so it never keeps the
       interpreter from exiting, and it never publishes the abandoned file; its temp file is
       removed if the storage recovers, else at the next start.
+
+    Bad options raise :class:`asyncckpt.errors.UsageError`.
     """
 
     def __init__(
@@ -109,28 +84,19 @@ class AsyncCheckpointer:
         keep_every: int | None = None,
         max_pending: int = 1,
         when_busy: WhenBusy = "wait",
-        validate: ValidateMode = "structure",
+        verify: VerifyMode = "structure",
         event_log: str | os.PathLike[str] | None = None,
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
         overlap: bool = True,
         ops: FileOps = OS,
     ) -> None:
-        if when_busy not in ("wait", "skip"):
-            raise ValueError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-        if validate not in ("structure", "full", "none"):
-            raise ValueError(f"validate must be 'structure', 'full' or 'none', got {validate!r}")
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        if keep_every is not None and keep_every < 1:
-            raise ValueError(f"keep_every must be >= 1 or None, got {keep_every}")
-        if close_timeout is not None and not close_timeout >= 0:
-            raise ValueError(f"close_timeout must be >= 0 or None, got {close_timeout}")
+        _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.when_busy = when_busy
-        self.validate: ValidateMode = validate
+        self.verify: VerifyMode = verify
         self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
@@ -138,41 +104,28 @@ class AsyncCheckpointer:
         self._storage = PosixStorage(self.directory, ops=ops)
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available())
         self._errors = ErrorBox()
-        self._writer_stats = WriterStats()
-        self._mode: Literal["sync", "async"] | None = None
-        self._log: ev.EventLog | None = None
-        self._send: MemoryObjectSendStream[Job] | None = None
-        self._portal_cm: Any = None
-        self._portal: BlockingPortal | None = None
-        self._writer_done: concurrent.futures.Future[None] | None = None
-        self._task_group: TaskGroup | None = None
-        self._writer: Writer | None = None
-        self._pending: dict[concurrent.futures.Future[Path], Job] = {}
-        self._pending_lock = threading.Lock()
-        self._slot_freed: Any = None  # anyio.Event, async use only
-        self._counts = {"saves": 0, "skipped": 0, "waits": 0}
-        self._last_stall_ms = 0.0
-        self._last_wait_ms = 0.0
-        self._side_stream: Any = None
-        self._copier = Copier()
-        self._guard = StepGuard()
+        self._pending = PendingSaves()
+        self._stats = SaveStats()
+        self._stager = Stager(self._pool)
         self._saves_in_progress = CallsInProgress()
+        self._runner: Runner | None = None
         self._sigterm: SigtermFlusher | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> AsyncCheckpointer:
-        writer = self._open("sync")
-        self._portal_cm = anyio.from_thread.start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
-        send, receive = anyio.create_memory_object_stream[Job](math.inf)
-        self._send = send
-        self._writer_done = self._portal.start_task_soon(writer.run, receive)
-        if self.handle_sigterm:
-            self._sigterm = SigtermFlusher(
-                pending=self._pending_futures, saves=self._saves_in_progress, log=self._log_warning
+        self._require_closed()
+        if self.handle_sigterm:  # first: off the main thread this refuses before anything starts
+            sigterm = SigtermFlusher(
+                pending=self._pending.futures, saves=self._saves_in_progress, log=self._log_warning
             )
-            self._sigterm.install()
+            sigterm.install()
+            self._sigterm = sigterm
+        try:
+            self._open(SyncRunner).start()
+        except BaseException:
+            self._closed()
+            raise
         return self
 
     def __exit__(
@@ -181,19 +134,23 @@ class AsyncCheckpointer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        runner = self._runner
+        if runner is None:
+            return
+        if not isinstance(runner, SyncRunner):
+            raise UsageError("this AsyncCheckpointer was opened with `async with`: leave it the same way")
         try:
-            self._finish(exc, self._flush_for_close)
+            runner.close(exc)
         finally:
-            self._stop_sync_writer()
+            self._closed()
 
     async def __aenter__(self) -> AsyncCheckpointer:
-        writer = self._open("async")
-        self._slot_freed = anyio.Event()
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        send, receive = anyio.create_memory_object_stream[Job](math.inf)
-        self._send = send
-        self._task_group.start_soon(writer.run, receive)
+        self._require_closed()
+        try:
+            await self._open(AsyncRunner).start()
+        except BaseException:
+            self._closed()
+            raise
         return self
 
     async def __aexit__(
@@ -202,126 +159,77 @@ class AsyncCheckpointer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        abandoned: CheckpointWriteError | None = None
+        runner = self._runner
+        if runner is None:
+            return
+        if not isinstance(runner, AsyncRunner):
+            raise UsageError("this AsyncCheckpointer was opened with `with`: leave it the same way")
         try:
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(self.close_timeout) as deadline:
-                    await self._drain_async()
-                if deadline.cancelled_caught:
-                    assert self._writer is not None
-                    self._writer.abandon()
-                    abandoned = self._abandon_pending()
+            await runner.aclose(exc)
         finally:
-            assert self._send is not None and self._task_group is not None
-            self._send.close()
-            await self._task_group.__aexit__(None, None, None)
-            self._close()
-
-        def raise_failures() -> None:
-            if abandoned is not None:
-                raise abandoned
-            self._errors.raise_first()
-
-        self._finish(exc, raise_failures)
+            self._closed()
 
     def close(self) -> None:
         """Flush pending saves and stop the writer (what leaving ``with`` does)."""
         self.__exit__(None, None, None)
 
-    def _open(self, mode: Literal["sync", "async"]) -> Writer:
-        if self._mode is not None:
-            raise CheckpointError("this AsyncCheckpointer is already open")
+    def _open(self, kind: type[R]) -> R:
+        """Open the event log, remove leftover temp files, and build the writer and its runner."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._mode = mode
-        self._log = ev.EventLog(self.event_log_path)
-        self._log.info(
-            ev.WRITER_STARTED, directory=str(self.directory), mode=mode, max_pending=self._pool.slots
+        log = ev.EventLog(self.event_log_path)
+        log.info(
+            ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
         )
-        self._remove_temp_files()
-        self._writer = Writer(
-            self._storage,
-            pool=self._pool,
-            validate=self.validate,
-            keep_last=self.keep_last,
-            keep_every=self.keep_every,
-            log=self._log,
-            errors=self._errors,
-            stats=self._writer_stats,
-            on_job_done=self._on_job_done if mode == "async" else None,
-        )
-        return self._writer
-
-    def _remove_temp_files(self) -> None:
-        assert self._log is not None
         leftovers = self._storage.leftovers()
         self._storage.remove_leftovers(leftovers)
         for name in leftovers:
-            self._log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
-
-    def _flush_for_close(self) -> None:
-        try:
-            self.flush(self.close_timeout)
-        except TimeoutError:
-            assert self._portal is not None and self._writer is not None
-            self._portal.call(self._writer.abandon)
-            raise self._abandon_pending() from None
-
-    def _abandon_pending(self) -> CheckpointWriteError:
-        """Fail every pending save after ``close_timeout``; return the error for the trainer."""
-        assert self._log is not None
-        with self._pending_lock:
-            jobs = sorted(self._pending.values(), key=lambda job: job.step)
-        reason = f"did not finish within close_timeout={self.close_timeout} s (the storage seems stuck)"
-        for job in jobs:
-            error = CheckpointWriteError(f"{job.path}: {reason}; abandoned", step=job.step)
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                job.future.set_exception(error)
-            if job.done_event is not None:
-                job.done_event.set()
-            self._log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
-        steps = ", ".join(str(job.step) for job in jobs)
-        error = CheckpointWriteError(
-            f"{self.directory}: checkpoint saves of step {steps} {reason}; they were abandoned and "
-            "never publish; older checkpoints are intact and the next start removes any temp file",
-            step=jobs[-1].step if jobs else None,
+            log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
+        writer = Writer(
+            self._storage,
+            pool=self._pool,
+            verify=self.verify,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            log=log,
+            errors=self._errors,
+            stats=self._stats,
         )
-        try:
-            self._errors.raise_first()
-        except CheckpointWriteError as earlier:
-            error.add_note(f"also failed: {earlier}")
-        return error
+        runner = kind(
+            writer,
+            pending=self._pending,
+            errors=self._errors,
+            log=log,
+            close_timeout=self.close_timeout,
+            directory=self.directory,
+        )
+        self._runner = runner
+        return runner
 
-    def _finish(self, body_error: BaseException | None, flush: Any) -> None:
-        """Flush on exit; a flush failure never hides the body's own exception."""
-        try:
-            flush()
-        except CheckpointWriteError as error:
-            if body_error is None:
-                raise
-            body_error.add_note(f"asyncckpt: a pending checkpoint failed too: {error}")
-
-    def _stop_sync_writer(self) -> None:
-        try:
-            if self._portal is not None and self._send is not None:
-                self._portal.call(self._send.close)
-            if self._writer_done is not None:
-                self._writer_done.result()
-        finally:
-            if self._portal_cm is not None:
-                self._portal_cm.__exit__(None, None, None)
-            self._portal = self._portal_cm = None
-            self._close()
-
-    def _close(self) -> None:
+    def _closed(self) -> None:
+        """Release what the open checkpointer held: SIGTERM, the step hook, the copier, the log."""
+        runner, self._runner = self._runner, None
         if self._sigterm is not None:
             self._sigterm.uninstall()
             self._sigterm = None
-        self._guard.remove()
-        self._copier.close()
-        if self._log is not None:
-            self._log.info(ev.WRITER_STOPPED, committed=self._writer_stats.committed)
-            self._log.close()
-        self._mode = None
+        self._stager.close()
+        if runner is not None:
+            runner.log.info(ev.WRITER_STOPPED, committed=self._stats.committed)
+            runner.log.close()
+
+    def _require_closed(self) -> None:
+        if self._runner is not None:
+            raise UsageError("this AsyncCheckpointer is already open")
+
+    def _require_open(self) -> Runner:
+        if self._runner is None:
+            raise UsageError(
+                "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
+            )
+        return self._runner
+
+    def _log_warning(self, event: str, **fields: Any) -> None:
+        if self._runner is not None:
+            self._runner.log.warning(event, **fields)
 
     # ------------------------------------------------------------------ saving
 
@@ -329,129 +237,67 @@ class AsyncCheckpointer:
         """Stage ``state`` for step ``step`` and queue it for the background writer.
 
         Returns when the state is staged (CPU: copied; CUDA: copies enqueued). Raises
-        ``TypeError`` naming the key path of a value that cannot be stored (nothing is queued),
-        and :class:`CheckpointWriteError` for an earlier background failure not yet reported.
-        When every slot is busy: waits (``when_busy="wait"``; in async use this raises
-        :class:`CheckpointBusyError` instead, see ``asave``) or returns a skipped handle.
+        :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) naming the key path of a
+        value that cannot be stored (nothing is queued), :class:`asyncckpt.errors.UsageError`
+        when the checkpointer is not open, and :class:`CheckpointWriteError` for an earlier
+        background failure not yet reported. When every slot is busy: waits
+        (``when_busy="wait"``; in async use this raises :class:`CheckpointBusyError` instead, see
+        ``asave``) or returns a skipped handle.
         """
         with self._saves_in_progress:  # a SIGTERM also waits for the save() it interrupted
             return self._save(step, state, metadata)
 
+    async def asave(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+        """``save()`` for async trainers: waits for a free slot without blocking the event loop.
+
+        Raises what ``save()`` raises. Cancelled while it waits for a slot, it stages nothing.
+        """
+        runner = self._require_open()
+        if self.when_busy == "wait":
+            await runner.wait_for_slot(self._pool)
+        return self.save(step, state, metadata=metadata)
+
     def _save(self, step: int, state: Any, metadata: dict[str, Any] | None) -> SaveHandle:
-        self._require_open()
+        runner = self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
-        check_step(step)
-        with gc_paused():
-            snapshot = flatten(state)
-            metadata_tree = flatten_metadata(metadata)
-            layout = snapshot.layout_key()
-        buffers = self._pool.try_acquire(layout)
+        plan = plan_save(step, state, metadata, overlap=self.overlap)
+        buffers = self._pool.try_acquire(plan.layout)
         wait_ms = 0.0
         if buffers is None:
             if self.when_busy == "skip":
-                return self._skip(step)
-            if self._mode == "async":
-                raise CheckpointBusyError(
-                    f"step {step}: all {self._pool.slots} staging slots are busy and waiting would "
-                    "block the event loop; use `await ckpt.asave(step, state)` or when_busy='skip'"
-                )
-            buffers = self._pool.acquire(layout)
-            assert buffers is not None
+                return self._skip(runner, step)
+            buffers = runner.acquire_busy(self._pool, plan)
             wait_ms = (time.perf_counter() - started) * 1000.0
-        return self._stage_and_submit(step, state, snapshot, metadata_tree, buffers, started, wait_ms)
-
-    async def asave(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
-        """``save()`` for async trainers: waits for a free slot without blocking the event loop."""
-        self._require_open()
-        if self.when_busy == "wait" and self._mode == "async":
-            while self._pool.in_use >= self._pool.slots:
-                await self._slot_freed.wait()
-        return self.save(step, state, metadata=metadata)
-
-    def _stage_and_submit(
-        self,
-        step: int,
-        state: Any,
-        snapshot: Any,
-        metadata_tree: Any,
-        buffers: Any,
-        started: float,
-        wait_ms: float,
-    ) -> SaveHandle:
-        assert self._log is not None
-        if wait_ms:
-            self._counts["waits"] += 1
-            self._log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
-        if any(b.device.type == "cuda" for b in snapshot.blobs) and self._side_stream is None:
-            self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-        optimizers = optimizers_in(state) if self.overlap else []
-        staged = None
-        try:
-            with gc_paused():
-                modules = modules_in(state) if optimizers else []
-                guarded = step_guarded_blobs(snapshot, optimizers, modules)
-                staged = stage(
-                    snapshot, buffers, side_stream=self._side_stream, deferred=guarded, copier=self._copier
-                )
-            if guarded:
-                self._guard.arm(staged)
-        except BaseException:
-            if staged is not None:
-                staged.settle()  # no copy may still be filling the buffers
-            self._pool.release(buffers)
-            raise
-        future: concurrent.futures.Future[Path] = concurrent.futures.Future()
-        done_event = anyio.Event() if self._mode == "async" else None
-        name = checkpoint_name(step)
-        path = self.directory / name
-        job = Job(
-            step, name, path, snapshot.tree, snapshot.tensors, metadata_tree, staged, future, 0.0, done_event
-        )
-        self._track(job)
-        self._submit(job)
+            self._stats.count_wait()
+            runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
+        staged = self._stager.stage(plan, buffers)
+        job = self._job(plan, staged, runner)
+        self._pending.add(job)
+        runner.submit(job)
         stall_ms = (time.perf_counter() - started) * 1000.0
-        job.stall_ms = stall_ms
-        self._counts["saves"] += 1
-        self._last_stall_ms, self._last_wait_ms = stall_ms, wait_ms
-        self._log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=snapshot.nbytes)
-        return SaveHandle(step, path, future, errors=self._errors, done_event=done_event)
+        self._stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
+        runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
+        return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
 
-    def _skip(self, step: int) -> SaveHandle:
-        assert self._log is not None
-        self._counts["skipped"] += 1
-        self._log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
+    def _job(self, plan: SavePlan, staged: StagedCopy, runner: Runner) -> Job:
+        name = checkpoint_name(plan.step)
+        return Job(
+            step=plan.step,
+            name=name,
+            path=self.directory / name,
+            tree=plan.snapshot.tree,
+            tensors=plan.snapshot.tensors,
+            metadata=plan.metadata,
+            staged=staged,
+            future=concurrent.futures.Future(),
+            done_event=runner.done_event(),
+        )
+
+    def _skip(self, runner: Runner, step: int) -> SaveHandle:
+        self._stats.count_skip()
+        runner.log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
         return SaveHandle(step, self.directory / checkpoint_name(step), None)
-
-    def _submit(self, job: Job) -> None:
-        assert self._send is not None
-        if self._mode == "sync":
-            assert self._portal is not None
-            self._portal.call(self._send.send_nowait, job)
-        else:
-            self._send.send_nowait(job)
-
-    def _track(self, job: Job) -> None:
-        with self._pending_lock:
-            self._pending[job.future] = job
-        job.future.add_done_callback(self._untrack)
-
-    def _pending_futures(self) -> list[concurrent.futures.Future[Path]]:
-        with self._pending_lock:
-            return list(self._pending)
-
-    def _log_warning(self, event: str, **fields: Any) -> None:
-        if self._log is not None:
-            self._log.warning(event, **fields)
-
-    def _untrack(self, future: concurrent.futures.Future[Path]) -> None:
-        with self._pending_lock:
-            self._pending.pop(future, None)
-
-    def _on_job_done(self, job: Job) -> None:
-        # Runs on the event loop (async use): wake any asave() waiting for a slot.
-        self._slot_freed.set()
-        self._slot_freed = anyio.Event()
 
     # ------------------------------------------------------------------ overlap
 
@@ -462,7 +308,7 @@ class AsyncCheckpointer:
         place any other way between ``save()`` and that step. On CUDA the wait is on the GPU:
         the current stream is ordered after the copies.
         """
-        self._guard.wait()
+        self._stager.guard.wait()
 
     # ------------------------------------------------------------------ flushing
 
@@ -471,25 +317,19 @@ class AsyncCheckpointer:
 
         Raises ``TimeoutError`` when ``timeout`` seconds pass first (the saves go on).
         """
-        with self._pending_lock:
-            pending = list(self._pending)
-        _, not_done = concurrent.futures.wait(pending, timeout)
+        not_done = self._pending.wait(timeout)
         if not_done:
-            raise TimeoutError(f"{len(not_done)} checkpoint saves still pending after {timeout} s")
+            raise TimeoutError(f"{not_done} checkpoint saves still pending after {timeout} s")
         self._errors.raise_first()
 
     async def aflush(self) -> None:
-        """``flush()`` for async trainers: awaits every pending save, then raises the first failure."""
-        await self._drain_async()
-        self._errors.raise_first()
+        """``flush()`` for async trainers: awaits every pending save, then raises the first failure.
 
-    async def _drain_async(self) -> None:
-        while True:
-            with self._pending_lock:
-                pending = list(self._pending)
-            if not pending:
-                return
-            await self._slot_freed.wait()
+        Cancelled, it stops waiting; the saves go on.
+        """
+        if self._runner is not None:
+            await self._runner.drain()
+        self._errors.raise_first()
 
     # ------------------------------------------------------------------ resuming
 
@@ -510,8 +350,8 @@ class AsyncCheckpointer:
         event log when it is open.
         """
         # A pending background copy must not see the loader overwrite its sources.
-        self._guard.wait()
-        log = self._log.info if self._log is not None else None
+        self._stager.guard.wait()
+        log = self._runner.log.info if self._runner is not None else None
         try:
             return loader.restore(
                 self.directory,
@@ -531,32 +371,31 @@ class AsyncCheckpointer:
 
     def stats(self) -> CheckpointerStats:
         """Counters and the last save's stall and write figures."""
-        w = self._writer_stats
-        with self._pending_lock:
-            pending = len(self._pending)
-        with w.lock:
-            return CheckpointerStats(
-                saves=self._counts["saves"],
-                committed=w.committed,
-                failed=w.failed,
-                skipped=self._counts["skipped"],
-                waits=self._counts["waits"],
-                pending=pending,
-                bytes_written=w.bytes_written,
-                last_step=w.last_step,
-                last_stall_ms=self._last_stall_ms,
-                last_wait_ms=self._last_wait_ms,
-                last_write_ms=w.last_write_ms,
-                last_fsync_ms=w.last_fsync_ms,
-                last_total_ms=w.last_total_ms,
-                last_bytes=w.last_bytes,
-                last_mb_s=w.last_mb_s,
-                staging_bytes=self._pool.nbytes,
-                staging_allocations=self._pool.allocations,
-            )
+        return self._stats.report(
+            pending=len(self._pending),
+            staging_bytes=self._pool.nbytes,
+            staging_allocations=self._pool.allocations,
+        )
 
-    def _require_open(self) -> None:
-        if self._mode is None:
-            raise CheckpointError(
-                "AsyncCheckpointer is not open: use `with AsyncCheckpointer(dir) as ckpt:` or `async with`"
-            )
+
+def _check_options(
+    when_busy: str,
+    verify: str,
+    keep_last: int,
+    keep_every: int | None,
+    max_pending: int,
+    close_timeout: float | None,
+) -> None:
+    """Raise :class:`UsageError` for the first bad option."""
+    if when_busy not in ("wait", "skip"):
+        raise UsageError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+    if verify not in ("full", "structure", "none"):
+        raise UsageError(f"verify must be 'full', 'structure' or 'none', got {verify!r}")
+    if keep_last < 1:
+        raise UsageError(f"keep_last must be >= 1, got {keep_last}")
+    if keep_every is not None and keep_every < 1:
+        raise UsageError(f"keep_every must be >= 1 or None, got {keep_every}")
+    if max_pending < 1:
+        raise UsageError(f"max_pending must be >= 1, got {max_pending}")
+    if close_timeout is not None and not close_timeout >= 0:
+        raise UsageError(f"close_timeout must be >= 0 or None, got {close_timeout}")

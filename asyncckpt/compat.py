@@ -8,13 +8,13 @@ legitimately differ), plus the presence of the expected top-level keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .snapshot import dotted_key
+from ._tree import dotted_key, walk
 
 Path_ = tuple[Any, ...]
 
@@ -96,23 +96,11 @@ def _collect(value: Any, path: Path_, expected: Expected) -> None:
 def tensor_index(tree: Any, resolve: Callable[[Any], TensorShape | None]) -> dict[Path_, TensorShape]:
     """Every tensor of ``tree`` by key path; ``resolve`` says whether a node is a tensor."""
     index: dict[Path_, TensorShape] = {}
-    for path, node in _walk(tree, ()):
+    for path, node in walk(tree):
         shape = resolve(node)
         if shape is not None:
             index[path] = shape
     return index
-
-
-def _walk(node: Any, path: Path_) -> Iterator[tuple[Path_, Any]]:
-    stack = [(path, node)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, Mapping):
-            stack.extend(((*path, k), v) for k, v in node.items())
-        elif isinstance(node, list | tuple):
-            stack.extend(((*path, i), v) for i, v in enumerate(node))
-        else:
-            yield path, node
 
 
 def compare(tree: Any, index: Mapping[Path_, TensorShape], expected: Expected) -> Fit:

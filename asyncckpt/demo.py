@@ -21,7 +21,8 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .checkpointer import AsyncCheckpointer, CheckpointerStats
+from .checkpointer import AsyncCheckpointer
+from .save.stats import CheckpointerStats
 
 DEFAULT_DIRECTORY = Path("demo-run")
 DEFAULT_STEPS = 300

@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from .storage.posix import open_regular
+
 EVENTS_FILE = "events.jsonl"
 
 SAVE_STAGED = "checkpoint.save.staged"
@@ -41,7 +43,8 @@ class JsonLinesFile:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        # Never through a symlink (it could point outside the run) and never a FIFO (it would hang).
+        self._fd: int | None = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._lock = threading.Lock()
         self.dropped = 0
 

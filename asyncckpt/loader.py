@@ -23,6 +23,7 @@ import structlog
 import torch
 
 from . import format as fmt
+from ._tree import unflatten
 from .catalog import list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
@@ -32,16 +33,9 @@ from .errors import (
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    UsageError,
 )
-from .legacy import (
-    LEGACY_SUFFIXES,
-    LEGACY_VERSION,
-    is_zip_torch_save,
-    legacy_step,
-    load_legacy,
-    looks_like_torch_save,
-)
-from .snapshot import unflatten
+from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 from .storage import is_temp_name
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
@@ -155,13 +149,19 @@ def restore(
     return _rollback(Path(directory), request, on_corrupt=on_corrupt, log=log)
 
 
-def check_candidates(directory_or_file: str | os.PathLike[str], *, full: bool) -> list[CandidateReport]:
+def check_candidates(
+    directory_or_file: str | os.PathLike[str], *, verify: Literal["full", "structure"] = "full"
+) -> list[CandidateReport]:
     """Check every candidate of a directory (newest first), or one file, without keeping any data.
 
-    ``full=True`` reads every blob and checks its checksum (legacy files are unpickled);
-    ``full=False`` checks the structure only (prelude, trailer, header). Nothing is written.
-    Raises ``FileNotFoundError`` for a missing file.
+    ``verify="full"`` checks what a resume checks: the structure and every blob's checksum (legacy
+    files are unpickled); ``verify="structure"`` checks the prelude, trailer and header only.
+    Nothing is written. Raises ``FileNotFoundError`` for a missing file and
+    :class:`~asyncckpt.errors.UsageError` for another ``verify``.
     """
+    if verify not in ("full", "structure"):
+        raise UsageError(f"verify must be 'full' or 'structure', not {verify!r}")
+    full = verify == "full"
     target = Path(directory_or_file)
     if target.is_dir():
         found = _discover(target)
@@ -219,20 +219,11 @@ def _probe(path: Path) -> _Candidate:
 
 def _read_step(path: Path) -> int | None:
     with _open(path) as file:
-        head = file.read(len(fmt.MAGIC))
-        if head == fmt.MAGIC:
+        head = file.read(fmt.SNIFF_BYTES)
+        if fmt.sniff(head, path=path) is fmt.FileKind.V1:
             return fmt.read_layout(file, str(path)).step
-    _check_legacy_head(head, path)
     # mmap: only the pickled structure is read, not the tensor data
     return legacy_step(load_legacy(path, mmap=is_zip_torch_save(head)), path)
-
-
-def _check_legacy_head(head: bytes, path: Path) -> None:
-    if looks_like_torch_save(head):
-        return
-    if len(head) < len(fmt.MAGIC):
-        raise CorruptedCheckpointError(f"{path}: truncated: {len(head)} bytes, not a checkpoint")
-    raise CorruptedCheckpointError(f"{path}: not a checkpoint (bad magic {head!r})")
 
 
 def _open(path: Path) -> BinaryIO:
@@ -272,10 +263,8 @@ def _load_candidate(candidate: _Candidate, request: _Request) -> _Loaded:
     path = candidate.path
     try:
         with _open(path) as file:
-            head = file.read(len(fmt.MAGIC))
-            if head == fmt.MAGIC:
+            if fmt.sniff(file.read(fmt.SNIFF_BYTES), path=path) is fmt.FileKind.V1:
                 return _load_v1(file, path, request)
-        _check_legacy_head(head, path)
         return _load_legacy(path, request)
     except OSError as exc:
         raise CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
@@ -709,8 +698,8 @@ def _check(candidate: _Candidate, *, full: bool) -> CandidateReport:
 def _verify(path: Path, *, full: bool) -> tuple[str, int | None]:
     try:
         with _open(path) as file:
-            head = file.read(len(fmt.MAGIC))
-            if head == fmt.MAGIC:
+            head = file.read(fmt.SNIFF_BYTES)
+            if fmt.sniff(head, path=path) is fmt.FileKind.V1:
                 layout = fmt.read_layout(file, str(path))
                 if full:
                     scratch = memoryview(bytearray(fmt.CHUNK))
@@ -719,6 +708,5 @@ def _verify(path: Path, *, full: bool) -> tuple[str, int | None]:
                 return layout.version, layout.step
     except OSError as exc:
         raise CorruptedCheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
-    _check_legacy_head(head, path)
     state = load_legacy(path, mmap=not full and is_zip_torch_save(head))
     return LEGACY_VERSION, legacy_step(state, path)

@@ -12,7 +12,7 @@ from types import FrameType
 from typing import Any
 
 from . import events as ev
-from .errors import CheckpointError
+from .errors import UsageError
 
 
 class CallsInProgress:
@@ -61,9 +61,13 @@ class SigtermFlusher:
         self._helper: threading.Thread | None = None
 
     def install(self) -> None:
-        """Take over SIGTERM (main thread only) and start the helper thread that will flush."""
+        """Take over SIGTERM and start the helper thread that will flush.
+
+        Raises :class:`asyncckpt.errors.UsageError` off the main thread (only it may set signal
+        handlers), before anything is started.
+        """
         if threading.current_thread() is not threading.main_thread():
-            raise CheckpointError("handle_sigterm=True needs the checkpointer entered in the main thread")
+            raise UsageError("handle_sigterm=True needs the checkpointer entered in the main thread")
         self._received.clear()
         self._flushed.clear()
         self._wake.clear()

@@ -175,7 +175,7 @@ def test_header_too_large_for_readers_is_never_published(
     tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     previous = asyncckpt.save(tmp_dir / "a.ckpt", {"v": 1}, step=1)
-    monkeypatch.setattr(fmt, "MAX_HEADER_BYTES", 4096)
+    monkeypatch.setattr(fmt.spec, "MAX_HEADER_BYTES", 4096)
 
     with pytest.raises(ValueError, match="more than the limit of 4096; store large values as tensors"):
         asyncckpt.save(previous, {"v": 2, "blob": bytes(5000)}, step=2)

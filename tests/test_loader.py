@@ -20,6 +20,7 @@ from asyncckpt.errors import (
     CorruptedCheckpointError,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    UsageError,
 )
 from asyncckpt.loader import (
     FAILED_LOG_NAME,
@@ -745,7 +746,7 @@ def test_check_candidates_reports_every_file(tmp_path: Path) -> None:
     paths[2].write_bytes(bytes(data))
     torch.save({"step": 150}, tmp_path / "old.pt")
     torch.save({"w": torch.ones(1)}, tmp_path / "nostep.pt")
-    full = check_candidates(tmp_path, full=True)
+    full = check_candidates(tmp_path, verify="full")
     assert [(r.step, r.path.name, r.status, r.version) for r in full] == [
         (300, paths[2].name, "incompatible", None),
         (200, paths[1].name, "corrupted", None),
@@ -756,23 +757,32 @@ def test_check_candidates_reports_every_file(tmp_path: Path) -> None:
     assert full[0].reason is not None and "format 3.1" in full[0].reason
     assert full[1].reason is not None and "checksum mismatch in model.layers.0.weight" in full[1].reason
     assert full[3].reason is None and full[3].size == paths[0].stat().st_size
-    quick = check_candidates(tmp_path, full=False)
+    quick = check_candidates(tmp_path, verify="structure")
     assert [r.status for r in quick] == ["incompatible", "valid", "valid", "valid", "valid"]
     assert not (tmp_path / FAILED_LOG_NAME).exists()
 
 
 def test_check_candidates_checks_one_file(tmp_path: Path) -> None:
     path = write(tmp_path, 42)
-    [report] = check_candidates(path, full=True)
+    [report] = check_candidates(path, verify="full")
     assert (report.step, report.status, report.version) == (42, "valid", "1.0")
     truncate(path, 9000)
-    [report] = check_candidates(path, full=False)
+    [report] = check_candidates(path, verify="structure")
     assert report.status == "corrupted" and report.reason is not None and "truncated" in report.reason
 
 
 def test_check_candidates_of_a_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        check_candidates(tmp_path / "nope.ckpt", full=True)
+        check_candidates(tmp_path / "nope.ckpt", verify="full")
+
+
+def test_check_candidates_verifies_fully_by_default_and_refuses_other_values(tmp_path: Path) -> None:
+    path = write(tmp_path, 42)
+    flip_blob_byte(path)
+    [report] = check_candidates(path)
+    assert report.status == "corrupted"
+    with pytest.raises(UsageError, match="'full' or 'structure'"):
+        check_candidates(path, verify="none")  # type: ignore[arg-type]
 
 
 def test_no_warnings_on_a_clean_load(tmp_path: Path) -> None:

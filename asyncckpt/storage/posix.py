@@ -7,8 +7,11 @@ users, via :mod:`asyncckpt.testing`) can inject faults or record the call order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
+import socket
 import stat
 import time
 from collections.abc import Sequence
@@ -20,6 +23,9 @@ from ..errors import CheckpointWriteError
 from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Written
 
 TEMP_MARK = ".tmp-"
+STALE_TEMP_S = 3600.0  # another host's temp file untouched this long belongs to a dead writer
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+_OWNED_TEMP = re.compile(r"\.tmp-([A-Za-z0-9]+)-(\d+)-[0-9a-f]+$")
 
 
 class FileOps:
@@ -81,7 +87,66 @@ class FdSink:
 
 
 def temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TEMP_MARK}{secrets.token_hex(4)}")
+    """``.step-0000000300.ckpt.tmp-<host>-<pid>-<random>``: hidden, and it names its writer."""
+    return final.with_name(f".{final.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def temp_is_abandoned(name: str, modified: float, *, now: float) -> bool:
+    """Whether no live writer can own the temp file ``name`` (clean-up may remove it).
+
+    Ours (this host): abandoned when its process is gone, or it is this process's own (a write
+    this process abandoned). Another host's: when untouched for ``STALE_TEMP_S``. A name without
+    an owner (older releases) is abandoned.
+    """
+    match = _OWNED_TEMP.search(name)
+    if match is None:
+        return True
+    host, pid = match[1], int(match[2])
+    if host != _HOST:
+        return now - modified > STALE_TEMP_S
+    return pid == os.getpid() or not _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses symlinks and anything but a regular file (a FIFO would hang).
+
+    Raises ``OSError`` (``ELOOP`` for a symlink, ``EINVAL`` for a FIFO, device or folder).
+    """
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_directory_durably(directory: Path) -> None:
+    """Create ``directory`` (and missing parents), fsyncing each parent whose entry was added, so
+    a fresh run's folder survives a power cut along with its first checkpoint."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        with contextlib.suppress(OSError):  # a parent we cannot open for fsync (rare): best effort
+            OS.fsync_dir(created.parent)
 
 
 def is_temp_name(name: str) -> bool:
@@ -93,20 +158,15 @@ class PosixFile(ReadHandle):
     """A regular file opened for positional reads (``pread``), shared by threads."""
 
     def __init__(self, path: Path, name: str) -> None:
-        # O_NONBLOCK: opening a FIFO planted under a checkpoint's name must not hang; O_NOFOLLOW:
-        # a symlink could point anywhere. Both are refused as "not a regular file".
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        # A symlink could point anywhere and a FIFO planted under a checkpoint's name would hang
+        # the reader: both are refused as "not a regular file".
         try:
-            fd = os.open(path, flags)
+            fd = open_regular(path, os.O_RDONLY)
         except OSError as exc:
-            if exc.errno == getattr(os, "ELOOP", 40):
-                raise FileNotFoundError(exc.errno, f"{path} is a symlink, not a checkpoint file") from exc
+            if exc.errno in (errno.ELOOP, errno.EINVAL):
+                raise FileNotFoundError(exc.errno, f"{path} is not a regular file") from exc
             raise
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise FileNotFoundError(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
         self._fd = fd
         self._path = path
         self.name = name
@@ -252,19 +312,39 @@ class PosixStorage(Storage):
         for folder in sorted(folders):
             self.ops.fsync_dir(folder)
 
+    def create(self) -> None:
+        """Create the root directory durably (its parent's entry fsynced) if it is missing."""
+        make_directory_durably(self.root)
+
     def leftovers(self) -> list[str]:
+        """Temp files no live writer owns (see :func:`temp_is_abandoned`)."""
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        return sorted(e.name for e in entries if is_temp_name(e.name) and e.is_file(follow_symlinks=False))
+        now = time.time()
+        found = []
+        for entry in entries:
+            if not is_temp_name(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode) and temp_is_abandoned(entry.name, info.st_mtime, now=now):
+                found.append(entry.name)
+        return sorted(found)
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
 
     def append_line(self, name: str, line: str) -> None:
-        with open(self.path(name), "a", encoding="utf-8") as file:
-            file.write(line if line.endswith("\n") else line + "\n")
+        text = line if line.endswith("\n") else line + "\n"
+        fd = open_regular(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            os.write(fd, text.encode("utf-8", "backslashreplace"))
+        finally:
+            os.close(fd)
 
 
 def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:

@@ -22,6 +22,7 @@ import pytest
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError, SaveHandle
 from asyncckpt.catalog import checkpoint_name
+from asyncckpt.errors import UsageError
 from asyncckpt.testing import GatedOps, SlowOps, deterministic_state, states_equal, temp_files
 
 
@@ -168,7 +169,7 @@ def test_close_timeout_leaves_finished_saves_alone(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
 def test_close_timeout_must_be_a_duration(tmp_path: Path, bad: float) -> None:
-    with pytest.raises(ValueError, match="close_timeout"):
+    with pytest.raises(UsageError, match="close_timeout"):
         AsyncCheckpointer(tmp_path, close_timeout=bad)
 
 

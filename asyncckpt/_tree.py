@@ -1,0 +1,91 @@
+"""The one walk of state trees: key paths, leaves, and maps over decoded trees.
+
+A state tree is nested dicts (any ``Mapping`` when walking), lists and tuples; everything else is
+a leaf. In an encoded tree (a snapshot's skeleton, a decoded header) the leaves include the
+format's :class:`~asyncckpt.format.TensorRef` (a tensor's index in the table) and
+:class:`~asyncckpt.format.BigInt` (an int wider than 64 bits). Key paths are tuples of the keys
+and indices from the root, e.g. ``("optim", "param_groups", 0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .format import BigInt, TensorRef
+
+KeyPath = tuple[Any, ...]
+
+
+def key_path(path: KeyPath, root: str = "state") -> str:
+    """``("optim", "param_groups", 0)`` → ``state["optim"]["param_groups"][0]`` (for messages)."""
+    return root + "".join(f"[{part!r}]" for part in path)
+
+
+def dotted_key(path: KeyPath) -> str:
+    """``("model", "layers.3.weight")`` → ``model.layers.3.weight`` (a tensor's key in the table)."""
+    return ".".join(map(str, path)) or "<root>"
+
+
+def walk(tree: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]:
+    """Every leaf of ``tree`` with its key path, depth first, in the containers' own order.
+
+    Descends into mappings, lists and tuples only; anything else (a tensor, a module, an
+    optimizer, a :class:`TensorRef`) is yielded as a leaf, not looked into. Iterative, so a deep
+    tree cannot exhaust the stack.
+    """
+    stack: list[Iterator[tuple[KeyPath, Any]]] = [iter([(path, tree)])]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        where, node = entry
+        if isinstance(node, Mapping):
+            stack.append(_children(where, node.items()))
+        elif isinstance(node, list | tuple):
+            stack.append(_children(where, enumerate(node)))
+        else:
+            yield where, node
+
+
+def _children(path: KeyPath, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[KeyPath, Any]]:
+    for key, value in items:
+        yield (*path, key), value
+
+
+def map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """A copy of an encoded ``tree`` (dicts, lists, tuples) with ``fn`` applied to every leaf.
+
+    Containers keep their exact type (a tuple stays a tuple); the tree's depth is bounded by the
+    format (``MAX_DEPTH``), so recursion is safe.
+    """
+    if isinstance(tree, dict):
+        return {key: map_leaves(value, fn) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [map_leaves(value, fn) for value in tree]
+    if isinstance(tree, tuple):
+        return tuple(map_leaves(value, fn) for value in tree)
+    return fn(tree)
+
+
+def renumber_refs(tree: Any, index: list[int]) -> Any:
+    """``tree`` with every ``TensorRef(i)`` replaced by ``TensorRef(index[i])``."""
+    return map_leaves(
+        tree, lambda leaf: TensorRef(index[leaf.index]) if isinstance(leaf, TensorRef) else leaf
+    )
+
+
+def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    """Put ``tensors`` back where their refs stand in an encoded ``tree``; big ints become ints."""
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, TensorRef):
+            return tensors[value.index]
+        if isinstance(value, BigInt):
+            return value.value
+        return value
+
+    return map_leaves(tree, leaf)

@@ -1,0 +1,143 @@
+"""The constants, limits and plain data of on-disk format v1, in one place.
+
+docs/FORMAT.md specifies the bytes; the names here are the ones it uses. Layout::
+
+    [0, 64)            prelude: magic, format version, required release, CRC32C
+    [64, 4096)         zero padding
+    [4096, H)          blobs, each at a 4 KiB-aligned offset, zero padding between
+    [H, H + L)         header: msgpack map (metadata, tree, blob and tensor tables)
+    [H + L, H + L+64)  trailer: header offset/length/CRC32C, file size, CRC32C, magic
+
+The other modules read the limits as ``spec.MAX_...`` at call time, so that a test may lower one.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------- identity and versions
+
+MAGIC = b"ASYNCKPT"
+TRAILER_MAGIC = b"ACKPTEND"
+FORMAT_NAME = "asyncckpt"
+FORMAT_VERSION = "1.0"
+READABLE_MAJORS = (1,)
+READS_TEXT = "0.x and 1.x"  # legacy torch.save files are "0.x"
+REQUIRES_RELEASE = "0.1.0"  # the first asyncckpt release that reads FORMAT_VERSION
+STATUS_COMPLETE = "complete"
+
+# --------------------------------------------------------------------------- layout
+
+PRELUDE_SIZE = 64
+TRAILER_SIZE = 64
+ALIGN = 4096
+DATA_OFFSET = ALIGN
+PRELUDE = struct.Struct("<8s16s16s20sI")  # magic, version, requires, reserved, crc
+TRAILER = struct.Struct("<QQQI24sI8s")  # hdr off, hdr len, file size, hdr crc, reserved, crc, magic
+TRAILER_CRC_AT = 52  # the trailer's CRC32C covers its bytes before this offset
+MAX_VERSION_FIELD = 16  # bytes of the prelude's version and requires fields
+
+# msgpack extension types of the header
+EXT_TUPLE = 1
+EXT_TENSOR = 2
+EXT_BIGINT = 3
+
+# --------------------------------------------------------------------------- limits
+
+MAX_HEADER_BYTES = 64 << 20
+# msgpack hands each extension payload to the decoder as a fresh copy, so nested tuples copy
+# their contents once per level: the total of all tuple payloads bounds the decoder's memory.
+MAX_TUPLE_BYTES = 2 * MAX_HEADER_BYTES
+MAX_TENSORS = 1_000_000
+MAX_BLOBS = MAX_TENSORS
+MAX_NDIM = 64
+MAX_DEPTH = 128
+MAX_STEP = 2**63 - 1  # steps are 0..MAX_STEP (file names hold at most 19 digits)
+MAX_INDEX = 2**63 - 1  # bound of every dimension, stride and element count (torch's int64)
+MAX_CRC = 0xFFFFFFFF
+
+# --------------------------------------------------------------------------- I/O tuning (not format)
+
+CHUNK = 8 << 20  # bytes written (and checksummed on read) per call
+PARALLEL_CRC_MIN = 1 << 20  # blobs at least this large may be checksummed beside the write
+
+_SEMVER = re.compile(r"^(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?$")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor's place in the tree: an index into the tensor table."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class BigInt:
+    """A Python int beyond msgpack's 64-bit integers."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """Where one blob lies in the file and its CRC32C."""
+
+    offset: int
+    nbytes: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the table: a strided view into a blob.
+
+    The same record serves both directions: the snapshot builds it from a live tensor before a
+    save, the reader builds it from a checked header.
+    """
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    blob: int
+    offset: int  # bytes from the start of the blob
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the header and trailer of a checked file say."""
+
+    version: str
+    step: int
+    created: str
+    writer: str
+    metadata: Any
+    tree: Any
+    blobs: tuple[BlobEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+    header_offset: int
+    file_size: int
+
+    def blob_key(self, blob: int) -> str:
+        """The key of the first tensor stored in ``blob`` (for messages)."""
+        return self.tensor_key(blob) or f"blob {blob}"
+
+    def tensor_key(self, blob: int) -> str | None:
+        """The key of the first tensor stored in ``blob``; None when no tensor lies in it."""
+        return next((t.key for t in self.tensors if t.blob == blob), None)
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    """``"1.0"`` → ``(1, 0)``; None when ``text`` is not a semantic version."""
+    match = _SEMVER.match(text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def align_up(n: int) -> int:
+    """``n`` rounded up to the next multiple of :data:`ALIGN`."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN

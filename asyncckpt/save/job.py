@@ -1,0 +1,34 @@
+"""Job: one staged checkpoint on its way to storage."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..format import TensorEntry
+from .staging import StagedCopy
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One staged checkpoint on its way to storage; never changed once it is submitted.
+
+    ``name`` is the object name the commit publishes, ``path`` where that is (for handles and
+    messages). ``future`` settles with ``path`` or the failure; ``done_event`` (async use) is set
+    once the writer is done with the job, so that awaiting handles need no thread.
+    """
+
+    step: int
+    name: str
+    path: Path
+    tree: Any
+    tensors: Sequence[TensorEntry]
+    metadata: Any
+    staged: StagedCopy
+    future: concurrent.futures.Future[Path]
+    done_event: anyio.Event | None = None

@@ -1,0 +1,230 @@
+"""The background writer: an anyio task that makes staged checkpoints durable, one at a time.
+
+Per checkpoint, in a worker thread (file I/O, fsync and CRC32C release the GIL): write the
+checkpoint through the storage, each blob as soon as its staging copy is done, then the header →
+durable (fsync) → verify the durable bytes → commit (rename, fsync directory) → commit event →
+retention → release the buffers. A failure is logged at once and handed to the trainer through
+the job's future and the error box; it never escapes into another thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, Literal, cast
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from .. import events as ev
+from .. import format as fmt
+from ..catalog import committed
+from ..errors import CheckpointError, CheckpointWriteError
+from ..storage import Body, Sink, Storage, Written
+from .abandon import AbandonableStorage
+from .errorbox import ErrorBox
+from .job import Job
+from .retention import prunable
+from .staging import StagingPool, StagingRaceError
+from .stats import SaveStats
+
+VerifyMode = Literal["full", "structure", "none"]
+
+
+class Writer:
+    """Writes jobs received on a stream, in order. Same code for sync and async use.
+
+    ``verify`` says what is read back before the commit: the structure (prelude, trailer, size,
+    header CRC), the full file (also every blob's checksum and the step), or nothing.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        pool: StagingPool,
+        verify: VerifyMode,
+        keep_last: int,
+        keep_every: int | None,
+        log: ev.EventLog,
+        errors: ErrorBox,
+        stats: SaveStats,
+    ) -> None:
+        self.storage = AbandonableStorage(storage)
+        self.pool = pool
+        self.verify = verify
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.log = log
+        self.errors = errors
+        self.stats = stats
+        self._scope: anyio.CancelScope | None = None
+
+    async def run(
+        self, jobs: MemoryObjectReceiveStream[Job], on_done: Callable[[Job], None] | None = None
+    ) -> None:
+        """Process jobs until the stream is closed and drained, or until :meth:`abandon`.
+
+        After each job: set its ``done_event``, then call ``on_done`` (on the event loop).
+        Shielded: the caller's cancellation must not drop checkpoints already queued.
+        """
+        with anyio.CancelScope(shield=True) as scope:
+            self._scope = scope
+            async with jobs:
+                async for job in jobs:
+                    await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
+                    if job.done_event is not None:
+                        job.done_event.set()
+                    if on_done is not None:
+                        on_done(job)
+
+    def abandon(self) -> None:
+        """Stop at once, leaving a stuck write behind (call it on the writer's event loop).
+
+        The worker thread of the write in progress cannot be interrupted; it runs on, but every
+        later file operation except clean-up (close, unlink) fails, so it never publishes its
+        file: it removes its temp file if the storage recovers, else the next start does. Queued
+        jobs are dropped; the caller settles their futures.
+        """
+        self.storage.abandoned.set()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def process(self, job: Job) -> None:
+        """Make one job durable (in a worker thread); settle its future either way."""
+        try:
+            self._commit(job)
+        except BaseException as exc:
+            error = _as_write_error(job, exc)
+            self.stats.count_failure()
+            self.log.error(ev.SAVE_FAILED, step=job.step, path=str(job.path), error=str(error))
+            self.errors.put(error)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # settled by abandon
+                job.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_result(job.path)
+        finally:
+            job.staged.settle()  # no copy may still be filling the buffers when they are reused
+            self.pool.release(job.staged.buffers)
+
+    def _commit(self, job: Job) -> None:
+        """Write → fsync → verify the durable bytes → commit (rename) → retention.
+
+        Verifying before the commit means a file that does not read back never replaces a
+        committed checkpoint of the same step (nor becomes the newest one).
+        """
+        started = time.perf_counter()
+        written = self.storage.write(job.name, _encoder(job))
+        try:
+            self._verify(job, written)
+        except BaseException:
+            self.storage.discard(written)
+            raise
+        publish_s = self.storage.commit(written)
+        total_ms = (time.perf_counter() - started) * 1000.0
+        mb_s = self.stats.count_commit(
+            step=job.step,
+            nbytes=written.nbytes,
+            write_s=written.write_s,
+            fsync_s=written.fsync_s,
+            total_ms=total_ms,
+        )
+        self.log.info(
+            ev.SAVE_COMMITTED,
+            step=job.step,
+            path=str(job.path),
+            bytes=written.nbytes,
+            write_ms=round(written.write_s * 1000.0, 3),
+            fsync_ms=round(written.fsync_s * 1000.0, 3),
+            publish_ms=round(publish_s * 1000.0, 3),
+            total_ms=round(total_ms, 3),
+            mb_s=round(mb_s, 1),
+        )
+        self._retain(job.name)
+
+    def _verify(self, job: Job, written: Written) -> None:
+        if self.verify == "none":
+            return
+        where = str(job.path)
+        try:
+            with self.storage.open_written(written) as handle:
+                file = cast(BinaryIO, handle.cursor())
+                if self.verify == "structure":
+                    # Prelude, trailer, size and header CRC: the bytes on disk are the ones
+                    # written. Decoding the header again would only re-check our own encoder
+                    # and hold the GIL against the trainer for ~20 us a tensor.
+                    fmt.read_header_bytes(file, where)
+                    return
+                layout = fmt.read_layout(file, where)
+                if layout.step != job.step:
+                    raise CheckpointWriteError(
+                        f"reads back step {layout.step}, wrote {job.step}", path=job.path, step=job.step
+                    )
+                fmt.verify_blobs(file, layout, path=where)
+        except CheckpointError as exc:
+            raise CheckpointWriteError(
+                f"verification after write failed, nothing was published: {exc}", path=job.path, step=job.step
+            ) from exc
+
+    def _retain(self, protect: str) -> None:
+        doomed = prunable(
+            committed(self.storage),
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            protect=Path(self.storage.where(protect)),
+        )
+        if not doomed:
+            return
+        try:
+            self.storage.delete([info.path.name for info in doomed])
+        except OSError as exc:
+            # The new checkpoint is already committed: a file left over (or back after a power
+            # loss) is retried at the next commit and must not turn this save into a failure.
+            self.log.warning(ev.PRUNE_FAILED, steps=[c.step for c in doomed], error=str(exc))
+            return
+        for info in doomed:
+            self.log.info(ev.PRUNED, step=info.step, path=str(info.path), bytes=info.size)
+
+
+def _encoder(job: Job) -> Body:
+    buffers = job.staged.buffers
+    header = fmt.prepare_header(  # every format limit, before the storage sees a byte
+        step=job.step, metadata=job.metadata, tree=job.tree, tensors=job.tensors, sizes=buffers.sizes
+    )
+
+    def body(sink: Sink) -> int:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-crc") as checksums:
+            # each blob as soon as its copy is done; large ones checksummed beside the write
+            return fmt.write_file(sink, header, job.staged.blob_bytes(), checksum_pool=checksums)
+
+    return body
+
+
+def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:
+    if isinstance(exc, StagingRaceError):
+        key = next((t.key for t in job.tensors if t.blob == exc.blob), f"blob {exc.blob}")
+        error = CheckpointWriteError(
+            f"step {job.step} was not written: {key} was changed in place after save() "
+            "returned and before its copy was done, so the checkpoint would mix two training "
+            "states. Only optimizer.step() waits for the copy by itself: call ckpt.wait_staged() "
+            "before changing parameters or optimizer state any other way, or use "
+            "AsyncCheckpointer(overlap=False).",
+            path=job.path,
+            key=key,
+            step=job.step,
+        )
+        error.__cause__ = exc
+        return error
+    if isinstance(exc, CheckpointWriteError):
+        if exc.step is None:
+            exc.step = job.step
+        return exc
+    error = CheckpointWriteError(f"saving step {job.step} failed: {exc!r}", path=job.path, step=job.step)
+    error.__cause__ = exc
+    return error

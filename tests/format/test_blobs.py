@@ -1,0 +1,122 @@
+"""format.blobs: reading blobs into memory, checking their CRC32C, tensors as views of blobs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncckpt
+from asyncckpt import format as fmt
+from asyncckpt.format import Layout, TensorRef
+
+WEIGHTS = torch.arange(3000, dtype=torch.float32)  # 12000 bytes: blob 0 spans three pages
+BIAS = torch.arange(5, dtype=torch.int64)
+
+
+def two_blob_file() -> tuple[bytes, Layout]:
+    tensors = [
+        fmt.TensorEntry("model.w", torch.float32, (3000,), (1,), 0, 0),
+        fmt.TensorEntry("model.b", torch.int64, (5,), (1,), 1, 0),
+    ]
+    sink = io.BytesIO()
+    fmt.write_checkpoint(
+        sink,
+        step=1,
+        metadata={},
+        tree={"w": TensorRef(0), "b": TensorRef(1)},
+        tensors=tensors,
+        sizes=[12000, 40],
+        blobs=[fmt.tensor_bytes(WEIGHTS), fmt.tensor_bytes(BIAS)],
+    )
+    data = sink.getvalue()
+    return data, fmt.read_layout(io.BytesIO(data), "mem")
+
+
+def test_blobs_read_back_as_the_tensors_they_hold() -> None:
+    data, layout = two_blob_file()
+    blobs = []
+    for index, entry in enumerate(layout.blobs):
+        blob = torch.empty(entry.nbytes, dtype=torch.uint8)
+        fmt.read_blob_into(io.BytesIO(data), layout, index, fmt.tensor_bytes(blob), verify=True, path="mem")
+        fmt.verify_crc(layout, index, fmt.tensor_bytes(blob), path="mem")
+        blobs.append(blob)
+
+    assert torch.equal(fmt.view_tensor(layout.tensors[0], blobs[0]), WEIGHTS)
+    assert torch.equal(fmt.view_tensor(layout.tensors[1], blobs[1]), BIAS)
+    fmt.verify_blobs(io.BytesIO(data), layout, path="mem", scratch_bytes=1000)
+
+
+def test_a_checksum_mismatch_names_blob_key_and_offset() -> None:
+    data, layout = two_blob_file()
+    damaged = bytearray(data)
+    damaged[layout.blobs[1].offset + 3] ^= 0x10
+    scratch = memoryview(bytearray(64))
+
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as caught:
+        fmt.check_blob(io.BytesIO(bytes(damaged)), layout, 1, path="run/x.ckpt", scratch=scratch)
+
+    error = caught.value
+    assert (error.path, error.blob, error.key, error.offset) == ("run/x.ckpt", 1, "model.b", 8192 + 8192)
+    assert error.reason.startswith("checksum mismatch in model.b (blob 1 at offset 16384, 40 bytes)")
+    assert str(error) == f"run/x.ckpt: {error.reason}"
+    # The same error, whichever way the blob is read.
+    dest = memoryview(bytearray(40))
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as again:
+        fmt.read_blob_into(io.BytesIO(bytes(damaged)), layout, 1, dest, verify=True, path="run/x.ckpt")
+    assert str(again.value) == str(error)
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as verified:
+        fmt.verify_crc(layout, 1, dest, path="run/x.ckpt")
+    assert str(verified.value) == str(error)
+
+
+def test_a_truncated_blob_names_where_it_ends() -> None:
+    data, layout = two_blob_file()
+    cut = data[: layout.blobs[0].offset + 5000]  # the file as if the write stopped mid-blob
+
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as caught:
+        fmt.verify_blobs(io.BytesIO(cut), layout, path="p", scratch_bytes=4096)
+
+    error = caught.value
+    assert (error.blob, error.key, error.offset) == (0, "model.w", 4096 + 4096)
+    assert error.reason == "truncated inside model.w at offset 8192"
+
+
+def test_a_blob_holding_no_tensor_is_named_by_index() -> None:
+    layout = Layout("1.0", 1, "", "", {}, {}, (fmt.BlobEntry(4096, 4, 0),), (), 8192, 8256)
+
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as caught:
+        fmt.verify_crc(layout, 0, memoryview(b"abcd"))
+
+    assert caught.value.key is None and caught.value.blob == 0
+    assert caught.value.reason.startswith("checksum mismatch in blob 0 (blob 0 at offset 4096, 4 bytes)")
+
+
+@settings(max_examples=40, deadline=None)
+@given(where=st.floats(0, 1, exclude_max=True), xor=st.integers(1, 255))
+def test_any_flipped_byte_inside_a_blob_is_caught(where: float, xor: int) -> None:
+    data, layout = two_blob_file()
+    spans = [range(b.offset, b.offset + b.nbytes) for b in layout.blobs]
+    positions = [p for span in spans for p in span]
+    position = positions[int(where * len(positions))]
+    damaged = bytearray(data)
+    damaged[position] ^= xor
+
+    with pytest.raises(asyncckpt.CorruptedCheckpointError) as caught:
+        fmt.verify_blobs(io.BytesIO(bytes(damaged)), layout, path="p")
+
+    assert caught.value.blob == next(i for i, span in enumerate(spans) if position in span)
+
+
+def test_tensor_bytes_is_a_zero_copy_view() -> None:
+    tensor = torch.zeros(4, dtype=torch.int32)
+    view = fmt.tensor_bytes(tensor)
+    view[0] = 7
+
+    assert len(view) == 16 and tensor[0].item() == 7
+    assert len(fmt.tensor_bytes(torch.empty(0))) == 0
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        fmt.tensor_bytes(torch.zeros(4, 4).t())
