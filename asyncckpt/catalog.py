@@ -1,8 +1,10 @@
 """The one place that knows names: checkpoint identity (step) ⇄ object names, file kinds, order.
 
-A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). Legacy
-``torch.save`` files (``*.pt``, ``*.pth``) are candidates too, read-only. Newest-first order puts
-a higher step first and, for one step, an asyncckpt file before a legacy one.
+A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). A file a
+caller named itself (``AsyncCheckpointer.save(..., name="last.ckpt")``, any other ``*.ckpt``) is
+a checkpoint whose step is read from its header. Legacy ``torch.save`` files (``*.pt``,
+``*.pth``) are candidates too, read-only. Newest-first order puts a higher step first and, for one
+step, an asyncckpt file before a legacy one, then the later write first.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ FAILED_LOG_NAME = "failed_checkpoints.txt"
 MAX_STEP = 2**63 - 1
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{1,19})\.ckpt$")
 
-Kind = Literal["checkpoint", "legacy", "temp"]
+Kind = Literal["checkpoint", "named", "legacy", "temp"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,23 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:010d}{CHECKPOINT_SUFFIX}"
 
 
+def check_name(name: str) -> str:
+    """``name`` when a caller may save a checkpoint under it: a plain file name ending in
+    ``.ckpt``, not hidden (temp files are) and not a path.
+
+    Raises :class:`asyncckpt.UsageError` otherwise.
+    """
+    if (
+        not isinstance(name, str)
+        or not name.endswith(CHECKPOINT_SUFFIX)
+        or name == CHECKPOINT_SUFFIX
+        or name.startswith(".")
+        or any(bad in name for bad in ("/", "\\", "\0"))
+    ):
+        raise UsageError(f"a checkpoint name must be a plain file name ending in '.ckpt', got {name!r}")
+    return name
+
+
 def parse_checkpoint_name(name: str) -> int | None:
     """The step of a checkpoint name, or None when ``name`` is not one."""
     match = _CHECKPOINT_NAME.match(name.rpartition("/")[2])
@@ -62,6 +81,8 @@ def kind_of(name: str) -> Kind | None:
         return "temp"
     if parse_checkpoint_name(base) is not None:
         return "checkpoint"
+    if base.endswith(CHECKPOINT_SUFFIX) and not base.startswith("."):
+        return "named"
     if base.endswith(LEGACY_SUFFIXES):
         return "legacy"
     return None

@@ -24,7 +24,7 @@ import torch
 
 from . import format as fmt
 from ._tree import unflatten
-from .catalog import list_checkpoints
+from .catalog import kind_of, list_checkpoints
 from .compat import Expected, TensorShape, compare, expected_for_restore, expected_from, tensor_index
 from .dtypes import itemsize
 from .errors import (
@@ -35,8 +35,7 @@ from .errors import (
     NoValidCheckpointError,
     UsageError,
 )
-from .format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
-from .storage import is_temp_name
+from .format.legacy import LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
 
 FAILED_LOG_NAME = "failed_checkpoints.txt"
 SUMMARY_EVENT = "checkpoint.load.summary"
@@ -192,11 +191,21 @@ def _discover(root: Path) -> _Found:
     committed = [_Candidate(info.path, info.step, info.size) for info in list_checkpoints(root)]
     legacy = [_probe(path) for path in _legacy_files(root)]
     ordered = committed + [c for c in legacy if c.step is not None]
-    ordered.sort(key=lambda c: (-(c.step or 0), c.path.suffix != ".ckpt", c.path.name))
+    # One step written twice (Lightning's epoch file, then last.ckpt): the later write first.
+    ordered.sort(key=lambda c: (-(c.step or 0), c.path.suffix != ".ckpt", -_mtime(c.path), c.path.name))
     return _Found(ordered, [c for c in legacy if c.step is None])
 
 
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _legacy_files(root: Path) -> list[Path]:
+    """Legacy files, and ``*.ckpt`` files at names a caller chose (``last.ckpt``): their step
+    is read from their content."""
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
@@ -204,7 +213,7 @@ def _legacy_files(root: Path) -> list[Path]:
     return sorted(
         root / e.name
         for e in entries
-        if e.name.endswith(LEGACY_SUFFIXES) and not is_temp_name(e.name) and e.is_file(follow_symlinks=False)
+        if kind_of(e.name) in ("legacy", "named") and e.is_file(follow_symlinks=False)
     )
 
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
+from .._tree import key_path
 from ..checkpoint import load
 from ..checkpointer import AsyncCheckpointer, WhenBusy
-from ..errors import CheckpointError, UnsupportedValueError, UsageError
+from ..errors import CheckpointError, UnsupportedValueError
 from ..loader import LoadResult, load_latest
-from ..snapshot import key_path
+from ..save.writer import VerifyMode
 
 HPARAMS_KEY = "hyper_parameters"
 _PLAIN = (str, int, float, bool, bytes, type(None))
@@ -40,16 +41,14 @@ class AsyncCheckpointIOBase:
         *,
         max_pending: int = 2,
         when_busy: WhenBusy = "wait",
-        validate: str = "structure",
+        verify: VerifyMode = "structure",
         fallback: bool = True,
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
     ) -> None:
-        if validate not in ("structure", "full", "none"):
-            raise UsageError(f"validate must be 'structure', 'full' or 'none', got {validate!r}")
         self.max_pending = max_pending
         self.when_busy: WhenBusy = when_busy
-        self.validate = validate
+        self.verify: VerifyMode = verify
         self.fallback = fallback
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
@@ -182,7 +181,7 @@ class AsyncCheckpointIOBase:
                 keep_last=None,  # Lightning's ModelCheckpoint decides what to delete
                 max_pending=self.max_pending,
                 when_busy=self.when_busy,
-                validate=self.validate,  # type: ignore[arg-type]
+                verify=self.verify,
                 handle_sigterm=self.handle_sigterm,
                 close_timeout=self.close_timeout,
             )

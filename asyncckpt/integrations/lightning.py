@@ -32,7 +32,7 @@ class AsyncCheckpointIO(AsyncCheckpointIOBase, CheckpointIO, Callback):
 
     Options (keyword-only): ``max_pending`` (checkpoints in flight; 2 lets a ``ModelCheckpoint``
     save and its ``last.ckpt`` go without waiting), ``when_busy`` (``"wait"`` or ``"skip"``),
-    ``validate`` (re-check each file after it is committed: ``"structure"``, ``"full"``,
+    ``verify`` (read each file back before it is committed: ``"structure"``, ``"full"``,
     ``"none"``), ``fallback`` (a broken checkpoint falls back to the newest usable one of its
     directory), ``handle_sigterm``, ``close_timeout`` (as for
     :class:`asyncckpt.AsyncCheckpointer`).

@@ -36,6 +36,7 @@ from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, UsageError
 from ..loader import LoadResult, load_latest
 from ..rng import rng_state, set_rng_state
+from ..save.writer import VerifyMode
 
 __all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "CHECKPOINT_SUBDIR"]
 
@@ -49,7 +50,7 @@ class AsyncCheckpointMixin:
 
     ``class MyTrainer(AsyncCheckpointMixin, SFTTrainer): ...``. Keyword-only options, taken
     before the ``Trainer``'s own: ``checkpoint_dir`` (default ``<output_dir>/asyncckpt``),
-    ``max_pending``, ``validate`` and ``close_timeout`` (as for
+    ``max_pending``, ``verify`` and ``close_timeout`` (as for
     :class:`asyncckpt.AsyncCheckpointer`). ``args.save_total_limit`` is the number of
     checkpoints kept (the newest valid one is never deleted).
 
@@ -65,14 +66,14 @@ class AsyncCheckpointMixin:
         *args: Any,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         max_pending: int = 1,
-        validate: str = "structure",
+        verify: VerifyMode = "structure",
         close_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.asyncckpt_options = {
             "max_pending": max_pending,
-            "validate": validate,
+            "verify": verify,
             "close_timeout": close_timeout,
         }
         self.asyncckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)

@@ -32,3 +32,17 @@ class Job:
     staged: StagedCopy
     future: concurrent.futures.Future[Path]
     done_event: anyio.Event | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deletion:
+    """Delete the committed object ``name`` once the saves queued before it (``after``) settled.
+
+    The writer keeps ``name`` when one of them failed: an older intact checkpoint is worth more
+    than its space. For callers that own retention (``keep_last=None``).
+    """
+
+    name: str
+    path: Path
+    after: tuple[concurrent.futures.Future[Path], ...]
+    done_event: None = None

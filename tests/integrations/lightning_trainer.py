@@ -82,7 +82,6 @@ def trainer(directory: Path, io: AsyncCheckpointIO, *extra: L.Callback, epochs: 
         plugins=[io],
         callbacks=[checkpoints, io, *extra],
         accelerator="cpu",
-        deterministic=True,
     )
 
 
