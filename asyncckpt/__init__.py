@@ -1,5 +1,6 @@
 """asyncckpt: PyTorch checkpoints off the critical path, durable, verified, with rollback."""
 
+from ._values import UnresolvedValue
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpoint import Checkpoint, load, save
@@ -34,6 +35,7 @@ __all__ = [
     "LoadResult",
     "NoValidCheckpointError",
     "SaveHandle",
+    "UnresolvedValue",
     "UnsupportedVersionError",
     "__version__",
     "check_candidates",

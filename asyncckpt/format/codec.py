@@ -1,9 +1,10 @@
-"""msgpack with exact types: tuples, tensor refs and big ints as extension types.
+"""msgpack with exact types: tuples, tensor refs, big ints and typed values as extension types.
 
 Tuples stay tuples (:data:`~.spec.EXT_TUPLE`), tensor references stay references
-(:data:`~.spec.EXT_TENSOR`) and ints beyond 64 bits stay ints (:data:`~.spec.EXT_BIGINT`);
-int keys stay int keys. The decoder bounds nesting (``MAX_DEPTH``) and the total of all tuple
-payloads (``MAX_TUPLE_BYTES``), since msgpack copies each extension payload once per level.
+(:data:`~.spec.EXT_TENSOR`), ints beyond 64 bits stay ints (:data:`~.spec.EXT_BIGINT`) and
+typed values stay typed (:data:`~.spec.EXT_TYPED`); int keys stay int keys. The decoder bounds
+nesting (``MAX_DEPTH``) and the total of all tuple and typed-value payloads
+(``MAX_TUPLE_BYTES``), since msgpack copies each extension payload once per level.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import msgpack
 
 from ..errors import UnsupportedValueError
 from . import spec
-from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE, BigInt, TensorRef
+from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE, EXT_TYPED, BigInt, TensorRef, TypedValue
 
 
 class Encoder:
@@ -42,6 +43,10 @@ class Encoder:
         if isinstance(value, BigInt):
             length = (value.value.bit_length() + 8) // 8
             return msgpack.ExtType(EXT_BIGINT, value.value.to_bytes(length, "big", signed=True))
+        if isinstance(value, TypedValue):
+            payload = self.pack([value.kind, value.type, value.payload])
+            self.tuple_bytes += len(payload)
+            return msgpack.ExtType(EXT_TYPED, payload)
         raise UnsupportedValueError(f"cannot encode {type(value).__qualname__}")
 
 
@@ -76,7 +81,7 @@ def unpack(data: bytes) -> Any:
             return TensorRef(index)
         if code == EXT_BIGINT:
             return BigInt(int.from_bytes(payload, "big", signed=True))
-        if code != EXT_TUPLE:
+        if code not in (EXT_TUPLE, EXT_TYPED):
             raise ValueError(f"unknown msgpack extension type {code}")
         tuple_bytes += len(payload)
         if tuple_bytes > spec.MAX_TUPLE_BYTES:
@@ -91,9 +96,21 @@ def unpack(data: bytes) -> Any:
             depth -= 1
         if not isinstance(items, list):
             raise ValueError("tuple payload is not an array")
-        return tuple(items)
+        return tuple(items) if code == EXT_TUPLE else _typed(items)
 
     return _unpack_raw(data, hook)
+
+
+def _typed(items: list[Any]) -> TypedValue:
+    """A typed value's ``[kind, type, payload]``, each length checked before it is trusted."""
+    if len(items) != 3:
+        raise ValueError(f"typed value has {len(items)} fields, not 3")
+    kind, name, payload = items
+    if not isinstance(kind, str) or not 0 < len(kind) <= spec.MAX_TYPED_KIND:
+        raise ValueError("typed value kind is not a short string")
+    if not isinstance(name, str) or len(name) > spec.MAX_TYPED_NAME:
+        raise ValueError("typed value type name is not a string of at most MAX_TYPED_NAME characters")
+    return TypedValue(kind, name, payload)
 
 
 def _unpack_raw(data: bytes, hook: Callable[[int, bytes], Any]) -> Any:

@@ -39,6 +39,7 @@ from .spec import (
     Layout,
     TensorEntry,
     TensorRef,
+    TypedValue,
     parse_version,
 )
 
@@ -293,7 +294,8 @@ def _extent(shape: Sequence[int], stride: Sequence[int], size: int) -> int:
 
 
 def _check_tree(tree: Any, n_tensors: int, fail: Callable[[str], Exception]) -> None:
-    """Every tensor ref in range, every dict key a str or an int, nesting bounded."""
+    """Every tensor ref in range, every dict key a str or an int, nesting bounded; a typed value's
+    payload holds no tensor ref."""
     stack: list[tuple[Any, int]] = [(tree, 0)]
     while stack:
         node, depth = stack.pop()
@@ -309,5 +311,7 @@ def _check_tree(tree: Any, n_tensors: int, fail: Callable[[str], Exception]) -> 
                 stack.append((value, depth + 1))
         elif isinstance(node, list | tuple):
             stack.extend((value, depth + 1) for value in node)
+        elif isinstance(node, TypedValue):  # plain values only: its payload refers to no tensor
+            _check_tree(node.payload, 0, fail)
         elif not (node is None or isinstance(node, bool | int | float | str | bytes | BigInt)):
             raise fail(f"tree holds a value of type {type(node).__name__}")
