@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import enum
 import os
 import random
 import subprocess
@@ -107,6 +110,34 @@ def test_resume_path_is_none_for_a_fresh_run(tmp_path: Path) -> None:
     assert resume_path(tmp_path) is None
     fit(tmp_path, epochs=1)
     assert resume_path(tmp_path) == str(tmp_path)
+
+
+class Precision(enum.Enum):
+    FULL = "32"
+    HALF = "16"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    root: Path
+    batch: int
+    precision: Precision
+
+
+def test_safe_hyper_parameters_come_back_exactly_and_rebuild_the_module(tmp_path: Path) -> None:
+    extra = {
+        "root": Path("data") / "train",
+        "dtype": torch.bfloat16,
+        "device": torch.device("cpu"),
+        "precision": Precision.HALF,
+        "data": DataConfig(Path("/datasets/x"), 8, Precision.FULL),
+        "args": argparse.Namespace(seed=3, out=Path("out")),
+    }
+    fit(tmp_path, epochs=1, module=TinyModule(extra=extra))
+    hparams = load_checkpoint(tmp_path / "last.ckpt")["hyper_parameters"]
+    assert hparams["extra"] == extra
+    assert {k: type(v) for k, v in hparams["extra"].items()} == {k: type(v) for k, v in extra.items()}
+    assert TinyModule(**hparams).hparams["extra"] == extra
 
 
 class Opaque:
