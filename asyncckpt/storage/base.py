@@ -168,7 +168,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def open(self, name: str) -> ReadHandle:
         """Open a committed object. Raises ``FileNotFoundError`` when it does not exist (or is not
-        a regular object), ``OSError`` when the storage fails."""
+        a regular object), ``OSError`` when the storage fails, and
+        :class:`asyncckpt.CorruptedCheckpointError` when its commit record is damaged (stores that
+        commit with a record, see docs/REMOTE.md)."""
 
     @abc.abstractmethod
     def ls(self, under: str = "") -> list[StoredObject]:

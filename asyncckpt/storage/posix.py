@@ -88,7 +88,7 @@ class FdSink:
 
 def temp_name(final: Path) -> Path:
     """``.step-0000000300.ckpt.tmp-<host>-<pid>-<random>``: hidden, and it names its writer."""
-    return final.with_name(f".{final.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}{TEMP_MARK}{writer_id()}-{secrets.token_hex(4)}")
 
 
 def temp_is_abandoned(name: str, modified: float, *, now: float) -> bool:
@@ -101,7 +101,17 @@ def temp_is_abandoned(name: str, modified: float, *, now: float) -> bool:
     match = _OWNED_TEMP.search(name)
     if match is None:
         return True
-    host, pid = match[1], int(match[2])
+    return writer_is_gone(match[1], int(match[2]), modified, now=now)
+
+
+def writer_id() -> str:
+    """``<host>-<pid>``: who is writing, as temp names (and remote data objects) record it."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def writer_is_gone(host: str, pid: int, modified: float, *, now: float) -> bool:
+    """Whether the writer ``host``/``pid`` of something last modified at ``modified`` is gone
+    (the rule of :func:`temp_is_abandoned`)."""
     if host != _HOST:
         return now - modified > STALE_TEMP_S
     return pid == os.getpid() or not _process_alive(pid)
