@@ -3,19 +3,24 @@
 from ._values import UnresolvedValue
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
-from .checkpoint import Checkpoint, load, save
 from .checkpointer import AsyncCheckpointer
 from .errors import (
     CheckpointBusyError,
     CheckpointError,
     CheckpointWriteError,
+    CoordinationError,
     CorruptedCheckpointError,
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
     UnsupportedVersionError,
 )
-from .loader import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .load import CandidateReport, LoadResult, check_candidates, load_latest, restore
+
+# After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
+# that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the
+# one-shot functions.
+from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
 from .save.handles import SaveHandle
 from .save.stats import CheckpointerStats
@@ -29,6 +34,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointWriteError",
     "CheckpointerStats",
+    "CoordinationError",
     "CorruptedCheckpointError",
     "Diagnostic",
     "IncompatibleCheckpointError",

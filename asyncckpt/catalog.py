@@ -5,6 +5,10 @@ caller named itself (``AsyncCheckpointer.save(..., name="last.ckpt")``, any othe
 a checkpoint whose step is read from its header. Legacy ``torch.save`` files (``*.pt``,
 ``*.pth``) are candidates too, read-only. Newest-first order puts a higher step first and, for one
 step, an asyncckpt file before a legacy one, then the later write first.
+
+A multi-rank step is a folder ``step-0000000300/`` holding one shard file per rank
+(``rank-00001.ckpt``, each a v1 file) and the commit record ``commit.record`` (a v1 file written
+last, by one rank). The record is the commit: a folder without it is not a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ LEGACY_SUFFIXES = (".pt", ".pth")
 FAILED_LOG_NAME = "failed_checkpoints.txt"
 MAX_STEP = 2**63 - 1
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{1,19})\.ckpt$")
+COMMIT_RECORD_NAME = "commit.record"
+MAX_RANK = 10**9 - 1
+_STEP_FOLDER_NAME = re.compile(r"^step-(\d{1,19})$")
+_SHARD_NAME = re.compile(r"^rank-(\d{5,9})\.ckpt$")
 
 Kind = Literal["checkpoint", "named", "legacy", "temp"]
 
@@ -108,10 +116,89 @@ def legacy_files(storage: Storage) -> list[StoredObject]:
     return [obj for obj in storage.ls() if obj.kind == "file" and kind_of(obj.name) == "legacy"]
 
 
-def newest_first_key(step: int | None, name: str) -> tuple[bool, int, bool, str]:
+def newest_first_key(
+    step: int | None, name: str, modified: float = 0.0
+) -> tuple[bool, int, bool, float, str]:
     """Sort key of the loader's order: known steps newest first, an asyncckpt file before a
-    legacy one of the same step, then by name; unknown steps last."""
-    return (step is None, -(step or 0), not name.endswith(CHECKPOINT_SUFFIX), name.rpartition("/")[2])
+    legacy one of the same step, then the later write first (``modified``, a timestamp: one step
+    written twice, as Lightning's epoch file and then ``last.ckpt``), then by name; unknown
+    steps last."""
+    base = name.rpartition("/")[2]
+    return (step is None, -(step or 0), not base.endswith(CHECKPOINT_SUFFIX), -modified, base)
+
+
+# --------------------------------------------------------------------------- multi-rank steps
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """A committed multi-rank step: its step, its folder, and when its commit record was written."""
+
+    step: int
+    folder: str  # the folder's full location (a path or a URL)
+    record_size: int
+    committed_at: datetime
+
+
+def step_folder_name(step: int) -> str:
+    """The folder of a multi-rank step: ``step-0000000300``. Raises like :func:`checkpoint_name`."""
+    return checkpoint_name(step).removesuffix(CHECKPOINT_SUFFIX)
+
+
+def shard_name(step: int, rank: int) -> str:
+    """The shard file of ``rank`` in ``step``'s folder: ``step-0000000300/rank-00001.ckpt``."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
+        raise UsageError(f"rank must be an int in [0, {MAX_RANK}], got {rank!r}")
+    return f"{step_folder_name(step)}/rank-{rank:05d}{CHECKPOINT_SUFFIX}"
+
+
+def commit_record_name(step: int) -> str:
+    """The commit record of ``step``: ``step-0000000300/commit.record``."""
+    return f"{step_folder_name(step)}/{COMMIT_RECORD_NAME}"
+
+
+def parse_step_folder(name: str) -> int | None:
+    """The step of a multi-rank step folder's name, or None when ``name`` is not one."""
+    match = _STEP_FOLDER_NAME.match(name.rstrip("/").rpartition("/")[2])
+    if match is None:
+        return None
+    step = int(match[1])
+    return step if step <= MAX_STEP else None
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """``(step, rank)`` of a shard file's name (``step-0000000300/rank-00001.ckpt``), else None."""
+    folder, _, base = name.rpartition("/")
+    match = _SHARD_NAME.match(base)
+    step = parse_step_folder(folder) if folder else None
+    if match is None or step is None:
+        return None
+    return step, int(match[1])
+
+
+def committed_steps(storage: Storage) -> list[StepInfo]:
+    """Committed multi-rank steps of ``storage``'s root (a folder with its commit record), oldest
+    first. Folders without a record (a save that never finished) are never listed."""
+    found = []
+    for obj in storage.ls():
+        step = parse_step_folder(obj.name) if obj.kind == "dir" else None
+        if step is None:
+            continue
+        record = commit_record_name(step)
+        for entry in storage.ls(obj.name):
+            if entry.kind == "file" and entry.name == record:
+                found.append(StepInfo(step, storage.where(obj.name), entry.size, entry.modified))
+    return sorted(found, key=lambda info: info.step)
+
+
+def uncommitted_step_folders(storage: Storage) -> list[str]:
+    """Names of step folders without a commit record (a save that failed or was interrupted)."""
+    done = {info.step for info in committed_steps(storage)}
+    return [
+        obj.name
+        for obj in storage.ls()
+        if obj.kind == "dir" and (step := parse_step_folder(obj.name)) is not None and step not in done
+    ]
 
 
 def list_checkpoints(directory: str | os.PathLike[str] | Storage) -> list[CheckpointInfo]:

@@ -21,10 +21,10 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from . import events as ev
-from . import loader
 from .catalog import check_name, checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
-from .loader import LoadResult, MapLocation, OnCorrupt
+from .load import LoadResult, MapLocation, OnCorrupt
+from .load import rollback as loader
 from .preemption import CallsInProgress, SigtermFlusher
 from .save.errorbox import ErrorBox
 from .save.handles import SaveHandle
@@ -407,7 +407,7 @@ class AsyncCheckpointer:
                 objects,
                 map_location=map_location,
                 on_corrupt=on_corrupt,
-                validate=validate,
+                verify="full" if validate else "structure",
                 expect=expect,
                 log=log,
             )

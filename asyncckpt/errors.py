@@ -128,3 +128,9 @@ class CheckpointBusyError(UsageError):
     Waiting there would block the loop the writer runs on; use ``await ckpt.asave(...)`` or
     ``when_busy="skip"``.
     """
+
+
+class CoordinationError(CheckpointError):
+    """The ranks of a multi-rank save or restore did not agree: a rank called with another step
+    or another operation, stopped answering within the timeout, or died. Raised on every rank
+    that is still running; nothing was committed by the call that failed."""

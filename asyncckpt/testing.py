@@ -20,7 +20,8 @@ import torch
 
 from .storage import FileOps, PosixStorage
 
-OpName = str  # "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir"
+# "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir" | "mkdir" | "rmdir"
+OpName = str
 
 
 class RecordingOps(FileOps):
@@ -61,6 +62,14 @@ class RecordingOps(FileOps):
     def unlink(self, path: Path) -> None:
         self.record("unlink", path)
         super().unlink(path)
+
+    def mkdir(self, path: Path) -> None:
+        self.record("mkdir", path)
+        super().mkdir(path)
+
+    def rmdir(self, path: Path) -> None:
+        self.record("rmdir", path)
+        super().rmdir(path)
 
     def fsync_dir(self, directory: Path) -> None:
         self.record("fsync_dir", directory)

@@ -135,8 +135,8 @@ def _load_path(state: Any, directory: Path, n: int, profiler: Any) -> list[str]:
         "torch.empty + fill_ of a new buffer of the file's size (page faults)": lambda: torch.empty(
             len(view), dtype=torch.uint8
         ).fill_(0),
-        "asyncckpt.load (validate=True)": lambda: asyncckpt.load(path),
-        "asyncckpt.load (validate=False)": lambda: asyncckpt.load(path, validate=False),
+        'asyncckpt.load (verify="full")': lambda: asyncckpt.load(path),
+        'asyncckpt.load (verify="structure")': lambda: asyncckpt.load(path, verify="structure"),
         "asyncckpt.restore into the model and optimizer": lambda: restore(
             directory, state.objects(), log=lambda *a, **k: None
         ),

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from .._tree import key_path
-from ..checkpoint import load
 from ..checkpointer import AsyncCheckpointer, WhenBusy
 from ..errors import CheckpointError, UnsupportedValueError
-from ..loader import LoadResult, load_latest
+from ..load import LoadResult, load_latest
+from ..oneshot import load
 from ..save.writer import VerifyMode
 
 HPARAMS_KEY = "hyper_parameters"

@@ -31,10 +31,10 @@ import transformers
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 
-from ..checkpoint import load
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, UsageError
-from ..loader import LoadResult, load_latest
+from ..load import LoadResult, load_latest
+from ..oneshot import load
 from ..rng import rng_state, set_rng_state
 from ..save.writer import VerifyMode
 

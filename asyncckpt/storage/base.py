@@ -182,7 +182,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, names: Sequence[str]) -> None:
-        """Remove committed objects durably (a missing one is not an error)."""
+        """Remove committed objects durably (a missing one is not an error). A folder name
+        (``kind="dir"`` in :meth:`ls`) removes the folder, which must be empty by then."""
 
     @abc.abstractmethod
     def leftovers(self) -> list[str]:

@@ -46,6 +46,12 @@ class FileOps:
     def rename(self, src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path, 0o755)
+
+    def rmdir(self, path: Path) -> None:
+        os.rmdir(path)
+
     def unlink(self, path: Path) -> None:
         os.unlink(path)
 
@@ -229,6 +235,7 @@ class PosixStorage(Storage):
         tmp = temp_name(final)
         started = time.perf_counter()
         try:
+            self._make_folders(final.parent)
             fd = self.ops.open_exclusive(tmp)
         except OSError as exc:
             raise CheckpointWriteError(
@@ -247,6 +254,21 @@ class PosixStorage(Storage):
         except OSError as exc:
             raise self._failed(exc, tmp, final) from exc
         return Written(name, nbytes, written - started, synced - written, tmp)
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents below the root (``step-0000000300/``).
+
+        Each new folder's entry is made durable in its parent (directory fsync) before a file is
+        written into it. Several processes may create the same folder at once.
+        """
+        missing = []
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                self.ops.mkdir(path)
+            self.ops.fsync_dir(path.parent)
 
     def _failed(self, exc: BaseException, tmp: Path, final: Path) -> BaseException:
         left = _discard_temp(tmp, self.ops)
@@ -314,10 +336,15 @@ class PosixStorage(Storage):
         return sorted(found, key=lambda o: o.name)
 
     def delete(self, names: Sequence[str]) -> None:
+        """Unlink files, remove (empty) folders, then fsync the directories that held them."""
         folders = set()
         for name in names:
             path = self.path(name)
-            _unlink_quietly(path, self.ops)
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    self.ops.rmdir(path)
+            else:
+                _unlink_quietly(path, self.ops)
             folders.add(path.parent)
         for folder in sorted(folders):
             self.ops.fsync_dir(folder)
@@ -327,22 +354,15 @@ class PosixStorage(Storage):
         make_directory_durably(self.root)
 
     def leftovers(self) -> list[str]:
-        """Temp files no live writer owns (see :func:`temp_is_abandoned`)."""
+        """Temp files no live writer owns (see :func:`temp_is_abandoned`), in the root and in its
+        folders one level down (multi-rank step folders)."""
+        found = _temp_files(self.root, "")
         try:
-            entries = list(os.scandir(self.root))
+            folders = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
-        now = time.time()
-        found = []
-        for entry in entries:
-            if not is_temp_name(entry.name):
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(info.st_mode) and temp_is_abandoned(entry.name, info.st_mtime, now=now):
-                found.append(entry.name)
+        for folder in folders:
+            found += _temp_files(self.root / folder, f"{folder}/")
         return sorted(found)
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
@@ -367,6 +387,26 @@ def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:
     written = storage.write(final.name, body)
     publish_s = storage.commit(written)
     return WriteTimings(written.nbytes, written.write_s, written.fsync_s, publish_s)
+
+
+def _temp_files(folder: Path, prefix: str) -> list[str]:
+    """Abandoned temp files directly in ``folder``, named with ``prefix``."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    now = time.time()
+    found = []
+    for entry in entries:
+        if not is_temp_name(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and temp_is_abandoned(entry.name, info.st_mtime, now=now):
+            found.append(prefix + entry.name)
+    return found
 
 
 def _close_quietly(fd: int, ops: FileOps) -> None:

@@ -85,7 +85,7 @@ class AsyncckptLoad(LoadMethod):
     """``asyncckpt.load(path)`` with checksums (new tensors)."""
 
     name = "asyncckpt_load"
-    description = "asyncckpt.load (validate=True: every CRC32C checked; new tensors)"
+    description = 'asyncckpt.load (verify="full": every CRC32C checked; new tensors)'
     source = "asyncckpt"
 
     def load(self) -> None:
@@ -95,16 +95,19 @@ class AsyncckptLoad(LoadMethod):
 
 
 class AsyncckptLoadTrusted(LoadMethod):
-    """``asyncckpt.load(path, validate=False)``: structure only."""
+    """``asyncckpt.load(path, verify="structure")``: structure only."""
 
     name = "asyncckpt_load_novalidate"
-    description = "asyncckpt.load(validate=False) (structure only; new tensors)"
+    description = 'asyncckpt.load(verify="structure") (structure only; new tensors)'
     source = "asyncckpt"
 
     def load(self) -> None:
         import asyncckpt
 
-        asyncckpt.load(self.path, validate=False)
+        if "verify" in inspect.signature(asyncckpt.load).parameters:
+            asyncckpt.load(self.path, verify="structure")
+        else:  # releases before the rename
+            asyncckpt.load(self.path, validate=False)
 
 
 class AsyncckptRestore(LoadMethod):
@@ -185,7 +188,7 @@ def restore_function() -> Any:
 
     restore = getattr(asyncckpt, "restore", None)
     if restore is None:  # the loader is not re-exported yet
-        from asyncckpt import loader
+        from asyncckpt.load import rollback as loader
 
         restore = loader.restore
     if "log" in inspect.signature(restore).parameters:

@@ -22,6 +22,7 @@ from asyncckpt.errors import (
     CorruptedCheckpointError,
     UsageError,
 )
+from asyncckpt.storage import PosixFile, PosixStorage
 
 from .helpers import ENV, checkpoint, flip_blob_byte, run, run_module
 
@@ -72,9 +73,15 @@ def test_unreadable_file(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None
             raise PermissionError(13, "Permission denied", str(file))
         return open(file, *args, **kwargs)
 
+    def refuse_storage(self: PosixStorage, name: str) -> PosixFile:
+        if self.path(name) == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_file(self, name)
+
     # Root reads every file whatever its mode, so the refusal is injected where the CLI opens files.
+    open_file = PosixStorage.open
     monkeypatch.setattr("asyncckpt.cli.inspection.open", refuse, raising=False)
-    monkeypatch.setattr("asyncckpt.loader.open", refuse, raising=False)
+    monkeypatch.setattr(PosixStorage, "open", refuse_storage)
     result = run("inspect", path)
     assert result.exit_code == EXIT_FAILURE
     assert result.stderr.strip() == f"error: {path}: Permission denied"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import checkpoint
+from asyncckpt import reader
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def refused(tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable
     def no_blob_reads(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a blob was read from a file that should have been refused")
 
-    monkeypatch.setattr(checkpoint, "_read_blobs", no_blob_reads)
+    monkeypatch.setattr(reader, "read_tensors", no_blob_reads)
 
     def load(data: bytes, pattern: str) -> str:
         path = tmp_dir / "hostile.ckpt"

@@ -89,9 +89,10 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: 
 def test_resume_true_without_checkpoints_says_so(tmp_path: Path) -> None:
     run = trainer(tmp_path)
     assert not run.has_checkpoint()
-    with pytest.raises(asyncckpt.NoValidCheckpointError, match="no checkpoints in") as caught:
+    with pytest.raises(asyncckpt.NoValidCheckpointError) as caught:
         train(run, resume_from_checkpoint=True)
-    assert caught.value.diagnostics == []
+    assert caught.value.diagnostics == []  # no candidate at all, as opposed to none usable
+    assert caught.value.path == str(tmp_path / "asyncckpt")
 
 
 class Opaque:

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import AsyncCheckpointer, CheckpointWriteError, loader
+from asyncckpt import AsyncCheckpointer, CheckpointWriteError
 from asyncckpt.format import tensor_bytes
+from asyncckpt.load import rollback as loader
 from asyncckpt.save.overlap import modules_in, step_guarded_blobs
 from asyncckpt.save.snapshot import flatten
 from asyncckpt.save.staging import Copier, StagedCopy, StagingPool, stage

@@ -1,9 +1,9 @@
-"""Whether a checkpoint's state fits the state the caller expects: keys, shapes, dtypes.
+"""Expect checks: whether a checkpoint's state fits the state the caller expects (keys, shapes, dtypes).
 
-The loader calls this before it reads a single tensor byte, on the tensor table of the file's
-header (or on a loaded legacy state), so an incompatible checkpoint is diagnosed without touching
-the caller's objects. Only tensors are compared (plain values such as a learning rate may
-legitimately differ), plus the presence of the expected top-level keys.
+The loader calls :func:`fit` before it reads a single tensor byte, on the tensor table of the
+file's header (or on a loaded legacy state), so an incompatible checkpoint is diagnosed without
+touching the caller's objects. Only tensors are compared (plain values such as a learning rate
+may legitimately differ), plus the presence of the expected top-level keys.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from ._tree import dotted_key, walk
+from .. import format as fmt
+from .._tree import dotted_key, walk
+from ..errors import IncompatibleCheckpointError
 
 Path_ = tuple[Any, ...]
 
@@ -49,6 +51,51 @@ class Fit:
 
     mismatches: list[str]
     notes: list[str]
+
+
+def fit(tree: Any, index: Mapping[Path_, TensorShape], checks: tuple[Expected, ...], where: str) -> list[str]:
+    """Compare a checkpoint with every expected state; return the dtype notes.
+
+    Raises :class:`IncompatibleCheckpointError` (``path``) listing every mismatch.
+    """
+    mismatches: list[str] = []
+    notes: list[str] = []
+    for expected in checks:
+        found = compare(tree, index, expected)
+        mismatches += [m for m in found.mismatches if m not in mismatches]
+        notes += [n for n in found.notes if n not in notes]
+    if mismatches:
+        raise IncompatibleCheckpointError(
+            f"does not fit the expected state ({count(len(mismatches), 'mismatch')}: "
+            f"{'; '.join(mismatches)}); was the model changed since it was written?",
+            path=where,
+        )
+    return notes
+
+
+def count(n: int, noun: str) -> str:
+    """``count(2, "mismatch")`` → ``"2 mismatches"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("ch") else f"{n} {noun}s"
+
+
+def layout_index(layout: fmt.Layout) -> dict[Path_, TensorShape]:
+    """Every tensor of a v1 file's header by key path (nothing is read but the header)."""
+
+    def shape(node: Any) -> TensorShape | None:
+        if not isinstance(node, fmt.TensorRef):
+            return None
+        entry = layout.tensors[node.index]
+        return TensorShape(entry.dtype, entry.shape)
+
+    return tensor_index(layout.tree, shape)
+
+
+def state_index(state: Any) -> dict[Path_, TensorShape]:
+    """Every tensor of a loaded state (a legacy file's) by key path."""
+    return tensor_index(
+        state,
+        lambda node: TensorShape(node.dtype, tuple(node.shape)) if isinstance(node, torch.Tensor) else None,
+    )
 
 
 def expected_from(expect: Any) -> Expected:

@@ -1,4 +1,9 @@
-"""Synchronous, durable save and checked load of one checkpoint file."""
+"""One-shot ``asyncckpt.save`` and ``asyncckpt.load``: one checkpoint file, synchronously.
+
+``save`` writes durably and atomically; ``load`` reads through the same reader as a resume
+(:mod:`asyncckpt.reader`), so ``load(map_location="cuda")`` and ``restore()`` read a file the
+same way.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,15 @@ from typing import Any
 import torch
 
 from . import format as fmt
+from . import reader
 from ._tree import unflatten
-from .format import TensorEntry
-from .format.legacy import LEGACY_VERSION, legacy_step, load_legacy
+from .format import FileKind, TensorEntry
+from .format.legacy import LEGACY_VERSION, legacy_step
+from .load.options import VERIFY_MODES, MapLocation, Verify, one_of
 from .save.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
-from .storage import OS, FileOps, Sink, WriteTimings, atomic_write
+from .storage import OS, FileOps, ReadHandle, Sink, WriteTimings, atomic_write, open_storage
 
-MapLocation = str | torch.device
+__all__ = ["Checkpoint", "MapLocation", "load", "save", "write_snapshot"]
 
 
 @dataclass(frozen=True)
@@ -104,55 +111,36 @@ def load(
     path: str | os.PathLike[str],
     *,
     map_location: MapLocation = "cpu",
-    validate: bool = True,
+    verify: Verify = "full",
 ) -> Checkpoint:
     """Read and check one checkpoint file.
 
-    v1 files are checked for structure and, with ``validate=True``, every checksum; tensors are
-    read straight into their own memory. Legacy ``torch.save`` files load read-only with
-    ``weights_only=True`` and report ``version == "0.x"``.
+    v1 files are checked for structure and, with ``verify="full"``, every checksum
+    (``"structure"`` and ``"none"`` skip the tensor checksums; the structure is always checked);
+    tensors are read straight into their own memory on ``map_location`` (CUDA through pinned
+    bounce buffers). Legacy ``torch.save`` files load read-only with ``weights_only=True`` and
+    report ``version == "0.x"`` (and ``step == -1`` when they have none).
 
     Raises :class:`CorruptedCheckpointError` (broken bytes), :class:`UnsupportedVersionError`
-    (newer format), ``FileNotFoundError`` / ``PermissionError`` for a file that cannot be opened.
+    (newer format), :class:`UsageError` for another ``verify``, ``FileNotFoundError`` for a file
+    that is missing or not a regular file, ``PermissionError`` for one that cannot be opened.
     """
+    checksums = one_of("verify", verify, VERIFY_MODES) == "full"
     file_path = Path(path)
-    with open(file_path, "rb", buffering=0) as file:
-        if fmt.sniff(file.read(fmt.SNIFF_BYTES), path=file_path) is fmt.FileKind.V1:
-            return _load_v1(file, file_path, map_location=map_location, validate=validate)
-    state = load_legacy(file_path, map_location=map_location)
-    step = legacy_step(state, file_path)
-    return Checkpoint(state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
+    where = str(file_path)
+    with open_storage(file_path.parent).open(file_path.name) as handle:
+        kind = reader.file_kind(handle, where)
+        if kind is FileKind.V1:
+            return _load_v1(handle, file_path, device=torch.device(map_location), checksums=checksums)
+        legacy = reader.read_legacy(handle, kind, where=where, map_location=map_location, checksums=checksums)
+    step = legacy_step(legacy.state, file_path)
+    return Checkpoint(legacy.state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
 
 
-def _load_v1(file: Any, path: Path, *, map_location: MapLocation, validate: bool) -> Checkpoint:
-    layout = fmt.read_layout(file, str(path))
-    device = torch.device(map_location)
-    blobs = _read_blobs(file, layout, verify=validate, path=path)
-    if device.type != "cpu":
-        blobs = [blob.to(device) for blob in blobs]
-    tensors = [fmt.view_tensor(entry, blobs[entry.blob]) for entry in layout.tensors]
+def _load_v1(handle: ReadHandle, path: Path, *, device: torch.device, checksums: bool) -> Checkpoint:
+    where = str(path)
+    layout = reader.read_layout(handle, where)
+    tensors = reader.read_tensors(handle, layout, where=where, checksums=checksums, device=device)
     state = unflatten(layout.tree, tensors)
     metadata = unflatten(layout.metadata, [])
     return Checkpoint(state, layout.step, metadata, layout.version, path)
-
-
-def _read_blobs(file: Any, layout: fmt.Layout, *, verify: bool, path: Path) -> list[torch.Tensor]:
-    """Every blob of an open v1 file, each read straight into a new 1-D uint8 CPU tensor.
-
-    Large blobs are checksummed in a helper thread while the next ones are read; the first
-    broken blob (in file order) is the one reported.
-    """
-    blobs = []
-    checks = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checker:
-        for index, entry in enumerate(layout.blobs):
-            blob = torch.empty(entry.nbytes, dtype=torch.uint8)
-            data = fmt.tensor_bytes(blob)
-            inline = verify and entry.nbytes < fmt.PARALLEL_CRC_MIN
-            fmt.read_blob_into(file, layout, index, data, verify=inline, path=str(path))
-            if verify and not inline:
-                checks.append(checker.submit(fmt.verify_crc, layout, index, data, path=str(path)))
-            blobs.append(blob)
-        for check in checks:
-            check.result()
-    return blobs

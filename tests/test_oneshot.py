@@ -1,4 +1,4 @@
-"""checkpoint.py: synchronous durable ``save`` and checked ``load``; legacy and hostile pickles;
+"""oneshot.py: synchronous durable ``save`` and checked ``load``; legacy and hostile pickles;
 the durable write protocol of storage.atomic_write as ``save`` uses it."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.dtypes import DTYPE_BY_NAME
+from asyncckpt.errors import UsageError
 from asyncckpt.storage import FdSink, atomic_write, is_temp_name
 from asyncckpt.testing import RecordingOps
 
@@ -66,17 +67,49 @@ def test_map_location_cpu_device(tmp_dir: Path) -> None:
     assert asyncckpt.load(path, map_location=torch.device("cpu")).state["t"].device.type == "cpu"
 
 
-def test_validate_false_still_checks_the_structure(tmp_dir: Path) -> None:
+def test_verify_structure_still_checks_the_structure(tmp_dir: Path) -> None:
     path = asyncckpt.save(tmp_dir / "a.ckpt", {"t": torch.ones(2)}, step=1)
     os.truncate(path, path.stat().st_size - 1)
 
     with pytest.raises(asyncckpt.CorruptedCheckpointError, match="truncated"):
-        asyncckpt.load(path, validate=False)
+        asyncckpt.load(path, verify="structure")
+
+
+def test_verify_none_skips_the_checksums_and_other_values_are_refused(tmp_dir: Path) -> None:
+    path = asyncckpt.save(tmp_dir / "a.ckpt", {"t": torch.ones(2)}, step=1)
+    data = bytearray(path.read_bytes())
+    data[fmt.DATA_OFFSET] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    assert asyncckpt.load(path, verify="none").step == 1
+    assert asyncckpt.load(path, verify="structure").step == 1
+    with pytest.raises(asyncckpt.CorruptedCheckpointError, match="checksum mismatch in t") as caught:
+        asyncckpt.load(path)
+    assert caught.value.path == str(path) and str(path) not in caught.value.reason
+    with pytest.raises(UsageError, match="verify must be 'full' or 'structure' or 'none', got False"):
+        asyncckpt.load(path, verify=False)  # type: ignore[arg-type]
 
 
 def test_load_of_a_missing_file(tmp_dir: Path) -> None:
     with pytest.raises(FileNotFoundError):
         asyncckpt.load(tmp_dir / "missing.ckpt")
+
+
+def test_load_of_a_fifo_or_a_symlink_refuses_at_once(tmp_dir: Path) -> None:
+    target = asyncckpt.save(tmp_dir / "real.ckpt", {"v": 1}, step=1)
+    os.mkfifo(tmp_dir / "fifo.ckpt")  # opening it for reading would block without a writer
+    (tmp_dir / "link.ckpt").symlink_to(target)
+
+    for name in ("fifo.ckpt", "link.ckpt"):
+        with pytest.raises(FileNotFoundError):
+            asyncckpt.load(tmp_dir / name)
+
+
+def test_asyncckpt_load_is_the_function_not_the_package() -> None:
+    import asyncckpt.load.rollback  # importing the subpackage again must not rebind the name
+
+    assert callable(asyncckpt.load) and asyncckpt.load.__module__ == "asyncckpt.oneshot"
+    assert asyncckpt.load_latest.__module__ == "asyncckpt.load.rollback"
 
 
 @pytest.mark.parametrize(

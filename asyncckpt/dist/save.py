@@ -1,0 +1,115 @@
+"""Saving one multi-rank step: agree on the step, split the state, let DCP plan, write, commit.
+
+:func:`save_step` is collective: every rank of the :class:`CoordinationGroup` calls it with the
+same step. Each rank writes its shard file (write → fsync → verify → commit); the coordinator
+(rank 0 of the group) writes the commit record after every rank reported its shard durable. A
+failure anywhere ends in an error on every rank and no record: the step does not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from .. import catalog
+from ..errors import CheckpointWriteError, CoordinationError, UsageError
+from ..storage import Location
+from ._dcp import dcp_save
+from .group import CoordinationGroup, first_line
+from .planner import SavePlanner
+from .state import split_state
+from .storage import AsyncckptWriter
+
+
+@dataclass(frozen=True)
+class SavedStep:
+    """A committed multi-rank step, as one rank saw it."""
+
+    step: int
+    rank: int
+    world_size: int
+    record: str  # the commit record's location
+
+
+def save_step(
+    location: Location,
+    step: int,
+    state: Mapping[str, Any],
+    *,
+    group: CoordinationGroup | None = None,
+    check_shards: bool = True,
+    plan_caching: bool = False,
+) -> SavedStep:
+    """Save ``state`` (name → module, optimizer, other object with ``state_dict()``, or value)
+    as the multi-rank step ``step`` of ``location``; collective over ``group``.
+
+    Modules and optimizers go through DCP (sharded parameters by shard, replicated tensors
+    once in total); everything else is kept per rank (see :mod:`asyncckpt.dist.state`).
+    ``group`` may be None only in a plain process (no ``torch.distributed``): the step then has
+    one rank. ``plan_caching`` reuses DCP's global plan while the state's structure is the same.
+    Blocking; returns once the commit record is durable.
+
+    Raises :class:`asyncckpt.CoordinationError` when the ranks call with different steps or one
+    does not answer within the group's timeout, :class:`asyncckpt.CheckpointWriteError` naming
+    the failed ranks when preparing or writing failed anywhere; then nothing was committed and
+    older steps are intact. :class:`asyncckpt.UsageError` for a bad step, on every rank.
+    """
+    coordination = solo_or(group)
+    catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
+    coordination.agree("save", step)
+
+    def prepare() -> tuple[dict[str, Any], AsyncckptWriter]:
+        split = split_state(state)
+        writer = AsyncckptWriter(location, step, per_rank=split.per_rank or None, check_shards=check_shards)
+        return split.sharded, writer
+
+    failed = partial(CheckpointWriteError, step=step)
+    sharded, writer = coordination.gather_outcomes(prepare, what=f"preparing step {step}", error=failed)
+    try:
+        planner = SavePlanner(enable_plan_caching=plan_caching)
+        dcp_save(sharded, writer=writer, planner=planner, group=coordination.group)
+    except CheckpointException as exc:
+        raise write_failed(exc, step) from failure_cause(exc)
+    except CoordinationError:
+        raise
+    except Exception as exc:  # a collective inside DCP failed: a rank died or stopped answering
+        lost = coordination.failed(f"saving step {step}", exc)
+        raise CheckpointWriteError(
+            f"{lost.reason}; nothing was committed", rank=coordination.rank, step=step
+        ) from exc
+    record = writer.storage.where(catalog.commit_record_name(step))
+    return SavedStep(step, coordination.rank, coordination.world_size, record)
+
+
+def solo_or(group: CoordinationGroup | None) -> CoordinationGroup:
+    """``group``, or a group of one in a plain process. Raises :class:`UsageError` when
+    ``torch.distributed`` is initialized and no group was given (creating one is collective)."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized():
+        raise UsageError(
+            "torch.distributed is initialized: pass group=CoordinationGroup(), created once per run"
+        )
+    return CoordinationGroup()
+
+
+def failure_cause(exc: CheckpointException) -> BaseException | None:
+    """The first failed rank's own exception."""
+    failures = exc.failures
+    return failures[min(failures)][0] if failures else None
+
+
+def write_failed(exc: CheckpointException, step: int) -> CheckpointWriteError:
+    """One error for every rank, naming each rank that failed and why."""
+    failures = sorted(exc.failures.items())
+    listing = "; ".join(f"rank {rank}: {type(e).__name__}: {first_line(e)}" for rank, (e, _) in failures)
+    return CheckpointWriteError(
+        f"saving step {step} failed on {len(failures)} rank(s), nothing was committed: {listing}",
+        rank=failures[0][0] if failures else None,
+        step=step,
+    )

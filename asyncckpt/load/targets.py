@@ -1,0 +1,109 @@
+"""Where ``restore`` reads a blob straight into: the live tensors of the objects it restores.
+
+A module's parameters and buffers, and an optimizer's existing state tensors (its moments survive
+``load_state_dict``, which keeps tensors of the right dtype and device as they are), receive the
+bytes of a blob that holds exactly them (same dtype and shape, contiguous, the blob's only
+tensor), so no second copy is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .. import format as fmt
+from ..dtypes import itemsize
+
+KeyPath = tuple[Any, ...]
+
+
+def direct_targets(objects: Mapping[str, Any], layout: fmt.Layout) -> dict[int, torch.Tensor]:
+    """Blob index → the live tensor its bytes go straight into."""
+    destinations = _live_tensors(objects)
+    users: dict[int, int] = {}
+    for entry in layout.tensors:
+        users[entry.blob] = users.get(entry.blob, 0) + 1
+    direct: dict[int, torch.Tensor] = {}
+    used: set[tuple[str, int]] = set()
+    for path, node in _tensor_refs(layout.tree):
+        target = destinations.get(path)
+        entry = layout.tensors[node.index]
+        if target is None or entry.blob in direct or users[entry.blob] != 1:
+            continue
+        memory = (str(target.device), target.untyped_storage().data_ptr())
+        if memory not in used and _fits(layout, entry, target):
+            direct[entry.blob] = target
+            used.add(memory)
+    return direct
+
+
+def _live_tensors(objects: Mapping[str, Any]) -> dict[KeyPath, torch.Tensor]:
+    """Key path in the state → an existing tensor the checkpoint's bytes may be read into."""
+    found: dict[KeyPath, torch.Tensor] = {}
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            for key, value in obj.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    found[(name, key)] = value
+        elif isinstance(obj, torch.optim.Optimizer):
+            found.update(_optimizer_tensors(name, obj))
+    return found
+
+
+def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> dict[KeyPath, torch.Tensor]:
+    """The optimizer's state tensors under their ``state_dict()`` paths.
+
+    ``state_dict()`` numbers parameters in param-group order; walking ``state`` in that order
+    gives the same paths without calling it (some optimizers, e.g. ZeroRedundancyOptimizer,
+    refuse ``state_dict()`` until consolidated).
+    """
+    found: dict[KeyPath, torch.Tensor] = {}
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in enumerate(params):
+        per_param = optimizer.state.get(param)
+        if isinstance(per_param, Mapping):
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    found[(name, "state", index, key)] = value
+    return found
+
+
+def _tensor_refs(tree: Any) -> list[tuple[KeyPath, fmt.TensorRef]]:
+    found = []
+    stack: list[tuple[KeyPath, Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, fmt.TensorRef):
+            found.append((path, node))
+        elif isinstance(node, dict):
+            stack.extend(((*path, k), v) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend(((*path, i), v) for i, v in enumerate(node))
+    found.reverse()  # document order, so the first of two paths to one tensor wins
+    return found
+
+
+def _fits(layout: fmt.Layout, entry: fmt.TensorEntry, target: torch.Tensor) -> bool:
+    nbytes = target.numel() * itemsize(target.dtype)
+    return (
+        entry.offset == 0
+        and target.dtype == entry.dtype
+        and tuple(target.shape) == entry.shape
+        and _contiguous(entry.shape, entry.stride)
+        and target.layout == torch.strided
+        and target.is_contiguous()
+        and target.device.type in ("cpu", "cuda")
+        and nbytes > 0
+        and layout.blobs[entry.blob].nbytes == nbytes
+    )
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True

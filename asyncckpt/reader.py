@@ -1,0 +1,282 @@
+"""The one reader of checkpoint bytes: v1 blobs (threads, CRC32C, pinned bounce buffers, reads
+straight into target tensors) and legacy ``torch.save`` files, all through a :class:`ReadHandle`.
+
+``load_latest``, ``restore``, ``check_candidates`` and the one-shot ``asyncckpt.load`` read a file
+the same way, on the CPU as on CUDA. Every read goes through the Storage seam: the blob readers
+share one handle (its positional reads are thread-safe) and each thread has its own cursor.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import torch
+
+from . import format as fmt
+from .errors import CheckpointError, CorruptedCheckpointError
+from .format import FileKind
+from .storage import ReadHandle
+
+MAX_READ_THREADS = 8
+PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
+
+Failure = tuple[int, CheckpointError]  # (blob index, what went wrong there)
+
+
+def file_kind(handle: ReadHandle, where: str) -> FileKind:
+    """What the file behind ``handle`` is, from its first bytes (:func:`asyncckpt.format.sniff`).
+
+    Raises :class:`CorruptedCheckpointError` (``path``, ``offset``) for a file too short to say
+    or that is no checkpoint at all.
+    """
+    buffer = bytearray(fmt.SNIFF_BYTES)
+    return fmt.sniff(bytes(buffer[: handle.read_at(0, memoryview(buffer))]), path=where)
+
+
+def read_layout(handle: ReadHandle, where: str) -> fmt.Layout:
+    """Read and check the prelude, trailer and header of a v1 file; no blob is read.
+
+    Raises :class:`CorruptedCheckpointError` or :class:`UnsupportedVersionError`.
+    """
+    return fmt.read_layout(_file(handle), where)
+
+
+def read_tensors(
+    handle: ReadHandle,
+    layout: fmt.Layout,
+    *,
+    where: str,
+    checksums: bool,
+    device: torch.device,
+    targets: Mapping[int, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Every tensor of ``layout``'s table, read from ``handle``, in table order.
+
+    Blob ``i`` is read straight into ``targets[i]`` when given (a contiguous tensor holding
+    exactly the blob's bytes, which is then the tensor itself), else into a new buffer on
+    ``device`` of which the tensors are views. Bytes for a non-CPU destination pass through one
+    host bounce buffer per thread (pinned for CUDA). Big files are read by several threads; the
+    lowest broken blob of the file is the one reported, whatever the threads' timing.
+
+    Raises :class:`CorruptedCheckpointError` (``path``, ``blob``, ``offset``) for a truncated
+    blob or, with ``checksums``, a CRC32C mismatch; ``OSError`` when the storage fails.
+    """
+    direct = dict(targets or {})
+    buffers = {
+        i: torch.empty(blob.nbytes, dtype=torch.uint8, device=device)
+        for i, blob in enumerate(layout.blobs)
+        if i not in direct
+    }
+    destinations = [_bytes_of(direct[i]) if i in direct else buffers[i] for i in range(len(layout.blobs))]
+    _BlobReads(handle, layout, where).read(destinations, checksums=checksums)
+    return [
+        direct[entry.blob] if entry.blob in direct else fmt.view_tensor(entry, buffers[entry.blob])
+        for entry in layout.tensors
+    ]
+
+
+def check_blobs(handle: ReadHandle, layout: fmt.Layout, *, where: str) -> None:
+    """Read every blob through a small scratch buffer per thread and check its CRC32C; keep nothing.
+
+    Raises :class:`CorruptedCheckpointError` for the lowest broken blob, like :func:`read_tensors`.
+    """
+    _BlobReads(handle, layout, where).check()
+
+
+@dataclass(frozen=True)
+class LegacyState:
+    """A legacy ``torch.save`` file's content, and whether its own checksums were checked."""
+
+    state: Any
+    verified: bool
+
+
+def read_legacy(
+    handle: ReadHandle,
+    kind: FileKind,
+    *,
+    where: str,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
+    checksums: bool = False,
+) -> LegacyState:
+    """Unpickle a legacy ``torch.save`` file with ``weights_only=True``; refuse anything else.
+
+    ``mmap=True`` maps a zip file's tensor data instead of reading it (a cheap way to read the
+    pickled structure); ``checksums=True`` checks the file's own checksums first where it has
+    them. Raises :class:`CorruptedCheckpointError` (nothing in a refused pickle runs) and
+    ``FileNotFoundError`` when the file was removed since ``handle`` was opened.
+    """
+    verified = checksums and _verify_legacy(handle, kind, where)
+    local = handle.local_path
+    source: Path | BinaryIO = local if local is not None else _buffered(handle)
+    try:
+        state = torch.load(
+            source,
+            map_location=map_location,
+            weights_only=True,
+            mmap=mmap and local is not None and kind is FileKind.ZIP_TORCH_SAVE,
+        )
+    except FileNotFoundError:  # removed since it was listed (retention): not a broken file
+        raise
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise CorruptedCheckpointError(
+            f"legacy torch.save file refused (weights_only=True): {reason}", path=where
+        ) from None
+    return LegacyState(state, verified)
+
+
+def _verify_legacy(handle: ReadHandle, kind: FileKind, where: str) -> bool:
+    """Check a legacy file's own checksums; True when they were checked (and matched).
+
+    The hook every full verification of a legacy file goes through: a zip ``torch.save`` file
+    has its members' CRC32s checked (:class:`CorruptedCheckpointError` naming the member on a
+    mismatch); a raw-pickle file carries none, so it stays unverified.
+    """
+    if not kind.verifiable:
+        return False
+    fmt.legacy.verify_zip_members(_buffered(handle), path=where)
+    return True
+
+
+# --------------------------------------------------------------------------- blob reads
+
+
+class _BlobReads:
+    """Blobs of one checked v1 file, read (or checked) by one thread or several sharing a handle."""
+
+    def __init__(self, handle: ReadHandle, layout: fmt.Layout, where: str) -> None:
+        self.handle = handle
+        self.layout = layout
+        self.where = where
+        self._lock = threading.Lock()
+        self._failed_at = len(layout.blobs)  # the lowest blob index known to be broken
+
+    def read(self, destinations: list[torch.Tensor], *, checksums: bool) -> None:
+        def group(indices: list[int]) -> Failure | None:
+            reader = _file(self.handle)
+            bounce: list[torch.Tensor] = []  # this thread's host buffer for non-CPU destinations
+            return self._each(
+                indices, lambda i: self._read_one(reader, i, destinations[i], bounce, checksums=checksums)
+            )
+
+        self._run(group)
+
+    def check(self) -> None:
+        def group(indices: list[int]) -> Failure | None:
+            reader = _file(self.handle)
+            scratch = memoryview(bytearray(fmt.CHUNK))
+            return self._each(
+                indices, lambda i: fmt.check_blob(reader, self.layout, i, path=self.where, scratch=scratch)
+            )
+
+        self._run(group)
+
+    def _run(self, group: Callable[[list[int]], Failure | None]) -> None:
+        groups = _groups([blob.nbytes for blob in self.layout.blobs])
+        if len(groups) == 1:
+            failures = [group(groups[0])]
+        else:
+            # preadv and crc32c release the GIL: blobs are read and checked in parallel
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="asyncckpt-read") as pool:
+                failures = list(pool.map(group, groups))
+        found = [failure for failure in failures if failure is not None]
+        if found:
+            raise min(found, key=lambda failure: failure[0])[1]
+
+    def _each(self, indices: list[int], work: Callable[[int], None]) -> Failure | None:
+        """Run ``work`` on ``indices`` in file order; return the first failure instead of raising
+        it, so that the caller can report the lowest broken blob of the whole file."""
+        for index in indices:
+            if index > self._failed_at:  # a lower blob is broken already: nothing to learn here
+                return None
+            try:
+                work(index)
+            except CheckpointError as exc:
+                with self._lock:
+                    self._failed_at = min(self._failed_at, index)
+                return index, exc
+        return None
+
+    def _read_one(
+        self,
+        reader: BinaryIO,
+        index: int,
+        destination: torch.Tensor,
+        bounce: list[torch.Tensor],
+        *,
+        checksums: bool,
+    ) -> None:
+        if destination.device.type == "cpu":
+            self._read_into(reader, index, destination, checksums=checksums)
+            return
+        nbytes = self.layout.blobs[index].nbytes
+        if not bounce or bounce[0].numel() < nbytes:
+            bounce[:] = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=destination.device.type == "cuda")]
+        host = bounce[0][:nbytes]
+        self._read_into(reader, index, host, checksums=checksums)
+        destination.copy_(host)
+
+    def _read_into(self, reader: BinaryIO, index: int, host: torch.Tensor, *, checksums: bool) -> None:
+        view = fmt.tensor_bytes(host)
+        fmt.read_blob_into(reader, self.layout, index, view, verify=checksums, path=self.where)
+
+
+def _groups(sizes: list[int]) -> list[list[int]]:
+    """Blob indices split into groups of about equal bytes, one per reading thread, each in file order."""
+    count = min(MAX_READ_THREADS, os.cpu_count() or 1, len(sizes))
+    if sum(sizes) < PARALLEL_READ_MIN_BYTES or count < 2:
+        return [list(range(len(sizes)))]
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(index)
+        loads[lightest] += sizes[index]
+    return [sorted(group) for group in groups if group]
+
+
+def _bytes_of(target: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a 1-D uint8 tensor (a view: writes go into ``target``)."""
+    return target.detach().reshape(-1).view(torch.uint8)
+
+
+def _file(handle: ReadHandle) -> BinaryIO:
+    """A cursor of its own over ``handle`` (``seek``/``readinto``), as the format's readers take it."""
+    return cast(BinaryIO, handle.cursor())
+
+
+class _RawHandle(io.RawIOBase):
+    """A :class:`ReadHandle` as a raw stream, so that ``io.BufferedReader`` (and pickle) can use it."""
+
+    def __init__(self, handle: ReadHandle) -> None:
+        super().__init__()
+        self._cursor = handle.cursor()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._cursor.readinto(buffer)
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        return self._cursor.seek(position, whence)
+
+    def tell(self) -> int:
+        return self._cursor.tell()
+
+
+def _buffered(handle: ReadHandle) -> BinaryIO:
+    return io.BufferedReader(_RawHandle(handle))
