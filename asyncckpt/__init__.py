@@ -5,6 +5,7 @@ from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpointer import AsyncCheckpointer
 from .errors import (
+    AsyncckptError,
     CheckpointBusyError,
     CheckpointError,
     CheckpointWriteError,
@@ -13,20 +14,20 @@ from .errors import (
     Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
+    StateTooLargeError,
+    UnsupportedValueError,
     UnsupportedVersionError,
+    UsageError,
 )
-from .load import CandidateReport, LoadResult, check_candidates, load_latest, restore
-
-# After the packages asyncckpt.load and asyncckpt.save are first imported (by the lines above):
-# that binds their names on this package; the public asyncckpt.load and asyncckpt.save are the
-# one-shot functions.
+from .loading import CandidateReport, LoadResult, check_candidates, load_latest, restore
 from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
-from .save.handles import SaveHandle
-from .save.stats import CheckpointerStats
+from .saving.handles import SaveHandle
+from .saving.stats import CheckpointerStats
 
 __all__ = [
     "AsyncCheckpointer",
+    "AsyncckptError",
     "CandidateReport",
     "Checkpoint",
     "CheckpointBusyError",
@@ -41,8 +42,11 @@ __all__ = [
     "LoadResult",
     "NoValidCheckpointError",
     "SaveHandle",
+    "StateTooLargeError",
     "UnresolvedValue",
+    "UnsupportedValueError",
     "UnsupportedVersionError",
+    "UsageError",
     "__version__",
     "check_candidates",
     "list_checkpoints",

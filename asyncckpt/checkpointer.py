@@ -1,10 +1,10 @@
 """AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` goes one way down: :func:`~asyncckpt.save.plan.plan_save` checks and flattens the
+``save()`` goes one way down: :func:`~asyncckpt.saving.plan.plan_save` checks and flattens the
 state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
-:class:`~asyncckpt.save.stager.Stager` copies the state into it; the job goes to the writer
-through the open lifecycle, a :class:`~asyncckpt.save.runner.SyncRunner` (``with``: an event loop
-in a background thread) or an :class:`~asyncckpt.save.runner.AsyncRunner` (``async with``: the
+:class:`~asyncckpt.saving.stager.Stager` copies the state into it; the job goes to the writer
+through the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop
+in a background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
 caller's task group).
 """
 
@@ -23,19 +23,19 @@ import torch
 from . import events as ev
 from .catalog import check_name, checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
-from .load import LoadResult, MapLocation, OnCorrupt
-from .load import rollback as loader
+from .loading import LoadResult, MapLocation, OnCorrupt
+from .loading import rollback as loader
 from .preemption import CallsInProgress, SigtermFlusher
-from .save.errorbox import ErrorBox
-from .save.handles import SaveHandle
-from .save.job import Deletion, Job
-from .save.pending import PendingSaves
-from .save.plan import SavePlan, plan_save
-from .save.runner import AsyncRunner, Runner, SyncRunner
-from .save.stager import Stager
-from .save.staging import StagedCopy, StagingPool
-from .save.stats import CheckpointerStats, SaveStats
-from .save.writer import VerifyMode, Writer
+from .saving.errorbox import ErrorBox
+from .saving.handles import SaveHandle
+from .saving.job import Deletion, Job
+from .saving.pending import PendingSaves
+from .saving.plan import SavePlan, plan_save
+from .saving.runner import AsyncRunner, Runner, SyncRunner
+from .saving.stager import Stager
+from .saving.staging import StagedCopy, StagingPool
+from .saving.stats import CheckpointerStats, SaveStats
+from .saving.writer import VerifyMode, Writer
 from .storage import OS, FileOps, PosixStorage
 
 WhenBusy = Literal["wait", "skip"]

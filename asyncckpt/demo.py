@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from .checkpointer import AsyncCheckpointer
-from .save.stats import CheckpointerStats
+from .saving.stats import CheckpointerStats
 
 DEFAULT_DIRECTORY = Path("demo-run")
 DEFAULT_STEPS = 300

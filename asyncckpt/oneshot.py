@@ -21,8 +21,8 @@ from . import reader
 from ._tree import unflatten
 from .format import FileKind, TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step
-from .load.options import VERIFY_MODES, MapLocation, Verify, one_of
-from .save.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
+from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
+from .saving.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
 from .storage import OS, FileOps, ReadHandle, Sink, WriteTimings, atomic_write, open_storage
 
 __all__ = ["Checkpoint", "MapLocation", "load", "save", "write_snapshot"]

@@ -41,8 +41,8 @@ def _save_path(state: Any, directory: Path, n: int, profiler: Any) -> list[str]:
     from ckptbench.internals import stage_once
 
     import asyncckpt
-    from asyncckpt.save.snapshot import flatten
-    from asyncckpt.save.staging import StagingPool
+    from asyncckpt.saving.snapshot import flatten
+    from asyncckpt.saving.staging import StagingPool
 
     objects = state.objects()
     floor_buffers = [torch.empty_like(t) for t in state.tensors()]

@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 
 import asyncckpt
 from asyncckpt.catalog import checkpoint_name
-from asyncckpt.load import restore
+from asyncckpt.loading import restore
 from asyncckpt.rng import rng_state, set_rng_state
 
 

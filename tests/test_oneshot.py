@@ -105,11 +105,13 @@ def test_load_of_a_fifo_or_a_symlink_refuses_at_once(tmp_dir: Path) -> None:
             asyncckpt.load(tmp_dir / name)
 
 
-def test_asyncckpt_load_is_the_function_not_the_package() -> None:
-    import asyncckpt.load.rollback  # importing the subpackage again must not rebind the name
+def test_asyncckpt_load_is_the_function_not_a_package() -> None:
+    import asyncckpt.loading.rollback  # importing the subpackages must not rebind the names
+    import asyncckpt.saving.writer  # noqa: F401
 
     assert callable(asyncckpt.load) and asyncckpt.load.__module__ == "asyncckpt.oneshot"
-    assert asyncckpt.load_latest.__module__ == "asyncckpt.load.rollback"
+    assert callable(asyncckpt.save) and asyncckpt.save.__module__ == "asyncckpt.oneshot"
+    assert asyncckpt.load_latest.__module__ == "asyncckpt.loading.rollback"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-# The load side's test helpers (tests/load/helpers.py; tests/ is on sys.path).
-from load.helpers import Recorder, assert_same_state, flip_blob_byte, make_state  # noqa: I001
+# The load side's test helpers (tests/loading/helpers.py; tests/ is on sys.path).
+from loading.helpers import Recorder, assert_same_state, flip_blob_byte, make_state  # noqa: I001
 
 import asyncckpt
 from asyncckpt import format as fmt
@@ -18,9 +18,9 @@ from asyncckpt import reader as reader_module
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
 from asyncckpt.format import FileKind
-from asyncckpt.load import candidate as candidate_module
-from asyncckpt.load import load_latest, restore
-from asyncckpt.load import rollback as rollback_module
+from asyncckpt.loading import candidate as candidate_module
+from asyncckpt.loading import load_latest, restore
+from asyncckpt.loading import rollback as rollback_module
 from asyncckpt.storage import PosixFile, PosixStorage, ReadHandle
 
 

@@ -20,8 +20,8 @@ from ..catalog import parse_checkpoint_name
 from ..dtypes import dtype_name, itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
-from ..load import CandidateReport
-from ..save.snapshot import flatten
+from ..loading import CandidateReport
+from ..saving.snapshot import flatten
 from ..storage import is_temp_name
 
 Kind = Literal["checkpoint", "legacy", "temp"]

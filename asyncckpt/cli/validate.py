@@ -20,7 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, NoValidCheckpointError
-from ..load import CandidateReport, check_candidates
+from ..loading import CandidateReport, check_candidates
 from .exits import DebugOption, existing, reports_errors
 from .inspection import prelude_report, resume_candidates
 from .render import JsonOption, human_bytes, plural, stderr, stdout, step_text

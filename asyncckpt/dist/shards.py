@@ -27,7 +27,7 @@ from .. import format as fmt
 from ..errors import CheckpointError, CheckpointWriteError, CorruptedCheckpointError
 from .._tree import unflatten
 from ..format import TensorEntry
-from ..save.snapshot import Snapshot, contiguous_stride
+from ..saving.snapshot import Snapshot, contiguous_stride
 from ..storage import ReadHandle, Storage, Written
 from .record import SHARD_KIND, CommitRecord, ItemLocation, ShardDigest
 

@@ -38,7 +38,7 @@ from .. import catalog
 from .. import format as fmt
 from ..dtypes import itemsize
 from ..errors import CheckpointWriteError, UnsupportedValueError, UsageError
-from ..save.snapshot import Snapshot, flatten
+from ..saving.snapshot import Snapshot, flatten
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value

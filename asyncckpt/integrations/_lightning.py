@@ -23,9 +23,9 @@ import torch
 from .._tree import key_path
 from ..checkpointer import AsyncCheckpointer, WhenBusy
 from ..errors import CheckpointError, UnsupportedValueError
-from ..load import LoadResult, load_latest
+from ..loading import LoadResult, load_latest
 from ..oneshot import load
-from ..save.writer import VerifyMode
+from ..saving.writer import VerifyMode
 
 HPARAMS_KEY = "hyper_parameters"
 _PLAIN = (str, int, float, bool, bytes, type(None))

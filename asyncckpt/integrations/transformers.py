@@ -33,10 +33,10 @@ from transformers.trainer_callback import ExportableState
 
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, UsageError
-from ..load import LoadResult, load_latest
+from ..loading import LoadResult, load_latest
 from ..oneshot import load
 from ..rng import rng_state, set_rng_state
-from ..save.writer import VerifyMode
+from ..saving.writer import VerifyMode
 
 __all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "CHECKPOINT_SUBDIR"]
 

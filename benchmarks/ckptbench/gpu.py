@@ -42,8 +42,8 @@ def _median(xs: list[float]) -> dict[str, float]:
 
 def bandwidth(nbytes: int, n_tensors: int, repeat: int) -> dict[str, Any]:
     """D2H GB/s: asyncckpt staging vs one large pinned copy_ vs per-tensor pinned copy_."""
-    from asyncckpt.save.snapshot import flatten
-    from asyncckpt.save.staging import StagingPool
+    from asyncckpt.saving.snapshot import flatten
+    from asyncckpt.saving.staging import StagingPool
 
     from .internals import stage_once
 

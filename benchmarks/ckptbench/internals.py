@@ -10,6 +10,6 @@ from typing import Any
 
 def stage_once(snapshot: Any, buffers: Any, *, side_stream: Any = None) -> Any:
     """Copy ``snapshot`` into ``buffers`` with asyncckpt's staging; return an object with ``wait()``."""
-    from asyncckpt.save import staging
+    from asyncckpt.saving import staging
 
     return staging.stage(snapshot, buffers, side_stream=side_stream)

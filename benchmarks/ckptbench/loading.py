@@ -188,7 +188,7 @@ def restore_function() -> Any:
 
     restore = getattr(asyncckpt, "restore", None)
     if restore is None:  # the loader is not re-exported yet
-        from asyncckpt.load import rollback as loader
+        from asyncckpt.loading import rollback as loader
 
         restore = loader.restore
     if "log" in inspect.signature(restore).parameters:

@@ -10,7 +10,7 @@ import torch
 import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.catalog import checkpoint_name
-from asyncckpt.load import FAILED_LOG_NAME, load_latest, restore
+from asyncckpt.loading import FAILED_LOG_NAME, load_latest, restore
 
 
 def model_state(step: int) -> dict[str, torch.Tensor]:

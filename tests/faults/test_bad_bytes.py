@@ -29,7 +29,7 @@ import asyncckpt
 from asyncckpt import AsyncCheckpointer, CorruptedCheckpointError, IncompatibleCheckpointError
 from asyncckpt import format as fmt
 from asyncckpt.catalog import checkpoint_name
-from asyncckpt.load import load_latest
+from asyncckpt.loading import load_latest
 from asyncckpt.testing import deterministic_state, states_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")

@@ -25,7 +25,7 @@ import torch
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CorruptedCheckpointError
 from asyncckpt.catalog import checkpoint_name
-from asyncckpt.load import LoadResult, load_latest
+from asyncckpt.loading import LoadResult, load_latest
 from asyncckpt.testing import deterministic_state, states_equal
 
 

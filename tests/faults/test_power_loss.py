@@ -25,7 +25,7 @@ import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
 from asyncckpt.catalog import checkpoint_name, parse_checkpoint_name
 from asyncckpt.errors import NoValidCheckpointError
-from asyncckpt.load import load_latest
+from asyncckpt.loading import load_latest
 from asyncckpt.storage import FileOps
 from asyncckpt.testing import CrashState, FaultyOps, PowerLossOps, deterministic_state, states_equal
 

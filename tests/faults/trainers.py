@@ -14,7 +14,7 @@ from typing import Any
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import parse_checkpoint_name
-from asyncckpt.load import load_latest
+from asyncckpt.loading import load_latest
 from asyncckpt.storage import is_temp_name
 from asyncckpt.testing import states_equal, temp_files
 

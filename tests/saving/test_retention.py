@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from asyncckpt.catalog import CheckpointInfo, checkpoint_name
 from asyncckpt.errors import UsageError
-from asyncckpt.save.retention import prunable
+from asyncckpt.saving.retention import prunable
 
 ROOT = Path("/run")
 

@@ -3,7 +3,7 @@
 :class:`SyncRunner` runs the writer task on an anyio event loop in a background thread (a
 blocking portal), for trainers that use ``with``; :class:`AsyncRunner` runs it in a task group
 of the caller's event loop, for ``async with``. Both take the same jobs, hand them to the same
-:class:`~asyncckpt.save.writer.Writer`, and close the same way: wait for the pending saves (at
+:class:`~asyncckpt.saving.writer.Writer`, and close the same way: wait for the pending saves (at
 most ``close_timeout``), abandon those that are stuck, stop the writer, raise the first failure.
 """
 

@@ -10,8 +10,8 @@ import torch
 
 from asyncckpt import format as fmt
 from asyncckpt.errors import UsageError
-from asyncckpt.save.snapshot import flatten
-from asyncckpt.save.staging import (
+from asyncckpt.saving.snapshot import flatten
+from asyncckpt.saving.staging import (
     GROUP_BYTES,
     Copier,
     StagedCopy,

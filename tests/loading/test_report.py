@@ -15,8 +15,8 @@ import asyncckpt
 from asyncckpt import reader as reader_module
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
-from asyncckpt.load import FAILED_LOG_NAME, SUMMARY_EVENT, Diagnostic, check_candidates, load_latest
-from asyncckpt.load.report import record_failures
+from asyncckpt.loading import FAILED_LOG_NAME, SUMMARY_EVENT, Diagnostic, check_candidates, load_latest
+from asyncckpt.loading.report import record_failures
 from asyncckpt.storage import PosixStorage
 
 from .helpers import Recorder, failed_lines, flip_blob_byte, make_state, truncate, write, write_steps

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncckpt.errors import UnsupportedValueError
-from asyncckpt.save.plan import plan_save
+from asyncckpt.saving.plan import plan_save
 
 
 def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from asyncckpt.errors import CheckpointWriteError
-from asyncckpt.save.errorbox import ErrorBox
-from asyncckpt.save.handles import SaveHandle
+from asyncckpt.saving.errorbox import ErrorBox
+from asyncckpt.saving.handles import SaveHandle
 
 PATH = Path("/run/step-0000000001.ckpt")
 

@@ -1,7 +1,7 @@
 """Stager: the staging step of a save, from a plan and a free slot to a staged copy.
 
-It holds what outlives one save: the background :class:`~asyncckpt.save.staging.Copier`, the
-CUDA side stream (made at the first CUDA save), and the :class:`~asyncckpt.save.overlap.StepGuard`
+It holds what outlives one save: the background :class:`~asyncckpt.saving.staging.Copier`, the
+CUDA side stream (made at the first CUDA save), and the :class:`~asyncckpt.saving.overlap.StepGuard`
 that makes optimizer steps wait for the background copies.
 """
 
@@ -30,7 +30,7 @@ class Stager:
         self._side_stream: Any = None
 
     def stage(self, plan: SavePlan, buffers: StagingBuffers) -> StagedCopy:
-        """Copy ``plan`` into ``buffers`` (see :func:`~asyncckpt.save.staging.stage`); the step
+        """Copy ``plan`` into ``buffers`` (see :func:`~asyncckpt.saving.staging.stage`); the step
         guard then covers the deferred blobs. On failure the buffers go back to the pool."""
         if plan.uses_cuda and self._side_stream is None:
             self._side_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]

@@ -12,8 +12,8 @@ import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
-from asyncckpt.load import check_candidates, load_latest
-from asyncckpt.load.candidates import discover
+from asyncckpt.loading import check_candidates, load_latest
+from asyncckpt.loading.candidates import discover
 from asyncckpt.storage import PosixFile, PosixStorage
 from asyncckpt.storage.posix import temp_name
 

@@ -23,12 +23,12 @@ from asyncckpt import events as ev
 from asyncckpt import format as fmt
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CheckpointWriteError
-from asyncckpt.save.errorbox import ErrorBox
-from asyncckpt.save.job import Job
-from asyncckpt.save.plan import plan_save
-from asyncckpt.save.staging import StagingPool, stage
-from asyncckpt.save.stats import SaveStats
-from asyncckpt.save.writer import VerifyMode, Writer
+from asyncckpt.saving.errorbox import ErrorBox
+from asyncckpt.saving.job import Job
+from asyncckpt.saving.plan import plan_save
+from asyncckpt.saving.staging import StagingPool, stage
+from asyncckpt.saving.stats import SaveStats
+from asyncckpt.saving.writer import VerifyMode, Writer
 from asyncckpt.storage import Body, PosixStorage, Sink, Written
 from asyncckpt.testing import deterministic_state, states_equal
 

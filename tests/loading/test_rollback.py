@@ -20,14 +20,14 @@ from asyncckpt.errors import (
     NoValidCheckpointError,
     UsageError,
 )
-from asyncckpt.load import (
+from asyncckpt.loading import (
     FAILED_LOG_NAME,
     Diagnostic,
     LoadResult,
     load_latest,
     restore,
 )
-from asyncckpt.load import rollback as rollback_module
+from asyncckpt.loading import rollback as rollback_module
 from asyncckpt.storage import PosixFile, PosixStorage, StoredObject
 
 from .helpers import (

@@ -17,10 +17,10 @@ import torch
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, CheckpointWriteError
 from asyncckpt.format import tensor_bytes
-from asyncckpt.load import rollback as loader
-from asyncckpt.save.overlap import modules_in, step_guarded_blobs
-from asyncckpt.save.snapshot import flatten
-from asyncckpt.save.staging import Copier, StagedCopy, StagingPool, stage
+from asyncckpt.loading import rollback as loader
+from asyncckpt.saving.overlap import modules_in, step_guarded_blobs
+from asyncckpt.saving.snapshot import flatten
+from asyncckpt.saving.staging import Copier, StagedCopy, StagingPool, stage
 
 
 class GatedCopier(Copier):

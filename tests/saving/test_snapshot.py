@@ -14,7 +14,7 @@ from asyncckpt import format as fmt
 from asyncckpt._tree import unflatten
 from asyncckpt.errors import UnsupportedValueError
 from asyncckpt.format import BigInt, TensorRef
-from asyncckpt.save.snapshot import (
+from asyncckpt.saving.snapshot import (
     INT64_MIN,
     UINT64_MAX,
     BlobSource,

@@ -11,8 +11,8 @@ import anyio
 
 from asyncckpt import events as ev
 from asyncckpt.errors import CheckpointWriteError
-from asyncckpt.save.job import Job
-from asyncckpt.save.pending import PendingSaves
+from asyncckpt.saving.job import Job
+from asyncckpt.saving.pending import PendingSaves
 
 
 def job(step: int, *, done_event: Any = None) -> Job:

@@ -14,7 +14,7 @@ from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import (
     NoValidCheckpointError,
 )
-from asyncckpt.load import (
+from asyncckpt.loading import (
     load_latest,
     restore,
 )

@@ -14,8 +14,8 @@ from asyncckpt import reader as reader_module
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.cli import app
 from asyncckpt.errors import EXIT_CHECKPOINT, CorruptedCheckpointError, NoValidCheckpointError, UsageError
-from asyncckpt.load import FAILED_LOG_NAME, check_candidates, load_latest
-from asyncckpt.load import verify as verify_module
+from asyncckpt.loading import FAILED_LOG_NAME, check_candidates, load_latest
+from asyncckpt.loading import verify as verify_module
 from asyncckpt.storage import PosixFile
 
 from .helpers import PruningStorage, Recorder, flip_blob_byte, truncate, write, write_steps

@@ -10,7 +10,7 @@ import torch
 from asyncckpt.errors import (
     NoValidCheckpointError,
 )
-from asyncckpt.load import (
+from asyncckpt.loading import (
     load_latest,
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asyncckpt.errors import CheckpointWriteError
-from asyncckpt.save.errorbox import ErrorBox
+from asyncckpt.saving.errorbox import ErrorBox
 
 
 def test_an_empty_box_raises_nothing() -> None:
