@@ -71,11 +71,9 @@ class AsyncCheckpointMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.asyncckpt_options = {
-            "max_pending": max_pending,
-            "verify": verify,
-            "close_timeout": close_timeout,
-        }
+        self.asyncckpt_max_pending = max_pending
+        self.asyncckpt_verify: VerifyMode = verify
+        self.asyncckpt_close_timeout = close_timeout
         self.asyncckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.last_load: LoadResult | None = None
         self._checkpointer: AsyncCheckpointer | None = None
@@ -231,7 +229,13 @@ class AsyncCheckpointMixin:
         if self._checkpointer is not None:
             self._checkpointer.close()
         limit = self.args.save_total_limit  # type: ignore[attr-defined]
-        checkpointer = AsyncCheckpointer(directory, keep_last=limit or None, **self.asyncckpt_options)  # type: ignore[arg-type]
+        checkpointer = AsyncCheckpointer(
+            directory,
+            keep_last=limit or None,
+            max_pending=self.asyncckpt_max_pending,
+            verify=self.asyncckpt_verify,
+            close_timeout=self.asyncckpt_close_timeout,
+        )
         self._checkpointer = checkpointer.__enter__()
         return checkpointer
 
