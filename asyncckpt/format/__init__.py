@@ -1,7 +1,8 @@
 """On-disk format v1 (docs/FORMAT.md), bytes only: no ``os``, no threads, no paths opened.
 
 Modules, one job each: :mod:`.spec` (constants, limits, entries, versions), :mod:`.codec`
-(msgpack with exact types), :mod:`.encode` (writing a file to a sink), :mod:`.decode` (checked
+(msgpack with exact types), :mod:`.scan` (a header's msgpack checked before it is decoded),
+:mod:`.encode` (writing a file to a sink), :mod:`.decode` (checked
 reading of prelude, trailer and header), :mod:`.blobs` (reading and checking blobs),
 :mod:`.sniff` (what kind of file this is) and :mod:`.legacy` (pre-versioned ``torch.save``
 files). Readers work on file-like objects they are given; the limits are read as
@@ -10,9 +11,9 @@ files). Readers work on file-like objects they are given; the limits are read as
 
 from __future__ import annotations
 
-from . import codec, decode, encode, legacy, spec
+from . import codec, decode, encode, legacy, scan, spec
 from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verify_crc, view_tensor
-from .codec import pack, unpack
+from .codec import count_objects, not_exact, pack, unpack
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
 from .encode import (
     PreparedHeader,
@@ -38,7 +39,10 @@ from .spec import (
     EXT_TYPED,
     FORMAT_NAME,
     FORMAT_VERSION,
+    HEADER_BYTES_PER_OBJECT,
+    HEADER_FREE_OBJECTS,
     MAGIC,
+    MAX_BIGINT_BITS,
     MAX_BLOBS,
     MAX_CRC,
     MAX_DEPTH,
@@ -57,6 +61,8 @@ from .spec import (
     STATUS_COMPLETE,
     TRAILER_MAGIC,
     TRAILER_SIZE,
+    TUPLE_COPIES,
+    TUPLE_FREE_BYTES,
     BigInt,
     BlobEntry,
     Layout,
@@ -64,7 +70,10 @@ from .spec import (
     TensorRef,
     TypedValue,
     align_up,
+    max_header_objects,
+    max_tuple_bytes,
     parse_version,
+    tensor_size_problem,
 )
 
 __all__ = [
@@ -77,7 +86,10 @@ __all__ = [
     "EXT_TYPED",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "HEADER_BYTES_PER_OBJECT",
+    "HEADER_FREE_OBJECTS",
     "MAGIC",
+    "MAX_BIGINT_BITS",
     "MAX_BLOBS",
     "MAX_CRC",
     "MAX_DEPTH",
@@ -97,6 +109,8 @@ __all__ = [
     "STATUS_COMPLETE",
     "TRAILER_MAGIC",
     "TRAILER_SIZE",
+    "TUPLE_COPIES",
+    "TUPLE_FREE_BYTES",
     "BigInt",
     "BlobEntry",
     "FileKind",
@@ -112,21 +126,27 @@ __all__ = [
     "check_prelude",
     "check_step",
     "codec",
+    "count_objects",
     "decode",
     "encode",
     "encode_header",
     "encode_prelude",
     "encode_trailer",
     "legacy",
+    "max_header_objects",
+    "max_tuple_bytes",
+    "not_exact",
     "pack",
     "parse_version",
     "prepare_header",
     "read_blob_into",
     "read_header_bytes",
     "read_layout",
+    "scan",
     "sniff",
     "spec",
     "tensor_bytes",
+    "tensor_size_problem",
     "unpack",
     "unsupported_version",
     "verify_blobs",

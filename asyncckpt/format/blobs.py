@@ -110,10 +110,15 @@ def view_tensor(entry: TensorEntry, blob: torch.Tensor) -> torch.Tensor:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy view of the bytes of a contiguous CPU tensor; the view keeps the tensor alive.
 
-    Raises ``ValueError`` for any other tensor (the caller's bug, never the user's).
+    A conjugate or negative view (``t.conj()`` of a complex tensor, ``torch._neg_view``) is
+    resolved into a copy first: its memory holds the values before the conjugation or negation,
+    which are not the tensor's values. Raises ``ValueError`` for a tensor that is not a
+    contiguous CPU tensor (the caller's bug, never the user's).
     """
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
     nbytes = tensor.numel() * itemsize(tensor.dtype)
     if nbytes == 0:
         return memoryview(bytearray(0))

@@ -8,8 +8,7 @@ declared size.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import crc32c
@@ -206,9 +205,9 @@ class _HeaderChecker:
         blobs = self.blobs()
         tensors = self.tensors(blobs)
         tree = self.header.get("tree")
-        _check_tree(tree, len(tensors), self.fail)
+        _check_tree(tree, tensors, self.fail)
         metadata = self.header.get("metadata")
-        _check_tree(metadata, 0, self.fail)
+        _check_tree(metadata, (), self.fail)
         step = self.field("step", int)
         if not 0 <= step <= spec.MAX_STEP:
             raise self.fail(f"step {step} is outside [0, {spec.MAX_STEP}]")
@@ -263,10 +262,9 @@ class _HeaderChecker:
             raise self.fail(f"{where} has unknown dtype {dtype_text!r}", key=key)
         if not (_int_list(shape, None) and _int_list(stride, len(shape)) and len(shape) <= spec.MAX_NDIM):
             raise self.fail(f"{where} has a bad shape {shape!r} or stride {stride!r}", key=key)
-        if max((*shape, *stride), default=0) > spec.MAX_INDEX or math.prod(shape) > spec.MAX_INDEX:
-            raise self.fail(
-                f"{where} has a shape {shape!r} or stride {stride!r} beyond {spec.MAX_INDEX}", key=key
-            )
+        problem = spec.tensor_size_problem(shape, stride, itemsize(dtype))
+        if problem is not None:
+            raise self.fail(f"{where} {problem}", key=key)
         if not (_is_int(blob) and 0 <= blob < len(blobs) and _is_int(offset) and offset >= 0):
             raise self.fail(f"{where} refers to blob {blob!r} at {offset!r}, which does not exist", key=key)
         size = itemsize(dtype)
@@ -293,25 +291,54 @@ def _extent(shape: Sequence[int], stride: Sequence[int], size: int) -> int:
     return (sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) + 1) * size
 
 
-def _check_tree(tree: Any, n_tensors: int, fail: Callable[[str], Exception]) -> None:
-    """Every tensor ref in range, every dict key a str or an int, nesting bounded; a typed value's
-    payload holds no tensor ref."""
-    stack: list[tuple[Any, int]] = [(tree, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > spec.MAX_DEPTH:
-            raise fail(f"tree nesting deeper than {spec.MAX_DEPTH} levels")
-        if isinstance(node, TensorRef):
-            if not 0 <= node.index < n_tensors:
-                raise fail(f"tree refers to tensor {node.index}; the table has {n_tensors}")
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                if isinstance(key, bool) or not isinstance(key, str | int):
-                    raise fail(f"tree has a dict key of type {type(key).__name__}")
-                stack.append((value, depth + 1))
-        elif isinstance(node, list | tuple):
-            stack.extend((value, depth + 1) for value in node)
-        elif isinstance(node, TypedValue):  # plain values only: its payload refers to no tensor
-            _check_tree(node.payload, 0, fail)
-        elif not (node is None or isinstance(node, bool | int | float | str | bytes | BigInt)):
-            raise fail(f"tree holds a value of type {type(node).__name__}")
+def _check_tree(tree: Any, tensors: Sequence[TensorEntry], fail: Callable[[str], Exception]) -> None:
+    """Every tensor ref in range (and asking for grad only of a dtype that can have one), every
+    dict key a str or an int, nesting bounded.
+
+    Walks depth first with one iterator per open container, so its memory is bounded by the
+    depth, not by the size of the tree.
+    """
+    levels: list[Iterator[Any]] = [iter((tree,))]
+    while levels:
+        for node in levels[-1]:  # a node's depth is len(levels) - 1; the root's is 0
+            kind = type(node)
+            if kind in _LEAVES:
+                continue
+            if kind is TensorRef:
+                _check_ref(node, tensors, fail)
+                continue
+            if kind is TypedValue:  # plain values only: its payload refers to no tensor
+                if len(levels) > spec.MAX_DEPTH:
+                    raise fail(f"tree nesting deeper than {spec.MAX_DEPTH} levels")
+                _check_tree(node.payload, (), fail)
+                continue
+            if kind is not dict and kind is not list and kind is not tuple:
+                raise fail(f"tree holds a value of type {kind.__name__}")
+            if node and len(levels) > spec.MAX_DEPTH:  # its items would lie deeper than MAX_DEPTH
+                raise fail(f"tree nesting deeper than {spec.MAX_DEPTH} levels")
+            if kind is dict:
+                _check_keys(node, fail)
+                levels.append(iter(node.values()))
+            else:
+                levels.append(iter(node))
+            break
+        else:
+            levels.pop()
+
+
+_LEAVES = frozenset({type(None), bool, int, float, str, bytes, BigInt})
+
+
+def _check_keys(node: dict[Any, Any], fail: Callable[[str], Exception]) -> None:
+    for key in node:
+        if type(key) is not str and type(key) is not int:  # msgpack gives exact types; never bool
+            raise fail(f"tree has a dict key of type {type(key).__name__}")
+
+
+def _check_ref(ref: TensorRef, tensors: Sequence[TensorEntry], fail: Callable[[str], Exception]) -> None:
+    if not 0 <= ref.index < len(tensors):
+        raise fail(f"tree refers to tensor {ref.index}; the table has {len(tensors)}")
+    dtype = tensors[ref.index].dtype
+    if ref.requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+        key = tensors[ref.index].key
+        raise fail(f"tree asks tensor {ref.index} ({key}) to require grad, which its dtype {dtype} cannot")

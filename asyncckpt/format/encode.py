@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import crc32c
 
 from .._version import __version__
-from ..dtypes import dtype_name
+from ..dtypes import dtype_name, itemsize
 from ..errors import StateTooLargeError, UnsupportedValueError
 from . import spec
-from .codec import Encoder, pack, pack_map_header
+from .codec import Encoder, count_objects, pack, pack_map_header
 from .spec import (
     CHUNK,
     DATA_OFFSET,
@@ -193,20 +193,56 @@ def _encode_pieces(
     head = pack_map_header(_HEADER_FIELDS)
     head += b"".join(encoder.pack(key) + encoder.pack(value) for key, value in fields.items())
     head += encoder.pack("blobs")
-    rows = [[t.key, dtype_name(t.dtype), list(t.shape), list(t.stride), t.blob, t.offset] for t in tensors]
+    rows = [_tensor_row(t) for t in tensors]
     tail = encoder.pack("tensors") + encoder.pack(rows) + encoder.pack("tree") + encoder.pack(tree)
-    if encoder.tuple_bytes > spec.MAX_TUPLE_BYTES:
-        raise StateTooLargeError(
-            f"tuples in the state nest {encoder.tuple_bytes} bytes in total, more than the limit of "
-            f"{spec.MAX_TUPLE_BYTES}; use lists or tensors for large nested data"
-        )
     # A blob row packs to at most 24 bytes (array tag, two uint64, a uint32), the table's array
     # tag to at most 5: enough to judge almost every header without packing a widest table.
     bound = len(head) + len(tail) + 5 + 24 * len(sizes)
     if bound > spec.MAX_HEADER_BYTES:
         widest = pack([[o, n, spec.MAX_CRC] for o, n in zip(offsets, sizes, strict=True)])
         bound = len(head) + len(widest) + len(tail)
+    # The root map, the blob table and its rows, the tensor table and its rows with their shape
+    # and stride lists: what a reader counts besides the metadata and the tree.
+    objects = 3 + len(sizes) + 3 * len(tensors) + count_objects(metadata) + count_objects(tree)
+    _check_decoding_cost(encoder.tuple_bytes, objects, len(head) + len(tail), offsets, sizes)
     return PreparedHeader(head, tail, tuple(offsets), tuple(sizes), bound)
+
+
+def _tensor_row(entry: TensorEntry) -> list[Any]:
+    problem = spec.tensor_size_problem(entry.shape, entry.stride, itemsize(entry.dtype))
+    if problem is not None:
+        raise StateTooLargeError(f"tensor {entry.key} {problem}", key=entry.key)
+    return [
+        entry.key,
+        dtype_name(entry.dtype),
+        list(entry.shape),
+        list(entry.stride),
+        entry.blob,
+        entry.offset,
+    ]
+
+
+def _check_decoding_cost(
+    tuple_bytes: int, objects: int, known_bytes: int, offsets: Sequence[int], sizes: Sequence[int]
+) -> None:
+    """Refuse what readers would refuse as too costly to decode, judged on the smallest header
+    these pieces can make (every blob checksum 0 packs to one byte): the real one is larger."""
+    smallest = known_bytes + 1 + 6 * len(sizes)  # a blob row is at least 6 bytes (offsets >= 4096)
+    if tuple_bytes <= spec.max_tuple_bytes(smallest) and objects <= spec.max_header_objects(smallest):
+        return
+    smallest = known_bytes + len(pack([[o, n, 0] for o, n in zip(offsets, sizes, strict=True)]))
+    if tuple_bytes > spec.max_tuple_bytes(smallest):
+        raise StateTooLargeError(
+            f"tuples in the state nest {tuple_bytes} bytes in total, more than the limit of "
+            f"{spec.max_tuple_bytes(smallest)} for this header; use lists or tensors for large nested data"
+        )
+    if objects > spec.max_header_objects(smallest):
+        raise StateTooLargeError(
+            f"the header would hold {objects} lists, tuples, dicts, tensors and big ints in {smallest} "
+            f"bytes, more than the limit of {spec.max_header_objects(smallest)} (at most "
+            f"{spec.HEADER_FREE_OBJECTS} and one per {spec.HEADER_BYTES_PER_OBJECT} bytes); store large "
+            "collections of small values as tensors"
+        )
 
 
 def _check_header_size(nbytes: int) -> None:

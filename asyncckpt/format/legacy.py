@@ -10,7 +10,9 @@ checksum and cannot be verified (:func:`verifiable`).
 from __future__ import annotations
 
 import copy
+import lzma
 import re
+import struct
 import zipfile
 import zlib
 from pathlib import PurePath
@@ -25,10 +27,14 @@ from .spec import CHUNK
 LEGACY_VERSION = "0.x"
 LEGACY_SUFFIXES = (".pt", ".pth")
 _NUMBER = re.compile(r"(\d+)")
-# What zipfile raises on broken archives besides BadZipFile (truncation, bad fields, odd flags).
+# What zipfile raises on broken archives besides BadZipFile (truncation, bad fields, odd flags,
+# members compressed with deflate, bzip2 (OSError) or LZMA whose streams are broken).
 _ZIP_ERRORS = (
     zipfile.BadZipFile,
     zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    OverflowError,  # an offset beyond what seek() takes
     EOFError,
     ValueError,
     OSError,

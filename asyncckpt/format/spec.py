@@ -50,16 +50,35 @@ EXT_TYPED = 4  # a typed value: [kind, type name, payload] (docs/FORMAT.md, "Typ
 
 # --------------------------------------------------------------------------- limits
 
+# The header's size. A state of N tensors needs about 80 bytes a tensor with short keys (a
+# model and its AdamW state: 1,164 tensors, 89,526 bytes) and about 200 with long ones (tree key
+# and table key): 64 MiB holds some 300,000 tensors, an unsharded DeepSeek-V3-sized model and its
+# optimizer state in one file, with room for metadata.
 MAX_HEADER_BYTES = 64 << 20
+# What decoding a header may build is bounded by the header's size (docs/FORMAT.md, "Decoding
+# cost"). Every list, tuple, map, tensor reference and big int is one *object*: a header may hold
+# HEADER_FREE_OBJECTS of them plus one per HEADER_BYTES_PER_OBJECT bytes. Real headers hold one per
+# 7 to 15 bytes; a header of empty lists (one per byte) would cost 64 bytes of memory a byte.
+HEADER_FREE_OBJECTS = 4096
+HEADER_BYTES_PER_OBJECT = 4
 # msgpack hands each extension payload to the decoder as a fresh copy, so nested tuples copy
-# their contents once per level: the total of all tuple payloads bounds the decoder's memory.
+# their contents once per level: the total of all tuple payloads bounds the decoder's copies, at
+# most TUPLE_FREE_BYTES plus TUPLE_COPIES times the header's size, and never MAX_TUPLE_BYTES.
 MAX_TUPLE_BYTES = 2 * MAX_HEADER_BYTES
+TUPLE_FREE_BYTES = 1 << 20
+TUPLE_COPIES = 8
+# Ints beyond 64 bits (ext type 3). Python prints ints of up to 4,300 digits by default; 8192
+# bits are 2,467 digits, so every stored int can be shown (inspect, validate --json).
+MAX_BIGINT_BITS = 8192
 MAX_TENSORS = 1_000_000
 MAX_BLOBS = MAX_TENSORS
 MAX_NDIM = 64
 MAX_DEPTH = 128
 MAX_STEP = 2**63 - 1  # steps are 0..MAX_STEP (file names hold at most 19 digits)
-MAX_INDEX = 2**63 - 1  # bound of every dimension, stride and element count (torch's int64)
+# Bound of every dimension, stride, element count, byte size and span (torch's int64): torch
+# multiplies all dimensions of a shape even when one is 0, so the product of the non-zero ones
+# must fit too.
+MAX_INDEX = 2**63 - 1
 MAX_CRC = 0xFFFFFFFF
 MAX_TYPED_KIND = 32  # characters of a typed value's kind
 MAX_TYPED_NAME = 512  # characters of a typed value's type name
@@ -72,21 +91,32 @@ PARALLEL_CRC_MIN = 1 << 20  # blobs at least this large may be checksummed besid
 _SEMVER = re.compile(r"^(\d{1,6})\.(\d{1,6})(?:\.(\d{1,6}))?$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
-    """A tensor's place in the tree: an index into the tensor table."""
+    """A tensor's place in the tree: an index into the tensor table, and what to rebuild there.
+
+    ``requires_grad`` and ``parameter`` say what the saved object was: a tensor that required
+    grad, or a ``torch.nn.Parameter`` (with its ``requires_grad``). Both False is a plain tensor.
+    """
 
     index: int
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @property
+    def flags(self) -> int:
+        """The reference's flags as stored (docs/FORMAT.md): bit 0 requires_grad, bit 1 Parameter."""
+        return int(self.requires_grad) | int(self.parameter) << 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BigInt:
     """A Python int beyond msgpack's 64-bit integers."""
 
     value: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TypedValue:
     """A value of a common Python type stored exactly, without pickle (msgpack ext ``EXT_TYPED``).
 
@@ -147,6 +177,42 @@ class Layout:
     def tensor_key(self, blob: int) -> str | None:
         """The key of the first tensor stored in ``blob``; None when no tensor lies in it."""
         return next((t.key for t in self.tensors if t.blob == blob), None)
+
+
+def max_header_objects(header_bytes: int) -> int:
+    """How many lists, tuples, maps, tensor references and big ints a header of this size may hold."""
+    return HEADER_FREE_OBJECTS + header_bytes // HEADER_BYTES_PER_OBJECT
+
+
+def max_tuple_bytes(header_bytes: int) -> int:
+    """How many bytes of tuple payloads (all levels together) a header of this size may hold."""
+    return min(MAX_TUPLE_BYTES, TUPLE_FREE_BYTES + TUPLE_COPIES * header_bytes)
+
+
+def tensor_size_problem(
+    shape: tuple[int, ...] | list[int], stride: tuple[int, ...] | list[int], size: int
+) -> str | None:
+    """Why torch cannot view a tensor of ``shape``, ``stride`` and element ``size`` bytes; None if it can.
+
+    ``shape`` and ``stride`` are non-negative ints of the same length. Refused: a dimension or
+    stride beyond :data:`MAX_INDEX`; a product of the non-zero dimensions times ``size`` beyond it
+    (torch multiplies every dimension, even when one is 0, and a tensor's bytes must fit int64);
+    a span ``(sum of stride * (n - 1) over non-zero n, plus 1) * size`` beyond it.
+    """
+    if max((*shape, *stride), default=0) > MAX_INDEX:
+        return f"has a shape {list(shape)!r} or stride {list(stride)!r} beyond {MAX_INDEX}"
+    elements = size
+    span = 1
+    for n, step in zip(shape, stride, strict=True):
+        if n:
+            elements *= n
+            span += (n - 1) * step
+            if elements > MAX_INDEX:
+                return f"has a shape {list(shape)!r} of more than {MAX_INDEX} bytes: beyond {MAX_INDEX}"
+    if span * size > MAX_INDEX:
+        spanned = f"spanning {span * size} bytes: beyond {MAX_INDEX}"
+        return f"has a shape {list(shape)!r} and stride {list(stride)!r} {spanned}"
+    return None
 
 
 def parse_version(text: str) -> tuple[int, int] | None:
