@@ -29,6 +29,7 @@ from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
 from .saving.job import Deletion, Job
+from .saving.options import check_options
 from .saving.pending import PendingSaves
 from .saving.plan import SavePlan, plan_save
 from .saving.runner import AsyncRunner, Runner, SyncRunner
@@ -93,7 +94,7 @@ class AsyncCheckpointer:
         overlap: bool = True,
         ops: FileOps = OS,
     ) -> None:
-        _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
+        check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -338,15 +339,15 @@ class AsyncCheckpointer:
 
         For callers that own retention (``keep_last=None``). The deletion waits its turn behind
         every save already queued, so it never removes a checkpoint before a newer one is
-        committed; if one of those saves fails, ``name`` is kept (an older intact checkpoint is
-        worth more than its space). Returns at once; the writer logs the outcome
+        committed; if the last of those saves fails, ``name`` is kept (an older intact checkpoint
+        is worth more than its space). Returns at once; the writer logs the outcome
         (``checkpoint.deleted``, ``checkpoint.delete_skipped``, ``checkpoint.delete_failed``)
         and never raises for it. Raises :class:`asyncckpt.errors.UsageError` for a name that is
         not a checkpoint's or when the checkpointer is not open.
         """
         runner = self._require_open()
         check_name(name)
-        runner.submit(Deletion(name=name, path=self.directory / name, after=tuple(self._pending.futures())))
+        runner.submit(Deletion(name=name, path=self.directory / name))
 
     # ------------------------------------------------------------------ overlap
 
@@ -426,25 +427,3 @@ class AsyncCheckpointer:
             staging_allocations=self._pool.allocations,
         )
 
-
-def _check_options(
-    when_busy: str,
-    verify: str,
-    keep_last: int | None,
-    keep_every: int | None,
-    max_pending: int,
-    close_timeout: float | None,
-) -> None:
-    """Raise :class:`UsageError` for the first bad option."""
-    if when_busy not in ("wait", "skip"):
-        raise UsageError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-    if verify not in ("full", "structure", "none"):
-        raise UsageError(f"verify must be 'full', 'structure' or 'none', got {verify!r}")
-    if keep_last is not None and keep_last < 1:
-        raise UsageError(f"keep_last must be >= 1 or None, got {keep_last}")
-    if keep_every is not None and keep_every < 1:
-        raise UsageError(f"keep_every must be >= 1 or None, got {keep_every}")
-    if max_pending < 1:
-        raise UsageError(f"max_pending must be >= 1, got {max_pending}")
-    if close_timeout is not None and not close_timeout >= 0:
-        raise UsageError(f"close_timeout must be >= 0 or None, got {close_timeout}")

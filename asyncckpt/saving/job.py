@@ -36,13 +36,13 @@ class Job:
 
 @dataclass(frozen=True, kw_only=True)
 class Deletion:
-    """Delete the committed object ``name`` once the saves queued before it (``after``) settled.
+    """Delete the committed object ``name`` when the writer reaches it, after the saves queued
+    before it.
 
-    The writer keeps ``name`` when one of them failed: an older intact checkpoint is worth more
-    than its space. For callers that own retention (``keep_last=None``).
+    The writer keeps ``name`` when the last of those saves failed: an older intact checkpoint is
+    worth more than its space. For callers that own retention (``keep_last=None``).
     """
 
     name: str
     path: Path
-    after: tuple[concurrent.futures.Future[Path], ...]
     done_event: None = None

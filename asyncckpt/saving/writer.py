@@ -62,6 +62,7 @@ class Writer:
         self.errors = errors
         self.stats = stats
         self._scope: anyio.CancelScope | None = None
+        self._last_save_failed = False  # whether the last save processed failed (see delete)
 
     async def run(
         self,
@@ -100,13 +101,15 @@ class Writer:
             self._scope.cancel()
 
     def delete(self, deletion: Deletion) -> None:
-        """Delete ``deletion.name`` unless a save queued before it failed (in a worker thread).
+        """Delete ``deletion.name`` unless the last save before it failed (in a worker thread).
 
-        Never raises: the checkpoints are intact either way; a failure is logged.
+        Jobs run in the order they were queued, so the last save this writer processed is the
+        last one queued before the deletion. Never raises: the checkpoints are intact either
+        way; a failure is logged.
         """
         where = str(deletion.path)
-        if any(future.exception() is not None for future in deletion.after if future.done()):
-            self.log.warning(ev.DELETE_SKIPPED, path=where, reason="a save queued before it failed")
+        if self._last_save_failed:
+            self.log.warning(ev.DELETE_SKIPPED, path=where, reason="the save queued before it failed")
             return
         try:
             self.storage.delete([deletion.name])
@@ -117,6 +120,7 @@ class Writer:
 
     def process(self, job: Job) -> None:
         """Make one job durable (in a worker thread); settle its future either way."""
+        self._last_save_failed = True  # until it commits
         try:
             self._commit(job)
         except BaseException as exc:
@@ -129,6 +133,7 @@ class Writer:
             if not isinstance(exc, Exception):
                 raise
         else:
+            self._last_save_failed = False
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 job.future.set_result(job.path)
         finally:

@@ -73,12 +73,26 @@ def test_a_delete_waits_for_the_saves_queued_before_it(tmp_path: Path) -> None:
 def test_a_delete_keeps_the_file_when_an_earlier_save_failed(tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path, keep_last=None) as ckpt:
         ckpt.save(1, deterministic_state(1), name="old.ckpt").result(timeout=30)
-    ops = FaultyOps("fsync", err=errno.EIO)
+    ops = FaultyOps("fsync", err=errno.EIO, sticky=True)
     with pytest.raises(CheckpointWriteError), AsyncCheckpointer(tmp_path, keep_last=None, ops=ops) as ckpt:
-        ckpt.save(2, deterministic_state(2), name="new.ckpt")
-        ckpt.delete("old.ckpt")
+        handle = ckpt.save(2, deterministic_state(2), name="new.ckpt")
+        ckpt.delete("old.ckpt")  # queued while the save may still be running
+        handle.wait(timeout=30)
+        ckpt.delete("old.ckpt")  # queued after the save failed
     assert ckpt_names(tmp_path) == ["old.ckpt"]
-    assert "checkpoint.delete_skipped" in event_names(tmp_path)
+    assert event_names(tmp_path).count("checkpoint.delete_skipped") == 2
+
+
+def test_a_delete_after_a_later_committed_save_goes_ahead(tmp_path: Path) -> None:
+    with AsyncCheckpointer(tmp_path, keep_last=None) as ckpt:
+        ckpt.save(1, deterministic_state(1), name="old.ckpt").result(timeout=30)
+    ops = FaultyOps("fsync", err=errno.EIO)  # only the first fsync fails
+    with AsyncCheckpointer(tmp_path, keep_last=None, ops=ops) as ckpt:
+        with pytest.raises(CheckpointWriteError):  # seen through its handle: not raised again
+            ckpt.save(2, deterministic_state(2), name="bad.ckpt").result(timeout=30)
+        ckpt.save(3, deterministic_state(3), name="new.ckpt")
+        ckpt.delete("old.ckpt")
+    assert ckpt_names(tmp_path) == ["new.ckpt"]
 
 
 def test_a_delete_of_a_missing_file_is_not_an_error(tmp_path: Path) -> None:
