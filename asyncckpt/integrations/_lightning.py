@@ -271,8 +271,8 @@ def _check_hyper_parameters(checkpoint: Mapping[str, Any], path: Path) -> None:
 
 
 _HPARAMS_HINT = (
-    "leave it out with `self.save_hyperparameters(ignore=[{name!r}])` (modules and optimizers are "
-    "saved with the model's and the optimizers' state anyway) or pass a plain value instead"
+    "it is a hyper-parameter: `self.save_hyperparameters(ignore=[{name!r}])` leaves it out "
+    "(modules and optimizers are saved with their own state anyway)"
 )
 
 
