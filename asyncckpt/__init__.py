@@ -1,5 +1,6 @@
 """asyncckpt: PyTorch checkpoints off the critical path, durable, verified, with rollback."""
 
+from ._values import UnresolvedValue
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpointer import AsyncCheckpointer
@@ -43,6 +44,7 @@ __all__ = [
     "NoValidCheckpointError",
     "SaveHandle",
     "StateTooLargeError",
+    "UnresolvedValue",
     "UnsupportedValueError",
     "UnsupportedVersionError",
     "UsageError",

@@ -1,8 +1,10 @@
 """The one place that knows names: checkpoint identity (step) ⇄ object names, file kinds, order.
 
-A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). Legacy
-``torch.save`` files (``*.pt``, ``*.pth``) are candidates too, read-only. Newest-first order puts
-a higher step first and, for one step, an asyncckpt file before a legacy one.
+A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). A file a
+caller named itself (``AsyncCheckpointer.save(..., name="last.ckpt")``, any other ``*.ckpt``) is
+a checkpoint whose step is read from its header. Legacy ``torch.save`` files (``*.pt``,
+``*.pth``) are candidates too, read-only. Newest-first order puts a higher step first and, for one
+step, an asyncckpt file before a legacy one, then the later write first.
 
 A multi-rank step is a folder ``step-0000000300/`` holding one shard file per rank
 (``rank-00001.ckpt``, each a v1 file) and the commit record ``commit.record`` (a v1 file written
@@ -41,7 +43,7 @@ MAX_RANK = 10**9 - 1
 _STEP_FOLDER_NAME = re.compile(r"^step-(\d{1,19})$")
 _SHARD_NAME = re.compile(r"^rank-(\d{5,9})\.ckpt$")
 
-Kind = Literal["checkpoint", "legacy", "temp"]
+Kind = Literal["checkpoint", "named", "legacy", "temp"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,23 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:010d}{CHECKPOINT_SUFFIX}"
 
 
+def check_name(name: str) -> str:
+    """``name`` when a caller may save a checkpoint under it: a plain file name ending in
+    ``.ckpt``, not hidden (temp files are) and not a path.
+
+    Raises :class:`asyncckpt.UsageError` otherwise.
+    """
+    if (
+        not isinstance(name, str)
+        or not name.endswith(CHECKPOINT_SUFFIX)
+        or name == CHECKPOINT_SUFFIX
+        or name.startswith(".")
+        or any(bad in name for bad in ("/", "\\", "\0"))
+    ):
+        raise UsageError(f"a checkpoint name must be a plain file name ending in '.ckpt', got {name!r}")
+    return name
+
+
 def parse_checkpoint_name(name: str) -> int | None:
     """The step of a checkpoint name, or None when ``name`` is not one."""
     match = _CHECKPOINT_NAME.match(name.rpartition("/")[2])
@@ -84,6 +103,8 @@ def kind_of(name: str) -> Kind | None:
         return "temp"
     if parse_checkpoint_name(base) is not None:
         return "checkpoint"
+    if base.endswith(CHECKPOINT_SUFFIX) and not base.startswith("."):
+        return "named"
     if base.endswith(LEGACY_SUFFIXES):
         return "legacy"
     return None
@@ -137,10 +158,15 @@ def legacy_files(storage: Storage) -> list[StoredObject]:
     return [obj for obj in storage.ls() if obj.kind == "file" and kind_of(obj.name) == "legacy"]
 
 
-def newest_first_key(step: int | None, name: str) -> tuple[bool, int, bool, str]:
+def newest_first_key(
+    step: int | None, name: str, modified: float = 0.0
+) -> tuple[bool, int, bool, float, str]:
     """Sort key of the loader's order: known steps newest first, an asyncckpt file before a
-    legacy one of the same step, then by name; unknown steps last."""
-    return (step is None, -(step or 0), not name.endswith(CHECKPOINT_SUFFIX), name.rpartition("/")[2])
+    legacy one of the same step, then the later write first (``modified``, a timestamp: one step
+    written twice, as Lightning's epoch file and then ``last.ckpt``), then by name; unknown
+    steps last."""
+    base = name.rpartition("/")[2]
+    return (step is None, -(step or 0), not base.endswith(CHECKPOINT_SUFFIX), -modified, base)
 
 
 # --------------------------------------------------------------------------- multi-rank steps

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from . import events as ev
-from .catalog import checkpoint_name
+from .catalog import check_name, checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
 from .loading import rollback as loader
@@ -36,7 +36,8 @@ from .multirank import (
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
-from .saving.job import Job
+from .saving.job import Deletion, Job
+from .saving.options import check_options
 from .saving.pending import PendingSaves
 from .saving.plan import SavePlan, plan_save
 from .saving.runner import AsyncRunner, Runner, SyncRunner
@@ -60,6 +61,8 @@ class AsyncCheckpointer:
     or ``async with`` (async trainers). Options:
 
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
+      ``keep_last=None`` deletes nothing: the caller owns retention (e.g. a framework that
+      names its checkpoints itself) and deletes through :meth:`delete`.
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
     - ``when_busy``: ``"wait"`` blocks ``save()`` until a slot frees, ``"skip"`` drops the save.
     - ``verify``: before each commit read the durable file back and check prelude, trailer, size
@@ -108,7 +111,7 @@ class AsyncCheckpointer:
         self,
         directory: str | os.PathLike[str] | Storage,
         *,
-        keep_last: int = 3,
+        keep_last: int | None = 3,
         keep_every: int | None = None,
         max_pending: int = 1,
         when_busy: WhenBusy = "wait",
@@ -123,7 +126,7 @@ class AsyncCheckpointer:
         local_copy: str | os.PathLike[str] | None = None,
         ops: FileOps = OS,
     ) -> None:
-        _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
+        check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
         self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
         self.directory: CheckpointPath = path_of(
             directory.location if isinstance(directory, Storage) else directory
@@ -282,8 +285,23 @@ class AsyncCheckpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        overlap_with: Sequence[Any] = (),
+    ) -> SaveHandle:
         """Stage ``state`` for step ``step`` and queue it for the background writer.
+
+        The file is ``step-0000000300.ckpt`` in the directory, or ``name`` (a plain file name
+        ending in ``.ckpt``, e.g. the one a framework chose): a later save at the same name
+        replaces it atomically. ``overlap_with``: modules and optimizers whose parameters and
+        optimizer state ``state`` holds without holding the objects (a state dict built from
+        them); those tensors are copied while training runs on, as if the objects were in
+        ``state``.
 
         Returns when the state is staged (CPU: copied; CUDA: copies enqueued). Raises
         :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) naming the key path of a
@@ -294,9 +312,17 @@ class AsyncCheckpointer:
         ``asave``) or returns a skipped handle.
         """
         with self._saves_in_progress:  # a SIGTERM also waits for the save() it interrupted
-            return self._save(step, state, metadata)
+            return self._save(step, state, metadata, name, overlap_with)
 
-    async def asave(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+    async def asave(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        overlap_with: Sequence[Any] = (),
+    ) -> SaveHandle:
         """``save()`` for async trainers: waits for a free slot without blocking the event loop.
 
         Raises what ``save()`` raises. Cancelled while it waits for a slot, it stages nothing.
@@ -304,15 +330,23 @@ class AsyncCheckpointer:
         runner = self._require_open()
         if self.when_busy == "wait":
             await runner.wait_for_slot(self._pool)
-        return self.save(step, state, metadata=metadata)
+        return self.save(step, state, metadata=metadata, name=name, overlap_with=overlap_with)
 
-    def _save(self, step: int, state: Any, metadata: dict[str, Any] | None) -> SaveHandle:
+    def _save(
+        self,
+        step: int,
+        state: Any,
+        metadata: dict[str, Any] | None,
+        name: str | None,
+        overlap_with: Sequence[Any],
+    ) -> SaveHandle:
         runner = self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
+        name = checkpoint_name(step) if name is None else check_name(name)
         if self._multirank is None:
             refuse_dtensors(state)
-            plan = plan_save(step, state, metadata, overlap=self.overlap)
+            plan = plan_save(step, state, metadata, overlap=self.overlap, live=overlap_with)
         else:
             planned = self._multirank.plan(step, state, metadata, overlap=self.overlap)
             plan = planned.plan
@@ -320,14 +354,14 @@ class AsyncCheckpointer:
         wait_ms = 0.0
         if buffers is None:
             if self.when_busy == "skip":
-                return self._skip(runner, step)
+                return self._skip(runner, step, name)
             buffers = runner.acquire_busy(self._pool, plan)
             wait_ms = (time.perf_counter() - started) * 1000.0
             self._stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         staged = self._stager.stage(plan, buffers)
         if self._multirank is None:
-            job = self._job(plan, staged, runner)
+            job = self._job(plan, name, staged, runner)
         else:
             job = self._multirank.job(planned, staged, runner, Path(self.directory))
         self._pending.add(job)
@@ -337,8 +371,7 @@ class AsyncCheckpointer:
         runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
         return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
 
-    def _job(self, plan: SavePlan, staged: StagedCopy, runner: Runner) -> Job:
-        name = checkpoint_name(plan.step)
+    def _job(self, plan: SavePlan, name: str, staged: StagedCopy, runner: Runner) -> Job:
         return Job(
             step=plan.step,
             name=name,
@@ -351,10 +384,27 @@ class AsyncCheckpointer:
             done_event=runner.done_event(),
         )
 
-    def _skip(self, runner: Runner, step: int) -> SaveHandle:
+    def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:
         self._stats.count_skip()
         runner.log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
-        return SaveHandle(step, self.directory / checkpoint_name(step), None)
+        return SaveHandle(step, self.directory / name, None)
+
+    # ------------------------------------------------------------------ deleting
+
+    def delete(self, name: str) -> None:
+        """Delete the checkpoint ``name`` of this directory once the saves queued before are done.
+
+        For callers that own retention (``keep_last=None``). The deletion waits its turn behind
+        every save already queued, so it never removes a checkpoint before a newer one is
+        committed; if the last of those saves fails, ``name`` is kept (an older intact checkpoint
+        is worth more than its space). Returns at once; the writer logs the outcome
+        (``checkpoint.deleted``, ``checkpoint.delete_skipped``, ``checkpoint.delete_failed``)
+        and never raises for it. Raises :class:`asyncckpt.errors.UsageError` for a name that is
+        not a checkpoint's or when the checkpointer is not open.
+        """
+        runner = self._require_open()
+        check_name(name)
+        runner.submit(Deletion(name=name, path=self.directory / name))
 
     # ------------------------------------------------------------------ overlap
 
@@ -452,25 +502,3 @@ class AsyncCheckpointer:
             staging_allocations=self._pool.allocations,
         )
 
-
-def _check_options(
-    when_busy: str,
-    verify: str,
-    keep_last: int,
-    keep_every: int | None,
-    max_pending: int,
-    close_timeout: float | None,
-) -> None:
-    """Raise :class:`UsageError` for the first bad option."""
-    if when_busy not in ("wait", "skip"):
-        raise UsageError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-    if verify not in ("full", "structure", "none"):
-        raise UsageError(f"verify must be 'full', 'structure' or 'none', got {verify!r}")
-    if keep_last < 1:
-        raise UsageError(f"keep_last must be >= 1, got {keep_last}")
-    if keep_every is not None and keep_every < 1:
-        raise UsageError(f"keep_every must be >= 1 or None, got {keep_every}")
-    if max_pending < 1:
-        raise UsageError(f"max_pending must be >= 1, got {max_pending}")
-    if close_timeout is not None and not close_timeout >= 0:
-        raise UsageError(f"close_timeout must be >= 0 or None, got {close_timeout}")

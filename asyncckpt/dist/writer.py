@@ -97,6 +97,8 @@ class StepWriter(Writer):
             self.log.warning(ev.TMP_REMOVED, path=self.storage.where(name))
 
     def _retain_steps(self, protect: int) -> None:
+        if self.keep_last is None:  # the caller owns retention
+            return
         steps = catalog.committed_steps(self.storage)
         infos = [CheckpointInfo(s.step, Path(s.folder), s.record_size, s.committed_at) for s in steps]
         where = Path(self.storage.where(catalog.step_folder_name(protect)))

@@ -32,3 +32,17 @@ class Job:
     staged: StagedCopy
     future: concurrent.futures.Future[CheckpointPath]
     done_event: anyio.Event | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deletion:
+    """Delete the committed object ``name`` when the writer reaches it, after the saves queued
+    before it.
+
+    The writer keeps ``name`` when the last of those saves failed: an older intact checkpoint is
+    worth more than its space. For callers that own retention (``keep_last=None``).
+    """
+
+    name: str
+    path: CheckpointPath
+    done_event: None = None

@@ -6,6 +6,7 @@ refused here, with the key path that names it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +36,13 @@ class SavePlan:
         return any(blob.device.type == "cuda" for blob in self.snapshot.blobs)
 
 
-def plan_save(step: int, state: Any, metadata: dict[str, Any] | None, *, overlap: bool) -> SavePlan:
+def plan_save(
+    step: int, state: Any, metadata: dict[str, Any] | None, *, overlap: bool, live: Sequence[Any] = ()
+) -> SavePlan:
     """Check ``step``, flatten ``state`` and ``metadata``, and pick the overlapping blobs.
+
+    ``live`` holds modules and optimizers that are not in ``state`` but whose tensors it holds
+    (a state dict built from them): their parameters and optimizer state overlap as if they were.
 
     Raises :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) naming the key path
     of the first value that cannot be stored, and what :func:`asyncckpt.format.check_step`
@@ -47,7 +53,7 @@ def plan_save(step: int, state: Any, metadata: dict[str, Any] | None, *, overlap
         snapshot = flatten(state)
         metadata_tree = flatten_metadata(metadata)
         layout = snapshot.layout_key()
-        deferred = _step_guarded(snapshot, state) if overlap else frozenset()
+        deferred = _step_guarded(snapshot, (state, tuple(live))) if overlap else frozenset()
     return SavePlan(step, snapshot, metadata_tree, layout, deferred)
 
 

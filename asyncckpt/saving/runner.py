@@ -24,7 +24,7 @@ from .. import events as ev
 from ..errors import CheckpointBusyError, CheckpointWriteError
 from ..storage import CheckpointPath
 from .errorbox import ErrorBox
-from .job import Job
+from .job import Deletion, Job
 from .pending import PendingSaves
 from .plan import SavePlan
 from .staging import StagingBuffers, StagingPool
@@ -58,11 +58,12 @@ class Runner(abc.ABC):
         self.log = log
         self.close_timeout = close_timeout
         self.directory = directory
-        self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
+        self._send, self._receive = anyio.create_memory_object_stream[Job | Deletion](math.inf)
 
     @abc.abstractmethod
-    def submit(self, job: Job) -> None:
-        """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots)."""
+    def submit(self, job: Job | Deletion) -> None:
+        """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots
+        and by the deletions the caller asks for)."""
 
     @abc.abstractmethod
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
@@ -111,7 +112,7 @@ class SyncRunner(Runner):
         self._portal = self._portal_cm.__enter__()
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Deletion) -> None:
         assert self._portal is not None
         self._portal.call(self._send.send_nowait, job)
 
@@ -169,12 +170,12 @@ class AsyncRunner(Runner):
         self._task_group = task_group
         task_group.start_soon(self.writer.run, self._receive, self._job_done)
 
-    def _job_done(self, job: Job) -> None:
+    def _job_done(self, job: Job | Deletion) -> None:
         # Runs on the event loop after each job: wake whoever waits for a slot or a drain.
         self._slot_freed.set()
         self._slot_freed = anyio.Event()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Deletion) -> None:
         self._send.send_nowait(job)
 
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> StagingBuffers:
