@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import UsageError
 from .base import Body, Cursor, ParallelReads, ReadHandle, Sink, Storage, StoredObject, Unfinished, Written
 from .paths import CheckpointPath, RemotePath, is_url, local_path, path_of
-from .posix import OS, FdSink, FileOps, PosixFile, PosixStorage, WriteTimings, atomic_write, is_temp_name
+from .posix import OS, FdSink, FileOps, PosixFile, PosixStorage, WriteTimings, atomic_write
+from .temps import is_temp_name
 
 Location = str | os.PathLike[str] | Storage
 

@@ -15,7 +15,7 @@ from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
 from asyncckpt.loading import check_candidates, load_latest
 from asyncckpt.loading.candidates import discover
 from asyncckpt.storage import PosixFile, PosixStorage
-from asyncckpt.storage.posix import temp_name
+from asyncckpt.storage.temps import temp_name
 
 from .helpers import PruningStorage, assert_same_state, make_state, truncate, write, write_steps
 

@@ -227,7 +227,7 @@ def test_an_uncommitted_data_object_of_a_live_writer_elsewhere_is_not_a_leftover
 
 
 def _this_host() -> str:
-    from asyncckpt.storage.posix import writer_id
+    from asyncckpt.storage.temps import writer_id
 
     return writer_id().rpartition("-")[0]
 
