@@ -88,7 +88,7 @@ class SpanReads:
         for span in self.spans:
             for piece in span.pieces:
                 self._left[piece.blob] += 1
-        self._failures: list[tuple[int, CheckpointError]] = []
+        self._failures: list[tuple[int, int, CheckpointError]] = []
         self._failed_at = len(layout.blobs)
         self._stop = threading.Event()
 
@@ -122,7 +122,8 @@ class SpanReads:
                 for _ in pool.map(work, self.spans):
                     pass
         if self._failures:
-            raise min(self._failures, key=lambda failure: failure[0])[1]
+            # lowest blob, then lowest offset: the answer must not depend on thread timing
+            raise min(self._failures, key=lambda failure: failure[:2])[2]
 
     def _read(self, span: Span, destination: Destination | None, finish: Finish, *, checksums: bool) -> None:
         offsets = [self.layout.blobs[p.blob].offset + p.start for p in span.pieces]
@@ -158,5 +159,6 @@ class SpanReads:
     def _fail(self, blob: int, exc: CheckpointError) -> None:
         with self._lock:
             found = exc.blob if isinstance(exc.blob, int) else blob
-            self._failures.append((found, exc))
+            at = exc.offset if isinstance(exc.offset, int) else 0
+            self._failures.append((found, at, exc))
             self._failed_at = min(self._failed_at, found)
