@@ -1,5 +1,6 @@
 """asyncckpt: PyTorch checkpoints off the critical path, durable, verified, with rollback."""
 
+from ._values import UnresolvedValue
 from ._version import __version__
 from .catalog import CheckpointInfo, list_checkpoints
 from .checkpointer import AsyncCheckpointer
@@ -18,7 +19,8 @@ from .errors import (
     UnsupportedVersionError,
     UsageError,
 )
-from .loading import CandidateReport, LoadResult, check_candidates, load_latest, restore
+from .loading import CandidateReport, LoadResult, check_candidates, restore
+from .multirank import load_latest
 from .oneshot import Checkpoint, load, save
 from .rng import rng_state, set_rng_state
 from .saving.handles import SaveHandle
@@ -42,6 +44,7 @@ __all__ = [
     "NoValidCheckpointError",
     "SaveHandle",
     "StateTooLargeError",
+    "UnresolvedValue",
     "UnsupportedValueError",
     "UnsupportedVersionError",
     "UsageError",

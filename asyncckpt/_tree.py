@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .format import BigInt, TensorRef
+from . import _values
+from .format import BigInt, TensorRef, TypedValue
 
 KeyPath = tuple[Any, ...]
 
@@ -79,13 +80,16 @@ def renumber_refs(tree: Any, index: list[int]) -> Any:
 
 
 def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
-    """Put ``tensors`` back where their refs stand in an encoded ``tree``; big ints become ints."""
+    """Put ``tensors`` back where their refs stand in an encoded ``tree``; big ints become ints,
+    typed values their Python values (:mod:`asyncckpt._values`)."""
 
     def leaf(value: Any) -> Any:
         if isinstance(value, TensorRef):
             return tensors[value.index]
         if isinstance(value, BigInt):
             return value.value
+        if isinstance(value, TypedValue):
+            return _values.decode(value, lambda payload: unflatten(payload, []))
         return value
 
     return map_leaves(tree, leaf)

@@ -1,8 +1,10 @@
 """The one place that knows names: checkpoint identity (step) ⇄ object names, file kinds, order.
 
-A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). Legacy
-``torch.save`` files (``*.pt``, ``*.pth``) are candidates too, read-only. Newest-first order puts
-a higher step first and, for one step, an asyncckpt file before a legacy one.
+A committed single-file step is ``step-0000000300.ckpt`` (its rename was the commit). A file a
+caller named itself (``AsyncCheckpointer.save(..., name="last.ckpt")``, any other ``*.ckpt``) is
+a checkpoint whose step is read from its header. Legacy ``torch.save`` files (``*.pt``,
+``*.pth``) are candidates too, read-only. Newest-first order puts a higher step first and, for one
+step, an asyncckpt file before a legacy one, then the later write first.
 
 A multi-rank step is a folder ``step-0000000300/`` holding one shard file per rank
 (``rank-00001.ckpt``, each a v1 file) and the commit record ``commit.record`` (a v1 file written
@@ -16,10 +18,20 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import UsageError
-from .storage import Storage, StoredObject, is_temp_name, open_storage
+from .storage import (
+    CheckpointPath,
+    Location,
+    Storage,
+    StoredObject,
+    is_temp_name,
+    is_url,
+    local_path,
+    open_storage,
+    path_of,
+)
 
 CHECKPOINT_SUFFIX = ".ckpt"
 LEGACY_SUFFIXES = (".pt", ".pth")
@@ -31,15 +43,19 @@ MAX_RANK = 10**9 - 1
 _STEP_FOLDER_NAME = re.compile(r"^step-(\d{1,19})$")
 _SHARD_NAME = re.compile(r"^rank-(\d{5,9})\.ckpt$")
 
-Kind = Literal["checkpoint", "legacy", "temp"]
+Kind = Literal["checkpoint", "named", "legacy", "temp"]
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint found in a directory: its step, file, size and modification time."""
+    """A committed checkpoint found in a directory: its step, file, size and modification time.
+
+    ``path`` is a ``Path`` for a local file and a :class:`~asyncckpt.storage.RemotePath` (the
+    URL as a ``str``) for an object store.
+    """
 
     step: int
-    path: Path
+    path: CheckpointPath
     size: int
     created: datetime
 
@@ -52,6 +68,23 @@ def checkpoint_name(step: int) -> str:
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise UsageError(f"step must be an int in [0, 2**63 - 1], got {step!r}")
     return f"step-{step:010d}{CHECKPOINT_SUFFIX}"
+
+
+def check_name(name: str) -> str:
+    """``name`` when a caller may save a checkpoint under it: a plain file name ending in
+    ``.ckpt``, not hidden (temp files are) and not a path.
+
+    Raises :class:`asyncckpt.UsageError` otherwise.
+    """
+    if (
+        not isinstance(name, str)
+        or not name.endswith(CHECKPOINT_SUFFIX)
+        or name == CHECKPOINT_SUFFIX
+        or name.startswith(".")
+        or any(bad in name for bad in ("/", "\\", "\0"))
+    ):
+        raise UsageError(f"a checkpoint name must be a plain file name ending in '.ckpt', got {name!r}")
+    return name
 
 
 def parse_checkpoint_name(name: str) -> int | None:
@@ -70,9 +103,35 @@ def kind_of(name: str) -> Kind | None:
         return "temp"
     if parse_checkpoint_name(base) is not None:
         return "checkpoint"
+    if base.endswith(CHECKPOINT_SUFFIX) and not base.startswith("."):
+        return "named"
     if base.endswith(LEGACY_SUFFIXES):
         return "legacy"
     return None
+
+
+def open_target(
+    location: Location, *, storage_options: dict[str, Any] | None = None
+) -> tuple[Storage, str | None]:
+    """A checkpoint directory, or one checkpoint file: ``(its storage, None)`` or ``(the storage
+    of its folder, its name)``.
+
+    A local path is a file unless it is a directory. A URL is a file when its last segment is
+    a checkpoint's or a legacy file's name (``.../step-0000000300.ckpt``, ``.../model.pt``)
+    and it does not end in ``/``; object stores have no directories to ask.
+    """
+    if isinstance(location, Storage):
+        return location, None
+    text = os.fspath(location)
+    if is_url(text):
+        folder, _, base = text.rpartition("/")
+        if base and kind_of(base) in ("checkpoint", "legacy") and not folder.endswith(":/"):
+            return open_storage(folder, storage_options=storage_options), base
+        return open_storage(text, storage_options=storage_options), None
+    path = Path(local_path(text))
+    if path.is_dir():
+        return open_storage(path), None
+    return open_storage(path.parent), path.name
 
 
 def temp_step(name: str) -> int | None:
@@ -82,9 +141,13 @@ def temp_step(name: str) -> int | None:
 
 def committed(storage: Storage) -> list[CheckpointInfo]:
     """Committed asyncckpt checkpoints of ``storage``'s root, oldest step first."""
+    return _committed_in(storage, storage.ls())
+
+
+def _committed_in(storage: Storage, listing: list[StoredObject]) -> list[CheckpointInfo]:
     found = [
-        CheckpointInfo(step, Path(storage.where(obj.name)), obj.size, obj.modified)
-        for obj in storage.ls()
+        CheckpointInfo(step, path_of(storage.where(obj.name)), obj.size, obj.modified)
+        for obj in listing
         if obj.kind == "file" and (step := parse_checkpoint_name(obj.name)) is not None
     ]
     return sorted(found, key=lambda c: c.step)
@@ -95,10 +158,15 @@ def legacy_files(storage: Storage) -> list[StoredObject]:
     return [obj for obj in storage.ls() if obj.kind == "file" and kind_of(obj.name) == "legacy"]
 
 
-def newest_first_key(step: int | None, name: str) -> tuple[bool, int, bool, str]:
+def newest_first_key(
+    step: int | None, name: str, modified: float = 0.0
+) -> tuple[bool, int, bool, float, str]:
     """Sort key of the loader's order: known steps newest first, an asyncckpt file before a
-    legacy one of the same step, then by name; unknown steps last."""
-    return (step is None, -(step or 0), not name.endswith(CHECKPOINT_SUFFIX), name.rpartition("/")[2])
+    legacy one of the same step, then the later write first (``modified``, a timestamp: one step
+    written twice, as Lightning's epoch file and then ``last.ckpt``), then by name; unknown
+    steps last."""
+    base = name.rpartition("/")[2]
+    return (step is None, -(step or 0), not base.endswith(CHECKPOINT_SUFFIX), -modified, base)
 
 
 # --------------------------------------------------------------------------- multi-rank steps
@@ -175,10 +243,27 @@ def uncommitted_step_folders(storage: Storage) -> list[str]:
     ]
 
 
-def list_checkpoints(directory: str | os.PathLike[str] | Storage) -> list[CheckpointInfo]:
-    """Committed checkpoints in ``directory``, oldest step first (newest last).
+def list_checkpoints(
+    directory: str | os.PathLike[str] | Storage, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    """Committed checkpoints in ``directory`` (a path or a URL such as ``s3://bucket/run``),
+    oldest step first (newest last).
 
-    Temp files, symlinks and other non-regular files are never listed. A missing directory has
-    no checkpoints.
+    Single files and committed multi-rank steps (``path`` is the step's folder, ``size`` the
+    bytes of its files, ``created`` when its commit record was written). Temp files, symlinks
+    and other non-regular files, uploads without their commit object and step folders without
+    a commit record are never listed. A missing directory has no checkpoints.
+    ``storage_options`` go to fsspec for a URL (credentials, ``endpoint_url``, ...).
     """
-    return committed(open_storage(directory))
+    storage = open_storage(directory, storage_options=storage_options)
+    listing = storage.ls()
+    found = _committed_in(storage, listing)
+    if any(obj.kind == "dir" for obj in listing):  # one LIST when the run has no step folders
+        found += [_step_info(storage, info) for info in committed_steps(storage)]
+    return sorted(found, key=lambda c: (c.step, c.path.suffix != CHECKPOINT_SUFFIX))
+
+
+def _step_info(storage: Storage, step: StepInfo) -> CheckpointInfo:
+    folder = step_folder_name(step.step)
+    size = sum(obj.size for obj in storage.ls(folder) if obj.kind == "file")
+    return CheckpointInfo(step.step, Path(step.folder), size, step.committed_at)

@@ -13,22 +13,31 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+import structlog
 import torch
 
 from . import events as ev
-from .catalog import checkpoint_name
+from .catalog import check_name, checkpoint_name
 from .errors import NoValidCheckpointError, UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
 from .loading import rollback as loader
+from .multirank import (
+    DEFAULT_COORDINATION_TIMEOUT_S,
+    distributed_mode,
+    newest_is_multi_rank,
+    refuse_dtensors,
+    restore_plain,
+)
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
-from .saving.job import Job
+from .saving.job import Deletion, Job
+from .saving.options import check_options
 from .saving.pending import PendingSaves
 from .saving.plan import Planner, SavePlan
 from .saving.runner import AsyncRunner, Runner, SyncRunner
@@ -37,7 +46,8 @@ from .saving.staging import Staged, StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
 from .saving.streaming import StreamedCopy
 from .saving.writer import VerifyMode, Writer
-from .storage import OS, FileOps, PosixStorage
+from .storage import OS, CheckpointPath, FileOps, Storage, path_of
+from .storage.localcopy import open_run_storage
 
 WhenBusy = Literal["wait", "skip"]
 R = TypeVar("R", bound=Runner)
@@ -46,15 +56,28 @@ R = TypeVar("R", bound=Runner)
 class AsyncCheckpointer:
     """Asynchronous, durable checkpoints of a training run into ``directory``, one file per step.
 
-    Use as ``with`` (sync trainers) or ``async with`` (async trainers). Options:
+    ``directory`` is a local path, a URL of an object store (``s3://bucket/run``, any fsspec
+    filesystem; docs/REMOTE.md) or a :class:`~asyncckpt.storage.Storage` (e.g. an
+    ``FsspecStorage`` with its own part size and retry policy). Use as ``with`` (sync trainers)
+    or ``async with`` (async trainers). Options:
 
     - ``keep_last`` / ``keep_every``: retention (the newest valid checkpoint is never deleted).
+      ``keep_last=None`` deletes nothing: the caller owns retention (e.g. a framework that
+      names its checkpoints itself) and deletes through :meth:`delete`.
     - ``max_pending``: staging buffer sets, i.e. checkpoints in flight; the memory bound.
     - ``when_busy``: ``"wait"`` blocks ``save()`` until a slot frees, ``"skip"`` drops the save.
     - ``verify``: before each commit read the durable file back and check prelude, trailer, size
       and header CRC (``"structure"``), also decode the header and re-check every blob's
       checksum (``"full"``), or not at all (``"none"``). A file that fails is never published.
-    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``).
+    - ``event_log``: JSON-lines event file (default ``<directory>/events.jsonl``; for a URL
+      ``<local_copy>/events.jsonl``, or, without a local copy, structlog's "asyncckpt" logger).
+    - ``storage_options``: passed to fsspec for a URL (credentials, ``endpoint_url``, ...);
+      ignored for a local path.
+    - ``local_copy``: a local directory (e.g. on NVMe) that keeps the newest committed step as
+      well (URLs only). The same bytes go to both at once; the upload's commit is the commit.
+      :meth:`restore` reads the local copy when it matches the remote commit record (size and
+      every part's CRC32C), and the remote object otherwise. A local copy that cannot be
+      written only logs ``checkpoint.local_copy.failed``.
     - ``overlap``: copy the optimizers' state, and the parameters of the modules and optimizers
       found in the state, while forward and backward run; while such a copy is pending, every
       optimizer step waits for it first (a global step pre-hook, held while the checkpointer
@@ -79,15 +102,23 @@ class AsyncCheckpointer:
       tensors the optimizer step does not guard are copied, and the next optimizer step waits
       until the whole state is copied (so the stall grows as the budget shrinks; the checkpoint
       is one consistent state either way). For ``with`` use; at least 64 KiB per set.
+    - ``process_group`` / ``coordination_timeout``: distributed mode (docs/MULTI_GPU.md), on
+      by itself when ``torch.distributed`` is initialized with more than one rank (a
+      ``process_group`` picks the ranks, and turns it on at one rank too). Every rank opens the
+      checkpointer and calls ``save()`` and ``restore()`` with the same steps in the same order:
+      each step is a multi-rank step (one shard file per rank, a commit record written last),
+      written in the background over asyncckpt's own gloo group, whose every exchange is
+      bounded by ``coordination_timeout`` seconds. ``when_busy="skip"`` is refused there (the
+      ranks would skip different steps).
 
     Bad options raise :class:`asyncckpt.errors.UsageError`.
     """
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
-        keep_last: int = 3,
+        keep_last: int | None = 3,
         keep_every: int | None = None,
         max_pending: int = 1,
         when_busy: WhenBusy = "wait",
@@ -97,19 +128,31 @@ class AsyncCheckpointer:
         close_timeout: float | None = None,
         overlap: bool = True,
         staging_budget: int | None = None,
+        process_group: Any = None,
+        coordination_timeout: float = DEFAULT_COORDINATION_TIMEOUT_S,
+        storage_options: dict[str, Any] | None = None,
+        local_copy: str | os.PathLike[str] | None = None,
         ops: FileOps = OS,
     ) -> None:
-        _check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
-        self.directory = Path(directory)
+        check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
+        self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
+        if self._multirank is not None and staging_budget is not None:
+            raise UsageError("staging_budget is not supported in distributed mode yet; leave it out")
+        self.directory: CheckpointPath = path_of(
+            directory.location if isinstance(directory, Storage) else directory
+        )
+        self.local_copy = Path(local_copy) if local_copy is not None else None
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.when_busy = when_busy
         self.verify: VerifyMode = verify
-        self.event_log_path = Path(event_log) if event_log is not None else self.directory / ev.EVENTS_FILE
+        self.event_log_path = ev.default_path(event_log, self.directory, self.local_copy)
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
-        self._storage = PosixStorage(self.directory, ops=ops)
+        self._storage = open_run_storage(
+            directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
+        )
         self.staging_budget = staging_budget
         self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available(), budget=staging_budget)
         self._errors = ErrorBox()
@@ -185,18 +228,29 @@ class AsyncCheckpointer:
         """Flush pending saves and stop the writer (what leaving ``with`` does)."""
         self.__exit__(None, None, None)
 
+    def _notify(self, event: str, **fields: Any) -> None:
+        """An event of the storage (the local copy used, ignored or failed)."""
+        log: Any = self._runner.log if self._runner is not None else structlog.get_logger("asyncckpt")
+        (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
+
     def _open(self, kind: type[R]) -> R:
         """Open the event log, remove leftover temp files, and build the writer and its runner."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        for folder in (self.directory, self.local_copy):
+            if isinstance(folder, Path):
+                folder.mkdir(parents=True, exist_ok=True)
         log = ev.EventLog(self.event_log_path)
+        if self._multirank is not None:  # collective: every rank opens its checkpointer
+            self._multirank.bind(log)
         log.info(
             ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
         )
-        leftovers = self._storage.leftovers()
-        self._storage.remove_leftovers(leftovers)
-        for name in leftovers:
-            log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
-        writer = Writer(
+        if self._multirank is None:  # (several ranks: rank 0 cleans up whole steps before the first save)
+            leftovers = self._storage.leftovers()
+            self._storage.remove_leftovers(leftovers)
+            for name in leftovers:
+                log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
+        make_writer = Writer if self._multirank is None else self._multirank.writer
+        writer = make_writer(
             self._storage,
             pool=self._pool,
             verify=self.verify,
@@ -245,8 +299,23 @@ class AsyncCheckpointer:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        overlap_with: Sequence[Any] = (),
+    ) -> SaveHandle:
         """Stage ``state`` for step ``step`` and queue it for the background writer.
+
+        The file is ``step-0000000300.ckpt`` in the directory, or ``name`` (a plain file name
+        ending in ``.ckpt``, e.g. the one a framework chose): a later save at the same name
+        replaces it atomically. ``overlap_with``: modules and optimizers whose parameters and
+        optimizer state ``state`` holds without holding the objects (a state dict built from
+        them); those tensors are copied while training runs on, as if the objects were in
+        ``state``.
 
         Returns when the state is staged (CPU: copied; CUDA: copies enqueued). Raises
         :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) naming the key path of a
@@ -257,9 +326,17 @@ class AsyncCheckpointer:
         ``asave``) or returns a skipped handle.
         """
         with self._saves_in_progress:  # a SIGTERM also waits for the save() it interrupted
-            return self._save(step, state, metadata)
+            return self._save(step, state, metadata, name, overlap_with)
 
-    async def asave(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+    async def asave(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        name: str | None = None,
+        overlap_with: Sequence[Any] = (),
+    ) -> SaveHandle:
         """``save()`` for async trainers: waits for a free slot without blocking the event loop.
 
         Raises what ``save()`` raises. Cancelled while it waits for a slot, it stages nothing.
@@ -267,24 +344,40 @@ class AsyncCheckpointer:
         runner = self._require_open()
         if self.when_busy == "wait":
             await runner.wait_for_slot(self._pool)
-        return self.save(step, state, metadata=metadata)
+        return self.save(step, state, metadata=metadata, name=name, overlap_with=overlap_with)
 
-    def _save(self, step: int, state: Any, metadata: dict[str, Any] | None) -> SaveHandle:
+    def _save(
+        self,
+        step: int,
+        state: Any,
+        metadata: dict[str, Any] | None,
+        name: str | None,
+        overlap_with: Sequence[Any],
+    ) -> SaveHandle:
         runner = self._require_open()
         self._errors.raise_first()
         started = time.perf_counter()
-        plan = self._planner.plan(step, state, metadata, overlap=self.overlap)
+        name = checkpoint_name(step) if name is None else check_name(name)
+        if self._multirank is None:
+            refuse_dtensors(state)
+            plan = self._planner.plan(step, state, metadata, overlap=self.overlap, live=overlap_with)
+        else:
+            planned = self._multirank.plan(step, state, metadata, overlap=self.overlap)
+            plan = planned.plan
         buffers = self._pool.try_acquire(plan.layout)
         wait_ms = 0.0
         if buffers is None:
             if self.when_busy == "skip":
-                return self._skip(runner, step)
+                return self._skip(runner, step, name)
             buffers = runner.acquire_busy(self._pool, plan)
             wait_ms = (time.perf_counter() - started) * 1000.0
             self._stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         staged = self._stager.stage(plan, buffers)
-        job = self._job(plan, staged, runner)
+        if self._multirank is None:
+            job = self._job(plan, name, staged, runner)
+        else:
+            job = self._multirank.job(planned, staged, runner, Path(self.directory))
         self._pending.add(job)
         if isinstance(staged, StreamedCopy):
             runner.submit(job)  # the writer empties the buffer the rest of the state streams through
@@ -298,8 +391,7 @@ class AsyncCheckpointer:
             runner.submit(job)
         return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
 
-    def _job(self, plan: SavePlan, staged: Staged, runner: Runner) -> Job:
-        name = checkpoint_name(plan.step)
+    def _job(self, plan: SavePlan, name: str, staged: Staged, runner: Runner) -> Job:
         return Job(
             step=plan.step,
             name=name,
@@ -313,10 +405,27 @@ class AsyncCheckpointer:
             structure=plan.snapshot.structure,
         )
 
-    def _skip(self, runner: Runner, step: int) -> SaveHandle:
+    def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:
         self._stats.count_skip()
         runner.log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
-        return SaveHandle(step, self.directory / checkpoint_name(step), None)
+        return SaveHandle(step, self.directory / name, None)
+
+    # ------------------------------------------------------------------ deleting
+
+    def delete(self, name: str) -> None:
+        """Delete the checkpoint ``name`` of this directory once the saves queued before are done.
+
+        For callers that own retention (``keep_last=None``). The deletion waits its turn behind
+        every save already queued, so it never removes a checkpoint before a newer one is
+        committed; if the last of those saves fails, ``name`` is kept (an older intact checkpoint
+        is worth more than its space). Returns at once; the writer logs the outcome
+        (``checkpoint.deleted``, ``checkpoint.delete_skipped``, ``checkpoint.delete_failed``)
+        and never raises for it. Raises :class:`asyncckpt.errors.UsageError` for a name that is
+        not a checkpoint's or when the checkpointer is not open.
+        """
+        runner = self._require_open()
+        check_name(name)
+        runner.submit(Deletion(name=name, path=self.directory / name))
 
     # ------------------------------------------------------------------ overlap
 
@@ -367,13 +476,31 @@ class AsyncCheckpointer:
         what :func:`asyncckpt.restore` returns, and raises what it raises (``NoValidCheckpointError``
         when checkpoints exist but none is usable). The summary goes to this checkpointer's
         event log when it is open.
+
+        In distributed mode it is collective, and returns the same step on every rank, or None
+        everywhere (see docs/MULTI_GPU.md): pending saves are waited for first; modules and
+        optimizers are loaded through DCP at any world size; ``result.state`` holds this rank's
+        own values. Shards are always checked in full there (``validate`` and ``map_location``
+        do not apply). A directory whose newest step is a multi-rank one is restored that way
+        in a plain process too (a group of one).
+        With ``local_copy``, a step is read from the local copy when that matches the remote
+        commit record, else from the remote store.
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()
         log = self._runner.log.info if self._runner is not None else None
+        if self._multirank is not None:
+            if len(self._pending) and isinstance(self._runner, AsyncRunner):  # the writer needs this loop
+                raise UsageError("saves are pending: `await ckpt.aflush()` before restore() in async use")
+            self._pending.wait()  # the writer's collectives first: one exchange at a time
+            return self._multirank.restore(
+                Path(self.directory), objects, on_corrupt=on_corrupt, expect=expect, log=log
+            )
+        if newest_is_multi_rank(self._storage):
+            return restore_plain(self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log)
         try:
             return loader.restore(
-                self.directory,
+                self._storage,
                 objects,
                 map_location=map_location,
                 on_corrupt=on_corrupt,
@@ -395,26 +522,3 @@ class AsyncCheckpointer:
             staging_bytes=self._pool.nbytes,
             staging_allocations=self._pool.allocations,
         )
-
-
-def _check_options(
-    when_busy: str,
-    verify: str,
-    keep_last: int,
-    keep_every: int | None,
-    max_pending: int,
-    close_timeout: float | None,
-) -> None:
-    """Raise :class:`UsageError` for the first bad option."""
-    if when_busy not in ("wait", "skip"):
-        raise UsageError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-    if verify not in ("full", "structure", "none"):
-        raise UsageError(f"verify must be 'full', 'structure' or 'none', got {verify!r}")
-    if keep_last < 1:
-        raise UsageError(f"keep_last must be >= 1, got {keep_last}")
-    if keep_every is not None and keep_every < 1:
-        raise UsageError(f"keep_every must be >= 1 or None, got {keep_every}")
-    if max_pending < 1:
-        raise UsageError(f"max_pending must be >= 1, got {max_pending}")
-    if close_timeout is not None and not close_timeout >= 0:
-        raise UsageError(f"close_timeout must be >= 0 or None, got {close_timeout}")

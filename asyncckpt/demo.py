@@ -117,7 +117,7 @@ def resume(trainer: _Trainer, ckpt: AsyncCheckpointer) -> Resumed | None:
     trainer.step = result.step
     loss = result.state.get("loss") if isinstance(result.state, dict) else None
     trainer.loss = float(loss) if isinstance(loss, float) else None
-    return Resumed(result.step, result.path, result.summary)
+    return Resumed(result.step, Path(result.path), result.summary)  # the demo runs locally
 
 
 def run_demo(

@@ -14,6 +14,9 @@ from typing import Any
 
 import structlog
 
+from .storage.localcopy import LOCAL_COPY_FAILED as LOCAL_COPY_FAILED
+from .storage.localcopy import LOCAL_COPY_IGNORED as LOCAL_COPY_IGNORED
+from .storage.localcopy import LOCAL_COPY_USED as LOCAL_COPY_USED
 from .storage.posix import open_regular
 
 EVENTS_FILE = "events.jsonl"
@@ -25,11 +28,27 @@ SAVE_COMMITTED = "checkpoint.save.committed"
 SAVE_FAILED = "checkpoint.save.failed"
 PRUNED = "checkpoint.pruned"
 PRUNE_FAILED = "checkpoint.prune_failed"
+DELETED = "checkpoint.deleted"
+DELETE_SKIPPED = "checkpoint.delete_skipped"
+DELETE_FAILED = "checkpoint.delete_failed"
 TMP_REMOVED = "checkpoint.tmp_removed"
 LOAD_SUMMARY = "checkpoint.load.summary"
 SIGTERM = "checkpoint.sigterm"
 WRITER_STARTED = "checkpoint.writer.started"
 WRITER_STOPPED = "checkpoint.writer.stopped"
+
+
+def default_path(
+    event_log: str | os.PathLike[str] | None, directory: Path | str, local_copy: Path | None
+) -> Path | None:
+    """Where a checkpointer's events go: ``event_log`` as given, else ``events.jsonl`` next to
+    local checkpoints, else next to a remote run's local copy; None (structlog's "asyncckpt"
+    logger) for a remote run without one."""
+    if event_log is not None:
+        return Path(event_log)
+    if isinstance(directory, Path):
+        return directory / EVENTS_FILE
+    return local_copy / EVENTS_FILE if local_copy is not None else None
 
 
 class JsonLinesFile:
@@ -68,11 +87,19 @@ class JsonLinesFile:
 
 
 class EventLog:
-    """A bound structlog logger plus the file it writes; ``close()`` when done."""
+    """A bound structlog logger plus the file it writes; ``close()`` when done.
 
-    def __init__(self, path: Path) -> None:
+    Without a path (a run on an object store, where nothing can be appended to) the events go
+    to structlog's ``"asyncckpt"`` logger, as the application configured it.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.sink: JsonLinesFile | None = None
+        if path is None:
+            self.logger: Any = structlog.get_logger("asyncckpt")
+            return
         self.sink = JsonLinesFile(path)
-        self.logger: Any = structlog.wrap_logger(
+        self.logger = structlog.wrap_logger(
             self.sink,
             processors=[
                 structlog.processors.add_log_level,
@@ -83,8 +110,8 @@ class EventLog:
         )
 
     @property
-    def path(self) -> Path:
-        return self.sink.path
+    def path(self) -> Path | None:
+        return None if self.sink is None else self.sink.path
 
     def info(self, event: str, **fields: Any) -> None:
         self.logger.info(event, **fields)
@@ -96,4 +123,5 @@ class EventLog:
         self.logger.error(event, **fields)
 
     def close(self) -> None:
-        self.sink.close()
+        if self.sink is not None:
+            self.sink.close()

@@ -23,20 +23,35 @@ from .format import FileKind, TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step
 from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
 from .saving.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
-from .storage import OS, FileOps, ReadHandle, Sink, WriteTimings, atomic_write, open_storage
+from .storage import (
+    OS,
+    Body,
+    CheckpointPath,
+    FileOps,
+    ReadHandle,
+    Sink,
+    Storage,
+    WriteTimings,
+    atomic_write,
+    is_url,
+    local_path,
+    open_storage,
+    path_of,
+)
 
 __all__ = ["Checkpoint", "MapLocation", "load", "save", "write_snapshot"]
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded checkpoint: its state tree, step, user metadata, format version and file."""
+    """A loaded checkpoint: its state tree, step, user metadata, format version and file
+    (a ``Path``, or a :class:`~asyncckpt.storage.RemotePath` for a URL)."""
 
     state: Any
     step: int
     metadata: dict[str, Any]
     version: str
-    path: Path
+    path: CheckpointPath
 
 
 def save(
@@ -45,8 +60,9 @@ def save(
     *,
     step: int,
     metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
     ops: FileOps = OS,
-) -> Path:
+) -> CheckpointPath:
     """Write ``state`` to ``path`` durably and atomically; return the path.
 
     After a crash at any instant ``path`` holds either its previous complete content or the new
@@ -55,22 +71,27 @@ def save(
     stored, and ``TypeError`` / ``ValueError`` for a step that is not an int in
     ``[0, 2**63 - 1]``, before anything is written; :class:`CheckpointWriteError` when the
     write fails.
+
+    ``path`` may be a URL (``s3://bucket/run/model.ckpt``; ``storage_options`` go to fsspec):
+    the bytes are uploaded, then a commit object makes them visible (docs/REMOTE.md), and a
+    :class:`~asyncckpt.storage.RemotePath` is returned.
     """
     fmt.check_step(step)
-    final = Path(path)
     snapshot = flatten(state)
     meta = flatten_metadata(metadata)
-    write_snapshot(
-        final,
-        tree=snapshot.tree,
-        tensors=snapshot.tensors,
-        sizes=[blob.nbytes for blob in snapshot.blobs],
-        step=step,
-        metadata=meta,
-        blobs=_host_bytes(snapshot),
-        ops=ops,
+    sizes = [blob.nbytes for blob in snapshot.blobs]
+    header = fmt.prepare_header(
+        step=step, metadata=meta, tree=snapshot.tree, tensors=snapshot.tensors, sizes=sizes
     )
-    return final
+    body = _body(header, _host_bytes(snapshot))
+    text = os.fspath(path)
+    if not is_url(text):
+        final = Path(local_path(text))
+        atomic_write(final, body, ops=ops)
+        return final
+    storage, name = _folder_of(text, storage_options, ops)
+    storage.commit(storage.write(name, body))
+    return path_of(text)
 
 
 def write_snapshot(
@@ -85,14 +106,22 @@ def write_snapshot(
     ops: FileOps = OS,
 ) -> WriteTimings:
     """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
-
     header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
+    return atomic_write(final, _body(header, blobs), ops=ops)
 
+
+def _body(header: fmt.PreparedHeader, blobs: Iterator[memoryview]) -> Body:
     def body(sink: Sink) -> int:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-crc") as checksums:
             return fmt.write_file(sink, header, blobs, checksum_pool=checksums)
 
-    return atomic_write(final, body, ops=ops)
+    return body
+
+
+def _folder_of(url: str, storage_options: dict[str, Any] | None, ops: FileOps = OS) -> tuple[Storage, str]:
+    """The storage of a URL's folder, and the object's name in it."""
+    folder, _, name = url.rpartition("/")
+    return open_storage(folder, storage_options=storage_options, ops=ops), name
 
 
 def _host_bytes(snapshot: Snapshot) -> Iterator[memoryview]:
@@ -112,8 +141,9 @@ def load(
     *,
     map_location: MapLocation = "cpu",
     verify: Verify = "full",
+    storage_options: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Read and check one checkpoint file.
+    """Read and check one checkpoint file (a path, or a URL with ``storage_options`` for fsspec).
 
     v1 files are checked for structure and, with ``verify="full"``, every checksum
     (``"structure"`` and ``"none"`` skip the tensor checksums; the structure is always checked);
@@ -126,18 +156,26 @@ def load(
     that is missing or not a regular file, ``PermissionError`` for one that cannot be opened.
     """
     checksums = one_of("verify", verify, VERIFY_MODES) == "full"
-    file_path = Path(path)
+    text = os.fspath(path)
+    if is_url(text):
+        storage, name = _folder_of(text, storage_options)
+    else:
+        local = Path(local_path(text))
+        storage, name = open_storage(local.parent), local.name
+    file_path = path_of(storage.where(name))
     where = str(file_path)
-    with open_storage(file_path.parent).open(file_path.name) as handle:
+    with storage.open(name) as handle:
         kind = reader.file_kind(handle, where)
         if kind is FileKind.V1:
             return _load_v1(handle, file_path, device=torch.device(map_location), checksums=checksums)
         legacy = reader.read_legacy(handle, kind, where=where, map_location=map_location, checksums=checksums)
-    step = legacy_step(legacy.state, file_path)
+    step = legacy_step(legacy.state, Path(name))
     return Checkpoint(legacy.state, -1 if step is None else step, {}, LEGACY_VERSION, file_path)
 
 
-def _load_v1(handle: ReadHandle, path: Path, *, device: torch.device, checksums: bool) -> Checkpoint:
+def _load_v1(
+    handle: ReadHandle, path: CheckpointPath, *, device: torch.device, checksums: bool
+) -> Checkpoint:
     where = str(path)
     layout = reader.read_layout(handle, where)
     tensors = reader.read_tensors(handle, layout, where=where, checksums=checksums, device=device)

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -47,7 +46,7 @@ class SigtermFlusher:
     def __init__(
         self,
         *,
-        pending: Callable[[], list[concurrent.futures.Future[Path]]],
+        pending: Callable[[], list[concurrent.futures.Future[Any]]],
         saves: CallsInProgress,
         log: Callable[..., None],
     ) -> None:

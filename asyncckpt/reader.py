@@ -22,7 +22,8 @@ import torch
 from . import format as fmt
 from .errors import CheckpointError, CorruptedCheckpointError
 from .format import FileKind
-from .storage import ReadHandle
+from .spans import Piece, SpanReads
+from .storage import ParallelReads, ReadHandle
 
 MAX_READ_THREADS = 8
 PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
@@ -162,6 +163,11 @@ class _BlobReads:
         self._failed_at = len(layout.blobs)  # the lowest blob index known to be broken
 
     def read(self, destinations: list[torch.Tensor], *, checksums: bool) -> None:
+        reads = self.handle.parallel_reads
+        if reads is not None:
+            _read_spans(self.handle, self.layout, self.where, reads, destinations, checksums=checksums)
+            return
+
         def group(indices: list[int]) -> Failure | None:
             reader = _file(self.handle)
             bounce: list[torch.Tensor] = []  # this thread's host buffer for non-CPU destinations
@@ -172,6 +178,11 @@ class _BlobReads:
         self._run(group)
 
     def check(self) -> None:
+        reads = self.handle.parallel_reads
+        if reads is not None:
+            SpanReads(self.handle, self.layout, self.where, reads).run(None, lambda _: None, checksums=True)
+            return
+
         def group(indices: list[int]) -> Failure | None:
             reader = _file(self.handle)
             scratch = memoryview(bytearray(fmt.CHUNK))
@@ -229,6 +240,48 @@ class _BlobReads:
     def _read_into(self, reader: BinaryIO, index: int, host: torch.Tensor, *, checksums: bool) -> None:
         view = fmt.tensor_bytes(host)
         fmt.read_blob_into(reader, self.layout, index, view, verify=checksums, path=self.where)
+
+
+def _read_spans(
+    handle: ReadHandle,
+    layout: fmt.Layout,
+    where: str,
+    reads: ParallelReads,
+    destinations: list[torch.Tensor],
+    *,
+    checksums: bool,
+) -> None:
+    """Every blob into its destination with parallel ranged requests (:mod:`asyncckpt.spans`).
+
+    CPU destinations get the bytes straight from the reply; a blob for another device lands in
+    a host buffer of its own (pinned for CUDA), copied over once the blob is whole and checked.
+    """
+    lock = threading.Lock()
+    views: dict[int, memoryview] = {}
+    host: dict[int, torch.Tensor] = {}
+
+    def landing(index: int) -> memoryview:
+        with lock:
+            view = views.get(index)
+            if view is None:
+                target = destinations[index]
+                if target.device.type != "cpu":
+                    pinned = target.device.type == "cuda"
+                    target = host[index] = torch.empty(target.numel(), dtype=torch.uint8, pin_memory=pinned)
+                view = views[index] = fmt.tensor_bytes(target)
+            return view
+
+    def destination(piece: Piece) -> memoryview:
+        return landing(piece.blob)[piece.start : piece.start + piece.nbytes]
+
+    def finish(index: int) -> None:
+        with lock:
+            views.pop(index, None)
+            bounce = host.pop(index, None)
+        if bounce is not None:
+            destinations[index].copy_(bounce)
+
+    SpanReads(handle, layout, where, reads).run(destination, finish, checksums=checksums)
 
 
 def _groups(sizes: list[int]) -> list[list[int]]:

@@ -125,3 +125,13 @@ def test_rss_helpers_read_proc() -> None:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert system.rss_bytes() > 0
     assert system.peak_rss_bytes() >= system.rss_bytes() // 2
+
+
+def test_integrations_benchmark_has_help(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "integrations.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--frameworks", "--steps", "--every", "--repeat", "--out", "--dir"):
+        assert option in done.stdout

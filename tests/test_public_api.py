@@ -12,7 +12,7 @@ EXPECTED = {
     "AsyncCheckpointer", "AsyncckptError", "CandidateReport", "Checkpoint", "CheckpointBusyError",
     "CheckpointError", "CheckpointInfo", "CheckpointWriteError", "CheckpointerStats", "CoordinationError",
     "CorruptedCheckpointError", "Diagnostic", "IncompatibleCheckpointError", "LoadResult",
-    "NoValidCheckpointError", "SaveHandle", "StateTooLargeError", "UnsupportedValueError",
+    "NoValidCheckpointError", "SaveHandle", "StateTooLargeError", "UnresolvedValue", "UnsupportedValueError",
     "UnsupportedVersionError", "UsageError", "__version__", "check_candidates", "list_checkpoints", "load",
     "load_latest", "restore", "rng_state", "save", "set_rng_state",
 }  # fmt: skip

@@ -170,7 +170,7 @@ def test_legacy_and_v1_files_load_through_a_handle_without_a_local_path(
     write_steps = [asyncckpt.save(tmp_path / checkpoint_name(s), make_state(s), step=s) for s in (1, 2)]
     legacy = {**make_state(3), "step": 3}
     torch.save(legacy, tmp_path / "model.pt", _use_new_zipfile_serialization=zipped)
-    monkeypatch.setattr(rollback_module, "open_storage", lambda _: RemoteLike(tmp_path))
+    monkeypatch.setattr(rollback_module, "open_storage", lambda _, **__: RemoteLike(tmp_path))
     result = load_latest(tmp_path, log=Recorder())
     assert (result.step, result.version) == (3, "0.x")
     assert_same_state(result.state, legacy)

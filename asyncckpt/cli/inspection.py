@@ -1,120 +1,189 @@
 """What the CLI reads from a checkpoint directory or file, as plain data (no printing).
 
-``scan_directory`` lists the files ``ls`` shows, ``read_prelude`` reads only a file's first 64
-bytes, ``inspect_file`` reads a header (or a legacy file's pickled structure) without the tensor
-data, and ``plain_json`` turns a decoded header tree into JSON values.
+Everything goes through the Storage seam and the one reader, so a URL (``s3://bucket/run``)
+works as a local path does. ``scan_directory`` lists the files ``ls`` shows, ``read_prelude``
+reads only a file's first 64 bytes, ``inspect_file`` reads a header (or a legacy file's pickled
+structure) without the tensor data, and ``plain_json`` turns a decoded header tree into JSON
+values. A location is a path or URL (``storage_options`` go to fsspec) or an :class:`Entry`.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from .. import format as fmt
-from ..catalog import parse_checkpoint_name
+from .. import reader
+from ..catalog import kind_of, open_target, parse_checkpoint_name
 from ..dtypes import dtype_name, itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
-from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, is_zip_torch_save, legacy_step, load_legacy
+from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, legacy_step
 from ..loading import CandidateReport
 from ..saving.snapshot import flatten
-from ..storage import is_temp_name
+from ..storage import CheckpointPath, Storage, path_of
 
 Kind = Literal["checkpoint", "legacy", "temp"]
+Options = dict[str, Any] | None
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+__all__ = [
+    "Entry",
+    "Inspection",
+    "Object",
+    "TensorRow",
+    "candidates_of",
+    "inspect_file",
+    "kind_of",
+    "plain_json",
+    "prelude_report",
+    "read_prelude",
+    "resume_candidates",
+    "scan_directory",
+    "target",
+]
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A file of a checkpoint directory that ``ls`` shows."""
+    """A file of a checkpoint directory that ``ls`` shows: its storage and name, where it is
+    (``path``), its kind, step, size and time."""
 
-    path: Path
+    path: CheckpointPath
     kind: Kind
     step: int | None
     size: int
     modified: datetime
+    name: str = field(default="", compare=False)
+    storage: Storage | None = field(default=None, compare=False, repr=False)
 
 
-def scan_directory(root: Path) -> list[Entry]:
-    """Checkpoints (``step-*.ckpt``), legacy ``*.pt``/``*.pth`` files and writers' temp files.
+Object = Entry | tuple[Storage, str] | str | os.PathLike[str]  # one file: an entry, (storage, name), a path
+
+
+def target(
+    location: str | os.PathLike[str], *, storage_options: Options = None
+) -> tuple[Storage, str | None]:
+    """``(storage, None)`` for a directory, ``(storage of its folder, name)`` for one file."""
+    return open_target(location, storage_options=storage_options)
+
+
+def _one(location: Object, storage_options: Options) -> tuple[Storage, str]:
+    if isinstance(location, Entry) and location.storage is not None:
+        return location.storage, location.name
+    if isinstance(location, tuple):
+        return location
+    text = str(location.path) if isinstance(location, Entry) else os.fspath(location)
+    storage, name = target(text, storage_options=storage_options)
+    if name is None:
+        raise IsADirectoryError(errno.EISDIR, "is a directory", text)
+    return storage, name
+
+
+def scan_directory(
+    location: str | os.PathLike[str] | Storage, *, storage_options: Options = None
+) -> list[Entry]:
+    """Checkpoints (``step-*.ckpt``), legacy ``*.pt``/``*.pth`` files and unfinished writes
+    (temp files; on an object store, uploads without their commit).
 
     Regular files only (symlinks are never candidates, as in the loader); by step, then name.
-    Raises ``OSError`` when ``root`` cannot be listed.
+    Raises ``OSError`` when the directory cannot be listed.
     """
+    storage = (
+        location if isinstance(location, Storage) else target(location, storage_options=storage_options)[0]
+    )
     entries = []
-    for item in os.scandir(root):
-        kind = kind_of(item.name)
-        if kind is None or not item.is_file(follow_symlinks=False):
-            continue
-        info = item.stat(follow_symlinks=False)
-        path = root / item.name
+    for obj in storage.ls():
+        kind = kind_of(obj.name)
+        if obj.kind == "file" and kind in ("checkpoint", "legacy"):
+            path = path_of(storage.where(obj.name))
+            entries.append(
+                Entry(path, kind, step_of(obj.name, kind), obj.size, obj.modified, obj.name, storage)
+            )
+    for unfinished in storage.unfinished():
+        path = path_of(storage.where(unfinished.label))
+        step = parse_checkpoint_name(unfinished.name)
         entries.append(
-            Entry(path, kind, step_of(path, kind), info.st_size, datetime.fromtimestamp(info.st_mtime, UTC))
+            Entry(path, "temp", step, unfinished.size, unfinished.modified, unfinished.label, storage)
         )
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
 
 
-def kind_of(name: str) -> Kind | None:
-    if is_temp_name(name):
-        return "temp"
-    if parse_checkpoint_name(name) is not None:
-        return "checkpoint"
-    if name.endswith(LEGACY_SUFFIXES):
-        return "legacy"
-    return None
-
-
-def step_of(path: Path, kind: Kind) -> int | None:
+def step_of(name: str, kind: Kind) -> int | None:
+    """The step a file's name says (``ls`` never unpickles)."""
     if kind == "checkpoint":
-        return parse_checkpoint_name(path.name)
+        return parse_checkpoint_name(name)
     if kind == "temp":  # .step-0000000300.ckpt.tmp-1a2b3c4d
-        return parse_checkpoint_name(path.name[1:].partition(".tmp-")[0])
-    return legacy_step(None, path)  # from the name: ls never unpickles
+        return parse_checkpoint_name(PurePosixPath(name).name[1:].partition(".tmp-")[0])
+    return legacy_step(None, PurePosixPath(name))
 
 
-def read_prelude(path: Path) -> tuple[str | None, CheckpointError | None]:
+def read_prelude(
+    location: Object, *, storage_options: Options = None
+) -> tuple[str | None, CheckpointError | None]:
     """The format version a file's first 64 bytes declare, and what is wrong with them (if anything).
 
     Nothing past the prelude is read: a file with a good prelude may still be broken.
     """
+    storage, name = _one(location, storage_options)
+    where = storage.where(name)
     try:
-        with open(path, "rb") as file:
-            head = file.read(fmt.PRELUDE_SIZE)
+        with storage.open(name) as handle:
+            buffer = bytearray(fmt.PRELUDE_SIZE)
+            head = bytes(buffer[: handle.read_at(0, memoryview(buffer))])
     except OSError as exc:
-        return None, CorruptedCheckpointError(f"cannot be read: {exc.strerror or exc}", path=path)
+        return None, CorruptedCheckpointError(f"cannot be read: {exc.strerror or exc}", path=where)
+    except CheckpointError as exc:  # a damaged commit record (object stores)
+        return None, exc
     try:
-        if fmt.sniff(head, path=path).legacy:
+        if fmt.sniff(head, path=where).legacy:
             return LEGACY_VERSION, None
     except CorruptedCheckpointError as exc:
         return None, exc
     declared = head[len(fmt.MAGIC) : len(fmt.MAGIC) + 16].rstrip(b"\0").decode("ascii", "replace")
     try:
-        return fmt.check_prelude(head, str(path)), None
+        return fmt.check_prelude(head, where), None
     except CheckpointError as exc:
         return declared or None, exc
 
 
-def resume_candidates(target: Path) -> list[Path]:
-    """The files a resume would consider, newest step first (the loader's order)."""
-    if not target.is_dir():
-        return [target]
-    found = [e for e in scan_directory(target) if e.kind != "temp"]
+def resume_candidates(location: str | os.PathLike[str], *, storage_options: Options = None) -> list[Entry]:
+    """The files a resume would consider, newest step first (the loader's order); one file
+    when ``location`` names one."""
+    return candidates_of(*target(location, storage_options=storage_options))
+
+
+def candidates_of(storage: Storage, name: str | None) -> list[Entry]:
+    """:func:`resume_candidates` of an opened target: ``name`` alone, or the directory's files."""
+    if name is not None:
+        return [_entry(storage, name)]
+    found = [e for e in scan_directory(storage) if e.kind != "temp"]
     found.sort(key=lambda e: (e.step is None, -(e.step or 0), e.kind != "checkpoint", e.path.name))
-    return [e.path for e in found]
+    return found
 
 
-def prelude_report(path: Path) -> CandidateReport:
+def _entry(storage: Storage, name: str) -> Entry:
+    """One named file as an entry (size and time from its folder's listing when it is listed)."""
+    kind: Kind = "legacy" if name.endswith(LEGACY_SUFFIXES) else "checkpoint"
+    listed = next((o for o in storage.ls() if o.name == name and o.kind == "file"), None)
+    size, modified = (listed.size, listed.modified) if listed is not None else (0, EPOCH)
+    return Entry(path_of(storage.where(name)), kind, step_of(name, kind), size, modified, name, storage)
+
+
+def prelude_report(location: Object, *, storage_options: Options = None) -> CandidateReport:
     """A report from the prelude alone (``--verify none``); "valid" means "not refused"."""
-    version, error = read_prelude(path)
-    kind: Kind = "legacy" if path.name.endswith(LEGACY_SUFFIXES) else "checkpoint"
-    step, size = step_of(path, kind), path.stat().st_size
+    storage, name = _one(location, storage_options)
+    entry = location if isinstance(location, Entry) else _entry(storage, name)
+    version, error = read_prelude(entry)
     if error is None:
-        return CandidateReport(step, path, size, version, "valid", None)
+        return CandidateReport(entry.step, entry.path, entry.size, version, "valid", None)
     status: Any = "incompatible" if isinstance(error, IncompatibleCheckpointError) else "corrupted"
-    return CandidateReport(step, path, size, None, status, error.reason)
+    return CandidateReport(entry.step, entry.path, entry.size, None, status, error.reason)
 
 
 @dataclass(frozen=True)
@@ -131,7 +200,7 @@ class TensorRow:
 class Inspection:
     """What ``inspect`` shows of one file."""
 
-    path: Path
+    path: CheckpointPath
     size: int
     version: str
     step: int | None
@@ -142,22 +211,25 @@ class Inspection:
     tree: Any  # with fmt.TensorRef leaves
 
 
-def inspect_file(path: Path) -> Inspection:
+def inspect_file(location: Object, *, storage_options: Options = None) -> Inspection:
     """Read a file's header (v1) or pickled structure (legacy); no tensor data is checked.
 
-    Raises :class:`CheckpointError` for a file that is not a readable checkpoint.
+    Raises :class:`CheckpointError` for a file that is not a readable checkpoint, ``OSError``
+    when it cannot be opened.
     """
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as file:
-        head = file.read(fmt.SNIFF_BYTES)
-        if fmt.sniff(head, path=path) is fmt.FileKind.V1:
-            layout = fmt.read_layout(file, str(path))
-            rows = _rows(layout.tensors)
+    storage, name = _one(location, storage_options)
+    where = storage.where(name)
+    path = path_of(where)
+    with storage.open(name) as handle:
+        kind = reader.file_kind(handle, where)
+        if kind is fmt.FileKind.V1:
+            layout = reader.read_layout(handle, where)
             info = (layout.version, layout.step, layout.created, layout.writer, layout.metadata)
-            return Inspection(path, size, *info, rows, layout.tree)
-    state = load_legacy(path, mmap=is_zip_torch_save(head))
+            return Inspection(path, handle.size, *info, _rows(layout.tensors), layout.tree)
+        state = reader.read_legacy(handle, kind, where=where, mmap=True).state
+        size = handle.size
     snapshot = flatten(state)
-    step = legacy_step(state, path)
+    step = legacy_step(state, PurePosixPath(name))
     return Inspection(
         path, size, LEGACY_VERSION, step, None, None, {}, _rows(snapshot.tensors), snapshot.tree
     )

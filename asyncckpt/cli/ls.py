@@ -10,13 +10,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import CheckpointError, NoValidCheckpointError
-from .exits import DebugOption, existing_directory, reports_errors
+from ..errors import CheckpointError, NoValidCheckpointError, UsageError
+from ..storage import CheckpointPath
+from .exits import DebugOption, reports_errors
 from .inspection import Entry, read_prelude, scan_directory
 from .render import JsonOption, human_bytes, plural, stdout, step_text
+from .steps import StepEntry, has_step_folders, scan_steps, step_note
+from .targets import StorageOptionsOption, open_location
 from .validate import NO_CHECKPOINTS
 
-Preludes = dict[Path, tuple[str | None, CheckpointError | None]]
+Preludes = dict[CheckpointPath, tuple[str | None, CheckpointError | None]]
 
 NOTES = {
     "checkpoint": "",
@@ -28,18 +31,26 @@ NOTES = {
 @reports_errors
 def list_directory(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="A checkpoint directory.")],
+    directory: Annotated[
+        str, typer.Argument(help="A checkpoint directory: a path, or a URL such as s3://bucket/run/.")
+    ],
     as_json: JsonOption = False,
+    storage_options: StorageOptionsOption = None,
     debug: DebugOption = False,
 ) -> None:
     """List checkpoints with step, time, size and format version; mark temp and legacy files.
 
     Reads only the first 64 bytes of each file: use `validate` to check them. Exit code 3 when
-    the directory holds no checkpoint.
+    the directory holds no checkpoint. On an object store the listing is one LIST request, and
+    uploads without their commit object show as temp.
     """
-    root = existing_directory(directory, hint="use `asyncckpt inspect` for one file")
-    entries = scan_directory(root)
-    preludes = {e.path: read_prelude(e.path) for e in entries if e.kind != "temp"}
+    storage, name = open_location(directory, storage_options)
+    if name is not None:
+        raise UsageError("not a directory (use `asyncckpt inspect` for one file)", path=storage.where(name))
+    root = storage.location
+    entries = scan_directory(storage)
+    preludes = {e.path: read_prelude(e) for e in entries if e.kind != "temp"}
+    steps = scan_steps(Path(root)) if "://" not in root and has_step_folders(Path(root)) else []
     if as_json:
         document = [
             {
@@ -53,10 +64,15 @@ def list_directory(
             }
             for e in entries
         ]
-        typer.echo(json.dumps({"path": str(root), "files": document}, indent=2))
+        listing: dict[str, object] = {"path": str(root), "files": document}
+        if steps:
+            listing["steps"] = steps_json(steps)
+        typer.echo(json.dumps(listing, indent=2))
     else:
-        _print(root, entries, preludes)
-    if not any(e.kind != "temp" for e in entries):
+        if entries or not steps:
+            _print(root, entries, preludes)
+        print_steps(steps)
+    if not any(e.kind != "temp" for e in entries) and not any(s.committed for s in steps):
         raise NoValidCheckpointError(NO_CHECKPOINTS, path=root)
 
 
@@ -65,7 +81,7 @@ def _problem(entry: Entry, preludes: Preludes) -> str | None:
     return None if error is None else error.reason
 
 
-def _print(root: Path, entries: list[Entry], preludes: Preludes) -> None:
+def _print(root: str, entries: list[Entry], preludes: Preludes) -> None:
     out = stdout()
     if entries:
         out.print(f"[bold]{escape(str(root))}[/]")
@@ -97,3 +113,52 @@ def _table(entries: list[Entry], preludes: Preludes) -> Table:
             f"[red]{escape(problem)}[/]" if problem else NOTES[e.kind],
         )
     return table
+
+
+def steps_json(steps: list[StepEntry]) -> list[dict[str, object]]:
+    """The ``--json`` rows of the multi-rank step folders."""
+    return [
+        {
+            "step": s.step,
+            "folder": s.path.name,
+            "committed": s.committed,
+            "world_size": s.world_size,
+            "shards": s.shards,
+            "temp_files": s.temps,
+            "size": s.size,
+            "modified": s.modified.isoformat(),
+            "version": s.version,
+            "problem": s.problem,
+        }
+        for s in steps
+    ]
+
+
+def print_steps(steps: list[StepEntry]) -> None:
+    """The table of multi-rank step folders, and a count."""
+    if not steps:
+        return
+    out = stdout()
+    table = Table(title="multi-rank steps", title_justify="left")
+    for name, justify in (("step", "right"), ("committed (UTC)", "left"), ("size", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for name in ("ranks", "version", "folder"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for s in steps:
+        note = escape(step_note(s))
+        table.add_row(
+            step_text(s.step),
+            s.modified.strftime("%Y-%m-%d %H:%M:%S") if s.committed else "-",
+            human_bytes(s.size),
+            "-" if s.world_size is None else str(s.world_size),
+            escape(s.version or "-"),
+            escape(s.path.name + "/"),
+            note if s.committed and not s.problem else f"[yellow]{note}[/]",
+        )
+    out.print(table)
+    committed = sum(s.committed for s in steps)
+    parts = [plural(committed, "multi-rank step")]
+    parts += [f"{len(steps) - committed} uncommitted"] if committed != len(steps) else []
+    total = sum(s.size for s in steps if s.committed)
+    out.print(f"{', '.join(parts)}; {human_bytes(total)} in committed steps")

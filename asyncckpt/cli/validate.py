@@ -19,14 +19,26 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import catalog
 from ..errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_PARTIAL, NoValidCheckpointError
-from ..loading import CandidateReport, check_candidates
-from .exits import DebugOption, existing, reports_errors
-from .inspection import prelude_report, resume_candidates
+from ..loading import CandidateReport
+from ..loading.verify import check_object
+from .exits import DebugOption, reports_errors
+from .inspection import Entry, candidates_of, prelude_report
 from .render import JsonOption, human_bytes, plural, stderr, stdout, step_text
+from .steps import (
+    Mode,
+    StepReport,
+    check_steps,
+    has_step_folders,
+    is_step_folder,
+    resume_rows,
+    steps_document,
+)
+from .targets import StorageOptionsOption, open_location
 
 PROGRESS_MIN_BYTES = 256 << 20  # --verify full shows a progress bar past this many bytes to read
-NO_CHECKPOINTS = "no checkpoints (no step-*.ckpt, *.pt or *.pth files)"
+NO_CHECKPOINTS = "no checkpoints (no step-*.ckpt, *.pt or *.pth files, no committed step-*/ folders)"
 
 
 class Verify(enum.StrEnum):
@@ -53,7 +65,12 @@ STYLES = {"valid": "green", "corrupted": "bold red", "incompatible": "yellow"}
 @reports_errors
 def validate(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory or one checkpoint file.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint directory or one checkpoint file: a path, or a URL such as s3://bucket/run/."
+        ),
+    ],
     verify: Annotated[
         Verify,
         typer.Option(
@@ -63,6 +80,7 @@ def validate(
         ),
     ] = Verify.full,
     as_json: JsonOption = False,
+    storage_options: StorageOptionsOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Check checkpoints without changing anything (a dry run of a resume).
@@ -72,11 +90,19 @@ def validate(
     valid, some not (a resume would fall back); 3: none valid, or the single file given is
     invalid; 1: usage or unexpected errors.
     """
-    target = existing(path)
-    rows = _check_all(resume_candidates(target), verify)
-    code = _exit_code(rows, single_file=not target.is_dir())
+    storage, name = open_location(path, storage_options)
+    target = storage.where(name) if name is not None else storage.location
+    local = None if "://" in target else Path(target)
+    step_folder = local is not None and is_step_folder(local)
+    steps = _check_steps(local, verify) if local is not None else []
+    files = [] if step_folder else candidates_of(storage, name)
+    rows = _newest_first(_check_all(files, verify) + [step.report for step in steps])
+    code = _exit_code(rows, single_file=name is not None or step_folder)
     if as_json:
-        typer.echo(json.dumps(_document(target, verify, rows, code), indent=2))
+        document = _document(target, verify, rows, code)
+        if steps:
+            document["steps"] = steps_document(steps)
+        typer.echo(json.dumps(document, indent=2))
     else:
         _print(target, verify, rows)
     if not rows:
@@ -84,22 +110,35 @@ def validate(
     raise typer.Exit(code)
 
 
-def _check_all(files: list[Path], verify: Verify) -> list[CandidateReport]:
+def _check_all(files: list[Entry], verify: Verify) -> list[CandidateReport]:
     if verify == Verify.none:
-        return [prelude_report(path) for path in files]
+        return [prelude_report(entry) for entry in files]
     mode: Literal["full", "structure"] = "full" if verify == Verify.full else "structure"
-    total = sum(path.stat().st_size for path in files)
+    total = sum(entry.size for entry in files)
     if verify != Verify.full or total < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
-        return _newest_first([report for path in files for report in check_candidates(path, verify=mode)])
+        return _newest_first([_check(entry, mode) for entry in files])
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     reports = []
     with Progress(*columns, console=stderr(), transient=True) as progress:
         task = progress.add_task("validating", total=total)
-        for path in files:
-            progress.update(task, description=f"checking {path.name}")
-            reports += check_candidates(path, verify="full")
-            progress.advance(task, path.stat().st_size)
+        for entry in files:
+            progress.update(task, description=f"checking {entry.path.name}")
+            reports.append(_check(entry, "full"))
+            progress.advance(task, entry.size)
     return _newest_first(reports)
+
+
+def _check_steps(target: Path, verify: Verify) -> list[StepReport]:
+    """Multi-rank steps: all of a directory's committed ones, or the one folder given."""
+    mode: Mode = verify.value
+    if is_step_folder(target):
+        return check_steps(target.parent, mode, only=catalog.parse_step_folder(target.name))
+    return check_steps(target, mode) if target.is_dir() and has_step_folders(target) else []
+
+
+def _check(entry: Entry, mode: Literal["full", "structure"]) -> CandidateReport:
+    assert entry.storage is not None
+    return check_object(entry.storage, entry.name, verify=mode)
 
 
 def _newest_first(reports: list[CandidateReport]) -> list[CandidateReport]:
@@ -113,11 +152,12 @@ def _resume_row(rows: list[CandidateReport], verify: Verify) -> CandidateReport 
     """The row a resume would load: the newest valid one with a step (the loader ignores the rest)."""
     if verify == Verify.none:
         return None
-    return next((r for r in rows if r.status == "valid" and r.step is not None), None)
+    return next((r for r in resume_rows(rows) if r.status == "valid" and r.step is not None), None)
 
 
 def _skipped(rows: list[CandidateReport], chosen: CandidateReport) -> list[CandidateReport]:
     """The newer candidates a resume would try and skip before it loads ``chosen``."""
+    rows = resume_rows(rows)
     return [r for r in rows[: rows.index(chosen)] if r.status != "valid"]
 
 
@@ -163,7 +203,7 @@ def _status(row: CandidateReport, verify: Verify) -> str:
     return "unchecked" if verify == Verify.none and row.status == "valid" else row.status
 
 
-def _print(target: Path, verify: Verify, rows: list[CandidateReport]) -> None:
+def _print(target: str, verify: Verify, rows: list[CandidateReport]) -> None:
     out = stdout()
     out.print(f"[bold]{escape(str(target))}[/] ({TITLES[verify]})")
     table = Table()
@@ -186,7 +226,7 @@ def _print(target: Path, verify: Verify, rows: list[CandidateReport]) -> None:
     out.print(escape(_summary(rows, verify)), soft_wrap=True)
 
 
-def _document(target: Path, verify: Verify, rows: list[CandidateReport], code: int) -> dict[str, Any]:
+def _document(target: str, verify: Verify, rows: list[CandidateReport], code: int) -> dict[str, Any]:
     counts = {
         status: sum(r.status == status for r in rows) for status in ("valid", "corrupted", "incompatible")
     }

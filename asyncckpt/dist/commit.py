@@ -7,6 +7,7 @@ folder has no record does not exist.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, cast
 
 import torch
@@ -26,7 +27,7 @@ from .record import (
     encode_metadata,
     record_tree,
 )
-from .shards import header_digest, located
+from .shards import located, shard_digest
 
 MAX_RECORD_BLOB = 1 << 32  # the encoded DCP metadata of a step (4 GiB: far beyond 10k ranks)
 
@@ -95,29 +96,47 @@ def read_record(storage: Storage, step: int) -> CommitRecord:
     return decode_record(layout, bytes(data), path=where)
 
 
+CHECK_THREADS = 32  # header reads in flight on the coordinator (each one is a small read)
+
+
 def check_shards_durable(storage: Storage, step: int, shards: list[ShardDigest]) -> None:
     """Check that every rank's shard file reads back with the digest the rank reported (the
-    coordinator does this before it commits; it reads headers only).
+    coordinator does this before it commits; it reads headers only, several at a time).
 
-    Raises :class:`CheckpointWriteError` naming the first rank whose file differs or is missing.
+    Raises :class:`CheckpointWriteError` naming the lowest rank whose file differs or is missing.
     """
-    for digest in shards:
-        name = catalog.shard_name(step, digest.rank)
-        where = storage.where(name)
-        try:
-            with storage.open(name) as handle:
-                found, _ = header_digest(handle, where, digest.rank)
-        except (OSError, CheckpointError) as exc:
-            raise CheckpointWriteError(
-                f"rank {digest.rank}'s shard does not read back before the commit: {exc}",
-                path=where,
-                rank=digest.rank,
-                step=step,
-            ) from exc
-        if found != digest:
-            raise CheckpointWriteError(
-                f"rank {digest.rank}'s shard differs from what it reported ({found} vs {digest})",
-                path=where,
-                rank=digest.rank,
-                step=step,
-            )
+    if len(shards) <= 1:
+        errors = [_check_shard(storage, step, digest) for digest in shards]
+    else:
+        with ThreadPoolExecutor(
+            min(CHECK_THREADS, len(shards)), thread_name_prefix="asyncckpt-check"
+        ) as pool:
+            errors = list(pool.map(lambda digest: _check_shard(storage, step, digest), shards))
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _check_shard(storage: Storage, step: int, digest: ShardDigest) -> CheckpointWriteError | None:
+    name = catalog.shard_name(step, digest.rank)
+    where = storage.where(name)
+    try:
+        with storage.open(name) as handle:
+            found = shard_digest(handle, where, digest.rank)
+    except (OSError, CheckpointError) as exc:
+        error = CheckpointWriteError(
+            f"rank {digest.rank}'s shard does not read back before the commit: {exc}",
+            path=where,
+            rank=digest.rank,
+            step=step,
+        )
+        error.__cause__ = exc
+        return error
+    if found != digest:
+        return CheckpointWriteError(
+            f"rank {digest.rank}'s shard differs from what it reported ({found} vs {digest})",
+            path=where,
+            rank=digest.rank,
+            step=step,
+        )
+    return None

@@ -8,13 +8,14 @@ does for single-file checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .. import catalog
+from .._tree import unflatten
 from ..dtypes import itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, Diagnostic, NoValidCheckpointError
 from ..storage import Location, Storage, open_storage
@@ -38,6 +39,7 @@ class FullState:
     per_rank: list[Any]
     world_size: int
     diagnostics: list[Diagnostic]
+    metadata: dict[str, Any] = field(default_factory=dict)  # the user metadata saved with the step
 
 
 def load_full(location: Location, *, step: int | None = None) -> FullState:
@@ -85,7 +87,10 @@ def _read(storage: Storage, record: CommitRecord, diagnostics: list[Diagnostic])
         reader.close()
     with ShardFiles(storage, record) as shards:
         per_rank = [shards.per_rank(rank) for rank in range(record.world_size)]
-    return FullState(record.step, planner.original_state_dict, per_rank, record.world_size, list(diagnostics))
+        user = shards.layout(0).metadata.get("user")
+    metadata = unflatten(user, []) if isinstance(user, dict) else {}
+    state = planner.original_state_dict
+    return FullState(record.step, state, per_rank, record.world_size, list(diagnostics), metadata)
 
 
 def _check_sizes(storage: Storage, record: CommitRecord) -> None:

@@ -45,12 +45,22 @@ class CoordinationGroup:
         parent = process_group if process_group is not None else dist.group.WORLD
         assert parent is not None
         ranks = dist.get_process_group_ranks(parent)
-        self.group = dist.new_group(
-            ranks=ranks,
-            backend="gloo",
-            timeout=timedelta(seconds=self.timeout),
-            use_local_synchronization=len(ranks) != dist.get_world_size(),
-        )
+        try:
+            self.group = dist.new_group(
+                ranks=ranks,
+                backend="gloo",
+                timeout=timedelta(seconds=self.timeout),
+                use_local_synchronization=len(ranks) != dist.get_world_size(),
+            )
+        except Exception as exc:  # the store barrier timed out: not every rank got here
+            raise CoordinationError(
+                f"creating asyncckpt's coordination group over ranks {ranks[:8]}"
+                f"{'...' if len(ranks) > 8 else ''}: not every rank joined within {self.timeout:g} s "
+                f"({first_line(exc)}). Every rank of the group opens the checkpointer (or creates "
+                "the CoordinationGroup) at the same point; to checkpoint from one rank only, pass "
+                "process_group=dist.new_group([rank], use_local_synchronization=True)",
+                rank=dist.get_rank(),
+            ) from exc
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
 
@@ -75,13 +85,22 @@ class CoordinationGroup:
             raise self.failed(what, exc) from exc
         return gathered
 
-    def gather_outcomes(self, work: Callable[[], T], *, what: str, error: Callable[..., Exception]) -> T:
+    def gather_outcomes(
+        self,
+        work: Callable[[], T],
+        *,
+        what: str,
+        error: Callable[..., Exception],
+        call: tuple[str, int | None] | None = None,
+    ) -> T:
         """Run ``work`` here; return its result once every rank's ``work`` succeeded.
 
         If ``work`` raised on any rank, every rank raises, so that no rank goes on to a
         collective the others will not join: a rank whose ``work`` raised re-raises its own
         error; the others raise ``error(reason, rank=...)`` naming each failed rank and its
-        error. Only success or the error's text travels between ranks.
+        error. Only success or the error's text travels between ranks. ``call`` (an operation
+        and its step) is checked in the same exchange, as :meth:`agree` does, before anything
+        else: ``work`` must then have no effect the other ranks depend on.
         """
         mine: BaseException | None = None
         result: T | None = None
@@ -91,7 +110,10 @@ class CoordinationGroup:
         except Exception as exc:
             mine = exc
             outcome = f"{type(exc).__name__}: {first_line(exc)}"
-        outcomes = self.all_gather(outcome, what=what)
+        gathered = self.all_gather((call, outcome), what=what)
+        if call is not None:
+            self._same_calls([c for c, _ in gathered], call)
+        outcomes = [o for _, o in gathered]
         failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
         if failed:
             if mine is not None:
@@ -107,13 +129,16 @@ class CoordinationGroup:
         Raises :class:`CoordinationError` on every rank, listing each rank's call, when they differ.
         """
         calls = self.all_gather((operation, step), what=f"{operation} (step {step})")
+        self._same_calls(calls, (operation, step))
+
+    def _same_calls(self, calls: list[Any], mine: tuple[str, int | None]) -> None:
         if len(set(calls)) > 1:
             listing = ", ".join(f"rank {rank}: {op} step {s}" for rank, (op, s) in enumerate(calls))
             raise CoordinationError(
-                f"the ranks did not make the same call ({listing}); every rank must call {operation} "
+                f"the ranks did not make the same call ({listing}); every rank must call {mine[0]} "
                 "with the same step, in the same order",
                 rank=self.rank,
-                step=step,
+                step=mine[1],
             )
 
     def check_usable(self, what: str) -> None:

@@ -11,21 +11,23 @@ plain process, for evaluation and export.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 
 from .. import catalog
 from .. import format as fmt
+from .._tree import unflatten
 from ..errors import (
     CheckpointError,
     CoordinationError,
     Diagnostic,
+    CorruptedCheckpointError,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )
@@ -61,10 +63,16 @@ class RestoredStep:
     source: Literal["primary", "fallback"]
     diagnostics: list[Diagnostic]
     summary: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the user metadata saved with the step
 
 
 def restore_latest(
-    location: Location, objects: Mapping[str, Any], *, group: CoordinationGroup | None = None
+    location: Location,
+    objects: Mapping[str, Any],
+    *,
+    group: CoordinationGroup | None = None,
+    on_corrupt: Literal["fallback", "fail"] = "fallback",
+    log: Callable[..., None] | None = None,
 ) -> RestoredStep | None:
     """Load the newest multi-rank step that verifies on every rank into ``objects``; collective.
 
@@ -75,7 +83,12 @@ def restore_latest(
 
     Raises :class:`asyncckpt.NoValidCheckpointError` (with every rank's diagnostics, on every
     rank) when no committed step verifies, :class:`asyncckpt.CoordinationError` when the ranks
-    do not make the same call or one stops answering within the group's timeout.
+    do not make the same call or one stops answering within the group's timeout. With
+    ``on_corrupt="fail"`` the newest committed step must verify: otherwise every rank raises
+    :class:`asyncckpt.CorruptedCheckpointError` (or :class:`asyncckpt.IncompatibleCheckpointError`)
+    for its first diagnostic, and nothing is loaded. The summary is logged as the
+    ``checkpoint.dist.restore.summary`` event through ``log`` (default: structlog's "asyncckpt"
+    logger).
     """
     coordination = solo_or(group)
     coordination.agree("restore", None)
@@ -93,11 +106,18 @@ def restore_latest(
         )
         chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
     if coordination.rank == 0:
-        _record_failures(storage, diagnostics)
+        record_failures(storage, diagnostics)
+    if on_corrupt == "fail" and diagnostics:
+        raise _as_error(diagnostics[0])
     if chosen is None or targets is None:
-        _nothing(storage, everywhere, diagnostics)
+        _nothing(storage, everywhere, diagnostics, log)
         return None
-    return _load(storage, chosen, objects, targets, coordination, diagnostics)
+    return _load(storage, *chosen, objects, targets, coordination, diagnostics, log)
+
+
+def _as_error(diagnostic: Diagnostic) -> CheckpointError:
+    kind = IncompatibleCheckpointError if diagnostic.kind == "incompatible" else CorruptedCheckpointError
+    return kind(diagnostic.reason, path=diagnostic.path, step=diagnostic.step)
 
 
 def _listing(storage: Storage) -> list[int] | str:
@@ -114,13 +134,17 @@ def _vote(
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
-) -> CommitRecord | None:
-    """The newest candidate every rank verifies (its record), or None; failures go to ``diagnostics``."""
+) -> tuple[CommitRecord, _PlannedOnce] | None:
+    """The newest candidate every rank verifies (its record, and the planner that planned its
+    load), or None; failures go to ``diagnostics``."""
     for step in candidates:  # one all-gather per candidate
         what = f"restoring: verifying step {step}"
         verdict: CommitRecord | Diagnostic | Exception
+        planner = _PlannedOnce()
         try:
-            verdict = verify_step(storage, step, targets, coordination.rank, coordination.world_size)
+            verdict = verify_step(
+                storage, step, targets, coordination.rank, coordination.world_size, planner=planner
+            )
         except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
             verdict = exc
         verdicts = coordination.all_gather(_shared(verdict), what=what)
@@ -132,9 +156,23 @@ def _vote(
         failed = _unique([d for kind, d in verdicts if kind == "failed"])
         if not failed:
             assert isinstance(verdict, CommitRecord)
-            return verdict
+            return verdict, planner
         diagnostics.extend(failed)
     return None
+
+
+class _PlannedOnce(LoadPlanner):
+    """A load planner that plans once: DCP's load asks again for the plan the vote computed
+    (same objects, same record), and gets it without planning a second time."""
+
+    _planned: tuple[Any, LoadPlan] | None = None
+
+    def create_local_plan(self) -> LoadPlan:
+        if self._planned is not None and self._planned[0] is self.metadata:
+            return self._planned[1]
+        plan = super().create_local_plan()
+        self._planned = (self.metadata, plan)
+        return plan
 
 
 def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
@@ -147,15 +185,22 @@ def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
 
 
 def verify_step(
-    storage: Storage, step: int, targets: SplitState, rank: int, world_size: int
+    storage: Storage,
+    step: int,
+    targets: SplitState,
+    rank: int,
+    world_size: int,
+    *,
+    planner: LoadPlanner | None = None,
 ) -> CommitRecord | Diagnostic:
     """Check all that ``rank`` would read of ``step``: the record, the shards it needs (digest
-    and the CRC32C of every blob it needs), its per-rank values. The record, or why not."""
+    and the CRC32C of every blob it needs), its per-rank values. The record, or why not.
+    ``planner`` (default: a new :class:`LoadPlanner`) plans the load of ``targets``."""
     where = storage.where(catalog.step_folder_name(step))
+    planner = planner if planner is not None else LoadPlanner()
     try:
         record = read_record(storage, step)
-        planner = LoadPlanner()
-        planner.set_up_planner(dict(targets.sharded), record.metadata, rank == 0)
+        planner.set_up_planner(targets.sharded, record.metadata, rank == 0)
         try:
             plan = planner.create_local_plan()
         except (RuntimeError, ValueError, KeyError) as exc:  # DCP's "missing key" / "size mismatch"
@@ -194,15 +239,17 @@ def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
 def _load(
     storage: Storage,
     record: CommitRecord,
+    planner: LoadPlanner,
     objects: Mapping[str, Any],
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
+    log: Callable[..., None] | None,
 ) -> RestoredStep:
     step, rank = record.step, coordination.rank
-    reader = AsyncckptReader(storage, step)
+    reader = AsyncckptReader(storage, step, record=record)  # the record and plan the vote checked
     try:
-        dcp_load(targets.sharded, reader=reader, planner=LoadPlanner(), group=coordination.group)
+        dcp_load(targets.sharded, reader=reader, planner=planner, group=coordination.group)
     except CheckpointException as exc:
         raise CheckpointError(
             f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
@@ -216,25 +263,29 @@ def _load(
     apply_sharded(targets)
     same_world = record.world_size == coordination.world_size
     state: dict[str, Any] = {}
+    with ShardFiles(storage, record) as shards:
+        saved = shards.per_rank(rank) if same_world else None
+        user = shards.layout(rank if same_world else 0).metadata.get("user")
     if same_world:
-        with ShardFiles(storage, record) as shards:
-            saved = shards.per_rank(rank)
         state = dict(saved) if isinstance(saved, dict) else {}
         apply_per_rank(objects, state)
+    metadata = unflatten(user, []) if isinstance(user, dict) else {}
     summary = _summary(record, coordination.world_size, diagnostics)
-    _log(summary, step, diagnostics, dropped=not same_world)
+    _log(log, summary, step, diagnostics, dropped=not same_world)
     source: Literal["primary", "fallback"] = "fallback" if diagnostics else "primary"
-    return RestoredStep(step, state, record.world_size, same_world, source, diagnostics, summary)
+    return RestoredStep(step, state, record.world_size, same_world, source, diagnostics, summary, metadata)
 
 
-def _nothing(storage: Storage, candidates: set[int], diagnostics: list[Diagnostic]) -> None:
+def _nothing(
+    storage: Storage, candidates: set[int], diagnostics: list[Diagnostic], log: Callable[..., None] | None
+) -> None:
     """Log a fresh start, or raise :class:`NoValidCheckpointError` when steps exist but none verifies."""
     if not candidates and not diagnostics:
-        _log(f"no committed multi-rank step in {storage.location}", None, [], dropped=False)
+        _log(log, f"no committed multi-rank step in {storage.location}", None, [], dropped=False)
         return
     reasons = "; ".join(f"step {d.step} {d.kind}: {d.reason}" for d in diagnostics)
     summary = f"no committed multi-rank step verifies on every rank in {storage.location}: {reasons}"
-    _log(summary, None, diagnostics, dropped=False)
+    _log(log, summary, None, diagnostics, dropped=False)
     raise NoValidCheckpointError(summary, diagnostics, path=storage.location)
 
 
@@ -247,9 +298,17 @@ def _summary(record: CommitRecord, world_size: int, diagnostics: list[Diagnostic
     return text
 
 
-def _log(summary: str, step: int | None, diagnostics: list[Diagnostic], *, dropped: bool) -> None:
-    logger = structlog.get_logger("asyncckpt")
-    log = logger.warning if diagnostics or dropped else logger.info
+def _log(
+    log: Callable[..., None] | None,
+    summary: str,
+    step: int | None,
+    diagnostics: list[Diagnostic],
+    *,
+    dropped: bool,
+) -> None:
+    if log is None:
+        logger = structlog.get_logger("asyncckpt")
+        log = logger.warning if diagnostics or dropped else logger.info
     failures = [{"path": d.path, "kind": d.kind, "reason": d.reason} for d in diagnostics]
     log(SUMMARY_EVENT, summary=summary, step=step, failures=failures)
 
@@ -283,8 +342,9 @@ def _unique(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
     return unique
 
 
-def _record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
-    """Append ``{path}|{reason}|{timestamp}`` lines (as the single-process loader does)."""
+def record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
+    """Append one ``{path}|{reason}|{timestamp}`` line per diagnostic to
+    ``failed_checkpoints.txt`` (as the single-process loader does)."""
     for d in diagnostics:
         path = d.path.replace("%", "%25").replace("|", "%7C").replace("\n", "%0A").replace("\r", "%0D")
         reason = " ".join(d.reason.replace("|", "/").split())

@@ -8,7 +8,7 @@ failure anywhere ends in an error on every rank and no record: the step does not
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,7 +23,7 @@ from ._dcp import dcp_save
 from .group import CoordinationGroup, first_line
 from .planner import SavePlanner
 from .state import split_state
-from .storage import AsyncckptWriter
+from .storage import AsyncckptWriter, WriteReport
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class SavedStep:
     rank: int
     world_size: int
     record: str  # the commit record's location
+    report: WriteReport | None = None  # this rank's write figures
 
 
 def save_step(
@@ -59,19 +60,66 @@ def save_step(
     the failed ranks when preparing or writing failed anywhere; then nothing was committed and
     older steps are intact. :class:`asyncckpt.UsageError` for a bad step, on every rank.
     """
-    coordination = solo_or(group)
-    catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
-    coordination.agree("save", step)
 
-    def prepare() -> tuple[dict[str, Any], AsyncckptWriter]:
+    def prepare() -> Prepared:
         split = split_state(state)
-        writer = AsyncckptWriter(location, step, per_rank=split.per_rank or None, check_shards=check_shards)
-        return split.sharded, writer
+        return Prepared(split.sharded, split.per_rank)
+
+    return write_step(
+        location, step, prepare, group=solo_or(group), check_shards=check_shards, plan_caching=plan_caching
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a rank saves of one step: DCP's state dict and its own per-rank values (and the
+    user metadata its shard file carries)."""
+
+    sharded: dict[str, Any]
+    per_rank: dict[str, Any]
+    metadata: Any = None
+
+
+def write_step(
+    location: Location,
+    step: int,
+    prepare: Callable[[], Prepared],
+    *,
+    group: CoordinationGroup,
+    check_shards: bool = True,
+    plan_caching: bool = False,
+) -> SavedStep:
+    """The collective part of :func:`save_step`: agree on ``step``, run ``prepare`` on every
+    rank (if it raises anywhere, every rank raises and nothing is written), let DCP plan, write
+    each rank's shard, commit. Raises what :func:`save_step` raises.
+
+    ``prepare`` runs on the calling thread; the state it returns must not change until this
+    returns (the background writer passes staged copies).
+    """
+    coordination = group
+    catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
+
+    def build() -> tuple[dict[str, Any], AsyncckptWriter]:
+        prepared = prepare()
+        writer = AsyncckptWriter(
+            location,
+            step,
+            per_rank=prepared.per_rank or None,
+            metadata=prepared.metadata,
+            check_shards=check_shards,
+        )
+        return prepared.sharded, writer
 
     failed = partial(CheckpointWriteError, step=step)
-    sharded, writer = coordination.gather_outcomes(prepare, what=f"preparing step {step}", error=failed)
+    # One exchange checks that every rank saves this step and that every rank is ready. (A rank
+    # that saves another step has only built its writer meanwhile: nothing is written yet.)
+    sharded, writer = coordination.gather_outcomes(
+        build, what=f"preparing step {step}", error=failed, call=("save", step)
+    )
     try:
         planner = SavePlanner(enable_plan_caching=plan_caching)
+        if plan_caching:  # DCP keys its plan cache by class: one cache per location
+            planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
         dcp_save(sharded, writer=writer, planner=planner, group=coordination.group)
     except CheckpointException as exc:
         raise write_failed(exc, step) from failure_cause(exc)
@@ -83,7 +131,7 @@ def save_step(
             f"{lost.reason}; nothing was committed", rank=coordination.rank, step=step
         ) from exc
     record = writer.storage.where(catalog.commit_record_name(step))
-    return SavedStep(step, coordination.rank, coordination.world_size, record)
+    return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
 
 
 def solo_or(group: CoordinationGroup | None) -> CoordinationGroup:

@@ -59,11 +59,14 @@ def write_shard(
     world_size: int,
     per_rank: Snapshot | None,
     items: Sequence[ItemData],
-) -> tuple[ShardDigest, int]:
+    user_metadata: Any = None,
+) -> tuple[ShardDigest, int, Written]:
     """Write rank ``rank``'s shard file of ``step``: write → fsync → verify → commit.
 
-    Returns the digest and the tensor index of the first item (items follow in order).
-    Raises :class:`CheckpointWriteError`; then nothing is published under the shard's name.
+    Returns the digest, the tensor index of the first item (items follow in order) and the
+    storage's figures of the write. ``user_metadata`` (an encodable tree) goes into the file's
+    metadata as ``"user"``. Raises :class:`CheckpointWriteError`; then nothing is published
+    under the shard's name.
     """
     name = catalog.shard_name(step, rank)
     first = len(per_rank.tensors) if per_rank else 0
@@ -78,11 +81,15 @@ def write_shard(
         for source in sources:
             yield source()
 
+    metadata = {"kind": SHARD_KIND, "rank": rank, "world_size": world_size}
+    if user_metadata:
+        metadata["user"] = user_metadata
+
     def body(sink: Any) -> int:
         return fmt.write_checkpoint(
             sink,
             step=step,
-            metadata={"kind": SHARD_KIND, "rank": rank, "world_size": world_size},
+            metadata=metadata,
             tree={"per_rank": per_rank.tree if per_rank else None, "items": len(items)},
             tensors=tensors,
             sizes=sizes,
@@ -96,7 +103,7 @@ def write_shard(
         storage.discard(written)
         raise
     storage.commit(written)
-    return digest, first
+    return digest, first, written
 
 
 def _item_specs(
@@ -143,6 +150,13 @@ def _verify_written(storage: Storage, written: Written, *, step: int, rank: int)
         raise CheckpointWriteError(
             f"validation after write failed, nothing was published: {exc}", path=where, rank=rank, step=step
         ) from exc
+    return ShardDigest(rank, size, crc32c.crc32c(raw))
+
+
+def shard_digest(handle: ReadHandle, where: str, rank: int) -> ShardDigest:
+    """The digest of a committed shard file (prelude, trailer and header CRC checked; the header
+    is not decoded: the coordinator's check before a commit only compares digests)."""
+    _, raw, _, size = fmt.read_header_bytes(cast(BinaryIO, handle.cursor()), where)
     return ShardDigest(rank, size, crc32c.crc32c(raw))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ from .record import CommitRecord, ItemLocation, ShardDigest
 from .shards import ItemData, ShardFiles, check_item, write_shard
 
 _DIGEST_KEY = "\0asyncckpt.shard-digest"  # the WriteResult that carries a rank's ShardDigest
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """One rank's figures of a step it wrote: its shard's size and times (seconds), and on the
+    coordinator the commit (from every rank's results gathered to the record durable)."""
+
+    nbytes: int
+    write_s: float
+    fsync_s: float
+    commit_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,9 @@ class AsyncckptWriter(StorageWriter):
     :func:`asyncckpt.dist.restore_latest` gives it back to the same rank. ``check_shards``
     makes the coordinator read back every shard's header before it commits (it then knows the
     files are visible to it, not only to their writers). Re-saving a committed step first
-    removes its record, so the step never mixes two saves.
+    removes its record, so the step never mixes two saves. ``metadata`` (user metadata, plain
+    values) goes into this rank's shard file. After the save, ``report`` holds this rank's
+    figures.
     """
 
     def __init__(
@@ -102,15 +116,18 @@ class AsyncckptWriter(StorageWriter):
         step: int,
         *,
         per_rank: Any = None,
+        metadata: Any = None,
         check_shards: bool = True,
         ops: FileOps = OS,
     ) -> None:
         self.storage = _storage_for(location, ops)
         self.step = step_of(step)
         self.per_rank = None if per_rank is None else _flatten(per_rank)
+        self.metadata = metadata
         self.check_shards = check_shards
         self.is_coordinator = False
         self.rank = 0
+        self.report: WriteReport | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -154,14 +171,16 @@ class AsyncckptWriter(StorageWriter):
         if not isinstance(info, _PlanInfo):
             raise UsageError("AsyncckptWriter needs DCP's global planning (its plans carry no rank)")
         items = [_item_data(item, planner) for item in plan.items]
-        digest, first = write_shard(
+        digest, first, written = write_shard(
             self.storage,
             step=self.step,
             rank=info.rank,
             world_size=info.world_size,
             per_rank=self.per_rank,
             items=items,
+            user_metadata=self.metadata,
         )
+        self.report = WriteReport(written.nbytes, written.write_s, written.fsync_s)
         results = [
             WriteResult(item.index, data.nbytes, ItemLocation(info.rank, first + i))
             for i, (item, data) in enumerate(zip(plan.items, items, strict=True))
@@ -172,11 +191,14 @@ class AsyncckptWriter(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        started = time.perf_counter()
         digests, locations = _collect(results, self.step)
         metadata.storage_data = locations
         if self.check_shards:
             check_shards_durable(self.storage, self.step, digests)
         write_record(self.storage, step=self.step, world_size=len(results), shards=digests, metadata=metadata)
+        if self.report is not None:
+            self.report = dataclasses.replace(self.report, commit_s=time.perf_counter() - started)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -187,7 +209,7 @@ class AsyncckptWriter(StorageWriter):
 
 
 def _item_data(item: WriteItem, planner: DcpSavePlanner) -> ItemData:
-    key = item.index.fqn if item.index.offset is None else f"{item.index.fqn}@{list(item.index.offset)}"
+    key = item.index.fqn if item.index.offset is None else f"{item.index.fqn}@{[*item.index.offset]}"
     if item.type == WriteItemType.BYTE_IO:
         data = _encoded_value(item, planner)
         return ItemData(key, torch.uint8, (len(data),), len(data), lambda: memoryview(data), packed=True)
@@ -242,12 +264,22 @@ class AsyncckptReader(StorageReader):
     Only committed steps are read; each shard file must match the digest in the commit record,
     and each blob its CRC32C, before its bytes are used. Use a planner derived from
     ``DefaultLoadPlanner`` (``asyncckpt.dist.LoadPlanner``): non-tensor values are msgpack.
+    ``record`` is ``step``'s commit record when the caller has read and checked it already.
     """
 
-    def __init__(self, location: Location, step: int | None = None, *, ops: FileOps = OS) -> None:
+    def __init__(
+        self,
+        location: Location,
+        step: int | None = None,
+        *,
+        record: CommitRecord | None = None,
+        ops: FileOps = OS,
+    ) -> None:
         self.storage = open_storage(location, ops=ops)
         self.step = None if step is None else step_of(step)
-        self.record: CommitRecord | None = None
+        if record is not None and record.step != self.step:
+            raise UsageError(f"the commit record given is step {record.step}'s, not step {self.step}'s")
+        self.record: CommitRecord | None = record
         self.shards: ShardFiles | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -257,6 +289,8 @@ class AsyncckptReader(StorageReader):
             self.step = step_of(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.record is not None:
+            return self.record.metadata
         if self.step is None:
             steps = catalog.committed_steps(self.storage)
             if not steps:

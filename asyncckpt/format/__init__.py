@@ -13,8 +13,18 @@ files). Readers work on file-like objects they are given; the limits are read as
 from __future__ import annotations
 
 from . import codec, decode, encode, legacy, scan, spec, writing
-from .blobs import check_blob, read_blob_into, tensor_bytes, verify_blobs, verify_crc, view_tensor
+from .blobs import (
+    check_blob,
+    check_crc,
+    read_blob_into,
+    tensor_bytes,
+    truncated,
+    verify_blobs,
+    verify_crc,
+    view_tensor,
+)
 from .codec import count_objects, not_exact, pack, unpack
+from .crc import crc32c_combine
 from .decode import check_prelude, read_header_bytes, read_layout, unsupported_version
 from .encode import (
     EncodedLayout,
@@ -36,6 +46,7 @@ from .spec import (
     EXT_BIGINT,
     EXT_TENSOR,
     EXT_TUPLE,
+    EXT_TYPED,
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER_BYTES_PER_OBJECT,
@@ -67,6 +78,7 @@ from .spec import (
     Layout,
     TensorEntry,
     TensorRef,
+    TypedValue,
     align_up,
     max_header_objects,
     max_tuple_bytes,
@@ -82,6 +94,7 @@ __all__ = [
     "EXT_BIGINT",
     "EXT_TENSOR",
     "EXT_TUPLE",
+    "EXT_TYPED",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "HEADER_BYTES_PER_OBJECT",
@@ -118,13 +131,16 @@ __all__ = [
     "Sink",
     "TensorEntry",
     "TensorRef",
+    "TypedValue",
     "align_up",
     "blob_offsets",
     "check_blob",
+    "check_crc",
     "check_prelude",
     "check_step",
     "codec",
     "count_objects",
+    "crc32c_combine",
     "decode",
     "encode",
     "encode_header",
@@ -146,6 +162,7 @@ __all__ = [
     "spec",
     "tensor_bytes",
     "tensor_size_problem",
+    "truncated",
     "unpack",
     "unsupported_version",
     "verify_blobs",

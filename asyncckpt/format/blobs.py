@@ -47,6 +47,17 @@ def verify_crc(layout: Layout, index: int, data: memoryview, *, path: Where = No
         raise _crc_mismatch(layout, index, crc, path)
 
 
+def check_crc(layout: Layout, index: int, crc: int, *, path: Where = None) -> None:
+    """Raise the checksum mismatch of blob ``index`` unless ``crc`` is its CRC32C."""
+    if crc != layout.blobs[index].crc:
+        raise _crc_mismatch(layout, index, crc, path)
+
+
+def truncated(layout: Layout, index: int, start: int, *, path: Where = None) -> CorruptedCheckpointError:
+    """The error for blob ``index`` ending ``start`` bytes into the blob (the file is too short)."""
+    return _truncated_blob(layout, index, start, path)
+
+
 def check_blob(
     file: BinaryIO, layout: Layout, index: int, *, path: Where = None, scratch: memoryview
 ) -> None:

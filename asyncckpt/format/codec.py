@@ -1,8 +1,9 @@
-"""msgpack with exact types: tuples, tensor refs and big ints as extension types.
+"""msgpack with exact types: tuples, tensor refs, big ints and typed values as extension types.
 
 Tuples stay tuples (:data:`~.spec.EXT_TUPLE`), tensor references stay references
-(:data:`~.spec.EXT_TENSOR`, with their grad and Parameter flags) and ints beyond 64 bits stay ints
-(:data:`~.spec.EXT_BIGINT`); int keys stay int keys. Decoding costs a bounded amount per byte:
+(:data:`~.spec.EXT_TENSOR`, with their grad and Parameter flags), ints beyond 64 bits stay ints
+(:data:`~.spec.EXT_BIGINT`) and typed values stay typed (:data:`~.spec.EXT_TYPED`); int keys stay
+int keys. Decoding costs a bounded amount per byte:
 :func:`unpack` runs :func:`~.scan.scan` first, which checks the objects a value would build
 (``spec.max_header_objects``), the bytes nested tuples copy (``spec.max_tuple_bytes``) and the
 nesting (``MAX_DEPTH``) without building anything.
@@ -22,12 +23,12 @@ import msgpack
 from ..errors import StateTooLargeError, UnsupportedValueError
 from . import spec
 from .scan import scan
-from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE, BigInt, TensorRef
+from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE, EXT_TYPED, BigInt, TensorRef, TypedValue
 
 _TENSOR_REF_MAX_PAYLOAD = 16  # [uint64 index, flags] packs to at most 11 bytes
 _FLAGS = (1, 2, 3)  # bit 0: requires_grad, bit 1: a Parameter; 0 is written as a bare index
 _UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack uint 8/16/32/64: bytes after the tag
-_COUNTED = frozenset({list, tuple, dict, TensorRef, BigInt})
+_COUNTED = frozenset({list, tuple, dict, TensorRef, BigInt, TypedValue})
 
 
 class Encoder:
@@ -65,6 +66,10 @@ class Encoder:
                     "store it as a str or bytes"
                 )
             return msgpack.ExtType(EXT_BIGINT, value.value.to_bytes((bits + 8) // 8, "big", signed=True))
+        if isinstance(value, TypedValue):  # its [kind, type, payload] array counts as its copies
+            payload = self.pack([value.kind, value.type, value.payload])
+            self.tuple_bytes += len(payload)
+            return msgpack.ExtType(EXT_TYPED, payload)
         reason = not_exact(value)
         raise UnsupportedValueError(
             f"cannot encode {type(value).__qualname__}" + (f": {reason}" if reason else "")
@@ -85,8 +90,9 @@ def pack_map_header(length: int) -> bytes:
 def count_objects(value: Any) -> int:
     """How many objects :func:`unpack` counts for the msgpack of ``value``.
 
-    Lists, tuples, dicts (keys included), tensor references and big ints count one each; the
-    writer checks the total against ``spec.max_header_objects`` before it writes a byte.
+    Lists, tuples, dicts (keys included), tensor references, big ints and typed values (their
+    payload's objects too) count one each; the writer checks the total against
+    ``spec.max_header_objects`` before it writes a byte.
     """
     count = 0
     pending = [value]
@@ -101,6 +107,8 @@ def count_objects(value: Any) -> int:
             pending.extend([v for v in node.values() if type(v) in _COUNTED])
         elif kind is list or kind is tuple:
             pending.extend([v for v in node if type(v) in _COUNTED])
+        elif kind is TypedValue:
+            pending.append(node.payload)
     return count
 
 
@@ -188,6 +196,8 @@ class _Decoder:
             return _tensor_ref(payload)
         if code == EXT_BIGINT:
             return _big_int(payload)
+        if code == EXT_TYPED:
+            return _typed(self.tuple(payload))
         raise ValueError(f"unknown msgpack extension type {code}")
 
     def tuple(self, payload: bytes) -> tuple[Any, ...]:
@@ -231,6 +241,18 @@ def _big_int(payload: bytes) -> BigInt:
     if value.bit_length() > spec.MAX_BIGINT_BITS:
         raise ValueError(f"an int of more than {spec.MAX_BIGINT_BITS} bits")
     return BigInt(value)
+
+
+def _typed(items: tuple[Any, ...]) -> TypedValue:
+    """A typed value's ``[kind, type, payload]``, each length checked before it is trusted."""
+    if len(items) != 3:
+        raise ValueError(f"typed value has {len(items)} fields, not 3")
+    kind, name, payload = items
+    if not isinstance(kind, str) or not 0 < len(kind) <= spec.MAX_TYPED_KIND:
+        raise ValueError("typed value kind is not a short string")
+    if not isinstance(name, str) or len(name) > spec.MAX_TYPED_NAME:
+        raise ValueError("typed value type name is not a string of at most MAX_TYPED_NAME characters")
+    return TypedValue(kind, name, payload)
 
 
 def _is_int(value: Any) -> bool:

@@ -38,6 +38,7 @@ from .spec import (
     Layout,
     TensorEntry,
     TensorRef,
+    TypedValue,
     parse_version,
 )
 
@@ -305,6 +306,11 @@ def _check_tree(tree: Any, tensors: Sequence[TensorEntry], fail: Callable[[str],
                 continue
             if kind is TensorRef:
                 _check_ref(node, tensors, fail)
+                continue
+            if kind is TypedValue:  # plain values only: its payload refers to no tensor
+                if len(levels) > spec.MAX_DEPTH:
+                    raise fail(f"tree nesting deeper than {spec.MAX_DEPTH} levels")
+                _check_tree(node.payload, (), fail)
                 continue
             if kind is not dict and kind is not list and kind is not tuple:
                 raise fail(f"tree holds a value of type {kind.__name__}")

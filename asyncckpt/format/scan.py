@@ -22,13 +22,14 @@ from __future__ import annotations
 import re
 
 from . import spec
-from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE
+from .spec import EXT_BIGINT, EXT_TENSOR, EXT_TUPLE, EXT_TYPED
 
 _SCALAR, _ARRAY, _MAP, _EXT, _RESERVED = range(5)
 # Runs of values that are one byte each: fixints, the empty string, nil, false, true.
 _ONE_BYTE_RUN = re.compile(rb"[\x00-\x7f\xa0\xc0\xc2\xc3\xe0-\xff]+")
 _RUN_MIN = 16  # try to skip a run only in containers with at least this many items left
-_EXT_TYPES = (EXT_TUPLE, EXT_TENSOR, EXT_BIGINT)
+_EXT_TYPES = (EXT_TUPLE, EXT_TENSOR, EXT_BIGINT, EXT_TYPED)
+_NESTED = (EXT_TUPLE, EXT_TYPED)  # payloads that are an array of values, scanned like a tuple
 
 
 def _lead_table() -> list[tuple[int, int, int]]:
@@ -159,7 +160,7 @@ class _Scan:
         start = pos + 1
         if code not in _EXT_TYPES:
             raise ValueError(f"unknown msgpack extension type {code}")
-        if code != EXT_TUPLE:
+        if code not in _NESTED:
             self.count()
             return start + size
         self.tuple_bytes += size
@@ -169,6 +170,8 @@ class _Scan:
         if kind != _ARRAY:
             raise ValueError("tuple payload is not an array")
         items = int.from_bytes(self.data[start + 1 : start + 1 + width], "big") if width else n
+        if code == EXT_TYPED and items != 3:
+            raise ValueError(f"a typed value at byte {start} has {items} fields, not 3")
         after = start + 1 + width
         self.count()
         payload_end = start + size

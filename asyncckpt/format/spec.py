@@ -46,6 +46,7 @@ MAX_VERSION_FIELD = 16  # bytes of the prelude's version and requires fields
 EXT_TUPLE = 1
 EXT_TENSOR = 2
 EXT_BIGINT = 3
+EXT_TYPED = 4  # a typed value: [kind, type name, payload] (docs/FORMAT.md, "Typed values")
 
 # --------------------------------------------------------------------------- limits
 
@@ -79,6 +80,8 @@ MAX_STEP = 2**63 - 1  # steps are 0..MAX_STEP (file names hold at most 19 digits
 # must fit too.
 MAX_INDEX = 2**63 - 1
 MAX_CRC = 0xFFFFFFFF
+MAX_TYPED_KIND = 32  # characters of a typed value's kind
+MAX_TYPED_NAME = 512  # characters of a typed value's type name
 
 # --------------------------------------------------------------------------- I/O tuning (not format)
 
@@ -111,6 +114,20 @@ class BigInt:
     """A Python int beyond msgpack's 64-bit integers."""
 
     value: int
+
+
+@dataclass(frozen=True, slots=True)
+class TypedValue:
+    """A value of a common Python type stored exactly, without pickle (msgpack ext ``EXT_TYPED``).
+
+    ``kind`` says how ``payload`` (itself an encoded tree without tensors) rebuilds it, e.g.
+    ``"path"``, ``"enum"``, ``"dataclass"``; ``type`` names the class (``"module:Qualname"``).
+    Which kinds exist and how they are rebuilt is not the format's business.
+    """
+
+    kind: str
+    type: str
+    payload: Any
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Discovery: the candidates of a checkpoint directory, newest first, through the Storage seam.
 
-Candidates are the committed ``step-*.ckpt`` objects (their step from the name) and legacy
-``torch.save`` files (``*.pt``, ``*.pth``), whose step is read from their content (cheaply: the
-pickled structure only) or, failing that, from the last number in their name. A legacy file
+Candidates are the committed ``step-*.ckpt`` objects (their step from the name), ``*.ckpt``
+objects at names a caller chose (``last.ckpt``, ``epoch=3-step=120.ckpt``: their step from their
+header) and legacy ``torch.save`` files (``*.pt``, ``*.pth``), whose step is read from their
+content (cheaply: the pickled structure only) or, failing that, from the last number in their
+name. A legacy file
 without a step is a candidate too, tried last: a resume cannot place it among the steps, so
 it is diagnosed incompatible (:func:`require_step`), by the resume and by ``check_candidates``
 alike. An object that disappears while it is listed or probed (retention pruned it) is no
@@ -11,7 +13,8 @@ candidate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from ..catalog import kind_of, newest_first_key, parse_checkpoint_name
@@ -19,7 +22,7 @@ from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleChec
 from ..format import FileKind
 from ..format.legacy import legacy_step
 from ..reader import file_kind, read_layout, read_legacy
-from ..storage import ReadHandle, Storage
+from ..storage import CheckpointPath, ReadHandle, Storage, path_of
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,14 @@ class Candidate:
     size: int
     named_step: int | None = None
     error: CheckpointError | None = None
+    # When it was written (a timestamp): orders two files of one step. A v1 file's header says
+    # it to the microsecond; file times may be as coarse as the kernel's clock tick.
+    modified: float = 0.0
 
     @property
-    def path(self) -> Path:
-        return Path(self.where)
+    def path(self) -> CheckpointPath:
+        """Where it is: a ``Path``, or a :class:`~asyncckpt.storage.RemotePath` for a URL."""
+        return path_of(self.where)
 
     @property
     def label(self) -> str:
@@ -56,15 +63,18 @@ def discover(storage: Storage) -> list[Candidate]:
         if entry.kind != "file":
             continue
         kind = kind_of(entry.name)
+        modified = entry.modified.timestamp()
         if kind == "checkpoint":
             step = parse_checkpoint_name(entry.name)
-            found.append(Candidate(entry.name, storage.where(entry.name), step, entry.size, step))
-        elif kind == "legacy":
+            where = storage.where(entry.name)
+            found.append(Candidate(entry.name, where, step, entry.size, step, modified=modified))
+        elif kind in ("named", "legacy"):
             try:
-                found.append(probe(storage, entry.name, entry.size))
+                candidate = probe(storage, entry.name, entry.size)
             except FileNotFoundError:  # pruned since it was listed
                 continue
-    return sorted(found, key=lambda c: newest_first_key(c.step, c.name))
+            found.append(candidate if candidate.modified else replace(candidate, modified=modified))
+    return sorted(found, key=lambda c: newest_first_key(c.step, c.name, c.modified))
 
 
 def probe(storage: Storage, name: str, size: int = 0) -> Candidate:
@@ -86,8 +96,10 @@ def probe(storage: Storage, name: str, size: int = 0) -> Candidate:
     else:
         try:
             with handle:
-                step = _content_step(handle, where, name)
-                return Candidate(name, where, step if named is None else named, handle.size, named)
+                step, written = _content_step(handle, where, name)
+                return Candidate(
+                    name, where, step if named is None else named, handle.size, named, modified=written
+                )
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -136,8 +148,17 @@ def unopenable(where: str, exc: OSError) -> CorruptedCheckpointError:
     return CorruptedCheckpointError(f"cannot be opened: {exc.strerror or exc}", path=where)
 
 
-def _content_step(handle: ReadHandle, where: str, name: str) -> int | None:
+def _content_step(handle: ReadHandle, where: str, name: str) -> tuple[int | None, float]:
+    """The step the content says, and when a v1 header says it was written (0.0: unknown)."""
     kind = file_kind(handle, where)
     if kind is FileKind.V1:
-        return read_layout(handle, where).step
-    return legacy_step(read_legacy(handle, kind, where=where, mmap=True).state, Path(name))
+        layout = read_layout(handle, where)
+        return layout.step, _timestamp(layout.created)
+    return legacy_step(read_legacy(handle, kind, where=where, mmap=True).state, Path(name)), 0.0
+
+
+def _timestamp(created: str) -> float:
+    try:
+        return datetime.fromisoformat(created).timestamp()
+    except ValueError:
+        return 0.0

@@ -11,17 +11,15 @@ in while the one it replaces is deleted). The loader never modifies or deletes a
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..catalog import FAILED_LOG_NAME
 from ..errors import CheckpointError, Diagnostic, NoValidCheckpointError
-from ..storage import Storage, open_storage
+from ..storage import CheckpointPath, Location, Storage, open_storage
 from .candidate import Loaded, Request, Vanished, load_candidate
 from .candidates import Candidate, discover
 from .expect import Expected, expected_for_restore, expected_from
@@ -38,11 +36,13 @@ class LoadResult:
     ``source`` is "primary" when the newest candidate loaded, "fallback" otherwise; then
     ``diagnostics`` says why each newer candidate was skipped. ``summary`` is the one-line text
     that was logged. ``version`` is the file's format version ("0.x" for legacy files).
+    ``path`` is a ``Path``, or a :class:`~asyncckpt.storage.RemotePath` (the URL) on an object
+    store.
     """
 
     state: Any
     step: int
-    path: Path
+    path: CheckpointPath
     version: str
     source: Literal["primary", "fallback"]
     diagnostics: list[Diagnostic]
@@ -51,13 +51,14 @@ class LoadResult:
 
 
 def load_latest(
-    directory: str | os.PathLike[str],
+    directory: Location,
     *,
     map_location: MapLocation = "cpu",
     on_corrupt: OnCorrupt = "fallback",
     verify: Verify = "full",
     expect: Any = None,
     log: Log | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> LoadResult:
     """Load the newest usable checkpoint in ``directory``, falling back past broken ones.
 
@@ -79,13 +80,18 @@ def load_latest(
     reason is "no checkpoints" and ``diagnostics`` is empty. :class:`UsageError` for a bad
     option, ``NotADirectoryError`` when ``directory`` is a file. Blocking: call it from a worker
     thread in async code.
+
+    ``directory`` may be a URL (``s3://bucket/run``): ``storage_options`` go to fsspec
+    (credentials, ``endpoint_url``, ...), the candidates come from one LIST, and blobs are read
+    with parallel ranged GETs straight into their memory, every checksum verified as locally.
     """
     request = Request(torch.device(map_location), _verify(verify), _checks(expect), None)
-    return _Rollback(open_storage(directory), request, on_corrupt, log).run()
+    storage = open_storage(directory, storage_options=storage_options)
+    return _Rollback(storage, request, on_corrupt, log).run()
 
 
 def restore(
-    directory: str | os.PathLike[str],
+    directory: Location,
     objects: Mapping[str, Any],
     *,
     map_location: MapLocation = "cpu",
@@ -93,6 +99,7 @@ def restore(
     verify: Verify = "full",
     expect: Any = None,
     log: Log | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> LoadResult:
     """Load the newest usable checkpoint into ``objects`` (name → object with ``load_state_dict``).
 
@@ -110,14 +117,15 @@ def restore(
     that loads overwrites all of them. If :class:`NoValidCheckpointError` is raised, do not use
     the objects unless its ``diagnostics`` is empty: that means the directory has no candidate
     at all (a fresh start) and nothing was touched. ``TypeError`` for an object without
-    ``load_state_dict``.
+    ``load_state_dict``. ``directory`` and ``storage_options`` as for :func:`load_latest`.
     """
     for name, obj in objects.items():
         if not callable(getattr(obj, "load_state_dict", None)):
             raise TypeError(f"objects[{name!r}] ({type(obj).__qualname__}) has no load_state_dict()")
     checks = (*_checks(expect), expected_for_restore(objects))
     request = Request(torch.device(map_location), _verify(verify), checks, objects)
-    return _Rollback(open_storage(directory), request, on_corrupt, log).run()
+    storage = open_storage(directory, storage_options=storage_options)
+    return _Rollback(storage, request, on_corrupt, log).run()
 
 
 def _verify(verify: Any) -> Verify:

@@ -6,16 +6,16 @@ The rules are the resume's own (the same candidates, the same reader, the same s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from ..catalog import open_target
 from ..errors import CheckpointError
 from ..format import FileKind
 from ..format.legacy import LEGACY_VERSION, legacy_step
 from ..reader import check_blobs, file_kind, read_legacy
-from ..storage import Storage, open_storage
+from ..storage import CheckpointPath, Location, Storage
 from .candidate import Vanished, layout_of, opened
 from .candidates import Candidate, check_named_step, discover, no_step, probe, require_step
 from .options import CHECK_MODES, Check, one_of
@@ -27,11 +27,12 @@ class CandidateReport:
     """What :func:`check_candidates` found out about one file.
 
     ``step`` is None for a legacy file whose step cannot be read; ``version`` is None when the
-    file is too broken to say; ``reason`` is None when ``status`` is "valid".
+    file is too broken to say; ``reason`` is None when ``status`` is "valid". ``path`` is a
+    ``Path``, or a :class:`~asyncckpt.storage.RemotePath` (the URL) on an object store.
     """
 
     step: int | None
-    path: Path
+    path: CheckpointPath
     size: int
     version: str | None
     status: Literal["valid", "corrupted", "incompatible"]
@@ -39,7 +40,10 @@ class CandidateReport:
 
 
 def check_candidates(
-    directory_or_file: str | os.PathLike[str], *, verify: Check = "full"
+    directory_or_file: Location,
+    *,
+    verify: Check = "full",
+    storage_options: dict[str, Any] | None = None,
 ) -> list[CandidateReport]:
     """Check every candidate of a directory (newest first), or one file, without keeping any data.
 
@@ -49,19 +53,17 @@ def check_candidates(
     whose name says another step than its content, and a legacy file without a step, are
     incompatible. Nothing is written. A file pruned while it is checked is left out.
 
+    ``directory_or_file`` may be a URL (``s3://bucket/run`` for a run,
+    ``s3://bucket/run/step-0000000300.ckpt`` for one checkpoint): ``storage_options`` go to
+    fsspec, and blobs are checked with parallel ranged GETs.
+
     Raises ``FileNotFoundError`` for a missing file (or one that is not a regular file) and
     :class:`UsageError` for another ``verify``.
     """
     mode = one_of("verify", verify, CHECK_MODES)
-    target = Path(directory_or_file)
-    if not target.is_dir():
-        storage = open_storage(target.parent)
-        candidate = probe(storage, target.name)  # FileNotFoundError for a missing file
-        try:
-            return [_check(storage, candidate, mode)]
-        except Vanished as exc:
-            raise FileNotFoundError(f"{target} was removed while it was checked") from exc
-    storage = open_storage(target)
+    storage, name = open_target(directory_or_file, storage_options=storage_options)
+    if name is not None:
+        return [check_object(storage, name, verify=mode)]
     reports = []
     for candidate in discover(storage):
         try:
@@ -69,6 +71,18 @@ def check_candidates(
         except Vanished:  # pruned since it was listed
             continue
     return reports
+
+
+def check_object(storage: Storage, name: str, *, verify: Check = "full") -> CandidateReport:
+    """Check one object of ``storage`` as :func:`check_candidates` checks each candidate.
+
+    Raises ``FileNotFoundError`` when it is missing or removed while it is checked.
+    """
+    candidate = probe(storage, name)  # FileNotFoundError for a missing file
+    try:
+        return _check(storage, candidate, one_of("verify", verify, CHECK_MODES))
+    except Vanished as exc:
+        raise FileNotFoundError(f"{candidate.where} was removed while it was checked") from exc
 
 
 def _check(storage: Storage, candidate: Candidate, mode: Check) -> CandidateReport:

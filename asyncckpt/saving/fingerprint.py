@@ -16,6 +16,7 @@ way; the copies always read the tensors found in this save, never the cached one
 
 from __future__ import annotations
 
+import enum
 import operator
 import struct
 from collections import OrderedDict
@@ -147,6 +148,8 @@ class _Scanner:
         if isinstance(value, torch.Tensor):
             self.signature.append(_TENSOR)
             self.found.append(value)
+        elif isinstance(value, enum.Enum):  # a typed value, not its int or str: never reused
+            raise _Unscannable
         elif isinstance(value, str):
             self.signature += (_STR, str(value))
         elif value is None or isinstance(value, bool):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Generator
-from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from ..errors import CheckpointWriteError
+from ..storage import CheckpointPath
 from .errorbox import ErrorBox
 
 
@@ -20,8 +20,8 @@ class SaveHandle:
     def __init__(
         self,
         step: int,
-        path: Path,
-        future: concurrent.futures.Future[Path] | None,
+        path: CheckpointPath,
+        future: concurrent.futures.Future[CheckpointPath] | None,
         *,
         errors: ErrorBox | None = None,
         done_event: Any = None,
@@ -48,8 +48,9 @@ class SaveHandle:
         done, _ = concurrent.futures.wait([self._future], timeout)
         return bool(done)
 
-    def result(self, timeout: float | None = None) -> Path | None:
-        """Wait until committed and return the file's path (None for a skipped save).
+    def result(self, timeout: float | None = None) -> CheckpointPath | None:
+        """Wait until committed and return the file's path (None for a skipped save): a ``Path``,
+        or a :class:`~asyncckpt.storage.RemotePath` (the URL) on an object store.
 
         Raises :class:`CheckpointWriteError` if the save failed (the error is then not raised
         again at the next ``save()``), ``TimeoutError`` if ``timeout`` seconds pass first.
@@ -63,10 +64,10 @@ class SaveHandle:
                 self._errors.discard(exc)
             raise
 
-    def __await__(self) -> Generator[Any, None, Path | None]:
+    def __await__(self) -> Generator[Any, None, CheckpointPath | None]:
         return self._wait().__await__()
 
-    async def _wait(self) -> Path | None:
+    async def _wait(self) -> CheckpointPath | None:
         if self._future is None:
             return None
         if self._done_event is not None:

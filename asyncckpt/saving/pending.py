@@ -5,10 +5,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from pathlib import Path
 
 from .. import events as ev
 from ..errors import CheckpointWriteError
+from ..storage import CheckpointPath
 from .job import Job
 
 
@@ -19,7 +19,7 @@ class PendingSaves:
     """
 
     def __init__(self) -> None:
-        self._jobs: dict[concurrent.futures.Future[Path], Job] = {}
+        self._jobs: dict[concurrent.futures.Future[CheckpointPath], Job] = {}
         self._lock = threading.Lock()
 
     def add(self, job: Job) -> None:
@@ -28,7 +28,7 @@ class PendingSaves:
             self._jobs[job.future] = job
         job.future.add_done_callback(self._settled)
 
-    def _settled(self, future: concurrent.futures.Future[Path]) -> None:
+    def _settled(self, future: concurrent.futures.Future[CheckpointPath]) -> None:
         with self._lock:
             self._jobs.pop(future, None)
 
@@ -36,7 +36,7 @@ class PendingSaves:
         with self._lock:
             return len(self._jobs)
 
-    def futures(self) -> list[concurrent.futures.Future[Path]]:
+    def futures(self) -> list[concurrent.futures.Future[CheckpointPath]]:
         """The futures of the pending saves, at this moment."""
         with self._lock:
             return list(self._jobs)

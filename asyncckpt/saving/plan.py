@@ -8,6 +8,7 @@ state decided (its structure, which blobs overlap) and reuses it while the state
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,20 @@ class Planner:
         self.structures = StructureCache()
         self._guard: _GuardPlan | None = None
 
-    def plan(self, step: int, state: Any, metadata: dict[str, Any] | None, *, overlap: bool) -> SavePlan:
+    def plan(
+        self,
+        step: int,
+        state: Any,
+        metadata: dict[str, Any] | None,
+        *,
+        overlap: bool,
+        live: Sequence[Any] = (),
+    ) -> SavePlan:
         """Check ``step``, flatten ``state`` and ``metadata``, and pick the overlapping blobs.
+
+        ``live`` holds modules and optimizers that are not in ``state`` but whose tensors it
+        holds (a state dict built from them): their parameters and optimizer state overlap as if
+        they were.
 
         Raises :class:`asyncckpt.errors.UnsupportedValueError` (a ``TypeError``) naming the key
         path of the first value that cannot be stored, and what
@@ -67,12 +80,15 @@ class Planner:
         with gc_paused():
             snapshot, objects = self.structures.snapshot(state)
             metadata_tree = flatten_metadata(metadata)
-            deferred = self._step_guarded(snapshot, state, objects) if overlap else frozenset()
+            deferred = self._step_guarded(snapshot, state, objects, live) if overlap else frozenset()
         return SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
 
-    def _step_guarded(self, snapshot: Snapshot, state: Any, objects: list[Any] | None) -> frozenset[int]:
+    def _step_guarded(
+        self, snapshot: Snapshot, state: Any, objects: list[Any] | None, live: Sequence[Any]
+    ) -> frozenset[int]:
         if objects is None:
             objects = [leaf for _, leaf in walk(state)]
+        objects = [*objects, *live]
         optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
         if not optimizers:
             return frozenset()
@@ -109,6 +125,8 @@ class _GuardPlan:
         )
 
 
-def plan_save(step: int, state: Any, metadata: dict[str, Any] | None, *, overlap: bool) -> SavePlan:
+def plan_save(
+    step: int, state: Any, metadata: dict[str, Any] | None, *, overlap: bool, live: Sequence[Any] = ()
+) -> SavePlan:
     """:meth:`Planner.plan` without reuse: one save planned from scratch."""
-    return Planner().plan(step, state, metadata, overlap=overlap)
+    return Planner().plan(step, state, metadata, overlap=overlap, live=live)

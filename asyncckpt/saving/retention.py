@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..catalog import CheckpointInfo
 from ..errors import UsageError
+from ..storage import CheckpointPath
 
 
 def prunable(
@@ -14,7 +14,7 @@ def prunable(
     *,
     keep_last: int,
     keep_every: int | None,
-    protect: Path,
+    protect: CheckpointPath,
 ) -> list[CheckpointInfo]:
     """The checkpoints retention may delete, oldest first.
 

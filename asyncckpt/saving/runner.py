@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import anyio
@@ -26,8 +25,9 @@ from anyio.from_thread import BlockingPortal
 
 from .. import events as ev
 from ..errors import CheckpointBusyError, CheckpointWriteError
+from ..storage import CheckpointPath
 from .errorbox import ErrorBox
-from .job import Job
+from .job import Deletion, Job
 from .pending import PendingSaves
 from .plan import SavePlan
 from .staging import Buffers, StagingPool
@@ -53,7 +53,7 @@ class Runner(abc.ABC):
         errors: ErrorBox,
         log: ev.EventLog,
         close_timeout: float | None,
-        directory: Path,
+        directory: CheckpointPath,
     ) -> None:
         self.writer = writer
         self.pending = pending
@@ -61,11 +61,12 @@ class Runner(abc.ABC):
         self.log = log
         self.close_timeout = close_timeout
         self.directory = directory
-        self._send, self._receive = anyio.create_memory_object_stream[Job](math.inf)
+        self._send, self._receive = anyio.create_memory_object_stream[Job | Deletion](math.inf)
 
     @abc.abstractmethod
-    def submit(self, job: Job) -> None:
-        """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots)."""
+    def submit(self, job: Job | Deletion) -> None:
+        """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots
+        and by the deletions the caller asks for)."""
 
     @abc.abstractmethod
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:
@@ -117,17 +118,19 @@ class SyncRunner(Runner):
         self._loop = self._portal.call(asyncio.get_running_loop)
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Deletion) -> None:
         # Hand the job over without waiting for the event loop to take it: a portal call is a
         # round trip, and the trainer would wait for the writer's thread to get the GIL.
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, job)
 
-    def _deliver(self, job: Job) -> None:
+    def _deliver(self, job: Job | Deletion) -> None:
         """Queue ``job`` for the writer (on the event loop); fail it if the writer has stopped."""
         try:
             self._send.send_nowait(job)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            if isinstance(job, Deletion):  # nothing was deleted: the checkpoint stays
+                return
             reason = "the writer had stopped; nothing was written"
             error = CheckpointWriteError(reason, path=job.path, step=job.step)
             with contextlib.suppress(concurrent.futures.InvalidStateError):
@@ -187,12 +190,12 @@ class AsyncRunner(Runner):
         self._task_group = task_group
         task_group.start_soon(self.writer.run, self._receive, self._job_done)
 
-    def _job_done(self, job: Job) -> None:
+    def _job_done(self, job: Job | Deletion) -> None:
         # Runs on the event loop after each job: wake whoever waits for a slot or a drain.
         self._slot_freed.set()
         self._slot_freed = anyio.Event()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | Deletion) -> None:
         self._send.send_nowait(job)
 
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:

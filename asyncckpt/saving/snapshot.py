@@ -121,10 +121,18 @@ class Structure:
 class Snapshot:
     """One save's flattened state: its :class:`Structure` and the tensors found this time."""
 
-    def __init__(self, structure: Structure, found: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        structure: Structure,
+        found: list[torch.Tensor],
+        watching: dict[int, tuple[torch.Tensor, ...]] | None = None,
+    ) -> None:
         assert len(found) == structure.found
         self.structure = structure
         self.found = found
+        # Blobs whose changes show on other tensors than their sources' (a DTensor's local
+        # shard: an in-place op counts on the DTensor's version counter, not the shard's).
+        self.watching = watching or {}
 
     @property
     def tree(self) -> Any:
@@ -156,6 +164,8 @@ class Snapshot:
 
     def watched(self, blob: int) -> tuple[torch.Tensor, ...]:
         """The state's tensors whose version counters tell whether blob ``blob`` changed."""
+        if blob in self.watching:
+            return self.watching[blob]
         span = self.structure.spans.get(blob)
         if span is None:
             return (self.sources[blob],)

@@ -352,7 +352,7 @@ def stage(
     if plan.later:
         assert copier is not None
         later = list(map(sources.__getitem__, plan.later))
-        if plan.spans_later:
+        if plan.spans_later or snapshot.watching:
             staged.watch([snapshot.watched(i) for i in plan.later])
         else:
             staged.watch_one_each(later)

@@ -11,6 +11,7 @@ path of a value that cannot be stored. Each object's ``state_dict()`` is called 
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from .._tree import KeyPath, dotted_key, key_path
+from .._values import SAFE_TYPES_TEXT, NotSafeError, encode, typed_kind
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
-from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef
+from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)
@@ -194,12 +196,15 @@ class _CarefulWalk:
         self.state_dict_of = state_dict_of
         self.found: list[tuple[torch.Tensor, KeyPath]] = []
         self._active: set[int] = set()
+        self._in_typed = 0  # > 0 while walking the fields of a typed value
 
     def walk(self, value: Any, path: KeyPath) -> Any:
         if len(path) > MAX_DEPTH:
             raise _unsupported(path, f"nesting deeper than {MAX_DEPTH} levels")
         if isinstance(value, torch.Tensor):  # first: the most common leaf of a big state
             return self._tensor(value, path)
+        if isinstance(value, enum.Enum):  # before str and int: IntEnum and StrEnum keep their type
+            return self._typed(value, "enum", path)
         if isinstance(value, str):
             return _text(value, path, "string")
         if value is None or isinstance(value, bool | bytes):
@@ -210,16 +215,33 @@ class _CarefulWalk:
             return float(value)
         if isinstance(value, Mapping | list | tuple):
             return self._container(value, path)
-        if callable(getattr(value, "state_dict", None)):
+        if callable(getattr(value, "state_dict", None)) and not self._in_typed:
             return self.walk(self.state_dict_of(value), path)
+        kind = typed_kind(value)
+        if kind is not None:
+            return self._typed(value, kind, path)
         raise _unsupported(
             path,
-            f"cannot store a value of type {type(value).__qualname__}; "
-            "checkpoints hold dicts, lists, tuples, None, bool, int, float, str, bytes, tensors "
-            "and objects with state_dict()",
+            f"cannot store a value of type {type(value).__qualname__}; checkpoints hold dicts, lists, "
+            f"tuples, None, bool, int, float, str, bytes, tensors, objects with state_dict() and "
+            f"{SAFE_TYPES_TEXT}: convert it to one of those (e.g. str(value)) or leave it out",
         )
 
+    def _typed(self, value: Any, kind: str, path: KeyPath) -> TypedValue:
+        """A safe typed value; its fields are walked as plain values (no tensors, no state dicts)."""
+        self._in_typed += 1
+        try:
+            return encode(value, kind, lambda child, key: self.walk(child, (*path, key)))
+        except NotSafeError as exc:
+            raise _unsupported(path, str(exc)) from None
+        finally:
+            self._in_typed -= 1
+
     def _tensor(self, tensor: torch.Tensor, path: KeyPath) -> TensorRef:
+        if self._in_typed:
+            raise _unsupported(
+                path, "a tensor inside an enum, dataclass or Namespace cannot be stored; put it in the state"
+            )
         if tensor.dtype not in NAME_BY_DTYPE:
             raise _unsupported(path, f"tensors of dtype {tensor.dtype} cannot be stored")
         if tensor.layout is not _STRIDED:  # sparse, sparse_csr, mkldnn, jagged, ...

@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import anyio
@@ -21,12 +20,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import events as ev
 from .. import format as fmt
-from ..catalog import committed
+from ..catalog import checkpoint_name, committed
 from ..errors import CheckpointError, CheckpointWriteError
-from ..storage import Body, Sink, Storage, Written
+from ..storage import Body, Sink, Storage, Written, path_of
 from .abandon import AbandonableStorage
 from .errorbox import ErrorBox
-from .job import Job
+from .job import Deletion, Job
 from .retention import prunable
 from .staging import StagingPool, StagingRaceError
 from .stats import SaveStats
@@ -47,7 +46,7 @@ class Writer:
         *,
         pool: StagingPool,
         verify: VerifyMode,
-        keep_last: int,
+        keep_last: int | None,
         keep_every: int | None,
         log: ev.EventLog,
         errors: ErrorBox,
@@ -62,11 +61,15 @@ class Writer:
         self.errors = errors
         self.stats = stats
         self._scope: anyio.CancelScope | None = None
+        self._last_save_failed = False  # whether the last save processed failed (see delete)
 
     async def run(
-        self, jobs: MemoryObjectReceiveStream[Job], on_done: Callable[[Job], None] | None = None
+        self,
+        jobs: MemoryObjectReceiveStream[Job | Deletion],
+        on_done: Callable[[Job | Deletion], None] | None = None,
     ) -> None:
-        """Process jobs until the stream is closed and drained, or until :meth:`abandon`.
+        """Process jobs (and deletions) in order until the stream is closed and drained, or until
+        :meth:`abandon`.
 
         After each job: set its ``done_event``, then call ``on_done`` (on the event loop).
         Shielded: the caller's cancellation must not drop checkpoints already queued.
@@ -75,7 +78,10 @@ class Writer:
             self._scope = scope
             async with jobs:
                 async for job in jobs:
-                    await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
+                    if isinstance(job, Deletion):
+                        await anyio.to_thread.run_sync(self.delete, job, abandon_on_cancel=True)
+                    else:
+                        await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
                     if job.done_event is not None:
                         job.done_event.set()
                     if on_done is not None:
@@ -93,8 +99,27 @@ class Writer:
         if self._scope is not None:
             self._scope.cancel()
 
+    def delete(self, deletion: Deletion) -> None:
+        """Delete ``deletion.name`` unless the last save before it failed (in a worker thread).
+
+        Jobs run in the order they were queued, so the last save this writer processed is the
+        last one queued before the deletion. Never raises: the checkpoints are intact either
+        way; a failure is logged.
+        """
+        where = str(deletion.path)
+        if self._last_save_failed:
+            self.log.warning(ev.DELETE_SKIPPED, path=where, reason="the save queued before it failed")
+            return
+        try:
+            self.storage.delete([deletion.name])
+        except OSError as exc:
+            self.log.warning(ev.DELETE_FAILED, path=where, error=str(exc))
+            return
+        self.log.info(ev.DELETED, path=where)
+
     def process(self, job: Job) -> None:
         """Make one job durable (in a worker thread); settle its future either way."""
+        self._last_save_failed = True  # until it commits
         try:
             self._commit(job)
         except BaseException as exc:
@@ -107,6 +132,7 @@ class Writer:
             if not isinstance(exc, Exception):
                 raise
         else:
+            self._last_save_failed = False
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 job.future.set_result(job.path)
         finally:
@@ -173,16 +199,18 @@ class Writer:
             ) from exc
 
     def _retain(self, protect: str) -> None:
+        if self.keep_last is None:  # the caller owns retention (it deletes through delete())
+            return
         doomed = prunable(
             committed(self.storage),
             keep_last=self.keep_last,
             keep_every=self.keep_every,
-            protect=Path(self.storage.where(protect)),
+            protect=path_of(self.storage.where(protect)),
         )
         if not doomed:
             return
         try:
-            self.storage.delete([info.path.name for info in doomed])
+            self.storage.delete([checkpoint_name(info.step) for info in doomed])
         except OSError as exc:
             # The new checkpoint is already committed: a file left over (or back after a power
             # loss) is retried at the next commit and must not turn this save into a failure.

@@ -9,38 +9,43 @@ user passed (a path, a URL or a ``Storage``) into a ``Storage``.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from .base import Body, Cursor, ReadHandle, Sink, Storage, StoredObject, Written
-from .posix import OS, FdSink, FileOps, PosixFile, PosixStorage, WriteTimings, atomic_write, is_temp_name
+from .base import Body, Cursor, ParallelReads, ReadHandle, Sink, Storage, StoredObject, Unfinished, Written
+from .paths import CheckpointPath, RemotePath, is_url, local_path, path_of
+from .posix import OS, FdSink, FileOps, PosixFile, PosixStorage, WriteTimings, atomic_write
+from .temps import is_temp_name
 
 Location = str | os.PathLike[str] | Storage
 
 __all__ = [
     "OS",
     "Body",
+    "CheckpointPath",
     "Cursor",
     "FdSink",
     "FileOps",
     "Location",
+    "ParallelReads",
     "PosixFile",
     "PosixStorage",
     "ReadHandle",
+    "RemotePath",
     "Sink",
     "Storage",
     "StoredObject",
+    "Unfinished",
     "WriteTimings",
     "Written",
     "atomic_write",
     "is_temp_name",
     "is_url",
+    "local_path",
     "open_storage",
+    "path_of",
 ]
 
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # pip extras that bring each scheme's fsspec filesystem (for the message when it is missing)
 _EXTRAS = {
     "s3": "s3",
@@ -51,12 +56,6 @@ _EXTRAS = {
     "abfs": "azure",
     "abfss": "azure",
 }
-
-
-def is_url(location: str | os.PathLike[str]) -> bool:
-    """Whether ``location`` is a URL for remote storage (a scheme other than ``file://``)."""
-    match = _SCHEME.match(os.fspath(location))
-    return match is not None and match[1].lower() != "file"
 
 
 def open_storage(
@@ -76,9 +75,7 @@ def open_storage(
         return location
     text = os.fspath(location)
     if not is_url(text):
-        if text.startswith("file://"):
-            text = unquote(urlsplit(text).path)
-        return PosixStorage(text, ops=ops)
+        return PosixStorage(local_path(text), ops=ops)
     if ops is not OS:
         raise UsageError("ops= (the POSIX fault seam) does not apply to remote storage", path=text)
     return _open_remote(text, storage_options)

@@ -47,6 +47,27 @@ class StoredObject:
 
 
 @dataclass(frozen=True)
+class Unfinished:
+    """A write that is not committed (yet): a temp file, a data object without its commit
+    object, an unfinished upload. ``name`` is the object it would become, ``label`` what holds
+    its bytes now. Listed for display only (``asyncckpt ls``); never read."""
+
+    name: str
+    label: str
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class ParallelReads:
+    """How to read a handle whose every read is a request to a remote store: ranges of about
+    ``request_bytes`` (several small blobs in one, a big blob in several), ``in_flight`` at once."""
+
+    request_bytes: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
 class Written:
     """Bytes made durable under a private name, not yet visible under ``name``."""
 
@@ -68,12 +89,33 @@ class ReadHandle(abc.ABC):
         """The object's file on a local filesystem, when it has one (for ``torch.load(mmap=True)``)."""
         return None
 
+    @property
+    def parallel_reads(self) -> ParallelReads | None:
+        """How a reader should batch its reads when each one is a request (object stores);
+        None for a local file, which is read blob by blob."""
+        return None
+
     @abc.abstractmethod
     def read_at(self, offset: int, buffer: memoryview) -> int:
         """Read into ``buffer`` from ``offset``; fewer bytes than asked only at the end.
 
         Thread-safe. Raises ``OSError`` when the storage fails.
         """
+
+    def read_pieces(self, offset: int, length: int, pieces: Sequence[tuple[int, memoryview]]) -> int:
+        """Read ``[offset, offset + length)`` and copy into each piece ``(file offset, buffer)``
+        the bytes at its offset; the pieces lie inside the range, in order (gaps between them
+        are read and dropped). An object store makes this one ranged request.
+
+        Returns how many bytes of the range exist (fewer than ``length`` only at the end).
+        Thread-safe. Raises ``OSError`` when the storage fails.
+        """
+        available = max(0, min(length, self.size - offset))
+        for at, view in pieces:
+            got = self.read_at(at, view)
+            if got < len(view):
+                return min(available, at - offset + got)
+        return available
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -192,6 +234,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def remove_leftovers(self, names: Sequence[str]) -> None:
         """Remove the given leftovers durably."""
+
+    def unfinished(self, under: str = "") -> list[Unfinished]:
+        """Writes directly inside ``under`` not committed (yet), live or abandoned, by label;
+        for display only (``asyncckpt ls``). A storage that cannot tell lists none."""
+        return []
 
     @abc.abstractmethod
     def append_line(self, name: str, line: str) -> None:

@@ -26,6 +26,8 @@ from .retry import call_with_retry, is_transient
 T = TypeVar("T")
 EPOCH = datetime.fromtimestamp(0, UTC)
 MAX_DELETE_BATCH = 1000  # S3's limit per DeleteObjects request
+STREAM_CHUNK = 1 << 20  # a streamed GET hands its bytes over this many at a time
+Pieces = Sequence[tuple[int, memoryview]]  # (object offset, buffer), in order
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,36 @@ class PendingUpload:
     started: datetime = EPOCH
 
 
+class Scatter:
+    """Copies bytes that arrive in order, from object offset ``position``, into ``pieces``."""
+
+    def __init__(self, position: int, pieces: Pieces) -> None:
+        self.position = position
+        self.pieces = pieces
+        self.index = 0  # the first piece not yet filled
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        data = memoryview(chunk).cast("B")
+        begin, self.position = self.position, self.position + len(data)
+        while self.index < len(self.pieces):
+            at, view = self.pieces[self.index]
+            low, high = max(at, begin), min(at + len(view), self.position)
+            if low < high:
+                view[low - at : high - at] = data[low - begin : high - begin]
+            if at + len(view) > self.position:
+                return  # the rest of this piece comes with the next chunk
+            self.index += 1
+
+
 class ObjectStore:
     """Objects of any fsspec filesystem through its generic API (uploads stream, one at a time).
 
     Every call but an upload's stream is retried after transient failures (``options.retry``).
+    ``streams`` says whether a ranged read goes straight into its buffers (else it is one
+    ``bytes`` in between: keep ranges small).
     """
+
+    streams = False
 
     def __init__(self, fs: Any, options: UploadOptions) -> None:
         self.fs = fs
@@ -81,14 +108,22 @@ class ObjectStore:
         return entries
 
     def get(self, key: str) -> bytes:
-        """The whole object (small objects only: commit records, logs)."""
-        data: bytes = self.retry(lambda: self.fs.cat_file(key))
+        """The whole object (small objects only: commit records, logs), in one GET."""
+        data: bytes = self.retry(lambda: self.fs.cat_file(key, start=0))
         return data
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object (one ranged GET)."""
         data: bytes = self.retry(lambda: self.fs.cat_file(key, start=start, end=end))
         return data
+
+    def read_into(self, key: str, start: int, end: int, pieces: Pieces) -> int:
+        """Bytes ``[start, end)`` of the object (one ranged GET), copied into ``pieces``
+        (``(offset, buffer)`` inside the range, in order). Returns how many bytes came (fewer
+        only past the object's end)."""
+        data = self.get_range(key, start, end)
+        Scatter(start, pieces).write(data)
+        return len(data)
 
     def size(self, key: str) -> int:
         """The object's size; ``FileNotFoundError`` when it is missing."""
@@ -155,7 +190,10 @@ class ObjectStore:
 
 
 class S3ObjectStore(ObjectStore):
-    """S3 through s3fs: parallel part uploads, conditional PUTs, checked bulk deletes."""
+    """S3 through s3fs: parallel part uploads, conditional PUTs, checked bulk deletes, ranged
+    GETs streamed straight into their buffers."""
+
+    streams = True
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One S3 API call on s3fs's event loop (from any thread)."""
@@ -165,6 +203,29 @@ class S3ObjectStore(ObjectStore):
         """``bucket/a/b`` → (``bucket``, ``a/b``)."""
         bucket, _, path = key.partition("/")
         return bucket, path
+
+    def read_into(self, key: str, start: int, end: int, pieces: Pieces) -> int:
+        """One ranged GET whose body is copied into ``pieces`` as it arrives, a MiB at a time:
+        no ``bytes`` of the whole range, whatever its size. A retry starts the range over."""
+        bucket, path = self.split(key)
+
+        async def stream() -> int:
+            reply = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=path, Range=f"bytes={start}-{end - 1}"
+            )
+            body = reply["Body"]
+            scatter = Scatter(start, pieces)
+            try:
+                while chunk := await body.read(STREAM_CHUNK):
+                    scatter.write(chunk)
+            finally:
+                body.close()
+            return scatter.position - start
+
+        if end <= start:
+            return 0
+        count: int = self.retry(lambda: sync(self.fs.loop, stream))
+        return count
 
     def _put(self, key: str, data: bytes) -> None:
         bucket, path = self.split(key)

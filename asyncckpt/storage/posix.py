@@ -9,9 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
-import secrets
-import socket
 import stat
 import time
 from collections.abc import Sequence
@@ -20,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import CheckpointWriteError
-from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Written
-
-TEMP_MARK = ".tmp-"
-STALE_TEMP_S = 3600.0  # another host's temp file untouched this long belongs to a dead writer
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
-_OWNED_TEMP = re.compile(r"\.tmp-([A-Za-z0-9]+)-(\d+)-[0-9a-f]+$")
+from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Unfinished, Written
+from .temps import (
+    TEMP_MARK,
+    is_temp_name,
+    temp_files,
+    temp_name,
+)
 
 
 class FileOps:
@@ -135,47 +133,6 @@ def _iov_max() -> int:
 _IOV_MAX = _iov_max()  # buffers per writev call
 
 
-def temp_name(final: Path) -> Path:
-    """``.step-0000000300.ckpt.tmp-<host>-<pid>-<random>``: hidden, and it names its writer."""
-    return final.with_name(f".{final.name}{TEMP_MARK}{writer_id()}-{secrets.token_hex(4)}")
-
-
-def temp_is_abandoned(name: str, modified: float, *, now: float) -> bool:
-    """Whether no live writer can own the temp file ``name`` (clean-up may remove it).
-
-    Ours (this host): abandoned when its process is gone, or it is this process's own (a write
-    this process abandoned). Another host's: when untouched for ``STALE_TEMP_S``. A name without
-    an owner (older releases) is abandoned.
-    """
-    match = _OWNED_TEMP.search(name)
-    if match is None:
-        return True
-    return writer_is_gone(match[1], int(match[2]), modified, now=now)
-
-
-def writer_id() -> str:
-    """``<host>-<pid>``: who is writing, as temp names (and remote data objects) record it."""
-    return f"{_HOST}-{os.getpid()}"
-
-
-def writer_is_gone(host: str, pid: int, modified: float, *, now: float) -> bool:
-    """Whether the writer ``host``/``pid`` of something last modified at ``modified`` is gone
-    (the rule of :func:`temp_is_abandoned`)."""
-    if host != _HOST:
-        return now - modified > STALE_TEMP_S
-    return pid == os.getpid() or not _process_alive(pid)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
     """``os.open`` that refuses symlinks and anything but a regular file (a FIFO would hang).
 
@@ -206,11 +163,6 @@ def make_directory_durably(directory: Path) -> None:
     for created in reversed(missing):
         with contextlib.suppress(OSError):  # a parent we cannot open for fsync (rare): best effort
             OS.fsync_dir(created.parent)
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is a writer's temporary file (never a checkpoint)."""
-    return name.startswith(".") and TEMP_MARK in name
 
 
 class PosixFile(ReadHandle):
@@ -399,17 +351,39 @@ class PosixStorage(Storage):
     def leftovers(self) -> list[str]:
         """Temp files no live writer owns (see :func:`temp_is_abandoned`), in the root and in its
         folders one level down (multi-rank step folders)."""
-        found = _temp_files(self.root, "")
+        found = temp_files(self.root, "")
         try:
             folders = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
         for folder in folders:
-            found += _temp_files(self.root / folder, f"{folder}/")
+            found += temp_files(self.root / folder, f"{folder}/")
         return sorted(found)
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
+
+    def unfinished(self, under: str = "") -> list[Unfinished]:
+        """Every temp file directly inside ``under`` (a live writer's too), regular files only."""
+        folder = self.path(under) if under else self.root
+        prefix = f"{under.rstrip('/')}/" if under else ""
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for entry in entries:
+            if not is_temp_name(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                name = prefix + entry.name[1:].partition(TEMP_MARK)[0]
+                modified = datetime.fromtimestamp(info.st_mtime, UTC)
+                found.append(Unfinished(name, prefix + entry.name, info.st_size, modified))
+        return sorted(found, key=lambda u: u.label)
 
     def append_line(self, name: str, line: str) -> None:
         text = line if line.endswith("\n") else line + "\n"
@@ -430,26 +404,6 @@ def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:
     written = storage.write(final.name, body)
     publish_s = storage.commit(written)
     return WriteTimings(written.nbytes, written.write_s, written.fsync_s, publish_s)
-
-
-def _temp_files(folder: Path, prefix: str) -> list[str]:
-    """Abandoned temp files directly in ``folder``, named with ``prefix``."""
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    now = time.time()
-    found = []
-    for entry in entries:
-        if not is_temp_name(entry.name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(info.st_mode) and temp_is_abandoned(entry.name, info.st_mtime, now=now):
-            found.append(prefix + entry.name)
-    return found
 
 
 def _close_quietly(fd: int, ops: FileOps) -> None:

@@ -23,7 +23,7 @@ import crc32c
 
 from ..errors import CorruptedCheckpointError, UnsupportedVersionError
 from .objects import Entry
-from .posix import writer_id, writer_is_gone
+from .temps import writer_id, writer_is_gone
 
 COMMIT_FORMAT = "asyncckpt-commit"
 COMMIT_VERSION = 1
@@ -44,7 +44,7 @@ def new_token() -> str:
 
 def owner_is_gone(token: str, modified: datetime, *, now: float) -> bool:
     """Whether the writer that made ``token`` can no longer be writing it (see
-    :func:`~asyncckpt.storage.posix.writer_is_gone`)."""
+    :func:`~asyncckpt.storage.temps.writer_is_gone`)."""
     match = _OWNER.match(token)
     if match is None:
         return True

@@ -21,7 +21,7 @@ import fsspec
 
 from .._version import __version__
 from ..errors import CheckpointWriteError, CorruptedCheckpointError, UsageError
-from .base import Body, ReadHandle, Storage, StoredObject, Written
+from .base import Body, ParallelReads, ReadHandle, Storage, StoredObject, Unfinished, Written
 from .multipart import MIB, PartSink, Uploaded, UploadOptions
 from .objects import Entry, ObjectStore, PendingUpload, object_store
 from .records import (
@@ -35,10 +35,10 @@ from .records import (
     owner_is_gone,
     parse_versioned,
 )
+from .remotefile import RemoteFile, parallel_reads
 from .retry import RetryPolicy
 
 UPLOAD_MARK = "?uploadId="  # in a leftover's name: an unfinished multipart upload of that key
-READ_CHUNK = 16 * MIB  # the largest ranged GET one read_at makes
 
 
 class FsspecStorage(Storage):
@@ -100,7 +100,12 @@ class FsspecStorage(Storage):
 
     def open_written(self, written: Written) -> ReadHandle:
         uploaded: Uploaded = written.token
-        return RemoteFile(self.store, uploaded.key, written.name, uploaded.nbytes)
+        return RemoteFile(
+            self.store, uploaded.key, written.name, uploaded.nbytes, self._reads(uploaded.nbytes)
+        )
+
+    def _reads(self, size: int) -> ParallelReads:
+        return parallel_reads(size, streams=self.store.streams, concurrency=self.options.concurrency)
 
     def commit(self, written: Written) -> float:
         uploaded: Uploaded = written.token
@@ -163,7 +168,8 @@ class FsspecStorage(Storage):
         token = versions.current()
         if token is None:
             if versions.plain is not None:
-                return RemoteFile(self.store, versions.plain.key, name, versions.plain.size)
+                plain = versions.plain
+                return RemoteFile(self.store, plain.key, name, plain.size, self._reads(plain.size))
             raise FileNotFoundError(errno.ENOENT, "no committed object of this name", self.where(name))
         data = versions.data[token]
         where = self.where(commit_name(name, token))
@@ -176,7 +182,7 @@ class FsspecStorage(Storage):
             raise CorruptedCheckpointError(
                 f"the data object has {data.size} bytes, its commit object says {record.size}", path=where
             )
-        return RemoteFile(self.store, data.key, name, record.size)
+        return RemoteFile(self.store, data.key, name, record.size, self._reads(record.size), record)
 
     def _versions(self, name: str) -> Versions:
         folder, _, base = name.rpartition("/")
@@ -235,6 +241,26 @@ class FsspecStorage(Storage):
             key, _, upload_id = name.partition(UPLOAD_MARK)
             self.store.abort(PendingUpload(self.key(key), upload_id))
 
+    def unfinished(self, under: str = "") -> list[Unfinished]:
+        """Data objects newer than their name's committed version and without a commit object
+        (an upload in progress, or one that crashed before its commit), and unfinished
+        multipart uploads (``<key>?uploadId=<id>``), directly inside ``under``."""
+        folder = under.strip("/")
+        prefix = f"{folder}/" if folder else ""
+        names, _ = group(self.store.listdir(self.key(folder)))
+        found = []
+        for name, versions in names.items():
+            current = versions.current() or ""
+            for token, entry in versions.data.items():
+                if token > current and token not in versions.commits:
+                    found.append(Unfinished(prefix + name, prefix + _base(entry), entry.size, entry.modified))
+        for pending in self.store.pending_uploads(self.key(folder)):
+            parsed = parse_versioned(_base_key(pending.key))
+            label = f"{prefix}{_base_key(pending.key)}{UPLOAD_MARK}{pending.upload_id}"
+            name = prefix + (parsed[0] if parsed else _base_key(pending.key))
+            found.append(Unfinished(name, label, 0, pending.started))
+        return sorted(found, key=lambda u: u.label)
+
     def append_line(self, name: str, line: str) -> None:
         """Append by rewriting the whole object (object stores cannot append); not atomic
         against another process appending to the same object at the same time."""
@@ -244,33 +270,6 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             old = b""
         self.store.put(key, old + (line if line.endswith("\n") else line + "\n").encode())
-
-
-class RemoteFile(ReadHandle):
-    """An object read with ranged GETs; any number of threads may read it at once."""
-
-    def __init__(self, store: ObjectStore, key: str, name: str, size: int) -> None:
-        self.store = store
-        self.key = key
-        self.name = name
-        self.size = size
-
-    def read_at(self, offset: int, buffer: memoryview) -> int:
-        end = min(offset + len(buffer), self.size)
-        done = 0
-        position = offset
-        while position < end:
-            stop = min(end, position + READ_CHUNK)
-            data = self.store.get_range(self.key, position, stop)[: stop - position]
-            if not data:
-                break
-            buffer[done : done + len(data)] = data
-            done += len(data)
-            position += len(data)
-        return done
-
-    def close(self) -> None:
-        """Nothing to release: every read is its own request."""
 
 
 class _GuardedSink:

@@ -40,6 +40,8 @@ TRANSIENT_CLASS_NAMES = frozenset(
         "ClientPayloadError",
         "ServerTimeoutError",
         "IncompleteRead",
+        "IncompleteReadError",  # botocore: a streamed body shorter than its Content-Length
+        "ResponseStreamingError",  # botocore: the connection broke while a body streamed
         "ResponseParserError",
         "FSTimeoutError",
     }

@@ -34,8 +34,9 @@ def test_inspect_file_error_carries_the_path(tmp_path: Path) -> None:
 
 def test_resume_candidates_newest_first_without_temp_files(run_dir: Path) -> None:
     (run_dir / ".step-0000000040.ckpt.tmp-1a2b3c4d").write_bytes(b"x")
-    assert resume_candidates(run_dir) == [checkpoint(run_dir, step) for step in reversed(STEPS)]
-    assert resume_candidates(checkpoint(run_dir, 10)) == [checkpoint(run_dir, 10)]
+    found = [entry.path for entry in resume_candidates(run_dir)]
+    assert found == [checkpoint(run_dir, step) for step in reversed(STEPS)]
+    assert [entry.path for entry in resume_candidates(checkpoint(run_dir, 10))] == [checkpoint(run_dir, 10)]
     assert [kind_of(n) for n in ("step-0000000001.ckpt", "a.pt", ".step-0000000001.ckpt.tmp-ab", "x")] == [
         "checkpoint",
         "legacy",

@@ -24,7 +24,14 @@ from typing import Any
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(
-    ["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "asyncckpt.dist", "dist_workers"]
+    [
+        "torch",
+        "torch.distributed.checkpoint",
+        "torch.distributed.fsdp",
+        "asyncckpt.dist",
+        "dist_workers",
+        "ckpt_workers",
+    ]
 )
 PG_TIMEOUT_S = 30.0
 

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import checkpoint_name
 from asyncckpt.errors import CorruptedCheckpointError, NoValidCheckpointError
-from asyncckpt.loading import load_latest
+from asyncckpt.loading import check_candidates, load_latest
 from asyncckpt.loading.candidates import discover
 from asyncckpt.storage import PosixFile, PosixStorage
-from asyncckpt.storage.posix import temp_name
+from asyncckpt.storage.temps import temp_name
 
-from .helpers import PruningStorage, make_state, write, write_steps
+from .helpers import PruningStorage, assert_same_state, make_state, truncate, write, write_steps
 
 
 def test_temp_files_and_symlinks_are_never_candidates(tmp_path: Path) -> None:
@@ -119,3 +121,38 @@ def test_an_object_the_storage_refuses_to_open_is_a_diagnosed_candidate(tmp_path
     assert (legacy.step, v1.step) == (7, 5)
     assert isinstance(legacy.error, CorruptedCheckpointError)
     assert legacy.error.reason == "commit record checksum mismatch"
+
+
+def write_named(directory: Path, name: str, step: int, *, mtime_ns: int) -> Path:
+    path = directory / name
+    asyncckpt.save(path, make_state(step), step=step)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def test_any_ckpt_file_is_a_candidate_with_its_step_read_from_its_header(tmp_path: Path) -> None:
+    write_named(tmp_path, "epoch=0-step=4.ckpt", 4, mtime_ns=1_000)
+    write_named(tmp_path, "epoch=1-step=8.ckpt", 8, mtime_ns=2_000)
+    newest = write_named(tmp_path, "last.ckpt", 8, mtime_ns=3_000)  # the same step, written later
+    write(tmp_path, 6)
+    result = load_latest(tmp_path)
+    assert (result.step, result.path, result.source) == (8, newest, "primary")
+    assert_same_state(result.state, make_state(8))
+    reports = check_candidates(tmp_path, verify="full")
+    assert [(r.path.name, r.step) for r in reports] == [
+        ("last.ckpt", 8),
+        ("epoch=1-step=8.ckpt", 8),
+        ("step-0000000006.ckpt", 6),
+        ("epoch=0-step=4.ckpt", 4),
+    ]
+
+
+def test_a_broken_named_checkpoint_falls_back_with_its_diagnosis(tmp_path: Path) -> None:
+    write_named(tmp_path, "epoch=0-step=4.ckpt", 4, mtime_ns=1_000)
+    broken = write_named(tmp_path, "epoch=1-step=8.ckpt", 8, mtime_ns=2_000)
+    truncate(broken, os.path.getsize(broken) // 2)
+    result = load_latest(tmp_path)
+    assert (result.step, result.source) == (4, "fallback")
+    [diagnostic] = result.diagnostics
+    assert diagnostic.path == str(broken)
+    assert diagnostic.kind == "corrupted"

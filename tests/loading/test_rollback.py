@@ -324,7 +324,7 @@ def test_a_file_named_for_another_step_is_never_loaded_as_that_step(tmp_path: Pa
 
 def pruning(monkeypatch: pytest.MonkeyPatch, storage: PruningStorage) -> PruningStorage:
     """Make the public functions use ``storage`` for the directory they are given."""
-    monkeypatch.setattr(rollback_module, "open_storage", lambda _: storage)
+    monkeypatch.setattr(rollback_module, "open_storage", lambda _, **__: storage)
     return storage
 
 
@@ -396,7 +396,7 @@ def test_an_empty_listing_is_believed_only_when_the_next_is_empty_too(
             return [] if self.listings == 1 else super().ls(under)
 
     storage = MissesOnce(tmp_path)
-    monkeypatch.setattr(rollback_module, "open_storage", lambda _: storage)
+    monkeypatch.setattr(rollback_module, "open_storage", lambda _, **__: storage)
     assert load_latest(tmp_path, log=Recorder()).step == 100
     assert storage.listings == 2
     (tmp_path / checkpoint_name(100)).unlink()

@@ -120,7 +120,7 @@ def test_a_lone_legacy_file_without_a_step_gets_the_resumes_answer(tmp_path: Pat
 def test_a_file_pruned_while_checking_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_steps(tmp_path, 100, 200, 300)
     storage = PruningStorage(tmp_path, {checkpoint_name(200)})
-    monkeypatch.setattr(verify_module, "open_storage", lambda _: storage)
+    monkeypatch.setattr(verify_module, "open_target", lambda *_, **__: (storage, None))
     reports = check_candidates(tmp_path)
     assert [(r.step, r.status) for r in reports] == [(300, "valid"), (100, "valid")]
     assert not (tmp_path / FAILED_LOG_NAME).exists()
@@ -131,7 +131,7 @@ def test_a_single_file_pruned_while_checking_raises_file_not_found(
 ) -> None:
     [path] = write_steps(tmp_path, 100)
     storage = PruningStorage(tmp_path, set())
-    monkeypatch.setattr(verify_module, "open_storage", lambda _: storage)
+    monkeypatch.setattr(verify_module, "open_target", lambda *_, **__: (storage, path.name))
     storage.prune.add(path.name)
     with pytest.raises(FileNotFoundError):
         check_candidates(path)

@@ -7,6 +7,7 @@ fingerprint itself, that the change was seen).
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -118,6 +119,10 @@ def change_a_plain_value(state: dict[str, Any]) -> dict[str, Any]:
 def int_becomes_bool(state: dict[str, Any]) -> dict[str, Any]:
     state["n"] = True  # 1 == True, but the file must say bool
     return state
+
+
+class Mode(enum.IntEnum):
+    ONE = 1
 
 
 def int_becomes_float(state: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +278,19 @@ def test_subclasses_are_fingerprinted_by_what_is_stored() -> None:
 
     assert fingerprint({"k": Name("v")}) == fingerprint({"k": Name("v")})
     assert fingerprint(OrderedDict(a=1)) == fingerprint({"a": 1})  # both stored as a dict
+    assert scan({"n": Mode.ONE}, StateDicts()) is None  # a typed value: laid out every save
+
+
+def test_typed_values_between_plain_ones_keep_each_type(tmp_path: Path) -> None:
+    # Mode.ONE == 1 and the fingerprint of a plain value is its value: typed values are never
+    # fingerprinted, so the structure of the save before is not reused for them.
+    values: list[Any] = [1, Mode.ONE, 1, "one", Path("one"), "one"]
+    with AsyncCheckpointer(tmp_path, keep_last=10) as ckpt:
+        handles = [ckpt.save(step, {"n": value, "w": torch.ones(2)}) for step, value in enumerate(values)]
+        paths = [handle.result(timeout=30) for handle in handles]
+    loaded = [asyncckpt.load(p).state["n"] for p in paths]
+    assert [type(n) for n in loaded] == [type(v) for v in values]
+    assert loaded == values
 
 
 def test_a_state_that_cannot_be_stored_is_not_cached() -> None:

@@ -294,6 +294,22 @@ def test_state_dicts_without_optimizer_objects_are_copied_at_once(
     assert saved_matches(path, expected)
 
 
+def test_state_dicts_overlap_when_overlap_with_names_their_objects(
+    tmp_path: Path, copier: GatedCopier
+) -> None:
+    model, optimizer = trainer()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    expected = snapshot_of(model, optimizer)
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        handle = ckpt.save(1, state, overlap_with=[model, optimizer])
+        assert len(copier.staged) == 1  # the parameters and the moments wait for the gate
+        assert not copier.staged[0].background_done()
+        copier.gate.set()
+        train_step(model, optimizer)  # the step waits for the copy
+        path = handle.result(timeout=30)
+    assert saved_matches(path, expected)
+
+
 def test_guarded_blobs_leave_out_embeddings_with_max_norm() -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.EmbeddingBag(10, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -61,7 +61,7 @@ class Backend:
     folder: Callable[[Storage, str], None] = lambda storage, name: None  # POSIX needs folders made
 
 
-@pytest.fixture(params=["posix", "memory", "s3"])
+@pytest.fixture(params=["posix", "memory", "s3", "local-copy"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "posix":
 
@@ -80,11 +80,24 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
         base = request.getfixturevalue("memory_url").rpartition("/")[0]
         return Backend("memory", lambda folder: FsspecStorage(f"{base}/{folder}"), _put_object)
+    if request.param == "local-copy":  # in-memory fsspec with a local copy of the newest object
+        from asyncckpt.storage.localcopy import LocalCopyStorage
+        from asyncckpt.storage.remote import FsspecStorage
+
+        base = request.getfixturevalue("memory_url").rpartition("/")[0]
+
+        def make(folder: str) -> Storage:
+            return LocalCopyStorage(
+                FsspecStorage(f"{base}/{folder}"), PosixStorage(tmp_path / "copy" / folder)
+            )
+
+        return Backend("local-copy", make, _put_object)
     make_s3 = request.getfixturevalue("make_s3")
     return Backend("s3", make_s3, _put_object)
 
 
 def _put_object(storage: Any, name: str, data: bytes) -> None:
+    storage = getattr(storage, "remote", storage)  # a local copy's remote
     storage.fs.pipe_file(storage.key(name), data)
 
 

@@ -227,7 +227,7 @@ def test_an_uncommitted_data_object_of_a_live_writer_elsewhere_is_not_a_leftover
 
 
 def _this_host() -> str:
-    from asyncckpt.storage.posix import writer_id
+    from asyncckpt.storage.temps import writer_id
 
     return writer_id().rpartition("-")[0]
 
@@ -291,6 +291,30 @@ def test_reads_are_ranged_gets(make_s3: MakeS3, proxy: FaultProxy) -> None:
 
     ranged = [r.headers.get("range") for r in proxy.seen("GET") if "list-type" not in r.query]
     assert ranged[-1] == "bytes=5000-5999" and bytes(buffer) == DATA[5000:6000]
+
+
+def test_small_reads_at_either_end_share_one_get_per_end(make_s3: MakeS3, proxy: FaultProxy) -> None:
+    storage = make_s3(endpoint=proxy.url)
+    for data in (DATA, DATA[:10_000]):  # larger than both ends together; smaller than the tail alone
+        save(storage, NAME, data)
+        proxy.reset()
+        with storage.open(NAME) as handle:
+            pieces = [
+                (0, 8),
+                (0, 64),
+                (len(data) - 64, 64),
+                (len(data) - 9000, 5000),
+                (4000, 200),
+                (len(data) - 3, 9),
+            ]
+            for offset, size in pieces:
+                buffer = bytearray(size)
+                got = handle.read_at(offset, memoryview(buffer))
+                assert bytes(buffer[:got]) == data[offset : offset + size]
+        ranged = [r.headers.get("range") for r in proxy.seen("GET", path=".data")]
+        tail = max(len(data) - (256 << 10), 0)
+        middle = [] if len(data) < (256 << 10) else ["bytes=4000-4199"]
+        assert ranged == ["bytes=0-4095", f"bytes={tail}-{len(data) - 1}", *middle]
 
 
 # --------------------------------------------------------------------------- injected faults

@@ -1,0 +1,189 @@
+"""The training thread's half of a background multi-rank save: split, localize, plan, rebuild.
+
+``AsyncCheckpointer`` in distributed mode stages a step like a single-file one, through the
+same staging pool, stager and step guard: :func:`plan_step` splits the state (DCP's state dicts
+of the modules and optimizers, and this rank's own values), replaces every DTensor (FSDP2,
+tensor parallel) by its local shard and flattens the result into a
+:class:`~asyncckpt.saving.plan.SavePlan`. The local shards are then copied like plain tensors:
+parameters and optimizer state while forward and backward run (the overlap rule), the rest
+before ``save()`` returns; on CUDA into pinned buffers on a side stream. In the writer thread,
+:func:`staged_state` waits for the copies and rebuilds DCP's state dict over the staged
+buffers (each DTensor again, around its staged local shard), which
+:func:`~asyncckpt.dist.save.write_step` then writes and commits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .. import format as fmt
+from .._tree import unflatten
+from ..format import check_step
+from ..saving.overlap import modules_in, optimizers_in
+from ..saving.plan import SavePlan
+from ..saving.snapshot import (
+    Snapshot,
+    StorageKey,
+    flatten,
+    flatten_metadata,
+    gc_paused,
+    storage_key,
+)
+from ..saving.staging import Staged, StagedCopy
+from .save import Prepared
+from .state import split_state
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One multi-rank save, planned: the flattened ``{"sharded": ..., "per_rank": ...}`` tree
+    (DTensors replaced by their local shards) and the template that makes them DTensors again."""
+
+    plan: SavePlan
+    template: Any
+
+
+class _Spec:
+    """Where a DTensor stood in the sharded tree: its spec (mesh, placements, global shape)."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+
+def plan_step(step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool) -> StepPlan:
+    """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
+
+    Call it on the training thread. Raises what :func:`~asyncckpt.dist.state.split_state` and
+    the flattening raise (:class:`asyncckpt.UsageError`, :class:`asyncckpt.UnsupportedValueError`
+    naming the key path), before anything is staged.
+    """
+    check_step(step)
+    # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
+    # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
+    with gc_paused():
+        split = split_state(state)
+        shards: dict[_ViewKey, DTensor] = {}
+        local, template = localize(split.sharded, shards)
+        snapshot = _watch_dtensors(flatten({"sharded": local, "per_rank": split.per_rank}), shards)
+        metadata_tree = flatten_metadata(metadata)
+        deferred = guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
+        plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
+    return StepPlan(plan, template)
+
+
+def localize(tree: Any, shards: dict[_ViewKey, DTensor]) -> tuple[Any, Any]:
+    """``tree`` with every DTensor replaced by its local tensor, and a template of the same
+    shape marking where the DTensors were (see :func:`rewrap`); ``shards`` gets each local
+    tensor's DTensor."""
+    if isinstance(tree, DTensor):
+        shard = tree._local_tensor.detach()
+        shards[_view_key(shard)] = tree
+        return shard, _Spec(tree._spec)
+    if isinstance(tree, torch.Tensor):
+        return tree, None
+    if isinstance(tree, Mapping):
+        pairs = {key: localize(value, shards) for key, value in tree.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(tree, list | tuple):
+        items = [localize(value, shards) for value in tree]
+        values, marks = [p[0] for p in items], [p[1] for p in items]
+        return (tuple(values), tuple(marks)) if isinstance(tree, tuple) else (values, marks)
+    return tree, None
+
+
+def rewrap(template: Any, tree: Any) -> Any:
+    """The inverse of :func:`localize` over a tree of the same shape (staged local tensors)."""
+    if isinstance(template, _Spec):
+        return DTensor(tree, template.spec, requires_grad=False)  # type: ignore[no-untyped-call]
+    if isinstance(template, dict) and isinstance(tree, dict):
+        return {key: rewrap(template.get(key), value) for key, value in tree.items()}
+    if isinstance(template, list | tuple) and isinstance(tree, list | tuple):
+        items = [rewrap(t, value) for t, value in zip(template, tree, strict=True)]
+        return tuple(items) if isinstance(tree, tuple) else items
+    return tree
+
+
+_ViewKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def _view_key(tensor: torch.Tensor) -> _ViewKey:
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _watch_dtensors(snapshot: Snapshot, shards: dict[_ViewKey, DTensor]) -> Snapshot:
+    """``snapshot`` with the blobs of local shards watched through their DTensors: an in-place
+    op on a DTensor (``p.mul_(2)``) counts on the DTensor's version counter, not on its local
+    tensor's."""
+    if not shards:
+        return snapshot
+    watching = {}
+    for blob in range(len(snapshot.structure.sizes)):
+        views = snapshot.watched(blob)
+        found = [shards.get(_view_key(view)) for view in views]
+        if any(dt is not None for dt in found):
+            watching[blob] = tuple(dt if dt is not None else v for dt, v in zip(found, views, strict=True))
+    return Snapshot(snapshot.structure, snapshot.found, watching)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def guarded_blobs(
+    snapshot: Snapshot, optimizers: Sequence[torch.optim.Optimizer], modules: Sequence[torch.nn.Module]
+) -> frozenset[int]:
+    """The blobs only an optimizer step changes (see
+    :func:`asyncckpt.saving.overlap.step_guarded_blobs`), with DTensors seen as their local
+    shards: parameters of a module of the state that an optimizer steps, and optimizer state."""
+    params: set[StorageKey | None] = set()
+    state: set[StorageKey | None] = set()
+    for optimizer in optimizers:
+        try:  # a wrapper that is not a real Optimizer (no param_groups) guards nothing
+            groups, per_param_states = list(optimizer.param_groups), list(optimizer.state.values())
+        except (AttributeError, TypeError):
+            continue
+        for group in groups:
+            params.update(storage_key(_local(param)) for param in group["params"])
+        for per_param in per_param_states:
+            if isinstance(per_param, Mapping):
+                state.update(storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor))
+    seen = {storage_key(_local(param)) for module in modules for param in module.parameters()}
+    written = {
+        storage_key(_local(sub.weight))
+        for module in modules
+        for sub in module.modules()
+        if isinstance(sub, torch.nn.Embedding | torch.nn.EmbeddingBag) and sub.max_norm is not None
+    }
+    guarded = ((params & seen) | state) - written - {None}
+    return frozenset(i for i, blob in enumerate(snapshot.blobs) if blob.storage in guarded)
+
+
+def staged_state(
+    staged: Staged, tree: Any, tensors: Sequence[fmt.TensorEntry], template: Any, metadata: Any
+) -> Prepared:
+    """DCP's state dict and the per-rank values over the staged buffers (in the writer thread).
+
+    Waits for the background copies first; raises what they raised (a source changed in place
+    before its copy, see :class:`~asyncckpt.saving.staging.StagingRaceError`).
+    """
+    staged.wait()
+    assert isinstance(staged, StagedCopy)  # distributed mode refuses streamed staging (staging_budget)
+    blobs = [_own_storage(view) for view in staged.buffers.blob_bytes()]
+    rebuilt = unflatten(tree, [fmt.view_tensor(entry, blobs[entry.blob]) for entry in tensors])
+    return Prepared(rewrap(template, rebuilt["sharded"]), rebuilt["per_rank"], metadata)
+
+
+def _own_storage(view: memoryview) -> torch.Tensor:
+    """A 1-D uint8 tensor over ``view`` with a storage of its own: tensors of different blobs
+    must not look like views of one storage (flattening would join them into one span)."""
+    if not len(view):
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8)
