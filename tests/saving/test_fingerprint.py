@@ -285,8 +285,9 @@ def test_typed_values_between_plain_ones_keep_each_type(tmp_path: Path) -> None:
     # Mode.ONE == 1 and the fingerprint of a plain value is its value: typed values are never
     # fingerprinted, so the structure of the save before is not reused for them.
     values: list[Any] = [1, Mode.ONE, 1, "one", Path("one"), "one"]
+    weights = torch.ones(2)  # the same tensor each time: only the value differs
     with AsyncCheckpointer(tmp_path, keep_last=10) as ckpt:
-        handles = [ckpt.save(step, {"n": value, "w": torch.ones(2)}) for step, value in enumerate(values)]
+        handles = [ckpt.save(step, {"n": value, "w": weights}) for step, value in enumerate(values)]
         paths = [handle.result(timeout=30) for handle in handles]
     loaded = [asyncckpt.load(p).state["n"] for p in paths]
     assert [type(n) for n in loaded] == [type(v) for v in values]
