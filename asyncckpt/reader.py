@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from . import format as fmt
+from ._gc import gc_paused
 from .errors import CheckpointError, CorruptedCheckpointError
 from .format import FileKind
 from .spans import Piece, SpanReads
@@ -27,6 +28,7 @@ from .storage import ParallelReads, ReadHandle
 
 MAX_READ_THREADS = 8
 PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
+LOCAL_SPAN_BYTES = 8 << 20  # one preadv reads at most this much of a local file
 
 Failure = tuple[int, CheckpointError]  # (blob index, what went wrong there)
 
@@ -46,7 +48,8 @@ def read_layout(handle: ReadHandle, where: str) -> fmt.Layout:
 
     Raises :class:`CorruptedCheckpointError` or :class:`UnsupportedVersionError`.
     """
-    return fmt.read_layout(_file(handle), where)
+    with gc_paused():  # a TensorEntry and a few lists per tensor
+        return fmt.read_layout(_file(handle), where)
 
 
 def read_tensors(
@@ -69,16 +72,32 @@ def read_tensors(
     Raises :class:`CorruptedCheckpointError` (``path``, ``blob``, ``offset``) for a truncated
     blob or, with ``checksums``, a CRC32C mismatch; ``OSError`` when the storage fails.
     """
-    direct = dict(targets or {})
-    buffers = {
-        i: torch.empty(blob.nbytes, dtype=torch.uint8, device=device)
-        for i, blob in enumerate(layout.blobs)
-        if i not in direct
-    }
-    destinations = [_bytes_of(direct[i]) if i in direct else buffers[i] for i in range(len(layout.blobs))]
+    with gc_paused():  # a buffer, a view and a tensor per blob: collections would cost 40% more
+        return _read_tensors(handle, layout, where, checksums, device, targets or {})
+
+
+def _read_tensors(
+    handle: ReadHandle,
+    layout: fmt.Layout,
+    where: str,
+    checksums: bool,
+    device: torch.device,
+    direct: Mapping[int, torch.Tensor],
+) -> list[torch.Tensor]:
+    buffers: dict[int, torch.Tensor] = {}
+    destinations = []
+    for i, blob in enumerate(layout.blobs):
+        target = direct.get(i)
+        if target is None:
+            destinations.append(
+                buffers.setdefault(i, torch.empty(blob.nbytes, dtype=torch.uint8, device=device))
+            )
+        else:
+            destinations.append(_bytes_of(target))
     _BlobReads(handle, layout, where).read(destinations, checksums=checksums)
+    view = fmt.view_tensor
     return [
-        direct[entry.blob] if entry.blob in direct else fmt.view_tensor(entry, buffers[entry.blob])
+        view(entry, buffers[entry.blob]) if entry.blob in buffers else direct[entry.blob]
         for entry in layout.tensors
     ]
 
@@ -164,6 +183,8 @@ class _BlobReads:
 
     def read(self, destinations: list[torch.Tensor], *, checksums: bool) -> None:
         reads = self.handle.parallel_reads
+        if reads is None and all(d.device.type == "cpu" for d in destinations):
+            reads = self._local_reads()  # CPU destinations: small blobs share one preadv
         if reads is not None:
             _read_spans(self.handle, self.layout, self.where, reads, destinations, checksums=checksums)
             return
@@ -178,7 +199,7 @@ class _BlobReads:
         self._run(group)
 
     def check(self) -> None:
-        reads = self.handle.parallel_reads
+        reads = self.handle.parallel_reads or self._local_reads()
         if reads is not None:
             SpanReads(self.handle, self.layout, self.where, reads).run(None, lambda _: None, checksums=True)
             return
@@ -191,6 +212,12 @@ class _BlobReads:
             )
 
         self._run(group)
+
+    def _local_reads(self) -> ParallelReads:
+        """Spans for a local file: a few MiB each (one ``preadv`` of many small blobs, or a part of
+        a big one), one reading thread per group of :func:`_groups`."""
+        threads = len(_groups([blob.nbytes for blob in self.layout.blobs]))
+        return ParallelReads(request_bytes=LOCAL_SPAN_BYTES, in_flight=threads)
 
     def _run(self, group: Callable[[list[int]], Failure | None]) -> None:
         groups = _groups([blob.nbytes for blob in self.layout.blobs])
@@ -256,6 +283,15 @@ def _read_spans(
     CPU destinations get the bytes straight from the reply; a blob for another device lands in
     a host buffer of its own (pinned for CUDA), copied over once the blob is whole and checked.
     """
+    if all(d.device.type == "cpu" for d in destinations):  # the bytes land in place: no bookkeeping
+        whole = [fmt.tensor_bytes(d) for d in destinations]
+
+        def in_place(piece: Piece) -> memoryview:
+            view = whole[piece.blob]
+            return view if piece.nbytes == len(view) else view[piece.start : piece.start + piece.nbytes]
+
+        SpanReads(handle, layout, where, reads).run(in_place, lambda _: None, checksums=checksums)
+        return
     lock = threading.Lock()
     views: dict[int, memoryview] = {}
     host: dict[int, torch.Tensor] = {}

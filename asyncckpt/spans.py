@@ -134,10 +134,16 @@ class SpanReads:
         else:
             views = [destination(piece) for piece in span.pieces]
         got = self.handle.read_pieces(span.offset, span.length, list(zip(offsets, views, strict=True)))
+        blobs = self.layout.blobs
         for piece, view, at in zip(span.pieces, views, offsets, strict=True):
             landed = span.offset + got - at
             if landed < piece.nbytes:
                 raise fmt.truncated(self.layout, piece.blob, piece.start + max(landed, 0), path=self.where)
+            if piece.nbytes == blobs[piece.blob].nbytes:  # a whole blob (most): no pieces to combine
+                if checksums:
+                    fmt.check_crc(self.layout, piece.blob, crc32c.crc32c(view), path=self.where)
+                finish(piece.blob)
+                continue
             crc = crc32c.crc32c(view) if checksums else 0
             with self._lock:
                 self._crcs.setdefault(piece.blob, {})[piece.start] = (crc, piece.nbytes)

@@ -126,6 +126,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     which are not the tensor's values. Raises ``ValueError`` for a tensor that is not a
     contiguous CPU tensor (the caller's bug, never the user's).
     """
+    if (
+        _HAVE_NUMPY
+        and tensor.dtype is torch.uint8
+        and tensor.dim() == 1
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+    ):
+        own: Any = tensor.numpy()  # the readers' own buffers: the cheap case first
+        return memoryview(own)
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
     if tensor.is_conj() or tensor.is_neg():

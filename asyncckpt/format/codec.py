@@ -11,15 +11,14 @@ nesting (``MAX_DEPTH``) without building anything.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import gc
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
 
+from .._gc import gc_paused
 from ..errors import StateTooLargeError, UnsupportedValueError
 from . import spec
 from .scan import scan
@@ -155,26 +154,8 @@ def unpack(data: bytes) -> Any:
     :class:`~asyncckpt.errors.CorruptedCheckpointError`.
     """
     scan(data)
-    with _gc_paused():
+    with gc_paused():
         return _Decoder(len(data)).decode(data)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a header's objects are built.
-
-    A header of 100,000 small lists triggers a collection every few hundred of them, each
-    scanning the young objects: ten times the decoding itself. Decoded values hold no cycles,
-    so the pause loses nothing; the collector resumes (if it was on) even on error.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    try:
-        gc.disable()
-        yield
-    finally:
-        gc.enable()
 
 
 class _Decoder:

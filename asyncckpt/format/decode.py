@@ -253,42 +253,47 @@ class _HeaderChecker:
         return tuple(self.tensor(i, row, blobs) for i, row in enumerate(rows))
 
     def tensor(self, i: int, row: Any, blobs: tuple[BlobEntry, ...]) -> TensorEntry:
-        if not (isinstance(row, list) and len(row) == 6 and all(isinstance(v, str) for v in row[:2])):
+        # Runs once per tensor of every file read: exact-type checks, the message built only on
+        # failure, the extent computed once.
+        if not (type(row) is list and len(row) == 6 and type(row[0]) is str and type(row[1]) is str):
             raise self.fail(f"tensor {i} is not [key, dtype, shape, stride, blob, offset]")
         key, dtype_text, shape, stride, blob, offset = row
-        where = f"tensor {i} ({key})"
         dtype = DTYPE_BY_NAME.get(dtype_text)
         if dtype is None:
-            raise self.fail(f"{where} has unknown dtype {dtype_text!r}", key=key)
+            raise self.fail(f"tensor {i} ({key}) has unknown dtype {dtype_text!r}", key=key)
         if not (_int_list(shape, None) and _int_list(stride, len(shape)) and len(shape) <= spec.MAX_NDIM):
-            raise self.fail(f"{where} has a bad shape {shape!r} or stride {stride!r}", key=key)
-        problem = spec.tensor_size_problem(shape, stride, itemsize(dtype))
-        if problem is not None:
-            raise self.fail(f"{where} {problem}", key=key)
-        if not (_is_int(blob) and 0 <= blob < len(blobs) and _is_int(offset) and offset >= 0):
-            raise self.fail(f"{where} refers to blob {blob!r} at {offset!r}, which does not exist", key=key)
+            raise self.fail(f"tensor {i} ({key}) has a bad shape {shape!r} or stride {stride!r}", key=key)
         size = itemsize(dtype)
+        problem = spec.tensor_size_problem(shape, stride, size)
+        if problem is not None:
+            raise self.fail(f"tensor {i} ({key}) {problem}", key=key)
+        if not (type(blob) is int and 0 <= blob < len(blobs) and type(offset) is int and offset >= 0):
+            raise self.fail(
+                f"tensor {i} ({key}) refers to blob {blob!r} at {offset!r}, which does not exist", key=key
+            )
         if offset % size or offset + _extent(shape, stride, size) > blobs[blob].nbytes:
             raise self.fail(
-                f"{where} does not fit inside blob {blob} ({blobs[blob].nbytes} bytes)", blob=blob, key=key
+                f"tensor {i} ({key}) does not fit inside blob {blob} ({blobs[blob].nbytes} bytes)",
+                blob=blob,
+                key=key,
             )
         return TensorEntry(key, dtype, tuple(shape), tuple(stride), blob, offset)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _int_list(value: Any, length: int | None) -> bool:
-    if not isinstance(value, list) or (length is not None and len(value) != length):
+    """A list of non-negative ints (exactly: msgpack decodes ints as ``int``, never a subclass)."""
+    if type(value) is not list or (length is not None and len(value) != length):
         return False
-    return all(_is_int(v) and v >= 0 for v in value)
+    return all(type(item) is int and item >= 0 for item in value)
 
 
 def _extent(shape: Sequence[int], stride: Sequence[int], size: int) -> int:
-    if any(s == 0 for s in shape):
-        return 0
-    return (sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) + 1) * size
+    span = 1
+    for n, step in zip(shape, stride, strict=True):
+        if not n:
+            return 0
+        span += (n - 1) * step
+    return span * size
 
 
 def _check_tree(tree: Any, tensors: Sequence[TensorEntry], fail: Callable[[str], Exception]) -> None:
