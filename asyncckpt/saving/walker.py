@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .._tree import KeyPath, dotted_key, key_path
-from .._values import SAFE_TYPES_TEXT, NotSafeError, container_kind, encode, typed_kind
+from .._values import SAFE_TYPES_TEXT, NotSafeError, container_items, container_kind, encode, typed_kind
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
@@ -285,7 +285,7 @@ class _CarefulWalk:
                 return self.walk(self.state_dict_of(value), path)
             raise _unsupported(path, str(exc)) from None
         if kind == "dict":
-            for key in value:
+            for key, _ in container_items(value):
                 self._key(key, path)
         if id(value) in self._active:
             raise _unsupported(path, "the state refers to itself (a cycle)")

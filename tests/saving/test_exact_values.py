@@ -244,6 +244,7 @@ def test_a_class_the_loading_program_lacks_loads_as_unresolved(
         (Point(torch.ones(1), 2.0), "tensor inside"),
         (Config(w=torch.ones(1)), "tensor inside"),
         (Slotted(a=1), "__slots__"),
+        (Counter({(1, 2): 1}), r"dict key \(1, 2\)"),
         (collections.namedtuple("Unreachable", "x")(1), "module level"),  # noqa: PYI024
     ],
 )
