@@ -10,6 +10,7 @@ and indices from the root, e.g. ``("optim", "param_groups", 0)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -73,19 +74,30 @@ def map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 def renumber_refs(tree: Any, index: list[int]) -> Any:
-    """``tree`` with every ``TensorRef(i)`` replaced by ``TensorRef(index[i])``."""
+    """``tree`` with every ``TensorRef(i)`` replaced by ``TensorRef(index[i])`` (flags kept)."""
     return map_leaves(
-        tree, lambda leaf: TensorRef(index[leaf.index]) if isinstance(leaf, TensorRef) else leaf
+        tree, lambda leaf: replace(leaf, index=index[leaf.index]) if isinstance(leaf, TensorRef) else leaf
     )
 
 
 def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
     """Put ``tensors`` back where their refs stand in an encoded ``tree``; big ints become ints,
-    typed values their Python values (:mod:`asyncckpt._values`)."""
+    typed values their Python values (:mod:`asyncckpt._values`).
+
+    A reference with flags gives a ``torch.nn.Parameter`` or a tensor that requires grad, sharing
+    the tensor's memory; references with the same index and flags give one object (tied weights).
+    A flag a dtype cannot carry (grad on an int tensor: the format's reader refuses it) is ignored.
+    """
+    rebuilt: dict[tuple[int, int], torch.Tensor] = {}
 
     def leaf(value: Any) -> Any:
         if isinstance(value, TensorRef):
-            return tensors[value.index]
+            if not value.flags:
+                return tensors[value.index]
+            key = (value.index, value.flags)
+            if key not in rebuilt:
+                rebuilt[key] = _as_saved(tensors[value.index], value)
+            return rebuilt[key]
         if isinstance(value, BigInt):
             return value.value
         if isinstance(value, TypedValue):
@@ -93,3 +105,11 @@ def unflatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
         return value
 
     return map_leaves(tree, leaf)
+
+
+def _as_saved(tensor: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+    """``tensor`` as the Parameter or grad-requiring leaf ``ref`` says it was (same memory)."""
+    requires_grad = ref.requires_grad and (tensor.is_floating_point() or tensor.is_complex())
+    if ref.parameter:
+        return torch.nn.Parameter(tensor.detach(), requires_grad=requires_grad)
+    return tensor.detach().requires_grad_(requires_grad)

@@ -14,13 +14,22 @@ kind            type name                              payload
 ``enum``        ``module:Qualname``                    the member's name (a ``Flag``: its value)
 ``dataclass``   ``module:Qualname``                    ``{field: value}`` for every field
 ``namespace``   ``argparse.Namespace``                 ``{attribute: value}``
+``namedtuple``  ``module:Qualname``                    ``{field: value}`` in the fields' order
+``size``        ``torch.Size``                         the sizes, a list of ints
+``dict``        ``module:Qualname`` (a dict subclass)  the items, a map
 ==============  =====================================  ==========================================
 
-Rebuilding never imports a module and never runs the class's code: an enum or dataclass class
-is looked up among the modules the program has already imported, a dataclass is filled in
-field by field without calling ``__init__`` (as ``copy.copy`` does). A class that cannot be
-found (not imported, renamed, fields changed) gives an :class:`UnresolvedValue` holding the
-exact data, which saves back unchanged.
+Rebuilding never imports a module and never runs the class's code: an enum, dataclass,
+namedtuple or dict subclass is looked up among the modules the program has already imported, a
+dataclass is filled in field by field without calling ``__init__`` (as ``copy.copy`` does), a
+namedtuple is made by ``tuple.__new__`` and a dict subclass by its builtin base's ``__new__``
+and ``__setitem__``. A class that cannot be found (not imported, renamed, fields changed) gives
+an :class:`UnresolvedValue` holding the exact data, which saves back unchanged.
+
+Containers whose type the format does not store (:func:`container_kind`): a namedtuple,
+``torch.Size`` or a dict subclass with no state beyond its items is a typed value; any other
+subclass of ``dict``, ``list`` or ``tuple`` and any other mapping is refused (a ``defaultdict``
+would lose its factory, a list subclass its type).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import dataclasses
 import enum
 import pathlib
 import sys
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +55,8 @@ _PATH_TYPES: dict[str, type[pathlib.PurePath]] = {
 }
 _CONCRETE_PATH = {pathlib.Path().__class__.__name__: pathlib.Path}
 SAFE_TYPES_TEXT = (
-    "pathlib paths, torch.dtype, torch.device, enums, dataclasses and argparse.Namespace of such values"
+    "pathlib paths, torch.dtype, torch.device, torch.Size, enums, and dataclasses, namedtuples, "
+    "dict subclasses and argparse.Namespace of such values"
 )
 
 
@@ -85,6 +96,50 @@ def typed_kind(value: Any) -> str | None:
     return None
 
 
+def container_kind(value: Any) -> str:
+    """The kind a mapping, list or tuple of a type the format does not store is saved as.
+
+    ``"namedtuple"``, ``"size"`` (``torch.Size``) or ``"dict"`` (a dict subclass whose items are
+    all its state). Raises :class:`NotSafeError` with the reason, and what to store instead, for
+    one that could not load back as what it is: other tuple and list subclasses, a
+    ``defaultdict``, a dict subclass with attributes or ``__slots__``, a class no later program
+    can find, and mappings that are not dicts.
+    """
+    cls = type(value)
+    if cls is torch.Size:
+        return "size"
+    if isinstance(value, tuple):
+        if not _is_namedtuple(cls, len(value)):
+            raise NotSafeError(
+                f"a tuple subclass ({cls.__qualname__}) would load as a plain tuple; store tuple(value)"
+            )
+        _reachable_name(cls)
+        return "namedtuple"
+    if isinstance(value, list):
+        raise NotSafeError(
+            f"a list subclass ({cls.__qualname__}) would load as a plain list; store list(value)"
+        )
+    if isinstance(value, defaultdict):
+        raise NotSafeError(
+            f"a {cls.__qualname__} would load without its default_factory (it cannot be stored); "
+            "store dict(value)"
+        )
+    if not isinstance(value, dict):
+        raise NotSafeError(f"a {cls.__qualname__} would load as a plain dict; store dict(value)")
+    extra = _extra_state(value)
+    if extra is not None:
+        raise NotSafeError(
+            f"a {cls.__qualname__} keeps {extra}, which would not load back; store dict(value)"
+        )
+    _reachable_name(cls)
+    return "dict"
+
+
+def container_items(value: Any) -> list[tuple[Any, Any]]:
+    """A container's items as a dict subclass's base class orders them (never its own code)."""
+    return list(_dict_base(type(value)).items(value))
+
+
 def encode(value: Any, kind: str, encode_plain: Callable[[Any, Any], Any]) -> TypedValue:
     """``value`` (of ``kind``, from :func:`typed_kind`) as a typed value.
 
@@ -102,7 +157,16 @@ def encode(value: Any, kind: str, encode_plain: Callable[[Any, Any], Any]) -> Ty
         return TypedValue("namespace", "argparse.Namespace", _fields(vars(value), encode_plain))
     if kind == "unresolved":
         return TypedValue(value.kind, value.type, value.payload)
+    if kind == "size":
+        return TypedValue("size", "torch.Size", [int(size) for size in value])
     name = _class_name(type(value))
+    if kind == "namedtuple":
+        fields = dict(zip(type(value)._fields, tuple.__iter__(value), strict=True))
+        return TypedValue("namedtuple", name, _fields(fields, encode_plain))
+    if kind == "dict":
+        return TypedValue(
+            "dict", name, {key: encode_plain(item, key) for key, item in container_items(value)}
+        )
     if kind == "enum":  # a Flag combination has no single name: its value rebuilds it
         payload = encode_plain(value.value, "value") if isinstance(value, enum.Flag) else value.name
         return TypedValue("enum", name, payload)
@@ -146,6 +210,41 @@ def _class_name(cls: type) -> str:
 
 def _fields(fields: dict[str, Any], encode_plain: Callable[[Any, Any], Any]) -> dict[str, Any]:
     return {name: encode_plain(value, name) for name, value in fields.items()}
+
+
+def _is_namedtuple(cls: type, length: int) -> bool:
+    fields = getattr(cls, "_fields", None)
+    return isinstance(fields, tuple) and len(fields) == length and all(type(f) is str for f in fields)
+
+
+def _reachable_name(cls: type) -> str:
+    """``module:Qualname`` of ``cls``, checked to lead back to ``cls`` (else no loader finds it)."""
+    name = _class_name(cls)
+    if _find_class(name) is not cls:
+        raise NotSafeError(
+            f"{cls.__qualname__} cannot be found as {name} (made by a function, or renamed), so no "
+            "later program can find it; define it at module level under its own name"
+        )
+    return name
+
+
+def _extra_state(value: Any) -> str | None:
+    """What of a container's state is not its items (attributes, slots), or None."""
+    try:
+        attributes = object.__getattribute__(value, "__dict__")
+    except AttributeError:
+        attributes = None
+    if attributes:
+        return f"attributes ({', '.join(sorted(map(str, attributes)))})"
+    for klass in type(value).__mro__:
+        if klass.__module__ != "builtins" and klass.__dict__.get("__slots__"):
+            return f"state in __slots__ ({klass.__qualname__})"
+    return None
+
+
+def _dict_base(cls: type) -> type[dict[Any, Any]]:
+    """The builtin class a dict subclass's items live in (an OrderedDict keeps its own order)."""
+    return OrderedDict if issubclass(cls, OrderedDict) else dict
 
 
 # --------------------------------------------------------------------------- decoding
@@ -197,6 +296,37 @@ def _dataclass(name: str, payload: Any) -> Any:
     return obj
 
 
+def _size(name: str, payload: Any) -> Any:
+    if not isinstance(payload, list) or not all(type(n) is int and n >= 0 for n in payload):
+        return None
+    return torch.Size(payload)
+
+
+def _namedtuple(name: str, payload: Any) -> Any:
+    cls = _find_class(name)
+    if cls is None or not issubclass(cls, tuple) or not isinstance(payload, dict):
+        return None
+    if not _is_namedtuple(cls, len(payload)) or tuple(payload) != cls._fields:  # type: ignore[attr-defined]
+        return None  # the class changed since: keep the data as it was
+    return tuple.__new__(cls, payload.values())  # the class's own __new__ never runs
+
+
+def _dict(name: str, payload: Any) -> Any:
+    cls = _find_class(name)
+    if (
+        cls is None
+        or not issubclass(cls, dict)
+        or issubclass(cls, defaultdict)
+        or not isinstance(payload, dict)
+    ):
+        return None
+    base = _dict_base(cls)
+    rebuilt = base.__new__(cls)  # neither the class's __new__ nor its __init__ runs
+    for key, value in payload.items():
+        base.__setitem__(rebuilt, key, value)
+    return rebuilt
+
+
 def _namespace(name: str, payload: Any) -> Any:
     if not isinstance(payload, dict) or not all(isinstance(key, str) for key in payload):
         return None
@@ -210,4 +340,7 @@ _REBUILD: dict[str, Callable[[str, Any], Any]] = {
     "enum": _enum,
     "dataclass": _dataclass,
     "namespace": _namespace,
+    "namedtuple": _namedtuple,
+    "size": _size,
+    "dict": _dict,
 }

@@ -12,6 +12,7 @@ import errno
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +128,24 @@ def deterministic_state(step: int, *, tensors: int = 4, numel: int = 1024) -> di
 
 
 def states_equal(a: Any, b: Any) -> bool:
-    """Exact equality of two state trees: same types, keys in order, tensors bit for bit."""
+    """Exact equality of two state trees: same types, keys in order, tensors bit for bit.
+
+    Tensors are equal when their dtype, shape, values (conjugate and negative views by their
+    values, not their memory), type (a ``Parameter`` or not) and ``requires_grad`` are. A
+    ``dict`` equals an ``OrderedDict`` with the same items in the same order (``state_dict()``
+    results load as dicts); other types must match exactly (a namedtuple is not a tuple).
+    """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
             isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
+            and type(a) is type(b)
+            and a.requires_grad == b.requires_grad
             and a.dtype == b.dtype
             and a.shape == b.shape
             and _bytes_equal(a, b)
         )
-    if isinstance(a, dict) and isinstance(b, dict):  # OrderedDict (state_dict()) is stored as dict
+    if type(a) in _DICTS and type(b) in _DICTS:  # OrderedDict (state_dict()) is stored as dict
         return list(a) == list(b) and all(states_equal(a[k], b[k]) for k in a)
     if type(a) is not type(b):
         return False
@@ -149,9 +158,14 @@ def states_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+_DICTS = frozenset({dict, OrderedDict})
+
+
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     def raw(t: torch.Tensor) -> torch.Tensor:
-        flat = t.detach().cpu().contiguous().reshape(-1)
+        # A conjugate or negative view's memory holds the values before the conjugation or
+        # negation: compare what the tensor holds, not its memory.
+        flat = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
         return flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
 
     return torch.equal(raw(a), raw(b))

@@ -172,7 +172,7 @@ def local_dataclass() -> Any:
     [
         (Opaque(), "state['hp']", "cannot store a value of type Opaque"),
         ({1, 2}, "state['hp']", "cannot store a value of type set"),
-        (Optim(torch.ones(1)), "state['hp']['name']", "a tensor inside an enum, dataclass or Namespace"),  # type: ignore[arg-type]
+        (Optim(torch.ones(1)), "state['hp']['name']", "a tensor inside a typed value"),  # type: ignore[arg-type]
         (
             argparse.Namespace(m=torch.nn.Linear(1, 1)),
             "state['hp']['m']",

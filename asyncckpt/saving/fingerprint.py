@@ -4,10 +4,13 @@ Laying out a state (checking every value, building the skeleton and the tensor t
 shared storages) costs tens of microseconds a tensor, but a training state keeps its shape from
 one save to the next. :func:`scan` walks the state once, calling ``state_dict()`` as flattening
 would, and records everything the layout depends on, exactly: container kinds and keys (with
-their types), every plain value (floats by their bits), and per tensor its dtype, shape,
-strides, storage offset, data pointer, device and layout. :class:`StructureCache` lays the state
-out afresh only when that fingerprint differs from the last one; otherwise the new snapshot is
-the cached :class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors.
+their types; a namedtuple or dict subclass by its class), every plain value (floats by their
+bits), and per tensor its type (Parameter or not), whether it requires grad, dtype, shape,
+strides, storage offset, data pointer, device and layout. A state holding a conjugate or
+negative view is never fingerprinted: flattening stores a copy of its values, made afresh.
+:class:`StructureCache` lays the state out afresh only when that fingerprint differs from the
+last one; otherwise the new snapshot is the cached
+:class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors.
 
 Equal fingerprints mean equal layouts: every value the layout reads is in the fingerprint. A
 storage freed and another allocated at the same address with the same shapes lays out the same
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._values import NotSafeError, container_items, container_kind
 from ..format import MAX_DEPTH
 from .snapshot import Snapshot, Structure, flatten
 from .walker import StateDicts
@@ -44,6 +48,7 @@ class _Token:
 _DICT, _LIST, _TUPLE, _TENSOR = _Token("dict"), _Token("list"), _Token("tuple"), _Token("tensor")
 _TENSORS = _Token("tensors")  # a container whose values are all tensors
 _INT, _FLOAT, _BYTES, _STR = _Token("int"), _Token("float"), _Token("bytes"), _Token("str")
+_TYPED = _Token("typed")  # a container stored as a typed value: its class follows
 _DOUBLE = struct.Struct("<d").pack  # floats by their bits: 0.0 and -0.0 differ, NaN equals NaN
 _TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 # What the layout reads of each tensor, fetched for all tensors at once (C loops, no bytecode).
@@ -51,6 +56,7 @@ _META = operator.attrgetter("dtype", "shape", "device", "layout")
 _STRIDE = operator.methodcaller("stride")
 _OFFSET = operator.methodcaller("storage_offset")
 _POINTER = operator.methodcaller("data_ptr")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 class _Unscannable(Exception):
@@ -100,7 +106,10 @@ class _Scanner:
             raise _Unscannable from None
         if any(m[3] is not torch.strided for m in meta):
             raise _Unscannable
-        self.signature += fields  # (tensors that require grad are copied without autograd)
+        if any(map(torch.Tensor.is_conj, found)) or any(map(torch.Tensor.is_neg, found)):
+            raise _Unscannable  # stored as a copy of its values, made by flattening
+        fields += [list(map(type, found)), list(map(_REQUIRES_GRAD, found))]  # the refs' flags
+        self.signature += fields
         return Scan(self.signature, found, self.objects)
 
     def items(self, values: Any, depth: int, inside: bool) -> None:
@@ -160,20 +169,30 @@ class _Scanner:
             self.signature += (_INT, int(value))
         elif isinstance(value, float):
             self.signature += (_FLOAT, _DOUBLE(float(value)))
-        elif isinstance(value, Mapping):
-            items = list(value.items())
-            keys = tuple(k for k, _ in items)
-            self.signature += (_DICT, keys, tuple(map(type, keys)))
-            self.items([v for _, v in items], depth, inside)
-        elif isinstance(value, list | tuple):
-            self.signature += (_TUPLE if isinstance(value, tuple) else _LIST, len(value))
-            self.items(value, depth, inside)
+        elif isinstance(value, Mapping | list | tuple):
+            self.typed_container(value, depth, inside)
         elif callable(getattr(value, "state_dict", None)):
             if not inside:
                 self.objects.append(value)
             self.visit(self.state_dict_of(value), depth, True)
         else:
             raise _Unscannable
+
+    def typed_container(self, value: Any, depth: int, inside: bool) -> None:
+        """A namedtuple, ``torch.Size`` or dict subclass, by its class (flattening stores it as a
+        typed value); any other container type is left to flattening, which refuses it."""
+        try:
+            kind = container_kind(value)
+        except NotSafeError:
+            raise _Unscannable from None
+        if kind == "dict":
+            items = container_items(value)
+            keys = tuple(k for k, _ in items)
+            self.signature += (_TYPED, type(value), keys, tuple(map(type, keys)))
+            self.items([v for _, v in items], depth, inside)
+        else:
+            self.signature += (_TYPED, type(value), len(value))
+            self.items(value, depth, inside)
 
 
 class StructureCache:

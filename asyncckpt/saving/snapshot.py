@@ -20,8 +20,9 @@ import torch
 
 from .._gc import gc_paused
 from .._tree import renumber_refs
-from ..errors import UnsupportedValueError
-from ..format import TensorEntry
+from ..dtypes import itemsize
+from ..errors import StateTooLargeError, UnsupportedValueError
+from ..format import MAX_INDEX, TensorEntry, tensor_size_problem
 from .walker import INT64_MIN, UINT64_MAX, StateDicts, Walked, walk_state
 
 __all__ = [
@@ -224,16 +225,34 @@ def lay_out(walked: Walked) -> Structure:
     """The tensor table and the blobs of a walked state.
 
     Identical views of one storage (a tied weight reached twice) get one table entry. A storage
-    with several distinct views becomes one span blob holding the views with their strides;
-    every other tensor is one blob of its elements, stored contiguously.
+    with several distinct views, or viewed by a tensor whose elements overlap in memory (an
+    ``expand()``: 2**40 elements of one float are 4 bytes), becomes one span blob holding the
+    views with their strides; every other tensor is one blob of its elements, stored contiguously.
+
+    Raises :class:`StateTooLargeError` (with the tensor's key) for a tensor whose shape or
+    strides the format cannot hold, before any memory is set aside for it.
     """
     found = walked.tensors
     storages = [storage_key(t) for t in found]
     counts = Counter(storages)
     counts.pop(None, None)
-    if all(count == 1 for count in counts.values()):
+    overlapping = {
+        storage
+        for tensor, storage, contiguous in zip(
+            found, storages, map(torch.Tensor.is_contiguous, found), strict=True
+        )
+        if not contiguous and storage is not None and _extent_bytes(tensor) < tensor.numel() * tensor.itemsize
+    }
+    if not overlapping and all(count == 1 for count in counts.values()):
         return _one_blob_each(walked, storages)
-    return _LayOut(walked, storages, counts).structure()
+    return _LayOut(walked, storages, counts, overlapping).structure()
+
+
+def _check_size(entry: TensorEntry) -> TensorEntry:
+    problem = tensor_size_problem(entry.shape, entry.stride, itemsize(entry.dtype))
+    if problem is not None:
+        raise StateTooLargeError(f"tensor {entry.key} {problem}", key=entry.key)
+    return entry
 
 
 def _one_blob_each(walked: Walked, storages: list[StorageKey | None]) -> Structure:
@@ -246,6 +265,8 @@ def _one_blob_each(walked: Walked, storages: list[StorageKey | None]) -> Structu
         for index, (key, (dtype, shape, _, _)) in enumerate(zip(walked.keys, fields, strict=True))
     ]
     sizes = [size for _, _, size, _ in fields]
+    if max(sizes, default=0) > MAX_INDEX:
+        tensors = list(map(_check_size, tensors))
     layout = tuple((size, device, dtype, shape) for dtype, shape, size, device in fields)
     count = len(tensors)
     return Structure(walked.tree, tensors, sizes, list(range(count)), {}, storages, layout, count)
@@ -265,13 +286,23 @@ class _LayOut:
     """The general case of :func:`lay_out`: some tensors share a storage."""
 
     def __init__(
-        self, walked: Walked, storages: list[StorageKey | None], counts: Counter[StorageKey | None]
+        self,
+        walked: Walked,
+        storages: list[StorageKey | None],
+        counts: Counter[StorageKey | None],
+        overlapping: set[StorageKey],
     ) -> None:
         self.walked = walked
         self.storages = storages
+        self.overlapping = overlapping  # storages viewed by a tensor whose elements overlap
         # View keys cost several microseconds a tensor: only tensors that share a storage need one.
         self.views = [
-            (storage, _view_key(t) if storage is not None and counts[storage] > 1 else None)
+            (
+                storage,
+                _view_key(t)
+                if storage is not None and (counts[storage] > 1 or storage in overlapping)
+                else None,
+            )
             for t, storage in zip(walked.tensors, storages, strict=True)
         ]
         self.views_by_storage: dict[StorageKey, set[Any]] = {}
@@ -298,7 +329,9 @@ class _LayOut:
                 table_index.append(table_by_view[view])
                 continue
             shape = tuple(tensor.shape)
-            if storage is not None and len(self.views_by_storage[storage]) > 1:
+            if storage is not None and (
+                len(self.views_by_storage[storage]) > 1 or storage in self.overlapping
+            ):
                 if storage not in span_blob:
                     span = _span(self.members[storage], found)
                     span_blob[storage] = len(sizes)
@@ -309,14 +342,16 @@ class _LayOut:
                     layout.append((span.hi - span.lo, str(tensor.device), torch.uint8, (span.hi - span.lo,)))
                 blob = span_blob[storage]
                 start = int(tensor.storage_offset()) * tensor.itemsize - spans[blob].lo
-                tensors.append(TensorEntry(key, tensor.dtype, shape, tuple(tensor.stride()), blob, start))
+                tensors.append(
+                    _check_size(TensorEntry(key, tensor.dtype, shape, tuple(tensor.stride()), blob, start))
+                )
             else:
                 sizes.append(tensor.numel() * tensor.itemsize)
                 sources.append(index)
                 blob_storages.append(storage)
                 layout.append((sizes[-1], str(tensor.device), tensor.dtype, shape))
                 stride = contiguous_stride(shape)
-                tensors.append(TensorEntry(key, tensor.dtype, shape, stride, len(sizes) - 1, 0))
+                tensors.append(_check_size(TensorEntry(key, tensor.dtype, shape, stride, len(sizes) - 1, 0)))
             table_index.append(len(tensors) - 1)
             if storage is not None:
                 table_by_view[view] = table_index[-1]

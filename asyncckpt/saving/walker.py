@@ -3,10 +3,12 @@
 :func:`walk_state` checks every value, replaces objects with ``state_dict()`` by their state
 dicts and each tensor by a :class:`~asyncckpt.format.TensorRef`, and returns the skeleton with
 the tensors in the order found and their dotted keys. It runs a fast pass over the exact types a
-state almost always holds (dict, list, tuple, str, int, float, bool, None, bytes, tensors) and,
-when that pass meets anything else, the careful pass that converts subclasses and names the key
-path of a value that cannot be stored. Each object's ``state_dict()`` is called once per save:
-:class:`StateDicts` replays the results to a later pass.
+state almost always holds (dict, list, tuple, str, int, float, bool, None, bytes, plain tensors
+and Parameters) and, when that pass meets anything else, the careful pass that stores typed
+values (enums, namedtuples, dict subclasses, ...; :mod:`asyncckpt._values`), resolves
+conjugate and negative views into their values, and names the key path of a value that cannot
+be stored exactly. Each object's ``state_dict()`` is called once per save: :class:`StateDicts`
+replays the results to a later pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from .._tree import KeyPath, dotted_key, key_path
-from .._values import SAFE_TYPES_TEXT, NotSafeError, encode, typed_kind
+from .._values import SAFE_TYPES_TEXT, NotSafeError, container_items, container_kind, encode, typed_kind
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
@@ -31,6 +33,8 @@ INT64_MIN = -(2**63)
 UINT64_MAX = 2**64 - 1
 
 _STRIDED = torch.strided
+_TENSOR = torch.Tensor
+_PARAMETER = torch.nn.Parameter
 _REFS: list[TensorRef] = []  # TensorRef(i) for every i used so far: immutable, so shared
 _REFS_LOCK = threading.Lock()
 
@@ -74,7 +78,7 @@ class Walked:
     """A state's encodable skeleton, its tensors in the order found and their dotted keys."""
 
     tree: Any
-    tensors: list[torch.Tensor]  # detached where they required grad
+    tensors: list[torch.Tensor]  # detached (plain tensors), conjugate and negative views resolved
     keys: list[str]
 
 
@@ -158,11 +162,48 @@ class _FastWalk:
         return out
 
     def tensor(self, tensor: torch.Tensor, key: str | None) -> TensorRef:
-        if tensor.layout is not _STRIDED or tensor.dtype not in NAME_BY_DTYPE or tensor.dim() > MAX_NDIM:
+        kind = type(tensor)
+        if (
+            (kind is not _TENSOR and kind is not _PARAMETER)
+            or tensor.layout is not _STRIDED
+            or tensor.dtype not in NAME_BY_DTYPE
+            or tensor.dim() > MAX_NDIM
+            or tensor.is_meta
+            or tensor.is_nested
+            or tensor.is_conj()
+            or tensor.is_neg()
+        ):
             raise _Unusual
-        self.tensors.append(tensor.detach() if tensor.requires_grad else tensor)
+        index = len(self.tensors)
         self.keys.append(key or "<root>")
-        return tensor_ref(len(self.tensors) - 1)
+        if kind is _TENSOR and not tensor.requires_grad:
+            self.tensors.append(tensor)
+            return tensor_ref(index)
+        self.tensors.append(tensor.detach())
+        return TensorRef(index, requires_grad=tensor.requires_grad, parameter=kind is _PARAMETER)
+
+
+def tensor_problem(tensor: torch.Tensor) -> str | None:
+    """Why the format cannot store ``tensor`` (its dtype, layout, kind, rank), or None."""
+    if tensor.dtype not in NAME_BY_DTYPE:
+        return f"tensors of dtype {tensor.dtype} cannot be stored"
+    if tensor.layout is not _STRIDED:  # sparse, sparse_csr, mkldnn, jagged, ...
+        return "only dense (strided) tensors can be stored; store t.to_dense() or its parts"
+    if tensor.is_nested:
+        return "nested tensors cannot be stored; store t.unbind() (a list of tensors)"
+    if tensor.is_meta:
+        return "meta tensors hold no data to store; materialize it (e.g. t.to_empty(device='cpu'))"
+    if type(tensor) is not _TENSOR and type(tensor) is not _PARAMETER:
+        try:
+            tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return (
+                f"a {type(tensor).__qualname__} has no storage of its own (a wrapper tensor subclass); "
+                "store a plain tensor of its data"
+            )
+    if tensor.dim() > MAX_NDIM:
+        return f"tensors of more than {MAX_NDIM} dimensions cannot be stored"
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -189,14 +230,19 @@ def _unsupported(path: KeyPath, reason: str) -> UnsupportedValueError:
     return UnsupportedValueError(f"{where}: {reason}", key=where)
 
 
+_EXACT_CONTAINERS = (dict, OrderedDict, list, tuple)
+
+
 class _CarefulWalk:
-    """Every type the format stores (subclasses converted), and the error for any other."""
+    """Every type the format stores exactly (or as documented), and the error for any other."""
 
     def __init__(self, state_dict_of: Callable[[Any], Any]) -> None:
         self.state_dict_of = state_dict_of
         self.found: list[tuple[torch.Tensor, KeyPath]] = []
         self._active: set[int] = set()
         self._in_typed = 0  # > 0 while walking the fields of a typed value
+        # Conjugate and negative views, resolved once each: a view met twice stays one tensor.
+        self._resolved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def walk(self, value: Any, path: KeyPath) -> Any:
         if len(path) > MAX_DEPTH:
@@ -214,7 +260,9 @@ class _CarefulWalk:
         if isinstance(value, float):
             return float(value)
         if isinstance(value, Mapping | list | tuple):
-            return self._container(value, path)
+            if type(value) in _EXACT_CONTAINERS:
+                return self._container(value, path)
+            return self._other_container(value, path)
         if callable(getattr(value, "state_dict", None)) and not self._in_typed:
             return self.walk(self.state_dict_of(value), path)
         kind = typed_kind(value)
@@ -226,6 +274,26 @@ class _CarefulWalk:
             f"tuples, None, bool, int, float, str, bytes, tensors, objects with state_dict() and "
             f"{SAFE_TYPES_TEXT}: convert it to one of those (e.g. str(value)) or leave it out",
         )
+
+    def _other_container(self, value: Any, path: KeyPath) -> Any:
+        """A namedtuple, ``torch.Size`` or dict subclass as a typed value; any other container
+        type is refused (an object with ``state_dict()`` is walked as its state dict)."""
+        try:
+            kind = container_kind(value)
+        except NotSafeError as exc:
+            if callable(getattr(value, "state_dict", None)) and not self._in_typed:
+                return self.walk(self.state_dict_of(value), path)
+            raise _unsupported(path, str(exc)) from None
+        if kind == "dict":
+            for key, _ in container_items(value):
+                self._key(key, path)
+        if id(value) in self._active:
+            raise _unsupported(path, "the state refers to itself (a cycle)")
+        self._active.add(id(value))
+        try:
+            return self._typed(value, kind, path)
+        finally:
+            self._active.discard(id(value))
 
     def _typed(self, value: Any, kind: str, path: KeyPath) -> TypedValue:
         """A safe typed value; its fields are walked as plain values (no tensors, no state dicts)."""
@@ -240,16 +308,33 @@ class _CarefulWalk:
     def _tensor(self, tensor: torch.Tensor, path: KeyPath) -> TensorRef:
         if self._in_typed:
             raise _unsupported(
-                path, "a tensor inside an enum, dataclass or Namespace cannot be stored; put it in the state"
+                path,
+                "a tensor inside a typed value (an enum, dataclass, namedtuple, dict subclass or "
+                "Namespace) cannot be stored: typed values hold plain values only; put the tensor in "
+                "a plain dict, list or tuple (e.g. dict(value), value._asdict())",
             )
-        if tensor.dtype not in NAME_BY_DTYPE:
-            raise _unsupported(path, f"tensors of dtype {tensor.dtype} cannot be stored")
-        if tensor.layout is not _STRIDED:  # sparse, sparse_csr, mkldnn, jagged, ...
-            raise _unsupported(path, "only dense (strided) tensors can be stored")
-        if tensor.dim() > MAX_NDIM:
-            raise _unsupported(path, f"tensors of more than {MAX_NDIM} dimensions")
-        self.found.append((tensor.detach(), path))
-        return tensor_ref(len(self.found) - 1)
+        problem = tensor_problem(tensor)
+        if problem is not None:
+            raise _unsupported(path, problem)
+        parameter = isinstance(tensor, _PARAMETER)
+        self.found.append((self._resolve(tensor), path))
+        if not tensor.requires_grad and not parameter:
+            return tensor_ref(len(self.found) - 1)
+        return TensorRef(len(self.found) - 1, requires_grad=tensor.requires_grad, parameter=parameter)
+
+    def _resolve(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` detached, a conjugate or negative view as a copy of its values.
+
+        Such a view shares its base's memory but not its values: stored as a view into its
+        base's bytes it would load without the conjugation or negation.
+        """
+        data = tensor.detach()
+        if not data.is_conj() and not data.is_neg():
+            return data
+        cached = self._resolved.get(id(tensor))
+        if cached is None:  # keeps the view alive with its copy, so that its id stays its own
+            cached = self._resolved[id(tensor)] = (tensor, data.resolve_conj().resolve_neg())
+        return cached[1]
 
     def _container(self, value: Any, path: KeyPath) -> Any:
         if id(value) in self._active:

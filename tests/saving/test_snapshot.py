@@ -168,12 +168,16 @@ def test_zero_size_and_scalar_tensors(assert_same_state: SameState) -> None:
     assert_same_state(state, restore(state))
 
 
-def test_requires_grad_parameters_are_detached() -> None:
+def test_parameters_are_copied_detached_and_rebuilt_as_parameters() -> None:
     parameter = torch.nn.Parameter(torch.ones(2))
-    snapshot = flatten({"p": parameter})
+    grad = torch.ones(2, requires_grad=True)
+    snapshot = flatten({"p": parameter, "g": grad})
 
-    assert not snapshot.blobs[0].tensor.requires_grad
-    assert type(restore({"p": parameter})["p"]) is torch.Tensor
+    assert not any(blob.tensor.requires_grad for blob in snapshot.blobs)
+    assert snapshot.tree == {"p": TensorRef(0, requires_grad=True, parameter=True), "g": TensorRef(1, True)}
+    restored = restore({"p": parameter, "g": grad})
+    assert type(restored["p"]) is torch.nn.Parameter and restored["p"].requires_grad
+    assert type(restored["g"]) is torch.Tensor and restored["g"].requires_grad
 
 
 # --------------------------------------------------------------------------- refusals
