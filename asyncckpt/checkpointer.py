@@ -238,7 +238,7 @@ class AsyncCheckpointer:
         for folder in (self.directory, self.local_copy):
             if isinstance(folder, Path):
                 folder.mkdir(parents=True, exist_ok=True)
-        log = ev.EventLog(self.event_log_path)
+        log, _ = ev.open_event_log(self.event_log_path)
         if self._multirank is not None:  # collective: every rank opens its checkpointer
             self._multirank.bind(log)
         log.info(
