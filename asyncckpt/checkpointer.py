@@ -10,7 +10,6 @@ caller's task group).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -23,29 +22,23 @@ import torch
 
 from . import events as ev
 from .catalog import check_name, checkpoint_name
-from .errors import NoValidCheckpointError, UsageError
+from .errors import UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
-from .loading import rollback as loader
-from .multirank import (
-    DEFAULT_COORDINATION_TIMEOUT_S,
-    distributed_mode,
-    newest_is_multi_rank,
-    refuse_dtensors,
-    restore_plain,
-)
+from .modes import checkpointer_mode
+from .multirank import DEFAULT_COORDINATION_TIMEOUT_S
+from .opening import FirstSave, open_event_log
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
-from .saving.job import Deletion, Job
+from .saving.job import Deletion
 from .saving.options import check_options
 from .saving.pending import PendingSaves
-from .saving.plan import Planner, SavePlan
 from .saving.runner import AsyncRunner, Runner, SyncRunner
 from .saving.stager import Stager
-from .saving.staging import Staged, StagingPool
+from .saving.staging import StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
 from .saving.streaming import StreamedCopy
-from .saving.writer import VerifyMode, Writer
+from .saving.writer import VerifyMode
 from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
 
@@ -135,9 +128,9 @@ class AsyncCheckpointer:
         ops: FileOps = OS,
     ) -> None:
         check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
-        self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
-        if self._multirank is not None and staging_budget is not None:
-            raise UsageError("staging_budget is not supported in distributed mode yet; leave it out")
+        self._mode = checkpointer_mode(
+            process_group, timeout=coordination_timeout, when_busy=when_busy, staging_budget=staging_budget
+        )
         self.directory: CheckpointPath = path_of(
             directory.location if isinstance(directory, Storage) else directory
         )
@@ -150,6 +143,7 @@ class AsyncCheckpointer:
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
+        self._ops = ops
         self._storage = open_run_storage(
             directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
         )
@@ -158,10 +152,10 @@ class AsyncCheckpointer:
         self._errors = ErrorBox()
         self._pending = PendingSaves()
         self._stats = SaveStats()
-        self._planner = Planner()
         self._stager = Stager(self._pool)
         self._saves_in_progress = CallsInProgress()
         self._runner: Runner | None = None
+        self._first_save: FirstSave | None = None
         self._sigterm: SigtermFlusher | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -234,23 +228,19 @@ class AsyncCheckpointer:
         (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
 
     def _open(self, kind: type[R]) -> R:
-        """Open the event log, remove leftover temp files, and build the writer and its runner."""
-        for folder in (self.directory, self.local_copy):
-            if isinstance(folder, Path):
-                folder.mkdir(parents=True, exist_ok=True)
-        log, _ = ev.open_event_log(self.event_log_path)
-        if self._multirank is not None:  # collective: every rank opens its checkpointer
-            self._multirank.bind(log)
+        """Open the event log and build the writer and its runner; remove nothing (read-only use
+        must not touch a trainer's files: the first save cleans up, see :class:`FirstSave`)."""
+        log, unwritable = open_event_log(self.directory, self.event_log_path, ops=self._ops)
+        if self.local_copy is not None:
+            self.local_copy.mkdir(parents=True, exist_ok=True)
+        self._mode.bind(log)
         log.info(
             ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
         )
-        if self._multirank is None:  # (several ranks: rank 0 cleans up whole steps before the first save)
-            leftovers = self._storage.leftovers()
-            self._storage.remove_leftovers(leftovers)
-            for name in leftovers:
-                log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
-        make_writer = Writer if self._multirank is None else self._multirank.writer
-        writer = make_writer(
+        self._first_save = FirstSave(
+            self._storage, self.directory, clean_up=self._mode.cleans_up_at_first_save, unwritable=unwritable
+        )
+        writer = self._mode.writer(
             self._storage,
             pool=self._pool,
             verify=self.verify,
@@ -356,14 +346,12 @@ class AsyncCheckpointer:
     ) -> SaveHandle:
         runner = self._require_open()
         self._errors.raise_first()
-        started = time.perf_counter()
         name = checkpoint_name(step) if name is None else check_name(name)
-        if self._multirank is None:
-            refuse_dtensors(state)
-            plan = self._planner.plan(step, state, metadata, overlap=self.overlap, live=overlap_with)
-        else:
-            planned = self._multirank.plan(step, state, metadata, overlap=self.overlap)
-            plan = planned.plan
+        assert self._first_save is not None
+        self._first_save.prepare(runner.log)
+        started = time.perf_counter()
+        planned = self._mode.plan(step, state, metadata, overlap=self.overlap, live=overlap_with)
+        plan = planned.plan
         buffers = self._pool.try_acquire(plan.layout)
         wait_ms = 0.0
         if buffers is None:
@@ -374,10 +362,7 @@ class AsyncCheckpointer:
             self._stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
         staged = self._stager.stage(plan, buffers)
-        if self._multirank is None:
-            job = self._job(plan, name, staged, runner)
-        else:
-            job = self._multirank.job(planned, staged, runner, Path(self.directory))
+        job = self._mode.job(planned, name, staged, runner, self.directory)
         self._pending.add(job)
         if isinstance(staged, StreamedCopy):
             runner.submit(job)  # the writer empties the buffer the rest of the state streams through
@@ -390,20 +375,6 @@ class AsyncCheckpointer:
         if not isinstance(staged, StreamedCopy):
             runner.submit(job)
         return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
-
-    def _job(self, plan: SavePlan, name: str, staged: Staged, runner: Runner) -> Job:
-        return Job(
-            step=plan.step,
-            name=name,
-            path=self.directory / name,
-            tree=plan.snapshot.tree,
-            tensors=plan.snapshot.tensors,
-            metadata=plan.metadata,
-            staged=staged,
-            future=concurrent.futures.Future(),
-            done_event=runner.done_event(),
-            structure=plan.snapshot.structure,
-        )
 
     def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:
         self._stats.count_skip()
@@ -488,30 +459,18 @@ class AsyncCheckpointer:
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()
-        log = self._runner.log.info if self._runner is not None else None
-        if self._multirank is not None:
-            if len(self._pending) and isinstance(self._runner, AsyncRunner):  # the writer needs this loop
-                raise UsageError("saves are pending: `await ckpt.aflush()` before restore() in async use")
-            self._pending.wait()  # the writer's collectives first: one exchange at a time
-            return self._multirank.restore(
-                Path(self.directory), objects, on_corrupt=on_corrupt, expect=expect, log=log
-            )
-        if newest_is_multi_rank(self._storage):
-            return restore_plain(self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log)
-        try:
-            return loader.restore(
-                self._storage,
-                objects,
-                map_location=map_location,
-                on_corrupt=on_corrupt,
-                verify="full" if validate else "structure",
-                expect=expect,
-                log=log,
-            )
-        except NoValidCheckpointError as exc:
-            if exc.diagnostics:
-                raise
-            return None
+        return self._mode.restore(
+            self._storage,
+            self.directory,
+            objects,
+            pending=self._pending,
+            runner=self._runner,
+            map_location=map_location,
+            on_corrupt=on_corrupt,
+            validate=validate,
+            expect=expect,
+            log=self._runner.log.info if self._runner is not None else None,
+        )
 
     # ------------------------------------------------------------------ status
 
