@@ -11,11 +11,10 @@ caller's task group).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 import torch
@@ -26,23 +25,23 @@ from .errors import UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
 from .modes import checkpointer_mode
 from .multirank import DEFAULT_COORDINATION_TIMEOUT_S
-from .opening import FirstSave, open_event_log
+from .opening import open_runner
+from .pipeline import FirstSave, SavePipeline
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
 from .saving.job import Deletion
+from .saving.options import WhenBusy as WhenBusy
 from .saving.options import check_options
 from .saving.pending import PendingSaves
 from .saving.runner import AsyncRunner, Runner, SyncRunner
 from .saving.stager import Stager
 from .saving.staging import StagingPool
 from .saving.stats import CheckpointerStats, SaveStats
-from .saving.streaming import StreamedCopy
 from .saving.writer import VerifyMode
 from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
 
-WhenBusy = Literal["wait", "skip"]
 R = TypeVar("R", bound=Runner)
 
 
@@ -153,6 +152,15 @@ class AsyncCheckpointer:
         self._pending = PendingSaves()
         self._stats = SaveStats()
         self._stager = Stager(self._pool)
+        self._pipeline = SavePipeline(
+            mode=self._mode,
+            pool=self._pool,
+            stager=self._stager,
+            pending=self._pending,
+            errors=self._errors,
+            stats=self._stats,
+            directory=self.directory,
+        )
         self._saves_in_progress = CallsInProgress()
         self._runner: Runner | None = None
         self._first_save: FirstSave | None = None
@@ -228,37 +236,20 @@ class AsyncCheckpointer:
         (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
 
     def _open(self, kind: type[R]) -> R:
-        """Open the event log and build the writer and its runner; remove nothing (read-only use
-        must not touch a trainer's files: the first save cleans up, see :class:`FirstSave`)."""
-        log, unwritable = open_event_log(self.directory, self.event_log_path, ops=self._ops)
-        if self.local_copy is not None:
-            self.local_copy.mkdir(parents=True, exist_ok=True)
-        self._mode.bind(log)
-        log.info(
-            ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
-        )
-        self._first_save = FirstSave(
-            self._storage, self.directory, clean_up=self._mode.cleans_up_at_first_save, unwritable=unwritable
-        )
-        writer = self._mode.writer(
-            self._storage,
-            pool=self._pool,
+        """Build the writer and its runner; remove nothing (read-only use must not touch a
+        trainer's files: the first save cleans up, see :class:`~asyncckpt.opening.FirstSave`)."""
+        self._runner, self._first_save = runner, _ = open_runner(
+            kind,
+            self._pipeline,
+            storage=self._storage,
+            event_log=self.event_log_path,
+            local_copy=self.local_copy,
+            ops=self._ops,
             verify=self.verify,
             keep_last=self.keep_last,
             keep_every=self.keep_every,
-            log=log,
-            errors=self._errors,
-            stats=self._stats,
-        )
-        runner = kind(
-            writer,
-            pending=self._pending,
-            errors=self._errors,
-            log=log,
             close_timeout=self.close_timeout,
-            directory=self.directory,
         )
-        self._runner = runner
         return runner
 
     def _closed(self) -> None:
@@ -346,40 +337,18 @@ class AsyncCheckpointer:
     ) -> SaveHandle:
         runner = self._require_open()
         self._errors.raise_first()
-        name = checkpoint_name(step) if name is None else check_name(name)
         assert self._first_save is not None
-        self._first_save.prepare(runner.log)
-        started = time.perf_counter()
-        planned = self._mode.plan(step, state, metadata, overlap=self.overlap, live=overlap_with)
-        plan = planned.plan
-        buffers = self._pool.try_acquire(plan.layout)
-        wait_ms = 0.0
-        if buffers is None:
-            if self.when_busy == "skip":
-                return self._skip(runner, step, name)
-            buffers = runner.acquire_busy(self._pool, plan)
-            wait_ms = (time.perf_counter() - started) * 1000.0
-            self._stats.count_wait()
-            runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
-        staged = self._stager.stage(plan, buffers)
-        job = self._mode.job(planned, name, staged, runner, self.directory)
-        self._pending.add(job)
-        if isinstance(staged, StreamedCopy):
-            runner.submit(job)  # the writer empties the buffer the rest of the state streams through
-            staged.wait_eager()
-        stall_ms = (time.perf_counter() - started) * 1000.0
-        self._stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
-        # Logged before the writer has the job (streamed: before it can have finished), so
-        # the writer's events come after this one.
-        runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
-        if not isinstance(staged, StreamedCopy):
-            runner.submit(job)
-        return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
-
-    def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:
-        self._stats.count_skip()
-        runner.log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
-        return SaveHandle(step, self.directory / name, None)
+        return self._pipeline.save(
+            runner,
+            self._first_save,
+            step,
+            state,
+            name=checkpoint_name(step) if name is None else check_name(name),
+            metadata=metadata,
+            overlap=self.overlap,
+            overlap_with=overlap_with,
+            when_busy=self.when_busy,
+        )
 
     # ------------------------------------------------------------------ deleting
 

@@ -1,12 +1,12 @@
-"""What opening an ``AsyncCheckpointer`` does, and what waits for its first save.
+"""What opening an ``AsyncCheckpointer`` does.
 
 Opening changes no checkpoint and removes nothing, so that an evaluator may open a checkpointer
 on a trainer's directory only to ``restore()``: it creates the run directory (durably) when it
 is missing and can be created, opens the event log (or, when it cannot, structlog's
 ``"asyncckpt"`` logger: a read-only filesystem, a FIFO or a symlink named ``events.jsonl``), and
-starts the writer. The first save then prepares the directory for writing
-(:class:`FirstSave`): it removes the temp files and uploads no live writer owns, or raises
-:class:`CheckpointWriteError` when the directory cannot be written.
+builds the writer and its runner. The first save then prepares the directory for writing
+(:class:`~asyncckpt.pipeline.FirstSave`): it removes the temp files and uploads no live writer
+owns, or raises :class:`CheckpointWriteError` when the directory cannot be written.
 """
 
 from __future__ import annotations
@@ -14,15 +14,63 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from . import events as ev
-from .errors import CheckpointWriteError
+from .pipeline import FirstSave, SavePipeline
+from .saving.runner import Runner
+from .saving.writer import VerifyMode
 from .storage import CheckpointPath, FileOps, Storage
 from .storage.posix import make_directory_durably
+
+R = TypeVar("R", bound=Runner)
 
 # What opening the run directory's own events.jsonl may fail with when the directory itself
 # cannot be written (EACCES and EPERM only when the file is missing: else the file is the cause).
 _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def open_runner(
+    kind: type[R],
+    pipeline: SavePipeline,
+    *,
+    storage: Storage,
+    event_log: Path | None,
+    local_copy: Path | None,
+    ops: FileOps,
+    verify: VerifyMode,
+    keep_last: int | None,
+    keep_every: int | None,
+    close_timeout: float | None,
+) -> tuple[R, FirstSave]:
+    """Open the event log and build the writer and its runner (not started) for ``pipeline``'s
+    saves; remove nothing. Returns the runner and what its first save does first."""
+    mode, directory, pool = pipeline.mode, pipeline.directory, pipeline.pool
+    log, unwritable = open_event_log(directory, event_log, ops=ops)
+    if local_copy is not None:
+        local_copy.mkdir(parents=True, exist_ok=True)
+    mode.bind(log)
+    log.info(ev.WRITER_STARTED, directory=str(directory), mode=kind.mode, max_pending=pool.slots)
+    first_save = FirstSave(storage, directory, clean_up=mode.cleans_up_at_first_save, unwritable=unwritable)
+    writer = mode.writer(
+        storage,
+        pool=pool,
+        verify=verify,
+        keep_last=keep_last,
+        keep_every=keep_every,
+        log=log,
+        errors=pipeline.errors,
+        stats=pipeline.stats,
+    )
+    runner = kind(
+        writer,
+        pending=pipeline.pending,
+        errors=pipeline.errors,
+        log=log,
+        close_timeout=close_timeout,
+        directory=directory,
+    )
+    return runner, first_save
 
 
 def open_event_log(
@@ -52,49 +100,3 @@ def _shows_unwritable(error: OSError, events_file: Path) -> bool:
     if error.errno == errno.EROFS:
         return True
     return error.errno in _UNWRITABLE and not os.path.lexists(events_file)
-
-
-class FirstSave:
-    """What the first save of an open checkpointer does before anything is staged.
-
-    It raises the error that showed the run directory cannot be written, and (single files)
-    removes the leftovers of writers that are gone. It runs again at the next save until it
-    succeeds; read-only use never runs it.
-    """
-
-    def __init__(
-        self, storage: Storage, directory: CheckpointPath, *, clean_up: bool, unwritable: OSError | None
-    ) -> None:
-        self.storage = storage
-        self.directory = directory
-        self.clean_up = clean_up
-        self.unwritable = unwritable
-        self.done = False
-
-    def prepare(self, log: ev.EventLog) -> None:
-        """Once: raise :class:`CheckpointWriteError` (path and errno) when the directory cannot be
-        written; remove the abandoned temp files (each logged as ``checkpoint.tmp_removed``)."""
-        if self.done:
-            return
-        if self.unwritable is not None:
-            raise _write_error(self.directory, self.unwritable)
-        if self.clean_up:
-            try:
-                leftovers = self.storage.leftovers()
-                self.storage.remove_leftovers(leftovers)
-            except OSError as exc:
-                raise _write_error(self.directory, exc) from exc
-            for name in leftovers:
-                log.warning(ev.TMP_REMOVED, path=self.storage.where(name))
-        self.done = True
-
-
-def _write_error(directory: CheckpointPath, exc: OSError) -> CheckpointWriteError:
-    name = errno.errorcode.get(exc.errno or 0, "?")
-    error = CheckpointWriteError(
-        f"cannot write to the run directory ({name}: {exc.strerror or exc}); nothing was saved. "
-        "restore() works here; save() needs a writable directory",
-        path=directory,
-    )
-    error.__cause__ = exc
-    return error
