@@ -1,11 +1,11 @@
 """AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` goes one way down: a :class:`~asyncckpt.saving.plan.Planner` checks and flattens the
-state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
-:class:`~asyncckpt.saving.stager.Stager` copies the state into it; the job goes to the writer
-through the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop
-in a background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
-caller's task group).
+``save()`` goes one way down through the :class:`~asyncckpt.pipeline.SavePipeline` (the first
+save's clean-up, the mode's plan, a staging slot, the stager's copy, the job) to the writer of
+the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop in a
+background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
+caller's task group), which :func:`~asyncckpt.opening.open_runner` builds. What differs on
+several ranks is the mode's (:mod:`asyncckpt.modes`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import structlog
-import torch
 
 from . import events as ev
 from .catalog import check_name, checkpoint_name
@@ -28,16 +27,12 @@ from .multirank import DEFAULT_COORDINATION_TIMEOUT_S
 from .opening import open_runner
 from .pipeline import FirstSave, SavePipeline
 from .preemption import CallsInProgress, SigtermFlusher
-from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
 from .saving.job import Deletion
 from .saving.options import WhenBusy as WhenBusy
 from .saving.options import check_options
-from .saving.pending import PendingSaves
 from .saving.runner import AsyncRunner, Runner, SyncRunner
-from .saving.stager import Stager
-from .saving.staging import StagingPool
-from .saving.stats import CheckpointerStats, SaveStats
+from .saving.stats import CheckpointerStats
 from .saving.writer import VerifyMode
 from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
@@ -147,20 +142,11 @@ class AsyncCheckpointer:
             directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
         )
         self.staging_budget = staging_budget
-        self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available(), budget=staging_budget)
-        self._errors = ErrorBox()
-        self._pending = PendingSaves()
-        self._stats = SaveStats()
-        self._stager = Stager(self._pool)
-        self._pipeline = SavePipeline(
-            mode=self._mode,
-            pool=self._pool,
-            stager=self._stager,
-            pending=self._pending,
-            errors=self._errors,
-            stats=self._stats,
-            directory=self.directory,
+        self._pipeline = pipeline = SavePipeline(
+            self._mode, max_pending=max_pending, staging_budget=staging_budget, directory=self.directory
         )
+        self._pool, self._stager, self._pending = pipeline.pool, pipeline.stager, pipeline.pending
+        self._errors, self._stats = pipeline.errors, pipeline.stats
         self._saves_in_progress = CallsInProgress()
         self._runner: Runner | None = None
         self._first_save: FirstSave | None = None

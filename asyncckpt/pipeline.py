@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from . import events as ev
 from .errors import CheckpointWriteError
 from .modes import Mode
@@ -29,25 +31,19 @@ from .storage import CheckpointPath, Storage
 
 
 class SavePipeline:
-    """The save side an ``AsyncCheckpointer`` wires together (one per checkpointer)."""
+    """The save side an ``AsyncCheckpointer`` wires together (one per checkpointer): the staging
+    pool (``max_pending`` buffer sets within ``staging_budget``), the stager, the pending saves,
+    the error box and the counters, for saves of ``mode`` into ``directory``."""
 
     def __init__(
-        self,
-        *,
-        mode: Mode,
-        pool: StagingPool,
-        stager: Stager,
-        pending: PendingSaves,
-        errors: ErrorBox,
-        stats: SaveStats,
-        directory: CheckpointPath,
+        self, mode: Mode, *, max_pending: int, staging_budget: int | None, directory: CheckpointPath
     ) -> None:
         self.mode = mode
-        self.pool = pool
-        self.stager = stager
-        self.pending = pending
-        self.errors = errors
-        self.stats = stats
+        self.pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available(), budget=staging_budget)
+        self.stager = Stager(self.pool)
+        self.pending = PendingSaves()
+        self.errors = ErrorBox()
+        self.stats = SaveStats()
         self.directory = directory
 
     def save(
