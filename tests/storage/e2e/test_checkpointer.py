@@ -296,8 +296,9 @@ def test_retention_that_fails_between_commit_and_data_leaves_no_half_checkpoint(
     [leftover] = storage.leftovers()
     assert leftover.startswith(checkpoint_name(1)) and leftover.endswith(".data")
     monkeypatch.setattr(storage.store, "delete", delete)
-    with asyncckpt.AsyncCheckpointer(storage, event_log=log):
-        pass
+    with asyncckpt.AsyncCheckpointer(storage, keep_last=1, event_log=log) as ckpt:
+        assert storage.leftovers() == [leftover]  # opening removes nothing
+        ckpt.save(3, {"model": model(3)}).result(30)  # the first save removes it (retention: step 2)
     assert storage.leftovers() == [] and len(keys(moto_url, bucket)) == 2
 
 
