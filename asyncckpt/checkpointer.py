@@ -1,55 +1,42 @@
 """AsyncCheckpointer: the trainer-facing object; options, and the wiring of the save side and the loader.
 
-``save()`` goes one way down: a :class:`~asyncckpt.saving.plan.Planner` checks and flattens the
-state and picks the blobs that overlap; a staging slot is taken (``when_busy``); the
-:class:`~asyncckpt.saving.stager.Stager` copies the state into it; the job goes to the writer
-through the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop
-in a background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
-caller's task group).
+``save()`` goes one way down through the :class:`~asyncckpt.pipeline.SavePipeline` (the first
+save's clean-up, the mode's plan, a staging slot, the stager's copy, the job) to the writer of
+the open lifecycle, a :class:`~asyncckpt.saving.runner.SyncRunner` (``with``: an event loop in a
+background thread) or an :class:`~asyncckpt.saving.runner.AsyncRunner` (``async with``: the
+caller's task group), which :func:`~asyncckpt.opening.open_runner` builds. What differs on
+several ranks is the mode's (:mod:`asyncckpt.modes`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import structlog
-import torch
 
 from . import events as ev
 from .catalog import check_name, checkpoint_name
-from .errors import NoValidCheckpointError, UsageError
+from .errors import UsageError
 from .loading import LoadResult, MapLocation, OnCorrupt
-from .loading import rollback as loader
-from .multirank import (
-    DEFAULT_COORDINATION_TIMEOUT_S,
-    distributed_mode,
-    newest_is_multi_rank,
-    refuse_dtensors,
-    restore_plain,
-)
+from .modes import checkpointer_mode
+from .multirank import DEFAULT_COORDINATION_TIMEOUT_S
+from .opening import open_runner
+from .pipeline import FirstSave, SavePipeline
 from .preemption import CallsInProgress, SigtermFlusher
-from .saving.errorbox import ErrorBox
 from .saving.handles import SaveHandle
-from .saving.job import Deletion, Job
+from .saving.job import Deletion
+from .saving.options import WhenBusy as WhenBusy
 from .saving.options import check_options
-from .saving.pending import PendingSaves
-from .saving.plan import Planner, SavePlan
 from .saving.runner import AsyncRunner, Runner, SyncRunner
-from .saving.stager import Stager
-from .saving.staging import Staged, StagingPool
-from .saving.stats import CheckpointerStats, SaveStats
-from .saving.streaming import StreamedCopy
-from .saving.writer import VerifyMode, Writer
+from .saving.stats import CheckpointerStats
+from .saving.writer import VerifyMode
 from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
 
-WhenBusy = Literal["wait", "skip"]
 R = TypeVar("R", bound=Runner)
 
 
@@ -135,9 +122,9 @@ class AsyncCheckpointer:
         ops: FileOps = OS,
     ) -> None:
         check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
-        self._multirank = distributed_mode(process_group, timeout=coordination_timeout, when_busy=when_busy)
-        if self._multirank is not None and staging_budget is not None:
-            raise UsageError("staging_budget is not supported in distributed mode yet; leave it out")
+        self._mode = checkpointer_mode(
+            process_group, timeout=coordination_timeout, when_busy=when_busy, staging_budget=staging_budget
+        )
         self.directory: CheckpointPath = path_of(
             directory.location if isinstance(directory, Storage) else directory
         )
@@ -150,18 +137,19 @@ class AsyncCheckpointer:
         self.handle_sigterm = handle_sigterm
         self.close_timeout = close_timeout
         self.overlap = overlap
+        self._ops = ops
         self._storage = open_run_storage(
             directory, storage_options=storage_options, local_copy=local_copy, ops=ops, notify=self._notify
         )
         self.staging_budget = staging_budget
-        self._pool = StagingPool(max_pending, pin_memory=torch.cuda.is_available(), budget=staging_budget)
-        self._errors = ErrorBox()
-        self._pending = PendingSaves()
-        self._stats = SaveStats()
-        self._planner = Planner()
-        self._stager = Stager(self._pool)
+        self._pipeline = pipeline = SavePipeline(
+            self._mode, max_pending=max_pending, staging_budget=staging_budget, directory=self.directory
+        )
+        self._pool, self._stager, self._pending = pipeline.pool, pipeline.stager, pipeline.pending
+        self._errors, self._stats = pipeline.errors, pipeline.stats
         self._saves_in_progress = CallsInProgress()
         self._runner: Runner | None = None
+        self._first_save: FirstSave | None = None
         self._sigterm: SigtermFlusher | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -234,41 +222,20 @@ class AsyncCheckpointer:
         (log.info if event == ev.LOCAL_COPY_USED else log.warning)(event, **fields)
 
     def _open(self, kind: type[R]) -> R:
-        """Open the event log, remove leftover temp files, and build the writer and its runner."""
-        for folder in (self.directory, self.local_copy):
-            if isinstance(folder, Path):
-                folder.mkdir(parents=True, exist_ok=True)
-        log = ev.EventLog(self.event_log_path)
-        if self._multirank is not None:  # collective: every rank opens its checkpointer
-            self._multirank.bind(log)
-        log.info(
-            ev.WRITER_STARTED, directory=str(self.directory), mode=kind.mode, max_pending=self._pool.slots
-        )
-        if self._multirank is None:  # (several ranks: rank 0 cleans up whole steps before the first save)
-            leftovers = self._storage.leftovers()
-            self._storage.remove_leftovers(leftovers)
-            for name in leftovers:
-                log.warning(ev.TMP_REMOVED, path=self._storage.where(name))
-        make_writer = Writer if self._multirank is None else self._multirank.writer
-        writer = make_writer(
-            self._storage,
-            pool=self._pool,
+        """Build the writer and its runner; remove nothing (read-only use must not touch a
+        trainer's files: the first save cleans up, see :class:`~asyncckpt.opening.FirstSave`)."""
+        self._runner, self._first_save = runner, _ = open_runner(
+            kind,
+            self._pipeline,
+            storage=self._storage,
+            event_log=self.event_log_path,
+            local_copy=self.local_copy,
+            ops=self._ops,
             verify=self.verify,
             keep_last=self.keep_last,
             keep_every=self.keep_every,
-            log=log,
-            errors=self._errors,
-            stats=self._stats,
-        )
-        runner = kind(
-            writer,
-            pending=self._pending,
-            errors=self._errors,
-            log=log,
             close_timeout=self.close_timeout,
-            directory=self.directory,
         )
-        self._runner = runner
         return runner
 
     def _closed(self) -> None:
@@ -356,59 +323,18 @@ class AsyncCheckpointer:
     ) -> SaveHandle:
         runner = self._require_open()
         self._errors.raise_first()
-        started = time.perf_counter()
-        name = checkpoint_name(step) if name is None else check_name(name)
-        if self._multirank is None:
-            refuse_dtensors(state)
-            plan = self._planner.plan(step, state, metadata, overlap=self.overlap, live=overlap_with)
-        else:
-            planned = self._multirank.plan(step, state, metadata, overlap=self.overlap)
-            plan = planned.plan
-        buffers = self._pool.try_acquire(plan.layout)
-        wait_ms = 0.0
-        if buffers is None:
-            if self.when_busy == "skip":
-                return self._skip(runner, step, name)
-            buffers = runner.acquire_busy(self._pool, plan)
-            wait_ms = (time.perf_counter() - started) * 1000.0
-            self._stats.count_wait()
-            runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
-        staged = self._stager.stage(plan, buffers)
-        if self._multirank is None:
-            job = self._job(plan, name, staged, runner)
-        else:
-            job = self._multirank.job(planned, staged, runner, Path(self.directory))
-        self._pending.add(job)
-        if isinstance(staged, StreamedCopy):
-            runner.submit(job)  # the writer empties the buffer the rest of the state streams through
-            staged.wait_eager()
-        stall_ms = (time.perf_counter() - started) * 1000.0
-        self._stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
-        # Logged before the writer has the job (streamed: before it can have finished), so
-        # the writer's events come after this one.
-        runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
-        if not isinstance(staged, StreamedCopy):
-            runner.submit(job)
-        return SaveHandle(job.step, job.path, job.future, errors=self._errors, done_event=job.done_event)
-
-    def _job(self, plan: SavePlan, name: str, staged: Staged, runner: Runner) -> Job:
-        return Job(
-            step=plan.step,
-            name=name,
-            path=self.directory / name,
-            tree=plan.snapshot.tree,
-            tensors=plan.snapshot.tensors,
-            metadata=plan.metadata,
-            staged=staged,
-            future=concurrent.futures.Future(),
-            done_event=runner.done_event(),
-            structure=plan.snapshot.structure,
+        assert self._first_save is not None
+        return self._pipeline.save(
+            runner,
+            self._first_save,
+            step,
+            state,
+            name=checkpoint_name(step) if name is None else check_name(name),
+            metadata=metadata,
+            overlap=self.overlap,
+            overlap_with=overlap_with,
+            when_busy=self.when_busy,
         )
-
-    def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:
-        self._stats.count_skip()
-        runner.log.warning(ev.SAVE_SKIPPED, step=step, reason=f"all {self._pool.slots} staging slots busy")
-        return SaveHandle(step, self.directory / name, None)
 
     # ------------------------------------------------------------------ deleting
 
@@ -488,30 +414,18 @@ class AsyncCheckpointer:
         """
         # A pending background copy must not see the loader overwrite its sources.
         self._stager.guard.wait()
-        log = self._runner.log.info if self._runner is not None else None
-        if self._multirank is not None:
-            if len(self._pending) and isinstance(self._runner, AsyncRunner):  # the writer needs this loop
-                raise UsageError("saves are pending: `await ckpt.aflush()` before restore() in async use")
-            self._pending.wait()  # the writer's collectives first: one exchange at a time
-            return self._multirank.restore(
-                Path(self.directory), objects, on_corrupt=on_corrupt, expect=expect, log=log
-            )
-        if newest_is_multi_rank(self._storage):
-            return restore_plain(self.directory, objects, on_corrupt=on_corrupt, expect=expect, log=log)
-        try:
-            return loader.restore(
-                self._storage,
-                objects,
-                map_location=map_location,
-                on_corrupt=on_corrupt,
-                verify="full" if validate else "structure",
-                expect=expect,
-                log=log,
-            )
-        except NoValidCheckpointError as exc:
-            if exc.diagnostics:
-                raise
-            return None
+        return self._mode.restore(
+            self._storage,
+            self.directory,
+            objects,
+            pending=self._pending,
+            runner=self._runner,
+            map_location=map_location,
+            on_corrupt=on_corrupt,
+            validate=validate,
+            expect=expect,
+            log=self._runner.log.info if self._runner is not None else None,
+        )
 
     # ------------------------------------------------------------------ status
 

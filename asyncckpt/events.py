@@ -17,7 +17,7 @@ import structlog
 from .storage.localcopy import LOCAL_COPY_FAILED as LOCAL_COPY_FAILED
 from .storage.localcopy import LOCAL_COPY_IGNORED as LOCAL_COPY_IGNORED
 from .storage.localcopy import LOCAL_COPY_USED as LOCAL_COPY_USED
-from .storage.posix import open_regular
+from .storage.posix import OS, FileOps
 
 EVENTS_FILE = "events.jsonl"
 
@@ -32,6 +32,7 @@ DELETED = "checkpoint.deleted"
 DELETE_SKIPPED = "checkpoint.delete_skipped"
 DELETE_FAILED = "checkpoint.delete_failed"
 TMP_REMOVED = "checkpoint.tmp_removed"
+EVENT_LOG_UNAVAILABLE = "checkpoint.event_log.unavailable"
 LOAD_SUMMARY = "checkpoint.load.summary"
 SIGTERM = "checkpoint.sigterm"
 WRITER_STARTED = "checkpoint.writer.started"
@@ -59,11 +60,11 @@ class JsonLinesFile:
     ``dropped`` and never fails the save or the trainer that logged it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, ops: FileOps = OS) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # Never through a symlink (it could point outside the run) and never a FIFO (it would hang).
-        self._fd: int | None = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._fd: int | None = ops.open_append(path)
         self._lock = threading.Lock()
         self.dropped = 0
 
@@ -90,15 +91,16 @@ class EventLog:
     """A bound structlog logger plus the file it writes; ``close()`` when done.
 
     Without a path (a run on an object store, where nothing can be appended to) the events go
-    to structlog's ``"asyncckpt"`` logger, as the application configured it.
+    to structlog's ``"asyncckpt"`` logger, as the application configured it. Raises ``OSError``
+    when the file cannot be opened (see :func:`open_event_log`, which falls back instead).
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, *, ops: FileOps = OS) -> None:
         self.sink: JsonLinesFile | None = None
         if path is None:
             self.logger: Any = structlog.get_logger("asyncckpt")
             return
-        self.sink = JsonLinesFile(path)
+        self.sink = JsonLinesFile(path, ops=ops)
         self.logger = structlog.wrap_logger(
             self.sink,
             processors=[
@@ -125,3 +127,21 @@ class EventLog:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+
+
+def open_event_log(path: Path | None, *, ops: FileOps = OS) -> tuple[EventLog, OSError | None]:
+    """The event log at ``path``, or, when it cannot be opened, structlog's ``"asyncckpt"`` logger.
+
+    A run directory on a read-only filesystem, one we may not write, or an ``events.jsonl``
+    that is a FIFO, a symlink or a folder must not keep a checkpointer from opening (restore
+    works there): the events then go to structlog, after a ``checkpoint.event_log.unavailable``
+    warning. Returns the log and the error that made it fall back (None when it did not).
+    """
+    if path is None:
+        return EventLog(None), None
+    try:
+        return EventLog(path, ops=ops), None
+    except OSError as exc:
+        log = EventLog(None)
+        log.warning(EVENT_LOG_UNAVAILABLE, path=str(path), error=str(exc))
+        return log, exc

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .storage.posix import open_regular
+
 READ_CHUNK = 1 << 16
 DEFAULT_POLL_INTERVAL = 0.1
 
@@ -42,8 +44,9 @@ class LineFollower:
     def poll(self) -> list[str]:
         """The complete lines written since the last poll, oldest first (without their newline).
 
-        Returns ``[]`` while the file does not exist. Raises ``OSError`` (``PermissionError``,
-        ``IsADirectoryError``, ...) when the file exists but cannot be read.
+        Returns ``[]`` while the file does not exist. Raises ``OSError`` (``PermissionError``;
+        ``ELOOP`` for a symlink, ``EINVAL`` for a FIFO, a device or a folder: only regular files
+        are read) when the file exists but cannot be read.
         """
         if self._fd is None and not self._open():
             return []
@@ -61,7 +64,8 @@ class LineFollower:
 
     def _open(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # A regular file only: a FIFO named events.jsonl would block this open forever.
+            fd = open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return False
         info = os.fstat(fd)
@@ -96,7 +100,7 @@ class LineFollower:
     def _replaced(self) -> bool:
         """Whether the name now points to another file (recreated, renamed over) or to none."""
         try:
-            info = os.stat(self.path)
+            info = os.lstat(self.path)
         except FileNotFoundError:
             return True
         return (info.st_dev, info.st_ino) != self._identity

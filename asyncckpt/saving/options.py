@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from ..errors import UsageError
+
+WhenBusy = Literal["wait", "skip"]  # what save() does when every staging slot is busy
 
 
 def check_options(

@@ -27,7 +27,10 @@ from .temps import (
 
 
 class FileOps:
-    """The OS calls of the write path. Subclass to inject faults; the defaults call ``os``."""
+    """The OS calls of the write path, and the listing and log opening of a run directory.
+
+    Subclass to inject faults; the defaults call ``os``.
+    """
 
     def open_exclusive(self, path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -65,6 +68,15 @@ class FileOps:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def scandir(self, folder: Path) -> list[os.DirEntry[str]]:
+        """The entries of ``folder`` (``FileNotFoundError`` when it is missing)."""
+        with os.scandir(folder) as entries:
+            return list(entries)
+
+    def open_append(self, path: Path) -> int:
+        """Open (create) a log file for appending: a regular file only (see :func:`open_regular`)."""
+        return open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
 
 OS = FileOps()
@@ -136,11 +148,15 @@ _IOV_MAX = _iov_max()  # buffers per writev call
 def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
     """``os.open`` that refuses symlinks and anything but a regular file (a FIFO would hang).
 
-    Raises ``OSError`` (``ELOOP`` for a symlink, ``EINVAL`` for a FIFO, device or folder).
+    Raises ``OSError`` (``ELOOP`` for a symlink, ``EISDIR`` for a folder, ``EINVAL`` for a FIFO
+    or a device).
     """
     fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISDIR(kind):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(kind):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
@@ -174,7 +190,7 @@ class PosixFile(ReadHandle):
         try:
             fd = open_regular(path, os.O_RDONLY)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EINVAL):
+            if exc.errno in (errno.ELOOP, errno.EINVAL, errno.EISDIR):
                 raise FileNotFoundError(exc.errno, f"{path} is not a regular file") from exc
             raise
         info = os.fstat(fd)
@@ -342,7 +358,7 @@ class PosixStorage(Storage):
     def ls(self, under: str = "") -> list[StoredObject]:
         folder = self.path(under) if under else self.root
         try:
-            entries = list(os.scandir(folder))
+            entries = self.ops.scandir(folder)
         except FileNotFoundError:
             return []
         found = []
@@ -387,13 +403,13 @@ class PosixStorage(Storage):
     def leftovers(self) -> list[str]:
         """Temp files no live writer owns (see :func:`temp_is_abandoned`), in the root and in its
         folders one level down (multi-rank step folders)."""
-        found = temp_files(self.root, "")
+        found = temp_files(self.root, "", scandir=self.ops.scandir)
         try:
-            folders = [e.name for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+            folders = [e.name for e in self.ops.scandir(self.root) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return []
         for folder in folders:
-            found += temp_files(self.root / folder, f"{folder}/")
+            found += temp_files(self.root / folder, f"{folder}/", scandir=self.ops.scandir)
         return sorted(found)
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
@@ -404,7 +420,7 @@ class PosixStorage(Storage):
         folder = self.path(under) if under else self.root
         prefix = f"{under.rstrip('/')}/" if under else ""
         try:
-            entries = list(os.scandir(folder))
+            entries = self.ops.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
         found = []
@@ -423,7 +439,7 @@ class PosixStorage(Storage):
 
     def append_line(self, name: str, line: str) -> None:
         text = line if line.endswith("\n") else line + "\n"
-        fd = open_regular(self.path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        fd = self.ops.open_append(self.path(name))  # never through a symlink, never a FIFO
         try:
             os.write(fd, text.encode("utf-8", "backslashreplace"))
         finally:

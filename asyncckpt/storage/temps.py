@@ -12,6 +12,7 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
@@ -66,10 +67,12 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def temp_files(folder: Path, prefix: str) -> list[str]:
-    """Abandoned temp files directly in ``folder``, named with ``prefix``."""
+def temp_files(
+    folder: Path, prefix: str, *, scandir: Callable[[Path], Iterable[os.DirEntry[str]]] = os.scandir
+) -> list[str]:
+    """Abandoned temp files directly in ``folder``, named with ``prefix`` (listed by ``scandir``)."""
     try:
-        entries = list(os.scandir(folder))
+        entries = list(scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return []
     now = time.time()

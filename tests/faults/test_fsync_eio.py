@@ -179,5 +179,6 @@ def test_a_temp_file_that_cannot_be_removed_does_not_hide_the_fsync_error(
     faults["fsync EIO: temp file removal failed too"] += 1
     assert isinstance(info.value.__cause__, OSError) and "fsync" in str(info.value.__cause__)
     assert len(temp_files(tmp_path)) == 1 and not (tmp_path / checkpoint_name(1)).exists()
-    with AsyncCheckpointer(tmp_path):  # the next start removes it
+    with AsyncCheckpointer(tmp_path) as ckpt:  # the next run's first save removes it
+        ckpt.save(2, state(2)).result(timeout=30)
         assert temp_files(tmp_path) == []

@@ -154,8 +154,9 @@ def test_the_next_start_removes_the_temp_file_of_a_write_still_stuck(tmp_path: P
             assert ops.entered.wait(30)
         assert len(temp_files(tmp_path)) == 1
         with AsyncCheckpointer(tmp_path) as again:
-            assert temp_files(tmp_path) == []
+            assert len(temp_files(tmp_path)) == 1  # opening removes nothing; the first save does
             assert again.save(2, tiny(2)).result(timeout=30) is not None
+            assert temp_files(tmp_path) == []
     finally:
         ops.release()
     assert [c.step for c in asyncckpt.list_checkpoints(tmp_path)] == [2]

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
-from asyncckpt.catalog import parse_checkpoint_name
+from asyncckpt.catalog import checkpoint_name, parse_checkpoint_name
 from asyncckpt.loading import load_latest
 from asyncckpt.storage import is_temp_name
 from asyncckpt.testing import states_equal, temp_files
@@ -21,6 +21,7 @@ from asyncckpt.testing import states_equal, temp_files
 CHILD = Path(__file__).with_name("crash_child.py")
 LINE_TIMEOUT = 60.0
 HANG_TIMEOUT = 30.0  # a trainer not gone this long after its signal is hung
+PROBE_STEP = 10**9  # restart_removes_temp_files saves it (past every trainer step), then deletes it
 
 
 def quiet(*_: object, **__: object) -> None:
@@ -104,9 +105,15 @@ def check_after_kill(
 
 
 def restart_removes_temp_files(directory: Path) -> int:
+    """A restarted run removes the temp files left behind at its first save (and opening it
+    removes nothing). The probe step it saves for that is deleted again."""
     leftovers = temp_files(directory)
     before = asyncckpt.list_checkpoints(directory)
-    with AsyncCheckpointer(directory):
+    probe = checkpoint_name(PROBE_STEP)
+    with AsyncCheckpointer(directory, keep_last=None) as ckpt:
+        assert temp_files(directory) == leftovers
+        ckpt.save(PROBE_STEP, {"probe": PROBE_STEP}).result(timeout=60)
         assert temp_files(directory) == []
+        ckpt.delete(probe)
     assert asyncckpt.list_checkpoints(directory) == before
     return len(leftovers)

@@ -216,11 +216,12 @@ def test_retention_does_not_follow_symlinks(tmp_path: Path) -> None:
     assert (run / "step-0000000001.ckpt").is_symlink()
 
 
-def test_leftover_temp_files_are_removed_at_start(tmp_path: Path) -> None:
+def test_leftover_temp_files_are_removed_at_the_first_save(tmp_path: Path) -> None:
     leftover = tmp_path / ".step-0000000001.ckpt.tmp-deadbeef"
     leftover.write_bytes(b"torn")
-    with AsyncCheckpointer(tmp_path):
-        pass
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        assert leftover.exists()  # opening removes nothing: read-only use must not
+        ckpt.save(2, {"s": 2}).result(timeout=30)
     assert not leftover.exists()
     removed = [e for e in events(tmp_path) if e["event"] == "checkpoint.tmp_removed"]
     assert removed and removed[0]["path"] == str(leftover)

@@ -185,3 +185,22 @@ def test_local_copy_is_for_remote_runs_only(tmp_path: Path, memory_url: str) -> 
     with pytest.raises(UsageError, match="local_copy= is for a remote directory"):
         open_run_storage(tmp_path / "run", local_copy=tmp_path / "copy")
     assert isinstance(open_run_storage(memory_url, local_copy=tmp_path / "copy"), LocalCopyStorage)
+
+
+def test_a_checkpointer_that_only_restores_leaves_the_local_copy_alone(
+    memory_url: str, tmp_path: Path
+) -> None:
+    from asyncckpt import AsyncCheckpointer
+    from asyncckpt.testing import deterministic_state
+
+    copy = tmp_path / "copy"
+    with AsyncCheckpointer(memory_url, local_copy=copy) as trainer:
+        trainer.save(1, deterministic_state(1)).result(timeout=30)
+    leftover = copy / ".step-0000000002.ckpt.tmp-deadbeef"  # a dead writer's, by an older release
+    leftover.write_bytes(b"torn")
+    with AsyncCheckpointer(memory_url, local_copy=copy, keep_last=1) as evaluator:
+        restored = evaluator.restore({})
+    assert restored is not None and restored.step == 1 and leftover.exists()
+    with AsyncCheckpointer(memory_url, local_copy=copy) as trainer:
+        trainer.save(2, deterministic_state(2)).result(timeout=30)
+    assert not leftover.exists()

@@ -260,8 +260,10 @@ def test_a_trainer_killed_mid_save_leaves_older_steps_and_the_next_start_cleans_
     assert loaded.step == committed[-1] and float(loaded.state["model"]["weight"][0, 0]) == committed[-1]
     assert keys(moto_url, bucket) == before and storage.leftovers()
 
-    with asyncckpt.AsyncCheckpointer(storage, event_log=log):  # the next start
-        pass
+    with asyncckpt.AsyncCheckpointer(storage, event_log=log, keep_last=None) as ckpt:  # the next run
+        assert ckpt.restore({}) is not None and keys(moto_url, bucket) == before  # opening removes nothing
+        ckpt.save(99, {"probe": 99}).result(timeout=60)  # the first save cleans up
+        ckpt.delete(checkpoint_name(99))
     assert storage.leftovers() == [] and len(keys(moto_url, bucket)) == 2 * len(committed)
     assert not raw_s3(moto_url).call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
     removed = [e["path"] for e in events(log) if e["event"] == TMP_REMOVED]
@@ -294,8 +296,9 @@ def test_retention_that_fails_between_commit_and_data_leaves_no_half_checkpoint(
     [leftover] = storage.leftovers()
     assert leftover.startswith(checkpoint_name(1)) and leftover.endswith(".data")
     monkeypatch.setattr(storage.store, "delete", delete)
-    with asyncckpt.AsyncCheckpointer(storage, event_log=log):
-        pass
+    with asyncckpt.AsyncCheckpointer(storage, keep_last=1, event_log=log) as ckpt:
+        assert storage.leftovers() == [leftover]  # opening removes nothing
+        ckpt.save(3, {"model": model(3)}).result(30)  # the first save removes it (retention: step 2)
     assert storage.leftovers() == [] and len(keys(moto_url, bucket)) == 2
 
 
