@@ -39,13 +39,17 @@ TRAINER = textwrap.dedent(
     case, directory = sys.argv[1], Path(sys.argv[2])
 
     class SlowDisk(FileOps):
+        # The first write stalls until the checkpointer has logged the SIGTERM: the signal lands
+        # mid-write whatever the machine's speed (a write of this state is one or two calls).
         announced = False
         fsyncs = 0
         def write(self, fd, data):
             if not self.announced:
                 self.announced = True
                 os.write(1, b"writing\\n")
-            time.sleep(0.002)  # sleep-ok: simulates slow storage, nothing waits on it
+                log, deadline = directory / "events.jsonl", time.monotonic() + 60
+                while b'"checkpoint.sigterm"' not in log.read_bytes() and time.monotonic() < deadline:
+                    time.sleep(0.001)  # sleep-ok: a stalled disk, polled by the child itself
             return super().write(fd, data)
         def fsync(self, fd):
             self.fsyncs += 1
