@@ -25,8 +25,8 @@ from ..dtypes import dtype_name, itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, legacy_step
 from ..loading import CandidateReport
-from ..saving.snapshot import flatten
 from ..storage import CheckpointPath, Storage, path_of
+from .legacyview import Shown, describe
 
 Kind = Literal["checkpoint", "legacy", "temp"]
 Options = dict[str, Any] | None
@@ -228,11 +228,10 @@ def inspect_file(location: Object, *, storage_options: Options = None) -> Inspec
             return Inspection(path, handle.size, *info, _rows(layout.tensors), layout.tree)
         state = reader.read_legacy(handle, kind, where=where, mmap=True).state
         size = handle.size
-    snapshot = flatten(state)
+    rows, tree = describe(state)
     step = legacy_step(state, PurePosixPath(name))
-    return Inspection(
-        path, size, LEGACY_VERSION, step, None, None, {}, _rows(snapshot.tensors), snapshot.tree
-    )
+    tensors = [TensorRow(*row) for row in rows]
+    return Inspection(path, size, LEGACY_VERSION, step, None, None, {}, tensors, tree)
 
 
 def _rows(tensors: Iterable[Any]) -> list[TensorRow]:
@@ -253,6 +252,8 @@ def plain_json(value: Any) -> Any:
         return str(value.value)
     if isinstance(value, fmt.TensorRef):
         return {"tensor": value.index}
+    if isinstance(value, Shown):  # a legacy file's value the format has no word for
+        return {"repr": value.text, "type": value.type}
     if isinstance(value, bytes):
         return {"bytes": value.hex()}
     if isinstance(value, float) and not math.isfinite(value):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -25,7 +24,7 @@ from ..loading import CandidateReport
 from ..loading.verify import check_object
 from .exits import DebugOption, reports_errors
 from .inspection import Entry, candidates_of, prelude_report
-from .render import JsonOption, human_bytes, plural, stderr, stdout, step_text
+from .render import JsonOption, human_bytes, plural, shown, stderr, stdout, step_text
 from .steps import (
     Mode,
     StepReport,
@@ -205,7 +204,7 @@ def _status(row: CandidateReport, verify: Verify) -> str:
 
 def _print(target: str, verify: Verify, rows: list[CandidateReport]) -> None:
     out = stdout()
-    out.print(f"[bold]{escape(str(target))}[/] ({TITLES[verify]})")
+    out.print(f"[bold]{shown(str(target))}[/] ({TITLES[verify]})")
     table = Table()
     for name, justify in (("step", "right"), ("file", "left"), ("size", "right"), ("version", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -215,15 +214,15 @@ def _print(target: str, verify: Verify, rows: list[CandidateReport]) -> None:
         status = _status(row, verify)
         table.add_row(
             step_text(row.step),
-            escape(row.path.name),
+            shown(row.path.name),
             human_bytes(row.size),
             row.version or "-",
             f"[{STYLES.get(status, 'dim')}]{status}[/]",
-            escape(row.reason or ""),
+            shown(row.reason or ""),
         )
     if rows:
         out.print(table)
-    out.print(escape(_summary(rows, verify)), soft_wrap=True)
+    out.print(shown(_summary(rows, verify)), soft_wrap=True)
 
 
 def _document(target: str, verify: Verify, rows: list[CandidateReport], code: int) -> dict[str, Any]:
