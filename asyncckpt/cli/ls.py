@@ -22,6 +22,7 @@ Preludes = dict[CheckpointPath, tuple[str | None, CheckpointError | None]]
 
 NOTES = {
     "checkpoint": "",
+    "named": "named (step from its header)",
     "legacy": "[cyan]legacy[/] (torch.save, read-only)",
     "temp": "[yellow]temp[/] (unfinished write)",
 }
@@ -85,9 +86,10 @@ def _print(root: str, entries: list[Entry], preludes: Preludes) -> None:
     if entries:
         out.print(f"[bold]{shown(str(root))}[/]")
         out.print(_table(entries, preludes))
-    counts = {kind: sum(e.kind == kind for e in entries) for kind in ("checkpoint", "legacy", "temp")}
+    counts = {kind: sum(e.kind == kind for e in entries) for kind in ("named", "legacy", "temp")}
     total = sum(e.size for e in entries if e.kind != "temp")
-    parts = [plural(counts["checkpoint"], "checkpoint")]
+    named = f" ({counts['named']} named)" if counts["named"] else ""
+    parts = [plural(sum(e.kind in ("checkpoint", "named") for e in entries), "checkpoint") + named]
     parts += [f"{counts['legacy']} legacy"] if counts["legacy"] else []
     parts += [plural(counts["temp"], "temp file")] if counts["temp"] else []
     out.print(f"{', '.join(parts)}; {human_bytes(total)} in checkpoints")

@@ -141,10 +141,9 @@ def _check(entry: Entry, mode: Literal["full", "structure"]) -> CandidateReport:
 
 
 def _newest_first(reports: list[CandidateReport]) -> list[CandidateReport]:
-    """The loader's order: newest step first, a v1 file before a legacy one of the same step."""
-    return sorted(
-        reports, key=lambda r: (r.step is None, -(r.step or 0), r.path.suffix != ".ckpt", r.path.name)
-    )
+    """The loader's order: newest step first, a v1 file before a legacy one of the same step, and
+    otherwise the order given (:func:`candidates_of` puts a later write of one step first)."""
+    return sorted(reports, key=lambda r: (r.step is None, -(r.step or 0), r.path.suffix != ".ckpt"))
 
 
 def _resume_row(rows: list[CandidateReport], verify: Verify) -> CandidateReport | None:
