@@ -86,8 +86,9 @@ def validate(
 
     By default every file is checked as a resume checks it (structure, then every blob's
     checksum), so the verdict is the resume's. Exit code 0: every checkpoint valid; 2: some
-    valid, some not (a resume would fall back); 3: none valid, or the single file given is
-    invalid; 1: usage or unexpected errors.
+    valid, some not, whether or not a resume would fall back (an older broken file counts too:
+    the summary and the JSON's `resume_falls_back` say which); 3: none valid, or the single
+    file given is invalid; 1: usage or unexpected errors.
     """
     storage, name = open_location(path, storage_options)
     target = storage.where(name) if name is not None else storage.location
@@ -160,6 +161,9 @@ def _skipped(rows: list[CandidateReport], chosen: CandidateReport) -> list[Candi
 
 
 def _exit_code(rows: list[CandidateReport], *, single_file: bool) -> int:
+    """0 all valid; 2 some valid and some not, an older broken file included (a resume that
+    loads the newest still finds a directory that needs attention); 3 none valid (or the one
+    file given is not)."""
     valid = sum(row.status == "valid" for row in rows)
     if rows and valid == len(rows):
         return EXIT_OK
@@ -248,5 +252,6 @@ def _document(target: str, verify: Verify, rows: list[CandidateReport], code: in
         "summary": {"total": len(rows), **counts, "text": _summary(rows, verify)},
         "resume_step": None if chosen is None else chosen.step,
         "resume_file": None if chosen is None else str(chosen.path),
+        "resume_falls_back": None if chosen is None else bool(_skipped(rows, chosen)),
         "exit_code": code if rows else EXIT_CHECKPOINT,
     }
