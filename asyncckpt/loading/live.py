@@ -8,9 +8,10 @@ tensor it replaces, before a byte is read into any of them:
   never an int or a complex) as the module's own;
 - an optimizer's state tensor: the optimizer's state tensor under the same key when it has one
   (an in-process rollback); otherwise, for torch's own optimizers (``torch.optim``), the
-  parameter it belongs to: its shape or one that broadcasts to it (Adafactor's factors), the
-  parameter's kind of dtype, and a single value for ``step``; a state tensor that belongs to no
-  parameter, and a hyperparameter tensor that holds more than one value, are refused;
+  parameter it belongs to: its shape (Adafactor's factors: one that broadcasts to it) and kind
+  of dtype, and a single value for ``step`` (ASGD's ``eta`` and ``mu``, NAdam's
+  ``mu_product``); a state tensor that belongs to no parameter, and a hyperparameter tensor
+  that holds more than one value, are refused;
 - whatever the object: a tensor that reads more elements than its bytes hold (a stride-0 or
   overlapping view, which ``load_state_dict`` would copy out in full) only goes where a live
   tensor of at least its size receives it, so a file cannot make a restore allocate more than
@@ -34,6 +35,11 @@ from ..errors import IncompatibleCheckpointError
 from .expect import count, layout_name
 
 Path_ = tuple[Any, ...]
+
+# torch.optim's per-parameter state: tensors of the parameter's shape, except these.
+ONE_VALUE = frozenset({"step", "eta", "mu", "mu_product"})  # Adam's step, ASGD's eta and mu, NAdam's
+FACTORS = frozenset({"row_var", "col_var"})  # Adafactor's factors broadcast to the parameter
+OWN_LAYOUT = frozenset({"LBFGS"})  # state about all parameters at once: only the allocation bound
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,8 @@ class _Optimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer, state: Any) -> None:
         self.optimizer = optimizer
-        self.builtin = type(optimizer).__module__.startswith("torch.optim")
+        kind = type(optimizer)
+        self.builtin = kind.__module__.startswith("torch.optim") and kind.__name__ not in OWN_LAYOUT
         params = [param for group in optimizer.param_groups for param in group["params"]]
         self.params: dict[Any, torch.Tensor] = {}
         for saved, param in zip(_saved_ids(state), params, strict=False):
@@ -173,9 +180,10 @@ class _Optimizer:
             return _unbounded(tensor, param)
         if tensor.layout != "strided":
             return f"a {tensor.layout} tensor, the parameter is a strided one"
-        if key == "step":
-            return None if tensor.numel == 1 and not tensor.dtype.is_complex else _one_step(tensor)
-        if not _broadcasts(tensor.shape, tuple(param.shape)):
+        if key in ONE_VALUE:
+            return None if tensor.numel == 1 and not tensor.dtype.is_complex else _one_value(key, tensor)
+        fits = _broadcasts if key in FACTORS else _same
+        if not fits(tensor.shape, tuple(param.shape)):
             return f"shape {list(tensor.shape)} does not fit its parameter of shape {list(param.shape)}"
         if _kind(tensor.dtype) != _kind(param.dtype):
             return f"dtype {_name(tensor.dtype)}, its parameter is {_name(param.dtype)}"
@@ -217,9 +225,13 @@ def _unbounded(tensor: Incoming, target: torch.Tensor | None) -> str | None:
     )
 
 
-def _one_step(tensor: Incoming) -> str:
+def _one_value(key: str, tensor: Incoming) -> str:
     shape = list(tensor.shape)
-    return f"a step holds one value, the checkpoint has a {_name(tensor.dtype)} tensor of shape {shape}"
+    return f"{key} holds one value, the checkpoint has a {_name(tensor.dtype)} tensor of shape {shape}"
+
+
+def _same(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    return shape == target
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

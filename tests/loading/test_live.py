@@ -103,6 +103,8 @@ def test_a_restore_falls_back_past_it_and_the_optimizer_steps(tmp_path: Path) ->
     [
         (["float32", [8], [1], 0], r"shape \[8\] does not fit its parameter of shape \[2, 4\]"),
         (["float32", [2, 5], [5, 1], 0], "does not fit its parameter"),
+        (["float32", [], [], 0], "does not fit its parameter"),  # broadcasts, but Adam updates in place
+        (["float32", [2, 1], [1, 1], 0], "does not fit its parameter"),
         (["int32", [2, 4], [4, 1], 0], "dtype int32, its parameter is float32"),
         (["complex64", [2, 4], [4, 1], 0], "dtype complex64"),
     ],
@@ -120,7 +122,6 @@ def test_optimizer_state_must_fit_its_parameter(tmp_path: Path, exp_avg: list[An
         ["float32", [2, 4], [4, 1], 0],  # exact
         ["float64", [2, 4], [4, 1], 0],  # another float: converted, as load_state_dict does
         ["float32", [2, 4], [0, 0], 0],  # a stride-0 view the size of the parameter: bounded by it
-        ["float32", [2, 1], [1, 1], 0],  # broadcasts (Adafactor's row factor has this shape)
     ],
 )
 def test_optimizer_state_that_fits_its_parameter_is_restored(tmp_path: Path, exp_avg: list[Any]) -> None:
@@ -134,8 +135,8 @@ def test_optimizer_state_that_fits_its_parameter_is_restored(tmp_path: Path, exp
 @pytest.mark.parametrize(
     ("step_row", "words"),
     [
-        (["float32", [2**28], [0], 40], "a step holds one value"),
-        (["complex64", [], [], 40], "a step holds one value"),
+        (["float32", [2**28], [0], 40], "step holds one value"),
+        (["complex64", [], [], 40], "step holds one value"),
     ],
 )
 def test_a_step_holds_one_value(tmp_path: Path, step_row: list[Any], words: str) -> None:
@@ -188,6 +189,48 @@ def test_a_module_tensor_keeps_its_kind_of_dtype(tmp_path: Path) -> None:
     )
     assert asyncckpt.restore(tmp_path, {"model": model}, on_corrupt="fail").step == 3  # float to float
     assert torch.equal(model.weight, torch.ones(2, 4))
+
+
+def test_adafactor_factors_broadcast_to_their_parameter(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adafactor(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    asyncckpt.save(tmp_path / checkpoint_name(2), {"model": model, "optimizer": optimizer}, step=2)
+    fresh = torch.nn.Linear(4, 2)
+    fresh_optimizer = torch.optim.Adafactor(fresh.parameters())
+    asyncckpt.restore(tmp_path, {"model": fresh, "optimizer": fresh_optimizer}, on_corrupt="fail")
+    assert fresh_optimizer.state[fresh.weight]["row_var"].shape == (2, 1)
+    fresh(torch.randn(3, 4)).sum().backward()
+    fresh_optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "kind", ["SGD", "Adagrad", "ASGD", "NAdam", "RAdam", "Rprop", "RMSprop", "Adamax", "LBFGS"]
+)
+def test_every_torch_optimizer_restores_its_own_state(tmp_path: Path, kind: str) -> None:
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        options = {"momentum": 0.9} if kind == "SGD" else {}
+        return model, getattr(torch.optim, kind)(model.parameters(), **options)
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = model(torch.ones(3, 4)).square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    model, optimizer = make()
+    step(model, optimizer)
+    asyncckpt.save(tmp_path / checkpoint_name(2), {"model": model, "optimizer": optimizer}, step=2)
+    fresh, fresh_optimizer = make()
+    asyncckpt.restore(tmp_path, {"model": fresh, "optimizer": fresh_optimizer}, on_corrupt="fail")
+    step(fresh, fresh_optimizer)
 
 
 class Custom(torch.optim.Adam):
