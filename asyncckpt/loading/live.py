@@ -14,8 +14,11 @@ tensor it replaces, before a byte is read into any of them:
   that holds more than one value, are refused;
 - whatever the object: a tensor that reads more elements than its bytes hold (a stride-0 or
   overlapping view, which ``load_state_dict`` would copy out in full) only goes where a live
-  tensor of at least its size receives it, so a file cannot make a restore allocate more than
-  its own size beyond what the live objects already hold.
+  tensor of at least its size receives it (never into an optimizer's state, which keeps the view
+  and updates it in place), so a file cannot make a restore allocate more than its own size
+  beyond what the live objects already hold;
+- once read, a ``step`` of torch's optimizers is a finite number, not negative
+  (:func:`check_steps`).
 
 A refusal is an :class:`IncompatibleCheckpointError` whose ``key`` names the first tensor.
 """
@@ -168,6 +171,11 @@ class _Optimizer:
         return found
 
     def _state_problem(self, path: Path_, tensor: Incoming) -> str | None:
+        if tensor.stored < tensor.numel:  # load_state_dict keeps a view, and steps update in place
+            return (
+                f"a view of {tensor.numel} elements over {tensor.stored} stored ones: an optimizer "
+                "updates its state in place"
+            )
         param = self.params.get(path[2])
         if param is None:
             return "belongs to no parameter of the optimizer" if self.builtin else _unbounded(tensor, None)
@@ -258,3 +266,25 @@ def _kind(dtype: torch.dtype) -> str:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_steps(objects: Mapping[str, Any], state: Any, where: str) -> None:
+    """Refuse a ``step`` in torch's optimizers' state that is not a finite number >= 0 (Adam
+    raises OverflowError computing ``beta ** step`` on the next step). Reads one value each.
+
+    Raises :class:`IncompatibleCheckpointError` (``key``: the step).
+    """
+    for name, obj in objects.items():
+        if not isinstance(obj, torch.optim.Optimizer) or not _Optimizer(obj, None).builtin:
+            continue
+        saved = state.get(name) if isinstance(state, Mapping) else None
+        per_param = saved.get("state") if isinstance(saved, Mapping) else None
+        for index, entry in per_param.items() if isinstance(per_param, Mapping) else ():
+            step = entry.get("step") if isinstance(entry, Mapping) else None
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
+                value = float(step.reshape(()).item())
+                if not (math.isfinite(value) and value >= 0):
+                    key = dotted_key((name, "state", index, "step"))
+                    raise IncompatibleCheckpointError(
+                        f"{key} is {value}: a step is a finite number, not negative", path=where, key=key
+                    )

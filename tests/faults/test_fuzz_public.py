@@ -380,12 +380,14 @@ def hostile_optimizer_files(draw: st.DrawFn) -> bytes:
         ndim = draw(st.integers(0, 3))
         shape = draw(st.lists(st.sampled_from([0, 1, 2, 4, 8, 2**20, 2**28]), min_size=ndim, max_size=ndim))
         stride = draw(st.lists(st.sampled_from([0, 0, 1, 4]), min_size=ndim, max_size=ndim))
-        if draw(st.booleans()):  # the shape Adam has, over any strides: some of these restore
+        dtype = draw(st.sampled_from(sorted(DTYPE_BY_NAME)))
+        offset = draw(st.sampled_from([0, 8]))
+        if draw(st.integers(0, 3)) > 0:  # the shape Adam has, a float, any strides: some restore
             shape = [] if key == "step" else [2, 4]
             stride = [] if key == "step" else draw(st.sampled_from([[4, 1], [0, 0], [0, 1], [1, 0]]))
-        dtype = draw(st.sampled_from(sorted(DTYPE_BY_NAME)))
+            dtype, offset = draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"])), 0
         state[key] = TensorRef(len(rows))
-        rows.append([f"optimizer.state.0.{key}", dtype, shape, stride, 0, draw(st.sampled_from([0, 8]))])
+        rows.append([f"optimizer.state.0.{key}", dtype, shape, stride, 0, offset])
     tree = {
         "model": {"weight": TensorRef(0), "bias": TensorRef(1)},
         "optimizer": {"state": {0: state}, "param_groups": [{**group, "params": [0, 1]}]},
