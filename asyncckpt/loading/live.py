@@ -16,7 +16,8 @@ tensor it replaces, before a byte is read into any of them:
   overlapping view, which ``load_state_dict`` would copy out in full) only goes where a live
   tensor of at least its size receives it (never into an optimizer's state, which keeps the view
   and updates it in place), so a file cannot make a restore allocate more than its own size
-  beyond what the live objects already hold;
+  beyond what the live objects already hold; two state tensors of an optimizer never share
+  bytes (one in-place update would change the other);
 - once read, a ``step`` of torch's optimizers is a finite number, not negative
   (:func:`check_steps`).
 
@@ -34,6 +35,7 @@ import torch
 
 from .. import format as fmt
 from .._tree import dotted_key, walk
+from ..dtypes import itemsize
 from ..errors import IncompatibleCheckpointError
 from .expect import count, layout_name
 
@@ -54,6 +56,7 @@ class Incoming:
     shape: tuple[int, ...]
     layout: str
     stored: int
+    memory: tuple[int, int, int] | None = None  # (blob or storage, first byte, end): what it reads
 
     @property
     def numel(self) -> int:
@@ -67,7 +70,9 @@ def layout_incoming(layout: fmt.Layout) -> dict[Path_, Incoming]:
     for path, node in walk(layout.tree):
         if isinstance(node, fmt.TensorRef):
             entry = layout.tensors[node.index]
-            found[path] = Incoming(entry.dtype, entry.shape, "strided", _span(entry.shape, entry.stride))
+            span = _span(entry.shape, entry.stride)
+            memory = (entry.blob, entry.offset, entry.offset + span * itemsize(entry.dtype)) if span else None
+            found[path] = Incoming(entry.dtype, entry.shape, "strided", span, memory)
     return found
 
 
@@ -79,7 +84,11 @@ def state_incoming(state: Any) -> dict[Path_, Incoming]:
             layout = layout_name(node)
             if layout == "strided":
                 shape = tuple(node.shape)
-                found[path] = Incoming(node.dtype, shape, layout, _span(shape, tuple(node.stride())))
+                span = _span(shape, tuple(node.stride()))
+                start = int(node.storage_offset()) * node.element_size()
+                where = node.untyped_storage().data_ptr()
+                memory = (where, start, start + span * node.element_size()) if span else None
+                found[path] = Incoming(node.dtype, shape, layout, span, memory)
             else:
                 found[path] = Incoming(node.dtype, (), layout, 0)
     return found
@@ -168,7 +177,7 @@ class _Optimizer:
                 problem = _unbounded(tensor, None) if path[1:2] in (("state",), ("param_groups",)) else None
             if problem:
                 found.append((path, problem))
-        return found
+        return found + _shared_memory({p: t for p, t in incoming.items() if p[1:2] == ("state",)})
 
     def _state_problem(self, path: Path_, tensor: Incoming) -> str | None:
         if tensor.stored < tensor.numel:  # load_state_dict keeps a view, and steps update in place
@@ -196,6 +205,22 @@ class _Optimizer:
         if _kind(tensor.dtype) != _kind(param.dtype):
             return f"dtype {_name(tensor.dtype)}, its parameter is {_name(param.dtype)}"
         return None
+
+
+def _shared_memory(incoming: Mapping[Path_, Incoming]) -> list[tuple[Path_, str]]:
+    """State tensors that read the same bytes: ``load_state_dict`` keeps them as views, and one
+    in-place update would change the other."""
+    regions = sorted(
+        ((t.memory, path) for path, t in incoming.items() if t.memory is not None), key=lambda r: r[0]
+    )
+    problems = []
+    reach: tuple[int, int, Path_] | None = None  # the region and end reached so far, and by whom
+    for (region, start, end), path in regions:
+        if reach is not None and reach[0] == region and start < reach[1]:
+            problems.append((path, f"shares its memory with {dotted_key(reach[2])}"))
+        if reach is None or reach[0] != region or end > reach[1]:
+            reach = (region, end, path)
+    return problems
 
 
 def _saved_ids(state: Any) -> list[Any]:

@@ -31,7 +31,14 @@ def linear() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
-def adam_file(path: Path, exp_avg: list[Any], *, step_row: list[Any] | None = None, lr: Any = 0.01) -> Path:
+def adam_file(
+    path: Path,
+    exp_avg: list[Any],
+    *,
+    step_row: list[Any] | None = None,
+    lr: Any = 0.01,
+    exp_avg_sq_at: int = 128,
+) -> Path:
     """A Linear(4, 2) + Adam checkpoint by hand; ``exp_avg`` is the weight's exp_avg row
     ``[dtype, shape, stride, offset]``."""
     _, optimizer = linear()
@@ -40,8 +47,8 @@ def adam_file(path: Path, exp_avg: list[Any], *, step_row: list[Any] | None = No
         [W, "float32", [2, 4], [4, 1], 0, 0],
         [B, "float32", [2], [1], 0, 32],
         _row("optimizer.state.0.step", step_row or ["float32", [], [], 40]),
-        _row("optimizer.state.0.exp_avg", exp_avg),
-        ["optimizer.state.0.exp_avg_sq", "float32", [2, 4], [4, 1], 0, 0],
+        _row("optimizer.state.0.exp_avg", [*exp_avg[:3], 64 + exp_avg[3]]),
+        ["optimizer.state.0.exp_avg_sq", "float32", [2, 4], [4, 1], 0, exp_avg_sq_at],
     ]
     state = {"step": TensorRef(2), "exp_avg": TensorRef(3), "exp_avg_sq": TensorRef(4)}
     tree = {
@@ -49,9 +56,9 @@ def adam_file(path: Path, exp_avg: list[Any], *, step_row: list[Any] | None = No
         "optimizer": {"state": {0: state}, "param_groups": [{**group, "lr": lr, "params": [0, 1]}]},
     }
     if not isinstance(lr, float):
-        rows.append(_row("optimizer.param_groups.0.lr", lr))
+        rows.append(_row("optimizer.param_groups.0.lr", [*lr[:3], 192 + lr[3]]))
         tree["optimizer"]["param_groups"][0]["lr"] = TensorRef(5)
-    return hand_made(path, 2, rows, tree)
+    return hand_made(path, 2, rows, tree, bytes(256))
 
 
 def _row(key: str, spec: list[Any]) -> list[Any]:
@@ -156,6 +163,17 @@ def test_a_step_is_a_finite_number_not_negative(tmp_path: Path, value: float) ->
     with pytest.raises(IncompatibleCheckpointError, match="a step is a finite number") as caught:
         asyncckpt.restore(tmp_path, {"model": fresh, "optimizer": fresh_optimizer}, on_corrupt="fail")
     assert caught.value.key == "optimizer.state.0.step"
+
+
+def test_optimizer_state_tensors_never_share_memory(tmp_path: Path) -> None:
+    # Found by the restore fuzz: step, exp_avg and exp_avg_sq over the same bytes restored, and
+    # Adam's in-place update of exp_avg turned the step into -6.8e35 (OverflowError next step).
+    path = adam_file(tmp_path / checkpoint_name(2), ["float32", [2, 4], [4, 1], 0], exp_avg_sq_at=64)
+    model, optimizer = linear()
+    with pytest.raises(IncompatibleCheckpointError, match="exp_avg_sq: shares its memory with") as caught:
+        asyncckpt.restore(tmp_path, {"model": model, "optimizer": optimizer}, on_corrupt="fail")
+    assert caught.value.key == "optimizer.state.0.exp_avg_sq"
+    assert path.exists()
 
 
 def test_a_hyperparameter_tensor_holds_one_value(tmp_path: Path) -> None:
