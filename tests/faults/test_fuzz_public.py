@@ -368,7 +368,8 @@ def hostile_optimizer_files(draw: st.DrawFn) -> bytes:
     """A Linear(4, 2) + Adam checkpoint whose weight's state tensors are hostile rows."""
     _, optimizer = good_objects()
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    data = bytes(range(64))
+    data = bytes(range(256))
+    home = {"step": 40, "exp_avg": 64, "exp_avg_sq": 128}  # where each fits without sharing bytes
     rows: list[list[Any]] = [
         ["model.weight", "float32", [2, 4], [4, 1], 0, 0],
         ["model.bias", "float32", [2], [1], 0, 32],
@@ -381,11 +382,12 @@ def hostile_optimizer_files(draw: st.DrawFn) -> bytes:
         shape = draw(st.lists(st.sampled_from([0, 1, 2, 4, 8, 2**20, 2**28]), min_size=ndim, max_size=ndim))
         stride = draw(st.lists(st.sampled_from([0, 0, 1, 4]), min_size=ndim, max_size=ndim))
         dtype = draw(st.sampled_from(sorted(DTYPE_BY_NAME)))
-        offset = draw(st.sampled_from([0, 8]))
+        offset = draw(st.sampled_from([0, 8, home[key]]))
         if draw(st.integers(0, 3)) > 0:  # the shape Adam has, a float, any strides: some restore
             shape = [] if key == "step" else [2, 4]
-            stride = [] if key == "step" else draw(st.sampled_from([[4, 1], [0, 0], [0, 1], [1, 0]]))
-            dtype, offset = draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"])), 0
+            stride = [] if key == "step" else draw(st.sampled_from([[4, 1]] * 3 + [[0, 0], [0, 1], [1, 0]]))
+            dtype = draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"]))
+            offset = home[key] if draw(st.integers(0, 7)) else 0
         state[key] = TensorRef(len(rows))
         rows.append([f"optimizer.state.0.{key}", dtype, shape, stride, 0, offset])
     tree = {
