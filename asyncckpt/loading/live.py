@@ -198,7 +198,8 @@ class _Optimizer:
         if tensor.layout != "strided":
             return f"a {tensor.layout} tensor, the parameter is a strided one"
         if key in ONE_VALUE:
-            return None if tensor.numel == 1 and not tensor.dtype.is_complex else _one_value(key, tensor)
+            numeric = _kind(tensor.dtype) in ("floating", "integer")
+            return None if tensor.numel == 1 and numeric else _one_value(key, tensor)
         fits = _broadcasts if key in FACTORS else _same
         if not fits(tensor.shape, tuple(param.shape)):
             return f"shape {list(tensor.shape)} does not fit its parameter of shape {list(param.shape)}"
@@ -258,6 +259,14 @@ def _unbounded(tensor: Incoming, target: torch.Tensor | None) -> str | None:
     )
 
 
+def _value(step: torch.Tensor) -> float:
+    """A one-element tensor's value; NaN when it has no number (complex, bits, ...)."""
+    try:
+        return float(step.reshape(()).item())
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return math.nan
+
+
 def _one_value(key: str, tensor: Incoming) -> str:
     shape = list(tensor.shape)
     return f"{key} holds one value, the checkpoint has a {_name(tensor.dtype)} tensor of shape {shape}"
@@ -286,7 +295,9 @@ def _kind(dtype: torch.dtype) -> str:
         return "complex"
     if dtype.is_floating_point:
         return "floating"
-    return "bool" if dtype == torch.bool else "integer"
+    if dtype == torch.bool:
+        return "bool"
+    return "bits" if str(dtype).startswith("torch.bits") else "integer"  # bits8/16: no arithmetic
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -306,8 +317,8 @@ def check_steps(objects: Mapping[str, Any], state: Any, where: str) -> None:
         per_param = saved.get("state") if isinstance(saved, Mapping) else None
         for index, entry in per_param.items() if isinstance(per_param, Mapping) else ():
             step = entry.get("step") if isinstance(entry, Mapping) else None
-            if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
-                value = float(step.reshape(()).item())
+            if isinstance(step, torch.Tensor) and step.numel() == 1:
+                value = _value(step)
                 if not (math.isfinite(value) and value >= 0):
                     key = dotted_key((name, "state", index, "step"))
                     raise IncompatibleCheckpointError(

@@ -144,6 +144,7 @@ def test_optimizer_state_that_fits_its_parameter_is_restored(tmp_path: Path, exp
     [
         (["float32", [4], [1], 40], "step holds one value"),
         (["complex64", [], [], 40], "step holds one value"),
+        (["bits16", [], [], 40], "step holds one value"),  # found by the stress fuzz: item() raised
     ],
 )
 def test_a_step_holds_one_value(tmp_path: Path, step_row: list[Any], words: str) -> None:
