@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from .format import FileKind
 from .spans import Piece, SpanReads
 from .storage import ParallelReads, ReadHandle
 
+_TERMINAL_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_READ_THREADS = 8
 PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
 LOCAL_SPAN_BYTES = 8 << 20  # one preadv reads at most this much of a local file
@@ -136,6 +138,8 @@ def read_legacy(
     """
     verified = checksums and _verify_legacy(handle, kind, where)
     local = handle.local_path
+    if local is not None and not _utf8(str(local)):
+        local = None  # torch cannot open a path that is not UTF-8 (Linux names are bytes): read it here
     source: Path | BinaryIO = local if local is not None else _buffered(handle)
     try:
         state = torch.load(
@@ -147,12 +151,20 @@ def read_legacy(
     except FileNotFoundError:  # removed since it was listed (retention): not a broken file
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        text = str(exc).strip()
+        text = _TERMINAL_ESCAPES.sub("", str(exc)).strip()  # torch styles its messages for terminals
         reason = text.splitlines()[0] if text else type(exc).__name__
         raise CorruptedCheckpointError(
             f"legacy torch.save file refused (weights_only=True): {reason}", path=where
         ) from None
     return LegacyState(state, verified)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _verify_legacy(handle: ReadHandle, kind: FileKind, where: str) -> bool:

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import EXIT_FAILURE, AsyncckptError, UsageError
-from .render import stderr
+from .render import shown, stderr
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import UsageError as ClickUsageError
@@ -86,7 +85,7 @@ def fail(message: str, code: int, kwargs: dict[str, Any]) -> NoReturn:
     settings = ctx.find_root().obj if ctx is not None else None
     if kwargs.get("debug") or (isinstance(settings, dict) and settings.get("debug")):
         traceback.print_exc(file=sys.stderr)
-    stderr().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    stderr().print(f"[bold red]error:[/] {shown(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
 from ..format.legacy import LEGACY_VERSION
 from .exits import DebugOption, reports_errors
 from .inspection import Inspection, TensorRow, inspect_file, plain_json
-from .render import JsonOption, human_bytes, plain_tree, stdout, step_text
+from .render import JsonOption, human_bytes, plain_tree, shown, stdout, step_text
 from .steps import StepInspection, inspect_step, is_step_folder
 from .targets import StorageOptionsOption, open_location
 
@@ -71,9 +70,9 @@ def _metadata_table(found: Inspection) -> Table:
         ("tensors", f"{len(found.tensors)}, {human_bytes(total)}"),
     ]
     for name, value in rows:
-        table.add_row(name, escape(value))
+        table.add_row(name, shown(value))
     metadata = plain_json(found.metadata)
-    table.add_row("metadata", escape(json.dumps(metadata, ensure_ascii=False)) if metadata else "-")
+    table.add_row("metadata", shown(json.dumps(metadata, ensure_ascii=False)) if metadata else "-")
     return table
 
 
@@ -84,7 +83,7 @@ def _tensor_table(tensors: list[TensorRow]) -> Table:
     table.add_column("shape", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
     for t in tensors:
-        table.add_row(escape(t.key), t.dtype, f"[{', '.join(map(str, t.shape))}]", f"{t.nbytes:,}")
+        table.add_row(shown(t.key), t.dtype, f"[{', '.join(map(str, t.shape))}]", f"{t.nbytes:,}")
     return table
 
 
@@ -122,25 +121,25 @@ def show_step(found: StepInspection, *, as_json: bool) -> None:
         ("commit record", f"{human_bytes(found.record_size)} ({found.record_size} bytes)"),
         ("metadata", json.dumps(metadata, ensure_ascii=False) if metadata else "-"),
     ):
-        table.add_row(name, escape(value))
+        table.add_row(name, shown(value))
     out.print(table)
     shards = Table(title=f"shards ({len(found.shards)})", title_justify="left")
     for name in ("rank", "file", "size", "tensors", "status"):
         shards.add_column(name, justify="right" if name in ("rank", "size", "tensors") else "left")
     for row in found.shards:
-        status = "[green]ok[/]" if row.status == "ok" else f"[bold red]{escape(row.status)}[/]"
+        status = "[green]ok[/]" if row.status == "ok" else f"[bold red]{shown(row.status)}[/]"
         size = "-" if row.size is None else human_bytes(row.size)
         count = "-" if row.tensors is None else str(row.tensors)
-        shards.add_row(str(row.rank), escape(row.file), size, count, status)
+        shards.add_row(str(row.rank), shown(row.file), size, count, status)
     out.print(shards)
     tensors = Table(title=f"tensors ({len(found.tensors)}, global shapes)", title_justify="left")
     for name in ("key", "dtype", "shape", "chunks"):
         tensors.add_column(name, overflow="fold" if name == "key" else "ellipsis")
     for t in found.tensors:
-        tensors.add_row(escape(t.key), t.dtype, f"[{', '.join(map(str, t.shape))}]", str(t.chunks))
+        tensors.add_row(shown(t.key), t.dtype, f"[{', '.join(map(str, t.shape))}]", str(t.chunks))
     out.print(tensors)
     if found.values:
-        out.print(f"[bold]plain values[/] ({len(found.values)}): " + escape(", ".join(found.values)))
+        out.print(f"[bold]plain values[/] ({len(found.values)}): " + shown(", ".join(found.values)))
 
 
 def _step_document(found: StepInspection) -> dict[str, Any]:

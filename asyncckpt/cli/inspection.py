@@ -20,15 +20,16 @@ from typing import Any, Literal
 
 from .. import format as fmt
 from .. import reader
-from ..catalog import kind_of, open_target, parse_checkpoint_name
+from ..catalog import kind_of, newest_first_key, open_target, parse_checkpoint_name
 from ..dtypes import dtype_name, itemsize
 from ..errors import CheckpointError, CorruptedCheckpointError, IncompatibleCheckpointError
 from ..format.legacy import LEGACY_SUFFIXES, LEGACY_VERSION, legacy_step
 from ..loading import CandidateReport
-from ..saving.snapshot import flatten
+from ..loading.candidates import probe
 from ..storage import CheckpointPath, Storage, path_of
+from .legacyview import Shown, describe
 
-Kind = Literal["checkpoint", "legacy", "temp"]
+Kind = Literal["checkpoint", "named", "legacy", "temp"]
 Options = dict[str, Any] | None
 EPOCH = datetime.fromtimestamp(0, UTC)
 
@@ -100,11 +101,14 @@ def scan_directory(
     entries = []
     for obj in storage.ls():
         kind = kind_of(obj.name)
-        if obj.kind == "file" and kind in ("checkpoint", "legacy"):
-            path = path_of(storage.where(obj.name))
-            entries.append(
-                Entry(path, kind, step_of(obj.name, kind), obj.size, obj.modified, obj.name, storage)
-            )
+        if obj.kind != "file" or kind not in ("checkpoint", "named", "legacy"):
+            continue
+        try:
+            step = _header_step(storage, obj.name) if kind == "named" else step_of(obj.name, kind)
+        except FileNotFoundError:  # pruned since it was listed
+            continue
+        path = path_of(storage.where(obj.name))
+        entries.append(Entry(path, kind, step, obj.size, obj.modified, obj.name, storage))
     for unfinished in storage.unfinished():
         path = path_of(storage.where(unfinished.label))
         step = parse_checkpoint_name(unfinished.name)
@@ -112,6 +116,12 @@ def scan_directory(
             Entry(path, "temp", step, unfinished.size, unfinished.modified, unfinished.label, storage)
         )
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+
+
+def _header_step(storage: Storage, name: str) -> int | None:
+    """The step a named checkpoint's header says (``last.ckpt``: its name says none), as a resume
+    reads it; None when the file is too broken to say. ``FileNotFoundError`` when it is gone."""
+    return probe(storage, name).step
 
 
 def step_of(name: str, kind: Kind) -> int | None:
@@ -163,13 +173,15 @@ def candidates_of(storage: Storage, name: str | None) -> list[Entry]:
     if name is not None:
         return [_entry(storage, name)]
     found = [e for e in scan_directory(storage) if e.kind != "temp"]
-    found.sort(key=lambda e: (e.step is None, -(e.step or 0), e.kind != "checkpoint", e.path.name))
+    found.sort(key=lambda e: newest_first_key(e.step, e.name or e.path.name, e.modified.timestamp()))
     return found
 
 
 def _entry(storage: Storage, name: str) -> Entry:
     """One named file as an entry (size and time from its folder's listing when it is listed)."""
     kind: Kind = "legacy" if name.endswith(LEGACY_SUFFIXES) else "checkpoint"
+    if kind_of(name) == "named":
+        kind = "named"
     listed = next((o for o in storage.ls() if o.name == name and o.kind == "file"), None)
     size, modified = (listed.size, listed.modified) if listed is not None else (0, EPOCH)
     return Entry(path_of(storage.where(name)), kind, step_of(name, kind), size, modified, name, storage)
@@ -228,11 +240,10 @@ def inspect_file(location: Object, *, storage_options: Options = None) -> Inspec
             return Inspection(path, handle.size, *info, _rows(layout.tensors), layout.tree)
         state = reader.read_legacy(handle, kind, where=where, mmap=True).state
         size = handle.size
-    snapshot = flatten(state)
+    rows, tree = describe(state)
     step = legacy_step(state, PurePosixPath(name))
-    return Inspection(
-        path, size, LEGACY_VERSION, step, None, None, {}, _rows(snapshot.tensors), snapshot.tree
-    )
+    tensors = [TensorRow(*row) for row in rows]
+    return Inspection(path, size, LEGACY_VERSION, step, None, None, {}, tensors, tree)
 
 
 def _rows(tensors: Iterable[Any]) -> list[TensorRow]:
@@ -253,6 +264,8 @@ def plain_json(value: Any) -> Any:
         return str(value.value)
     if isinstance(value, fmt.TensorRef):
         return {"tensor": value.index}
+    if isinstance(value, Shown):  # a legacy file's value the format has no word for
+        return {"repr": value.text, "type": value.type}
     if isinstance(value, bytes):
         return {"bytes": value.hex()}
     if isinstance(value, float) and not math.isfinite(value):

@@ -12,13 +12,12 @@ from typing import Annotated, Any
 
 import structlog
 import typer
-from rich.markup import escape
 
 from ..errors import UsageError
 from ..events import EVENTS_FILE
 from ..tail import DEFAULT_POLL_INTERVAL, follow_lines, read_lines
 from .exits import DebugOption, existing, reports_errors
-from .render import stderr, stdout
+from .render import echo, shown, stderr, stdout
 
 
 class Level(enum.StrEnum):
@@ -94,7 +93,7 @@ def logs(
     """
     source = _events_file(path, follow=follow)
     if follow and not source.exists():
-        stderr().print(f"waiting for {escape(str(source))} to appear", soft_wrap=True)
+        stderr().print(f"waiting for {shown(str(source))} to appear", soft_wrap=True)
     keep = EventFilter(tuple(event or ()), level.value)
     render = _renderer(as_json)
     lines: Iterable[str] = (
@@ -107,12 +106,12 @@ def logs(
         parsed = parse_event(line)
         if parsed is None:
             if line.strip():
-                note = f"[yellow]skipped[/] a line that is not a JSON object: {escape(line[:80])}"
+                note = f"[yellow]skipped[/] a line that is not a JSON object: {shown(line[:80])}"
                 stderr().print(note, soft_wrap=True)
             continue
         if not keep.matches(parsed):
             continue
-        typer.echo(render(line, parsed))
+        echo(render(line, parsed))
         printed += 1
         if max_lines is not None and printed >= max_lines:
             break

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CheckpointError, NoValidCheckpointError, UsageError
 from ..storage import CheckpointPath
 from .exits import DebugOption, reports_errors
 from .inspection import Entry, read_prelude, scan_directory
-from .render import JsonOption, human_bytes, plural, stdout, step_text
+from .render import JsonOption, human_bytes, plural, shown, stdout, step_text
 from .steps import StepEntry, has_step_folders, scan_steps, step_note
 from .targets import StorageOptionsOption, open_location
 from .validate import NO_CHECKPOINTS
@@ -23,6 +22,7 @@ Preludes = dict[CheckpointPath, tuple[str | None, CheckpointError | None]]
 
 NOTES = {
     "checkpoint": "",
+    "named": "named (step from its header)",
     "legacy": "[cyan]legacy[/] (torch.save, read-only)",
     "temp": "[yellow]temp[/] (unfinished write)",
 }
@@ -84,11 +84,12 @@ def _problem(entry: Entry, preludes: Preludes) -> str | None:
 def _print(root: str, entries: list[Entry], preludes: Preludes) -> None:
     out = stdout()
     if entries:
-        out.print(f"[bold]{escape(str(root))}[/]")
+        out.print(f"[bold]{shown(str(root))}[/]")
         out.print(_table(entries, preludes))
-    counts = {kind: sum(e.kind == kind for e in entries) for kind in ("checkpoint", "legacy", "temp")}
+    counts = {kind: sum(e.kind == kind for e in entries) for kind in ("named", "legacy", "temp")}
     total = sum(e.size for e in entries if e.kind != "temp")
-    parts = [plural(counts["checkpoint"], "checkpoint")]
+    named = f" ({counts['named']} named)" if counts["named"] else ""
+    parts = [plural(sum(e.kind in ("checkpoint", "named") for e in entries), "checkpoint") + named]
     parts += [f"{counts['legacy']} legacy"] if counts["legacy"] else []
     parts += [plural(counts["temp"], "temp file")] if counts["temp"] else []
     out.print(f"{', '.join(parts)}; {human_bytes(total)} in checkpoints")
@@ -108,9 +109,9 @@ def _table(entries: list[Entry], preludes: Preludes) -> Table:
             step_text(e.step),
             e.modified.strftime("%Y-%m-%d %H:%M:%S"),
             human_bytes(e.size),
-            escape(version or "?"),
-            escape(e.path.name),
-            f"[red]{escape(problem)}[/]" if problem else NOTES[e.kind],
+            shown(version or "?"),
+            shown(e.path.name),
+            f"[red]{shown(problem)}[/]" if problem else NOTES[e.kind],
         )
     return table
 
@@ -146,14 +147,14 @@ def print_steps(steps: list[StepEntry]) -> None:
         table.add_column(name, no_wrap=True)
     table.add_column("note", overflow="fold")
     for s in steps:
-        note = escape(step_note(s))
+        note = shown(step_note(s))
         table.add_row(
             step_text(s.step),
             s.modified.strftime("%Y-%m-%d %H:%M:%S") if s.committed else "-",
             human_bytes(s.size),
             "-" if s.world_size is None else str(s.world_size),
-            escape(s.version or "-"),
-            escape(s.path.name + "/"),
+            shown(s.version or "-"),
+            shown(s.path.name + "/"),
             note if s.committed and not s.problem else f"[yellow]{note}[/]",
         )
     out.print(table)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO, cast
 
 import typer
 from rich.console import Console
@@ -12,6 +14,7 @@ from rich.markup import escape
 from rich.tree import Tree
 
 from .. import format as fmt
+from ..loading.report import printable
 
 TREE_INLINE_ITEMS = 12  # lists of plain values up to this long are shown on one line
 TREE_VALUE_CHARS = 80
@@ -31,11 +34,60 @@ def stderr() -> Console:
 
 
 def console(*, stderr: bool) -> Console:
-    """A rich console without highlighting; as wide as :data:`PIPE_WIDTH` when not a terminal."""
-    made = Console(stderr=stderr, highlight=False)
+    """A rich console without highlighting; as wide as :data:`PIPE_WIDTH` when not a terminal.
+
+    It writes through :class:`Printable`, so that no text can make it raise UnicodeEncodeError.
+    """
+    made = Console(file=cast(TextIO, Printable(sys.stderr if stderr else sys.stdout)), highlight=False)
     if not made.is_terminal and "COLUMNS" not in os.environ:
         made.width = PIPE_WIDTH  # pipes and files: do not fold table cells at 80 columns
     return made
+
+
+def shown(text: str) -> str:
+    """``text`` for a rich console: markup escaped, and a name that is not UTF-8 (Linux names are
+    bytes) with its odd bytes as ``\\xNN``, so that it prints on any stream and keeps its width."""
+    return escape(printable(text))
+
+
+def echo(text: str) -> None:
+    """``typer.echo`` of :func:`printable` text."""
+    typer.echo(printable(text))
+
+
+class Printable(io.TextIOBase):
+    """A text stream that writes anything: lone surrogates (names that are not UTF-8) as
+    ``\\xNN``, and characters its encoding lacks (an ASCII terminal) as backslash escapes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        """The encoding of the stream written to (rich picks its box characters by it)."""
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        """Write ``text``, escaped where the stream could not take it."""
+        text = printable(text)
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:
+            self.stream.write(text.encode(self.encoding, "backslashreplace").decode(self.encoding))
+        return len(text)
+
+    def flush(self) -> None:
+        """Flush the stream written to."""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        """Whether the stream written to is a terminal."""
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        """The stream's file descriptor (``OSError`` when it has none)."""
+        return self.stream.fileno()
 
 
 def human_bytes(n: int) -> str:
@@ -66,10 +118,15 @@ def plain_tree(tree: Any, *, label: str) -> Tree:
 
 
 def _add_branch(node: Tree, value: Any) -> None:
+    if not isinstance(value, dict | list | tuple):  # the root itself is a tensor or a plain value
+        node.add(
+            f"[dim]{plural(1, 'tensor')}[/]" if isinstance(value, fmt.TensorRef) else shown(_short(value))
+        )
+        return
     items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
     hidden = 0
     for key, child in items:
-        name = escape(str(key) if isinstance(value, dict) and isinstance(key, str) else f"[{key}]")
+        name = shown(str(key) if isinstance(value, dict) and isinstance(key, str) else f"[{key}]")
         tensors = _count_tensors(child)
         if isinstance(child, fmt.TensorRef):
             hidden += 1
@@ -78,7 +135,7 @@ def _add_branch(node: Tree, value: Any) -> None:
         elif isinstance(child, dict | list | tuple) and not _inline(child):
             _add_branch(node.add(f"[cyan]{name}[/]" + _container_note(child)), child)
         else:
-            node.add(f"[cyan]{name}[/]: {escape(_short(child))}")
+            node.add(f"[cyan]{name}[/]: {shown(_short(child))}")
     if hidden:
         node.add(f"[dim]{plural(hidden, 'tensor')}[/]")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -25,7 +24,7 @@ from ..loading import CandidateReport
 from ..loading.verify import check_object
 from .exits import DebugOption, reports_errors
 from .inspection import Entry, candidates_of, prelude_report
-from .render import JsonOption, human_bytes, plural, stderr, stdout, step_text
+from .render import JsonOption, human_bytes, plural, shown, stderr, stdout, step_text
 from .steps import (
     Mode,
     StepReport,
@@ -87,8 +86,9 @@ def validate(
 
     By default every file is checked as a resume checks it (structure, then every blob's
     checksum), so the verdict is the resume's. Exit code 0: every checkpoint valid; 2: some
-    valid, some not (a resume would fall back); 3: none valid, or the single file given is
-    invalid; 1: usage or unexpected errors.
+    valid, some not, whether or not a resume would fall back (an older broken file counts too:
+    the summary and the JSON's `resume_falls_back` say which); 3: none valid, or the single
+    file given is invalid; 1: usage or unexpected errors.
     """
     storage, name = open_location(path, storage_options)
     target = storage.where(name) if name is not None else storage.location
@@ -142,10 +142,9 @@ def _check(entry: Entry, mode: Literal["full", "structure"]) -> CandidateReport:
 
 
 def _newest_first(reports: list[CandidateReport]) -> list[CandidateReport]:
-    """The loader's order: newest step first, a v1 file before a legacy one of the same step."""
-    return sorted(
-        reports, key=lambda r: (r.step is None, -(r.step or 0), r.path.suffix != ".ckpt", r.path.name)
-    )
+    """The loader's order: newest step first, a v1 file before a legacy one of the same step, and
+    otherwise the order given (:func:`candidates_of` puts a later write of one step first)."""
+    return sorted(reports, key=lambda r: (r.step is None, -(r.step or 0), r.path.suffix != ".ckpt"))
 
 
 def _resume_row(rows: list[CandidateReport], verify: Verify) -> CandidateReport | None:
@@ -162,6 +161,9 @@ def _skipped(rows: list[CandidateReport], chosen: CandidateReport) -> list[Candi
 
 
 def _exit_code(rows: list[CandidateReport], *, single_file: bool) -> int:
+    """0 all valid; 2 some valid and some not, an older broken file included (a resume that
+    loads the newest still finds a directory that needs attention); 3 none valid (or the one
+    file given is not)."""
     valid = sum(row.status == "valid" for row in rows)
     if rows and valid == len(rows):
         return EXIT_OK
@@ -205,7 +207,7 @@ def _status(row: CandidateReport, verify: Verify) -> str:
 
 def _print(target: str, verify: Verify, rows: list[CandidateReport]) -> None:
     out = stdout()
-    out.print(f"[bold]{escape(str(target))}[/] ({TITLES[verify]})")
+    out.print(f"[bold]{shown(str(target))}[/] ({TITLES[verify]})")
     table = Table()
     for name, justify in (("step", "right"), ("file", "left"), ("size", "right"), ("version", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -215,15 +217,15 @@ def _print(target: str, verify: Verify, rows: list[CandidateReport]) -> None:
         status = _status(row, verify)
         table.add_row(
             step_text(row.step),
-            escape(row.path.name),
+            shown(row.path.name),
             human_bytes(row.size),
             row.version or "-",
             f"[{STYLES.get(status, 'dim')}]{status}[/]",
-            escape(row.reason or ""),
+            shown(row.reason or ""),
         )
     if rows:
         out.print(table)
-    out.print(escape(_summary(rows, verify)), soft_wrap=True)
+    out.print(shown(_summary(rows, verify)), soft_wrap=True)
 
 
 def _document(target: str, verify: Verify, rows: list[CandidateReport], code: int) -> dict[str, Any]:
@@ -250,5 +252,6 @@ def _document(target: str, verify: Verify, rows: list[CandidateReport], code: in
         "summary": {"total": len(rows), **counts, "text": _summary(rows, verify)},
         "resume_step": None if chosen is None else chosen.step,
         "resume_file": None if chosen is None else str(chosen.path),
+        "resume_falls_back": None if chosen is None else bool(_skipped(rows, chosen)),
         "exit_code": code if rows else EXIT_CHECKPOINT,
     }

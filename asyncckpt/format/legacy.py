@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CorruptedCheckpointError, Where
 from .sniff import PICKLE_PROTOCOL, ZIP_MAGIC
-from .spec import CHUNK
+from .spec import CHUNK, MAX_STEP
 
 LEGACY_VERSION = "0.x"
 LEGACY_SUFFIXES = (".pt", ".pth")
@@ -130,9 +130,16 @@ def legacy_step(state: Any, path: PurePath) -> int | None:
     if isinstance(state, dict):
         for key in ("step", "global_step"):
             value = state.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if isinstance(value, torch.Tensor) and _integer_scalar(value):
+                value = int(value.item())
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP:
                 return value
-            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-                return int(value.item())
     numbers = _NUMBER.findall(path.stem)
     return int(numbers[-1]) if numbers else None
+
+
+def _integer_scalar(value: torch.Tensor) -> bool:
+    """A dense one-element tensor of an integer dtype (not bool, float, complex or quantized)."""
+    if value.is_nested or value.layout != torch.strided or value.is_quantized or value.dtype == torch.bool:
+        return False
+    return value.numel() == 1 and not value.is_floating_point() and not value.is_complex()

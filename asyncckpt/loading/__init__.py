@@ -2,6 +2,7 @@
 
 One module per job: :mod:`.candidates` (discovery, newest first), :mod:`.expect` (does a
 checkpoint fit the expected state), :mod:`.targets` (live tensors a blob is read straight into),
+:mod:`.live` (does every tensor fit the live object it goes into),
 :mod:`.candidate` (loading one candidate), :mod:`.rollback` (``load_latest``, ``restore``),
 :mod:`.report` (summary, event, ``failed_checkpoints.txt``) and :mod:`.verify`
 (``check_candidates``). The bytes are read by :mod:`asyncckpt.reader`, through the Storage seam.

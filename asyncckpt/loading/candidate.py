@@ -25,6 +25,7 @@ from ..reader import file_kind, read_layout, read_legacy, read_tensors
 from ..storage import ReadHandle, Storage
 from .candidates import Candidate, check_named_step, no_step, require_step, unopenable, unreadable
 from .expect import Expected, fit, layout_index, state_index
+from .live import check_live, check_steps, layout_incoming, state_incoming
 from .options import Verify
 from .targets import direct_targets
 
@@ -94,6 +95,8 @@ def _load_v1(handle: ReadHandle, candidate: Candidate, request: Request) -> Load
     where = candidate.where
     layout = layout_of(handle, candidate)
     notes = fit(layout.tree, layout_index(layout), request.checks, where)
+    if request.objects is not None:
+        check_live(request.objects, layout.tree, layout_incoming(layout), where)
     targets = direct_targets(request.objects, layout) if request.objects is not None else {}
     checksums = request.verify == "full"
     tensors = read_tensors(
@@ -101,6 +104,7 @@ def _load_v1(handle: ReadHandle, candidate: Candidate, request: Request) -> Load
     )
     state = unflatten(layout.tree, tensors)
     if request.objects is not None:
+        check_steps(request.objects, state, where)
         apply(request.objects, state, where)
     metadata = unflatten(layout.metadata, [])
     return Loaded(
@@ -119,6 +123,8 @@ def _load_legacy(handle: ReadHandle, kind: FileKind, candidate: Candidate, reque
     check_named_step(candidate, step)
     notes = fit(legacy.state, state_index(legacy.state), request.checks, where)
     if request.objects is not None:
+        check_live(request.objects, legacy.state, state_incoming(legacy.state), where)
+        check_steps(request.objects, legacy.state, where)
         apply(request.objects, legacy.state, where)
     return Loaded(legacy.state, step, LEGACY_VERSION, {}, notes, legacy.verified)
 

@@ -23,10 +23,23 @@ Path_ = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class TensorShape:
-    """What the comparison needs of a tensor: its dtype and shape."""
+    """What the comparison needs of a tensor: its dtype, shape and layout (``"strided"``,
+    ``"nested"``, ``"sparse_coo"``, ...; a nested tensor has no shape: ``()``)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+    layout: str = "strided"
+
+
+def layout_name(tensor: torch.Tensor) -> str:
+    """``"strided"`` for a dense tensor, ``"nested"``, ``"sparse_coo"``, ``"sparse_csr"``, ..."""
+    return "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+
+
+def tensor_shape(tensor: torch.Tensor) -> TensorShape:
+    """A loaded tensor's :class:`TensorShape`, for any kind of tensor a legacy file may hold."""
+    layout = layout_name(tensor)
+    return TensorShape(tensor.dtype, () if layout == "nested" else tuple(tensor.shape), layout)
 
 
 @dataclass
@@ -92,10 +105,7 @@ def layout_index(layout: fmt.Layout) -> dict[Path_, TensorShape]:
 
 def state_index(state: Any) -> dict[Path_, TensorShape]:
     """Every tensor of a loaded state (a legacy file's) by key path."""
-    return tensor_index(
-        state,
-        lambda node: TensorShape(node.dtype, tuple(node.shape)) if isinstance(node, torch.Tensor) else None,
-    )
+    return tensor_index(state, lambda node: tensor_shape(node) if isinstance(node, torch.Tensor) else None)
 
 
 def expected_from(expect: Any) -> Expected:
@@ -127,7 +137,7 @@ def expected_for_restore(objects: Mapping[str, Any]) -> Expected:
 
 def _collect(value: Any, path: Path_, expected: Expected) -> None:
     if isinstance(value, torch.Tensor):
-        expected.tensors[path] = TensorShape(value.dtype, tuple(value.shape))
+        expected.tensors[path] = tensor_shape(value)
     elif isinstance(value, torch.optim.Optimizer):
         expected.optimizers[path] = [len(group["params"]) for group in value.param_groups]
     elif isinstance(value, Mapping):
@@ -167,6 +177,10 @@ def compare(tree: Any, index: Mapping[Path_, TensorShape], expected: Expected) -
         got = index.get(path)
         if got is None:
             mismatches.append(f"missing {dotted_key(path)}")
+        elif got.layout != want.layout:
+            mismatches.append(
+                f"{dotted_key(path)} is a {got.layout} tensor in the checkpoint, a {want.layout} one expected"
+            )
         elif got.shape != want.shape:
             mismatches.append(
                 f"shape of {dotted_key(path)} is {list(got.shape)} in the checkpoint, "

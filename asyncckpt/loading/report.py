@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -112,17 +112,47 @@ def emit(
 ) -> None:
     """Log the summary as the ``checkpoint.load.summary`` event (default: structlog's
     "asyncckpt" logger, at warning level when a candidate failed)."""
-    if log is None:
-        logger = structlog.get_logger("asyncckpt")
-        log = logger.warning if failed else logger.info
-    log(
-        SUMMARY_EVENT,
-        summary=text,
+    fields = _event_fields(text, chosen, diagnostics)
+    if log is not None:
+        log(SUMMARY_EVENT, **fields)
+        return
+    logger = structlog.get_logger("asyncckpt")
+    try:
+        (logger.warning if failed else logger.info)(SUMMARY_EVENT, **fields)
+    except (OSError, UnicodeError, ValueError) as exc:  # a closed or narrow stdout: say so, go on
+        warnings.warn(f"cannot log {SUMMARY_EVENT}: {printable(str(exc))}", RuntimeWarning, stacklevel=5)
+
+
+def _event_fields(
+    text: str, chosen: tuple[Candidate, Loaded] | None, diagnostics: Sequence[Diagnostic]
+) -> dict[str, Any]:
+    return dict(
+        summary=printable(text),
         step=chosen[1].step if chosen else None,
-        path=chosen[0].where if chosen else None,
+        path=printable(chosen[0].where) if chosen else None,
         version=chosen[1].version if chosen else None,
-        failures=[{"path": d.path, "kind": d.kind, "reason": d.reason} for d in diagnostics],
+        failures=[
+            {"path": printable(d.path), "kind": d.kind, "reason": printable(d.reason)} for d in diagnostics
+        ],
     )
+
+
+def printable(text: str) -> str:
+    """``text`` as valid Unicode (it always encodes as UTF-8): the bytes of a name that is not
+    UTF-8 (Linux names are bytes; Python keeps them as lone surrogates) become ``\\xNN``, as
+    Python writes bytes, and any other lone surrogate ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(map(_printable_char, text))
+    return text
+
+
+def _printable_char(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return char if not 0xD800 <= code <= 0xDFFF else f"\\u{code:04x}"
 
 
 def record_failures(storage: Storage, diagnostics: Sequence[Diagnostic]) -> None:
@@ -133,8 +163,8 @@ def record_failures(storage: Storage, diagnostics: Sequence[Diagnostic]) -> None
         try:
             storage.append_line(FAILED_LOG_NAME, line)
         except (OSError, UnicodeError) as exc:
-            where = storage.where(FAILED_LOG_NAME)
-            warnings.warn(f"cannot record failed checkpoints in {where}: {exc}", RuntimeWarning, stacklevel=6)
+            text = printable(f"cannot record failed checkpoints in {storage.where(FAILED_LOG_NAME)}: {exc}")
+            warnings.warn(text, RuntimeWarning, stacklevel=6)
             return
 
 

@@ -105,7 +105,11 @@ def restore(
 
     Like :func:`load_latest`, and besides: a candidate must hold every name of ``objects``, the
     exact tensor keys and shapes of each ``torch.nn.Module`` and the parameter-group sizes of
-    each optimizer, all checked before anything is read into an object. Each object then gets
+    each optimizer, all checked before anything is read into an object, and every tensor that
+    would go into a live object is checked against the tensor there (:mod:`.live`: its shape
+    and kind of dtype; an optimizer's state against its parameter when the optimizer has none
+    yet; a view that reads more elements than its bytes hold only into a live tensor of its
+    size), so a file cannot make a restore allocate beyond its own size. Each object then gets
     ``load_state_dict(state[name])`` (``strict=True`` for modules); a refusal makes the candidate
     incompatible and the next one is tried. A module's tensors are read from the file straight
     into their own memory when dtype and shape match (CUDA tensors through pinned host bounce

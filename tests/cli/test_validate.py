@@ -44,6 +44,25 @@ def test_validate_partial_directory_exits_2(run_dir: Path) -> None:
     assert "a resume would load step 20 (falling back past newer broken ones)" in result.stdout
 
 
+def test_an_older_broken_checkpoint_exits_2_while_a_resume_loads_the_newest(run_dir: Path) -> None:
+    # Issue 17: the code says 2 ("some valid, some not"), the docs said "a resume would fall
+    # back". The code stays; the docs and the JSON say both things apart.
+    flip_blob_byte(checkpoint(run_dir, 10))
+    text = run("validate", run_dir)
+    document = json.loads(run("validate", run_dir, "--json").stdout)
+    resumed = asyncckpt.load_latest(run_dir, log=lambda *a, **k: None)
+
+    assert text.exit_code == EXIT_PARTIAL and document["exit_code"] == EXIT_PARTIAL
+    assert "2 valid, 1 corrupted; a resume would load step 30" in text.stdout
+    assert "falling back" not in text.stdout
+    assert document["resume_step"] == 30 and document["resume_falls_back"] is False
+    assert resumed.step == 30 and resumed.source == "primary"
+
+    truncate(checkpoint(run_dir, 30))
+    document = json.loads(run("validate", run_dir, "--json").stdout)
+    assert document["resume_step"] == 20 and document["resume_falls_back"] is True
+
+
 def test_validate_full_reads_checksums_that_the_structure_check_does_not(run_dir: Path) -> None:
     flip_blob_byte(checkpoint(run_dir, 30))
     structure = run("validate", run_dir, "--verify", "structure")
@@ -86,6 +105,7 @@ def test_validate_json_document(run_dir: Path) -> None:
         "summary",
         "resume_step",
         "resume_file",
+        "resume_falls_back",
         "exit_code",
     }
     assert document["verify"] == "full"
@@ -93,6 +113,7 @@ def test_validate_json_document(run_dir: Path) -> None:
     assert document["exit_code"] == EXIT_PARTIAL
     assert document["resume_step"] == 20
     assert document["resume_file"] == str(checkpoint(run_dir, 20))
+    assert document["resume_falls_back"] is True
     assert [c["step"] for c in document["checkpoints"]] == [30, 20, 10]
     assert [c["status"] for c in document["checkpoints"]] == ["corrupted", "valid", "valid"]
     first = document["checkpoints"][0]

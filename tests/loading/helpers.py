@@ -148,3 +148,26 @@ class PruningStorage(PosixStorage):
                 write(self.root, step)
             self.delete([name])
         return super().open(name)
+
+
+def hand_made(path: Path, step: int, rows: list[list[Any]], tree: Any, data: bytes = bytes(64)) -> Path:
+    """A v1 file written by hand, checksums consistent: ``rows`` are tensor-table rows
+    ``[key, dtype, shape, stride, blob, offset]`` over one blob holding ``data``."""
+    import crc32c
+
+    fields = {
+        "format": "asyncckpt",
+        "version": "1.0",
+        "status": "complete",
+        "step": step,
+        "created": "2026-01-01T00:00:00.000000+00:00",
+        "writer": "hand-made",
+        "metadata": {},
+        "blobs": [[4096, len(data), crc32c.crc32c(data)]],
+        "tensors": rows,
+        "tree": tree,
+    }
+    raw = fmt.pack(fields)
+    body = fmt.encode_prelude() + bytes(4096 - 64) + data
+    path.write_bytes(body + raw + fmt.encode_trailer(len(body), raw))
+    return path

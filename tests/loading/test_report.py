@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -211,3 +213,65 @@ def test_a_path_that_is_not_utf8_is_escaped_in_the_failure_log(tmp_path: Path) -
     record_failures(storage, [diagnostic])
     [line] = (tmp_path / FAILED_LOG_NAME).read_text(encoding="utf-8").splitlines()
     assert line == "/data/run-%FF%7Cx%0A/step-0000000001.ckpt|a/b c|2026-01-01T00:00:00Z"
+
+
+def non_utf8_directory(tmp_path: Path) -> Path:
+    """A run directory whose name is not valid UTF-8 (Linux names are bytes), with a good step 1
+    and a broken step 2."""
+    directory = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"run-\xff")))
+    directory.mkdir()
+    write_steps(directory, 1)
+    (directory / checkpoint_name(2)).write_bytes(b"ASYNCKPT" + bytes(100))
+    return directory
+
+
+def test_a_fallback_in_a_non_utf8_directory_reports_to_a_strict_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Finding P1: the summary event (structlog's default logger prints to stdout) raised
+    # UnicodeEncodeError on a stdout that does not write lone surrogates.
+    directory = non_utf8_directory(tmp_path)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+
+    result = load_latest(directory)
+
+    assert result.step == 1 and result.source == "fallback"
+    out.flush()
+    printed = out.buffer.getvalue().decode("ascii")  # type: ignore[attr-defined]
+    assert "run-\\xff" in printed and SUMMARY_EVENT in printed
+    assert failed_lines(directory)[0][0].endswith("run-%FF/" + checkpoint_name(2))
+
+
+def test_the_event_fields_are_printable_and_the_diagnostics_keep_the_real_path(tmp_path: Path) -> None:
+    directory = non_utf8_directory(tmp_path)
+    recorder = Recorder()
+    result = load_latest(directory, log=recorder)
+    ((_, fields),) = recorder.calls
+    assert fields["path"].endswith("run-\\xff/" + checkpoint_name(1))
+    assert fields["failures"][0]["path"].endswith("run-\\xff/" + checkpoint_name(2))
+    assert result.diagnostics[0].path == str(directory / checkpoint_name(2))  # openable as it is
+
+
+def test_a_log_that_cannot_print_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = non_utf8_directory(tmp_path)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    out.close()  # writing raises ValueError
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.warns(RuntimeWarning, match="cannot log checkpoint.load.summary"):
+        assert load_latest(directory).step == 1
+
+
+def test_a_legacy_nested_tensor_loads_and_validates_alike(tmp_path: Path) -> None:
+    # Finding P2: the loader's tensor index asked a nested tensor for its shape (RuntimeError).
+    write_steps(tmp_path, 1)
+    nested = torch.nested.nested_tensor([torch.zeros(2), torch.ones(3)])
+    torch.save({"nested": nested, "step": 5}, tmp_path / "model-5.pt")
+
+    result = load_latest(tmp_path, log=Recorder())
+    reports = check_candidates(tmp_path)
+
+    assert result.step == 5 and result.state["nested"].is_nested
+    assert [(r.step, r.status) for r in reports] == [(5, "valid"), (1, "valid")]
+    with pytest.raises(asyncckpt.IncompatibleCheckpointError, match="nested is a nested tensor"):
+        load_latest(tmp_path, expect={"nested": torch.zeros(5)}, on_corrupt="fail", log=Recorder())
