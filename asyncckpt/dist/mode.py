@@ -31,6 +31,7 @@ from ..storage import Location, Storage, open_storage
 from .group import CoordinationGroup
 from .full import load_full
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
+from .share import ReplicaShare
 from .stage import StepPlan, plan_step
 from .writer import StepJob, StepWriter
 
@@ -49,12 +50,22 @@ class MultiRank:
         self.process_group = process_group
         self.timeout = timeout
         self._group: CoordinationGroup | None = None
+        self._share: ReplicaShare | None = None
 
     def group(self) -> CoordinationGroup:
         """asyncckpt's own gloo group over the trainer's ranks (created once; collective)."""
         if self._group is None:
             self._group = CoordinationGroup(self.process_group, timeout=self.timeout)
         return self._group
+
+    @property
+    def share(self) -> ReplicaShare:
+        """This rank's share of the replicated tensors (see :mod:`asyncckpt.dist.share`);
+        ``share.stats`` holds the last save's figures."""
+        if self._share is None:
+            group = self.group()
+            self._share = ReplicaShare(group.rank, group.world_size)
+        return self._share
 
     def bind(self, log: ev.EventLog) -> None:
         """Mark every event of this rank's log with its rank (every rank shares one file)."""
@@ -67,7 +78,7 @@ class MultiRank:
                 "in distributed mode the state is a dict of name → module, optimizer, object with "
                 f"state_dict() or value; got {type(state).__qualname__}"
             )
-        return plan_step(step, state, metadata, overlap=overlap)
+        return plan_step(step, state, metadata, overlap=overlap, share=self.share)
 
     def job(self, planned: StepPlan, staged: Staged, runner: Runner, directory: Path) -> StepJob:
         """The writer's job for a staged save."""
@@ -84,6 +95,7 @@ class MultiRank:
             future=concurrent.futures.Future(),
             done_event=runner.done_event(),
             template=planned.template,
+            replicas=planned.replicas,
         )
 
     def writer(self, storage: Storage, **options: Any) -> StepWriter:
