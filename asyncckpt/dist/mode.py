@@ -27,7 +27,7 @@ from ..loading.options import Log
 from ..loading.rollback import LoadResult
 from ..saving.runner import Runner
 from ..saving.staging import Staged
-from ..storage import Location, Storage, open_storage
+from ..storage import Location, Storage, is_url, open_storage, path_of
 from .group import CoordinationGroup
 from .full import load_full
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
@@ -51,6 +51,7 @@ class MultiRank:
         self.timeout = timeout
         self._group: CoordinationGroup | None = None
         self._share: ReplicaShare | None = None
+        self._storage: Storage | None = None  # the checkpointer's, once its writer is built
 
     def group(self) -> CoordinationGroup:
         """asyncckpt's own gloo group over the trainer's ranks (created once; collective)."""
@@ -81,13 +82,15 @@ class MultiRank:
         return plan_step(step, state, metadata, overlap=overlap, share=self.share)
 
     def job(self, planned: StepPlan, staged: Staged, runner: Runner, directory: Path) -> StepJob:
-        """The writer's job for a staged save."""
+        """The writer's job for a staged save (``path``: the step's folder in the checkpointer's
+        storage, a URL on an object store)."""
         plan = planned.plan
         name = catalog.step_folder_name(plan.step)
+        storage = self._storage
         return StepJob(
             step=plan.step,
             name=name,
-            path=directory / name,
+            path=directory / name if storage is None else path_of(storage.where(name)),
             tree=plan.snapshot.tree,
             tensors=plan.snapshot.tensors,
             metadata=plan.metadata,
@@ -99,22 +102,46 @@ class MultiRank:
         )
 
     def writer(self, storage: Storage, **options: Any) -> StepWriter:
-        """The checkpointer's writer in distributed mode (``options`` as for ``Writer``)."""
+        """The checkpointer's writer in distributed mode (``options`` as for ``Writer``); its
+        ``storage`` (a POSIX directory or an object store) is then also the one restored from."""
+        self._storage = storage
         return StepWriter(storage, group=self.group(), **options)
 
     def restore(
         self,
-        directory: Path,
+        directory: Location,
         objects: Mapping[str, Any],
         *,
         on_corrupt: OnCorrupt,
         expect: Any,
         log: Log | None = None,
     ) -> LoadResult | None:
-        """The collective restore of ``AsyncCheckpointer.restore`` (see :func:`restore_steps`)."""
+        """The collective restore of ``AsyncCheckpointer.restore`` (see :func:`restore_steps`),
+        from the checkpointer's storage once it is open, else from ``directory``.
+
+        Raises :class:`UsageError` for a checkpointer on an object store that is not open yet
+        (``directory`` no longer carries the URL's storage options)."""
+        where: Location | None = self._storage
+        if where is None:
+            if _lost_url(directory):
+                raise UsageError(
+                    "restore() on an object store in distributed mode needs the checkpointer open: "
+                    "call it inside `with AsyncCheckpointer(...) as ckpt:`",
+                    path=str(directory),
+                )
+            where = directory
         return restore_steps(
-            directory, objects, group=self.group(), on_corrupt=on_corrupt, expect=expect, log=log
+            where, objects, group=self.group(), on_corrupt=on_corrupt, expect=expect, log=log
         )
+
+
+def _lost_url(directory: Location) -> bool:
+    """Whether ``directory`` is a URL that went through ``Path`` (``s3://b/run`` → ``s3:/b/run``)."""
+    if isinstance(directory, Storage):
+        return False
+    text = str(directory)
+    scheme, sep, rest = text.partition(":/")
+    return bool(sep) and is_url(f"{scheme}://{rest}") and not is_url(text)
 
 
 def restore_steps(
@@ -138,7 +165,9 @@ def restore_steps(
     only (a multi-rank run cannot resume from them: see docs/MULTI_GPU.md).
     """
     if expect is not None:
-        raise UsageError("expect= does not apply to multi-rank steps: DCP checks the objects' keys and shapes")
+        raise UsageError(
+            "expect= does not apply to multi-rank steps: DCP checks the objects' keys and shapes"
+        )
     storage = open_storage(directory)
     restored = restore_latest(storage, objects, group=group, on_corrupt=on_corrupt, log=log)
     if restored is None:
@@ -165,7 +194,7 @@ def as_load_result(restored: RestoredStep, storage: Storage) -> LoadResult:
     return MultiRankLoadResult(
         state=restored.state,
         step=restored.step,
-        path=Path(storage.where(catalog.step_folder_name(restored.step))),
+        path=path_of(storage.where(catalog.step_folder_name(restored.step))),
         version=MULTI_RANK_VERSION,
         source=restored.source,
         diagnostics=restored.diagnostics,
@@ -210,7 +239,7 @@ def load_whole(storage: Storage, *, map_location: torch.device) -> MultiRankLoad
     return MultiRankLoadResult(
         state=moved(full.state),
         step=full.step,
-        path=Path(storage.where(catalog.step_folder_name(full.step))),
+        path=path_of(storage.where(catalog.step_folder_name(full.step))),
         version=MULTI_RANK_VERSION,
         source="fallback" if full.diagnostics else "primary",
         diagnostics=full.diagnostics,

@@ -32,6 +32,7 @@ _CONTEXT.set_forkserver_preload(
         "dist_workers",
         "ckpt_workers",
         "share_workers",
+        "remote_workers",
     ]
 )
 PG_TIMEOUT_S = 30.0
