@@ -28,6 +28,7 @@ from ..loading.rollback import LoadResult
 from ..saving.runner import Runner
 from ..saving.staging import Staged
 from ..storage import Location, Storage, is_url, open_storage, path_of
+from ..storage.localcopy import LocalCopyStorage
 from .group import CoordinationGroup
 from .full import load_full
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
@@ -103,7 +104,14 @@ class MultiRank:
 
     def writer(self, storage: Storage, **options: Any) -> StepWriter:
         """The checkpointer's writer in distributed mode (``options`` as for ``Writer``); its
-        ``storage`` (a POSIX directory or an object store) is then also the one restored from."""
+        ``storage`` (a POSIX directory or an object store) is then also the one restored from.
+
+        Raises :class:`UsageError` for a storage with a local copy (``local_copy=``), which
+        distributed mode does not support yet."""
+        if isinstance(storage, LocalCopyStorage):
+            raise UsageError(
+                "local_copy= is not supported in distributed mode yet; leave it out", path=storage.location
+            )
         self._storage = storage
         return StepWriter(storage, group=self.group(), **options)
 

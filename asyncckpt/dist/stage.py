@@ -3,7 +3,8 @@
 ``AsyncCheckpointer`` in distributed mode stages a step like a single-file one, through the
 same staging pool, stager and step guard: :func:`plan_step` splits the state (DCP's state dicts
 of the modules and optimizers, and this rank's own values), replaces every DTensor (FSDP2,
-tensor parallel) by its local shard and flattens the result into a
+tensor parallel) by its local shard, leaves out the replicated tensors other ranks write
+(:mod:`asyncckpt.dist.share`) and flattens the result into a
 :class:`~asyncckpt.saving.plan.SavePlan`. The local shards are then copied like plain tensors:
 parameters and optimizer state while forward and backward run (the overlap rule), the rest
 before ``save()`` returns; on CUDA into pinned buffers on a side stream. In the writer thread,

@@ -97,3 +97,15 @@ def test_restore_before_the_checkpointer_is_open_on_an_object_store_is_refused()
     multirank = MultiRank(None, timeout=5)
     with pytest.raises(UsageError, match="needs the checkpointer open"):
         multirank.restore(Path("s3://bucket/run"), {}, on_corrupt="fallback", expect=None)
+
+
+def test_a_local_copy_is_refused_in_distributed_mode(tmp_path: Path) -> None:
+    from asyncckpt.dist.mode import MultiRank
+    from asyncckpt.errors import UsageError
+    from asyncckpt.storage import PosixStorage
+    from asyncckpt.storage.localcopy import LocalCopyStorage
+
+    remote = PosixStorage(tmp_path / "remote")  # (any storage: the wrapper is what is refused)
+    storage = LocalCopyStorage(remote, PosixStorage(tmp_path / "copy"))
+    with pytest.raises(UsageError, match="local_copy= is not supported in distributed mode"):
+        MultiRank(None, timeout=5).writer(storage)
