@@ -40,8 +40,9 @@ def copied(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 
 def ddp_saves_its_share(rank: int, world: int, root: str) -> dict[str, Any]:
-    """Train a DDP model with Adam, save steps 1 and 2 through the checkpointer, change the
-    state, restore: the share figures, the state saved last and the state restored."""
+    """Train a DDP model with Adam, save steps 1 and 2 through the checkpointer (an optimizer
+    step right after the second save), restore: the share figures, the state at the second
+    save and the state restored."""
     model = ddp_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     options = {"process_group": dist.group.WORLD} if world == 1 else {}
@@ -52,10 +53,12 @@ def ddp_saves_its_share(rank: int, world: int, root: str) -> dict[str, Any]:
         ckpt.flush()
         first = dataclasses.asdict(share.stats)
         train(model, optimizer, 2)
-        ckpt.save(2, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
-        ckpt.flush()
         saved = copied(model, optimizer)
-        train(model, optimizer, 3)  # the live state moves on: the restore must bring step 2 back
+        ckpt.save(2, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
+        # At once, no flush: the optimizer step waits for the background copies of the tensors
+        # this rank staged (the overlap rule), so step 2 holds the state at save().
+        train(model, optimizer, 3)
+        ckpt.flush()
         restored = ckpt.restore({"model": model, "optimizer": optimizer})
     return {
         "stats": first,
