@@ -266,4 +266,4 @@ def list_checkpoints(
 def _step_info(storage: Storage, step: StepInfo) -> CheckpointInfo:
     folder = step_folder_name(step.step)
     size = sum(obj.size for obj in storage.ls(folder) if obj.kind == "file")
-    return CheckpointInfo(step.step, Path(step.folder), size, step.committed_at)
+    return CheckpointInfo(step.step, path_of(step.folder), size, step.committed_at)

@@ -92,6 +92,7 @@ class CoordinationGroup:
         what: str,
         error: Callable[..., Exception],
         call: tuple[str, int | None] | None = None,
+        same: tuple[str, Any] | None = None,
     ) -> T:
         """Run ``work`` here; return its result once every rank's ``work`` succeeded.
 
@@ -100,7 +101,10 @@ class CoordinationGroup:
         error; the others raise ``error(reason, rank=...)`` naming each failed rank and its
         error. Only success or the error's text travels between ranks. ``call`` (an operation
         and its step) is checked in the same exchange, as :meth:`agree` does, before anything
-        else: ``work`` must then have no effect the other ranks depend on.
+        else: ``work`` must then have no effect the other ranks depend on. ``same`` (a
+        description and a value) must be equal on every rank, checked in the same exchange after
+        the outcomes: otherwise every rank raises ``error`` naming the ranks that differ from
+        rank 0.
         """
         mine: BaseException | None = None
         result: T | None = None
@@ -110,10 +114,11 @@ class CoordinationGroup:
         except Exception as exc:
             mine = exc
             outcome = f"{type(exc).__name__}: {first_line(exc)}"
-        gathered = self.all_gather((call, outcome), what=what)
+        value = same[1] if same is not None else None
+        gathered = self.all_gather((call, outcome, value), what=what)
         if call is not None:
-            self._same_calls([c for c, _ in gathered], call)
-        outcomes = [o for _, o in gathered]
+            self._same_calls([c for c, _, _ in gathered], call)
+        outcomes = [o for _, o, _ in gathered]
         failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
         if failed:
             if mine is not None:
@@ -121,6 +126,13 @@ class CoordinationGroup:
             listing = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
             reason = f"{what} failed on {len(failed)} of {self.world_size} ranks: {listing}"
             raise error(reason, rank=failed[0][0])
+        differ = [rank for rank, (_, _, v) in enumerate(gathered) if v != gathered[0][2]]
+        if same is not None and differ:
+            reason = (
+                f"{what}: {same[0]} differ between ranks: rank(s) {differ[:8]} "
+                f"{'... ' if len(differ) > 8 else ''}do not match rank 0; every rank must hold the same"
+            )
+            raise error(reason, rank=differ[0])
         return result  # type: ignore[return-value]  # work() returned: result is a T
 
     def agree(self, operation: str, step: int | None) -> None:

@@ -27,10 +27,12 @@ from ..loading.options import Log
 from ..loading.rollback import LoadResult
 from ..saving.runner import Runner
 from ..saving.staging import Staged
-from ..storage import Location, Storage, open_storage
+from ..storage import Location, Storage, is_url, open_storage, path_of
+from ..storage.localcopy import LocalCopyStorage
 from .group import CoordinationGroup
 from .full import load_full
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
+from .share import ReplicaShare
 from .stage import StepPlan, plan_step
 from .writer import StepJob, StepWriter
 
@@ -49,12 +51,23 @@ class MultiRank:
         self.process_group = process_group
         self.timeout = timeout
         self._group: CoordinationGroup | None = None
+        self._share: ReplicaShare | None = None
+        self._storage: Storage | None = None  # the checkpointer's, once its writer is built
 
     def group(self) -> CoordinationGroup:
         """asyncckpt's own gloo group over the trainer's ranks (created once; collective)."""
         if self._group is None:
             self._group = CoordinationGroup(self.process_group, timeout=self.timeout)
         return self._group
+
+    @property
+    def share(self) -> ReplicaShare:
+        """This rank's share of the replicated tensors (see :mod:`asyncckpt.dist.share`);
+        ``share.stats`` holds the last save's figures."""
+        if self._share is None:
+            group = self.group()
+            self._share = ReplicaShare(group.rank, group.world_size)
+        return self._share
 
     def bind(self, log: ev.EventLog) -> None:
         """Mark every event of this rank's log with its rank (every rank shares one file)."""
@@ -67,16 +80,18 @@ class MultiRank:
                 "in distributed mode the state is a dict of name → module, optimizer, object with "
                 f"state_dict() or value; got {type(state).__qualname__}"
             )
-        return plan_step(step, state, metadata, overlap=overlap)
+        return plan_step(step, state, metadata, overlap=overlap, share=self.share)
 
     def job(self, planned: StepPlan, staged: Staged, runner: Runner, directory: Path) -> StepJob:
-        """The writer's job for a staged save."""
+        """The writer's job for a staged save (``path``: the step's folder in the checkpointer's
+        storage, a URL on an object store)."""
         plan = planned.plan
         name = catalog.step_folder_name(plan.step)
+        storage = self._storage
         return StepJob(
             step=plan.step,
             name=name,
-            path=directory / name,
+            path=directory / name if storage is None else path_of(storage.where(name)),
             tree=plan.snapshot.tree,
             tensors=plan.snapshot.tensors,
             metadata=plan.metadata,
@@ -84,25 +99,57 @@ class MultiRank:
             future=concurrent.futures.Future(),
             done_event=runner.done_event(),
             template=planned.template,
+            replicas=planned.replicas,
         )
 
     def writer(self, storage: Storage, **options: Any) -> StepWriter:
-        """The checkpointer's writer in distributed mode (``options`` as for ``Writer``)."""
+        """The checkpointer's writer in distributed mode (``options`` as for ``Writer``); its
+        ``storage`` (a POSIX directory or an object store) is then also the one restored from.
+
+        Raises :class:`UsageError` for a storage with a local copy (``local_copy=``), which
+        distributed mode does not support yet."""
+        if isinstance(storage, LocalCopyStorage):
+            raise UsageError(
+                "local_copy= is not supported in distributed mode yet; leave it out", path=storage.location
+            )
+        self._storage = storage
         return StepWriter(storage, group=self.group(), **options)
 
     def restore(
         self,
-        directory: Path,
+        directory: Location,
         objects: Mapping[str, Any],
         *,
         on_corrupt: OnCorrupt,
         expect: Any,
         log: Log | None = None,
     ) -> LoadResult | None:
-        """The collective restore of ``AsyncCheckpointer.restore`` (see :func:`restore_steps`)."""
+        """The collective restore of ``AsyncCheckpointer.restore`` (see :func:`restore_steps`),
+        from the checkpointer's storage once it is open, else from ``directory``.
+
+        Raises :class:`UsageError` for a checkpointer on an object store that is not open yet
+        (``directory`` no longer carries the URL's storage options)."""
+        where: Location | None = self._storage
+        if where is None:
+            if _lost_url(directory):
+                raise UsageError(
+                    "restore() on an object store in distributed mode needs the checkpointer open: "
+                    "call it inside `with AsyncCheckpointer(...) as ckpt:`",
+                    path=str(directory),
+                )
+            where = directory
         return restore_steps(
-            directory, objects, group=self.group(), on_corrupt=on_corrupt, expect=expect, log=log
+            where, objects, group=self.group(), on_corrupt=on_corrupt, expect=expect, log=log
         )
+
+
+def _lost_url(directory: Location) -> bool:
+    """Whether ``directory`` is a URL that went through ``Path`` (``s3://b/run`` → ``s3:/b/run``)."""
+    if isinstance(directory, Storage):
+        return False
+    text = str(directory)
+    scheme, sep, rest = text.partition(":/")
+    return bool(sep) and is_url(f"{scheme}://{rest}") and not is_url(text)
 
 
 def restore_steps(
@@ -126,7 +173,9 @@ def restore_steps(
     only (a multi-rank run cannot resume from them: see docs/MULTI_GPU.md).
     """
     if expect is not None:
-        raise UsageError("expect= does not apply to multi-rank steps: DCP checks the objects' keys and shapes")
+        raise UsageError(
+            "expect= does not apply to multi-rank steps: DCP checks the objects' keys and shapes"
+        )
     storage = open_storage(directory)
     restored = restore_latest(storage, objects, group=group, on_corrupt=on_corrupt, log=log)
     if restored is None:
@@ -153,7 +202,7 @@ def as_load_result(restored: RestoredStep, storage: Storage) -> LoadResult:
     return MultiRankLoadResult(
         state=restored.state,
         step=restored.step,
-        path=Path(storage.where(catalog.step_folder_name(restored.step))),
+        path=path_of(storage.where(catalog.step_folder_name(restored.step))),
         version=MULTI_RANK_VERSION,
         source=restored.source,
         diagnostics=restored.diagnostics,
@@ -198,7 +247,7 @@ def load_whole(storage: Storage, *, map_location: torch.device) -> MultiRankLoad
     return MultiRankLoadResult(
         state=moved(full.state),
         step=full.step,
-        path=Path(storage.where(catalog.step_folder_name(full.step))),
+        path=path_of(storage.where(catalog.step_folder_name(full.step))),
         version=MULTI_RANK_VERSION,
         source="fallback" if full.diagnostics else "primary",
         diagnostics=full.diagnostics,

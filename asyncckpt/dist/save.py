@@ -88,10 +88,15 @@ def write_step(
     group: CoordinationGroup,
     check_shards: bool = True,
     plan_caching: bool = False,
+    replicas: str | None = None,
 ) -> SavedStep:
     """The collective part of :func:`save_step`: agree on ``step``, run ``prepare`` on every
     rank (if it raises anywhere, every rank raises and nothing is written), let DCP plan, write
     each rank's shard, commit. Raises what :func:`save_step` raises.
+
+    ``replicas`` is the digest of the replicated tensors when each rank's state holds only its
+    share of them (:mod:`asyncckpt.dist.share`): if it differs between ranks, every rank raises
+    :class:`asyncckpt.CheckpointWriteError` before anything is written.
 
     ``prepare`` runs on the calling thread; the state it returns must not change until this
     returns (the background writer passes staged copies).
@@ -114,7 +119,11 @@ def write_step(
     # One exchange checks that every rank saves this step and that every rank is ready. (A rank
     # that saves another step has only built its writer meanwhile: nothing is written yet.)
     sharded, writer = coordination.gather_outcomes(
-        build, what=f"preparing step {step}", error=failed, call=("save", step)
+        build,
+        what=f"preparing step {step}",
+        error=failed,
+        call=("save", step),
+        same=("the replicated tensors (key paths and sizes)", replicas),
     )
     try:
         planner = SavePlanner(enable_plan_caching=plan_caching)

@@ -3,7 +3,8 @@
 ``AsyncCheckpointer`` in distributed mode stages a step like a single-file one, through the
 same staging pool, stager and step guard: :func:`plan_step` splits the state (DCP's state dicts
 of the modules and optimizers, and this rank's own values), replaces every DTensor (FSDP2,
-tensor parallel) by its local shard and flattens the result into a
+tensor parallel) by its local shard, leaves out the replicated tensors other ranks write
+(:mod:`asyncckpt.dist.share`) and flattens the result into a
 :class:`~asyncckpt.saving.plan.SavePlan`. The local shards are then copied like plain tensors:
 parameters and optimizer state while forward and backward run (the overlap rule), the rest
 before ``save()`` returns; on CUDA into pinned buffers on a side stream. In the writer thread,
@@ -37,6 +38,7 @@ from ..saving.snapshot import (
 )
 from ..saving.staging import Staged, StagedCopy
 from .save import Prepared
+from .share import ReplicaShare
 from .state import split_state
 
 
@@ -47,6 +49,7 @@ class StepPlan:
 
     plan: SavePlan
     template: Any
+    replicas: str | None = None  # the digest of the replicated tensors (see :mod:`.share`)
 
 
 class _Spec:
@@ -58,9 +61,13 @@ class _Spec:
         self.spec = spec
 
 
-def plan_step(step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool) -> StepPlan:
+def plan_step(
+    step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool, share: ReplicaShare | None = None
+) -> StepPlan:
     """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
 
+    With ``share``, the replicated tensors other ranks write are left out (never staged, never
+    watched): this rank stages its share of them only (see :mod:`asyncckpt.dist.share`).
     Call it on the training thread. Raises what :func:`~asyncckpt.dist.state.split_state` and
     the flattening raise (:class:`asyncckpt.UsageError`, :class:`asyncckpt.UnsupportedValueError`
     naming the key path), before anything is staged.
@@ -72,11 +79,12 @@ def plan_step(step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bo
         split = split_state(state)
         shards: dict[_ViewKey, DTensor] = {}
         local, template = localize(split.sharded, shards)
+        replicas = share.keep_own(local, template) if share is not None else None
         snapshot = _watch_dtensors(flatten({"sharded": local, "per_rank": split.per_rank}), shards)
         metadata_tree = flatten_metadata(metadata)
         deferred = guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
         plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
-    return StepPlan(plan, template)
+    return StepPlan(plan, template, replicas)
 
 
 def localize(tree: Any, shards: dict[_ViewKey, DTensor]) -> tuple[Any, Any]:

@@ -33,9 +33,11 @@ from .steps import delete_step, remove_uncommitted
 @dataclass(frozen=True, kw_only=True)
 class StepJob(Job):
     """A staged multi-rank step: ``tree`` / ``tensors`` flatten ``{"sharded", "per_rank"}`` and
-    ``template`` marks where DTensors stood (see :mod:`asyncckpt.dist.stage`)."""
+    ``template`` marks where DTensors stood (see :mod:`asyncckpt.dist.stage`); ``replicas`` is
+    the digest of the replicated tensors every rank must agree on (see :mod:`asyncckpt.dist.share`)."""
 
     template: Any = None
+    replicas: str | None = None
 
 
 class StepWriter(Writer):
@@ -51,7 +53,12 @@ class StepWriter(Writer):
         started = time.perf_counter()
         try:
             saved = write_step(
-                self.storage, job.step, lambda: self._prepare(job), group=self.group, plan_caching=True
+                self.storage,
+                job.step,
+                lambda: self._prepare(job),
+                group=self.group,
+                plan_caching=True,
+                replicas=job.replicas,
             )
         except CoordinationError as exc:  # steps differ, or a rank is gone: name it as a write failure
             error = CheckpointWriteError(

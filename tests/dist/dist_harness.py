@@ -31,6 +31,8 @@ _CONTEXT.set_forkserver_preload(
         "asyncckpt.dist",
         "dist_workers",
         "ckpt_workers",
+        "share_workers",
+        "remote_workers",
     ]
 )
 PG_TIMEOUT_S = 30.0

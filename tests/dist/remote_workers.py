@@ -1,0 +1,57 @@
+"""What the ranks of the object-store tests run (imported by the forkserver): multi-rank steps
+written to and restored from an S3 bucket (a moto server) through the checkpointer."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import dist_workers as w
+import torch
+
+import asyncckpt
+
+TIMEOUT_S = 20.0
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    """storage_options for s3fs against the moto server at ``endpoint``."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "use_listings_cache": False,
+    }
+
+
+def save_two_steps(rank: int, world: int, url: str, endpoint: str) -> dict[str, Any]:
+    """Train an FSDP2 MLP + Adam and save steps 1 and 2 to ``url``; the full state at step 1
+    (rank 0) and the steps listed."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    options = s3_options(endpoint)
+    with asyncckpt.AsyncCheckpointer(url, storage_options=options, coordination_timeout=TIMEOUT_S) as ckpt:
+        ckpt.save(1, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
+        ckpt.flush()
+        full = copy.deepcopy(w.full_state(model, optimizer))  # (its plain tensors are the live ones)
+        w.train(model, optimizer, 2)
+        handle = ckpt.save(2, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
+        ckpt.flush()
+    listed = asyncckpt.list_checkpoints(url, storage_options=options)
+    return {"full": full, "listed": [(c.step, str(c.path)) for c in listed], "path": str(handle.path)}
+
+
+def restore_from(rank: int, world: int, url: str, endpoint: str) -> dict[str, Any]:
+    """Restore into a fresh FSDP2 MLP + Adam from ``url``: the step, its diagnostics and the
+    full state restored (rank 0)."""
+    torch.manual_seed(50 + rank)
+    model, optimizer = w.fsdp_trained(9, 1)  # other weights: the restore must replace them
+    options = s3_options(endpoint)
+    with asyncckpt.AsyncCheckpointer(url, storage_options=options, coordination_timeout=TIMEOUT_S) as ckpt:
+        restored = ckpt.restore({"model": model, "optimizer": optimizer})
+    assert restored is not None
+    return {
+        "step": restored.step,
+        "path": str(restored.path),
+        "diagnostics": [(d.path, d.kind, d.reason) for d in restored.diagnostics],
+        "full": w.full_state(model, optimizer),
+    }
