@@ -10,7 +10,8 @@ round (A B C A B C ...), each run in a fresh process:
                 thread), asyncckpt (AsyncCheckpointIO plugin), asyncckpt-overlap (the plugin also
                 passed as a callback, so parameter and optimizer copies overlap training)
   transformers  none (save_strategy="no"), trainer (the Trainer's checkpoint-N/ folders),
-                asyncckpt (AsyncCheckpointTrainer)
+                asyncckpt (AsyncCheckpointTrainer), asyncckpt-overlap (overlap=True: parameter
+                and optimizer copies overlap forward and backward)
 
 Measured per run: the training time from the first step's start to the last step's end (the run
 goes on EVERY/2 steps past its last checkpoint, so a background write has time to finish, as in a
@@ -39,7 +40,7 @@ from typing import Any
 
 CONFIGS = {
     "lightning": ("none", "torch", "lightning-async", "asyncckpt", "asyncckpt-overlap"),
-    "transformers": ("none", "trainer", "asyncckpt"),
+    "transformers": ("none", "trainer", "asyncckpt", "asyncckpt-overlap"),
 }
 
 
@@ -184,8 +185,9 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
         disable_tqdm=True,
         logging_strategy="no",
     )
-    cls = AsyncCheckpointTrainer if config == "asyncckpt" else Trainer
-    trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[timer.hf_callback()])
+    cls = AsyncCheckpointTrainer if config.startswith("asyncckpt") else Trainer
+    extra = {"overlap": True} if config == "asyncckpt-overlap" else {}
+    trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[timer.hf_callback()], **extra)
     original = cls._save_checkpoint
 
     def timed_save(self: Any, *args: Any, **kwargs: Any) -> Any:
