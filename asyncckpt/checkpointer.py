@@ -245,6 +245,7 @@ class AsyncCheckpointer:
             self._sigterm.uninstall()
             self._sigterm = None
         self._stager.close()
+        self._mode.close()
         if runner is not None:
             runner.log.info(ev.WRITER_STOPPED, committed=self._stats.committed)
             runner.log.close()

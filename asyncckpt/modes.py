@@ -51,6 +51,9 @@ class SingleFiles:
     def bind(self, log: ev.EventLog) -> None:
         """Nothing to add to this process's events."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def plan(self, step: int, state: Any, metadata: Any, *, overlap: bool, live: Sequence[Any]) -> Planned:
         """Check and flatten ``state``; pick the blobs copied while training runs on."""
         refuse_dtensors(state)
@@ -130,6 +133,10 @@ class Distributed:
     def bind(self, log: ev.EventLog) -> None:
         """Mark every event with this rank (collective: every rank opens its checkpointer)."""
         self.multirank.bind(log)
+
+    def close(self) -> None:
+        """Destroy the coordination group once the writer has stopped (collective)."""
+        self.multirank.close()
 
     def plan(self, step: int, state: Any, metadata: Any, *, overlap: bool, live: Sequence[Any]) -> Any:
         """The plan of a multi-rank save (``live`` does not apply: the state holds the objects)."""

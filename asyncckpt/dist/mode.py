@@ -54,6 +54,14 @@ class MultiRank:
         self._share: ReplicaShare | None = None
         self._storage: Storage | None = None  # the checkpointer's, once its writer is built
 
+    def close(self) -> None:
+        """Destroy the coordination group (every rank does, as it closes its checkpointer), so
+        that it is gone before the trainer destroys its own process groups and exits; the next
+        use creates a new one."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.close()
+
     def group(self) -> CoordinationGroup:
         """asyncckpt's own gloo group over the trainer's ranks (created once; collective)."""
         if self._group is None:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import asyncckpt
+from asyncckpt.modes import Distributed
 
 TIMEOUT_S = 10.0
 LAYERS = 8
@@ -47,7 +48,9 @@ def ddp_saves_its_share(rank: int, world: int, root: str) -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     options = {"process_group": dist.group.WORLD} if world == 1 else {}
     with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, **options) as ckpt:
-        share = ckpt._multirank.share  # the seam: this rank's share of the replicated tensors
+        mode = ckpt._mode
+        assert isinstance(mode, Distributed)
+        share = mode.multirank.share  # the seam: this rank's share of the replicated tensors
         train(model, optimizer, 1)
         ckpt.save(1, {"model": model, "optimizer": optimizer})
         ckpt.flush()
