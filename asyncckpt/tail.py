@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .storage.posix import open_regular
+from .storage.localfile import open_regular
 
 READ_CHUNK = 1 << 16
 DEFAULT_POLL_INTERVAL = 0.1

@@ -13,8 +13,9 @@ from typing import Any
 
 from ..errors import UsageError
 from .base import Body, Cursor, ParallelReads, ReadHandle, Sink, Storage, StoredObject, Unfinished, Written
+from .localfile import PosixFile
 from .paths import CheckpointPath, RemotePath, is_url, local_path, path_of
-from .posix import OS, FdSink, FileOps, PosixFile, PosixStorage, WriteTimings, atomic_write
+from .posix import OS, FdSink, FileOps, PosixStorage, WriteTimings, atomic_write
 from .temps import is_temp_name
 
 Location = str | os.PathLike[str] | Storage

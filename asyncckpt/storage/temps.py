@@ -67,15 +67,15 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def temp_files(
-    folder: Path, prefix: str, *, scandir: Callable[[Path], Iterable[os.DirEntry[str]]] = os.scandir
-) -> list[str]:
-    """Abandoned temp files directly in ``folder``, named with ``prefix`` (listed by ``scandir``)."""
+def regular_temps(
+    folder: Path, scandir: Callable[[Path], Iterable[os.DirEntry[str]]] = os.scandir
+) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+    """Every temp file directly in ``folder`` that is a regular file (links not followed), with
+    its stat; none when ``folder`` is gone. A file removed while listed is left out."""
     try:
         entries = list(scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    now = time.time()
     found = []
     for entry in entries:
         if not is_temp_name(entry.name):
@@ -84,6 +84,18 @@ def temp_files(
             info = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if stat.S_ISREG(info.st_mode) and temp_is_abandoned(entry.name, info.st_mtime, now=now):
-            found.append(prefix + entry.name)
+        if stat.S_ISREG(info.st_mode):
+            found.append((entry, info))
     return found
+
+
+def temp_files(
+    folder: Path, prefix: str, *, scandir: Callable[[Path], Iterable[os.DirEntry[str]]] = os.scandir
+) -> list[str]:
+    """Abandoned temp files directly in ``folder``, named with ``prefix`` (listed by ``scandir``)."""
+    now = time.time()
+    return [
+        prefix + entry.name
+        for entry, info in regular_temps(folder, scandir)
+        if temp_is_abandoned(entry.name, info.st_mtime, now=now)
+    ]

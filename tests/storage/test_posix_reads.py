@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncckpt.storage.posix import IOV_MAX, PosixFile
+from asyncckpt.storage.localfile import IOV_MAX, PosixFile
 
 DATA = bytes(range(256)) * 64  # 16 KiB, every byte's value tells its offset modulo 256
 
