@@ -125,6 +125,21 @@ def write_step(
         call=("save", step),
         same=("the replicated tensors (key paths and sizes)", replicas),
     )
+    _plan_and_write(sharded, writer, step, coordination, plan_caching=plan_caching)
+    record = writer.storage.where(catalog.commit_record_name(step))
+    return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
+
+
+def _plan_and_write(
+    sharded: dict[str, Any],
+    writer: AsyncckptWriter,
+    step: int,
+    coordination: CoordinationGroup,
+    *,
+    plan_caching: bool,
+) -> None:
+    """Let DCP plan and write this rank's shard through ``writer`` (which commits); every
+    failure becomes a :class:`CheckpointWriteError` naming the step and this rank."""
     try:
         planner = SavePlanner(enable_plan_caching=plan_caching)
         if plan_caching:  # DCP keys its plan cache by class: one cache per location
@@ -139,8 +154,6 @@ def write_step(
         raise CheckpointWriteError(
             f"{lost.reason}; nothing was committed", rank=coordination.rank, step=step
         ) from exc
-    record = writer.storage.where(catalog.commit_record_name(step))
-    return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
 
 
 def solo_or(group: CoordinationGroup | None) -> CoordinationGroup:
