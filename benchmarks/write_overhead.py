@@ -206,6 +206,8 @@ def summarize_saves(
             # host memory kept allocated between saves (staging buffers)
             "held_bytes": method.state.nbytes if name == "copy_floor" else 0,
         }
+        # per run, in order: what the kernel did meanwhile (direct reclaim, compaction, faults)
+        entry["vmstat_runs"] = [r.extra.get("vmstat", {}) for r in runs[name]]
         if "copy_floor" in stall:
             entry["stall_vs_copy_floor"] = ratios(stall[name], stall["copy_floor"])
         if "write_floor" in durable and name != "copy_floor":

@@ -84,9 +84,11 @@ class SaveMethod:
     def run(self, step: int) -> SaveRun:
         before = system.rss_bytes()
         system.reset_peak_rss()
+        counters = system.vmstat()
         stall, durable = self.save(step)
         peak = system.peak_rss_bytes()
-        return SaveRun(stall, durable, max(0, peak - before), self.extra())
+        extra = self.extra() | {"vmstat": system.vmstat_delta(counters)}
+        return SaveRun(stall, durable, max(0, peak - before), extra)
 
     def extra(self) -> dict[str, Any]:
         return {}

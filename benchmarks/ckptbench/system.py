@@ -50,6 +50,33 @@ def reset_peak_rss() -> bool:
     return True
 
 
+# Kernel counters that show a save waiting on memory rather than on the disk: direct reclaim,
+# compaction of free memory into large pages (ext4's page cache uses large folios), faults.
+VMSTAT_KEYS = (
+    "allocstall_normal",
+    "allocstall_movable",
+    "compact_stall",
+    "pgscan_direct",
+    "pgmajfault",
+    "pgfault",
+)
+
+
+def vmstat() -> dict[str, int]:
+    """The :data:`VMSTAT_KEYS` counters of /proc/vmstat now (empty where there is none)."""
+    try:
+        with open("/proc/vmstat") as stats:
+            rows = (line.split() for line in stats)
+            return {key: int(value) for key, value in rows if key in VMSTAT_KEYS}
+    except OSError:
+        return {}
+
+
+def vmstat_delta(before: dict[str, int]) -> dict[str, int]:
+    """How much each counter of :func:`vmstat` grew since ``before``."""
+    return {key: value - before.get(key, 0) for key, value in vmstat().items()}
+
+
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that RSS shows live memory.
 
