@@ -39,6 +39,7 @@ from .remotefile import RemoteFile, parallel_reads
 from .retry import RetryPolicy
 
 UPLOAD_MARK = "?uploadId="  # in a leftover's name: an unfinished multipart upload of that key
+REUSE_LISTING_S = 10.0  # open() may take a name's version from a listing of its folder this recent
 
 
 class FsspecStorage(Storage):
@@ -68,6 +69,7 @@ class FsspecStorage(Storage):
         self.location = url.rstrip("/")
         self.options = UploadOptions(part_size, concurrency, retry or RetryPolicy(), server_checksums)
         self.store: ObjectStore = object_store(fs, self.options)
+        self._listed: tuple[str, float, dict[str, Versions]] = ("", 0.0, {})  # the last ls()
 
     def key(self, name: str) -> str:
         """The fsspec path of the object ``name`` (relative to the root)."""
@@ -133,6 +135,7 @@ class FsspecStorage(Storage):
                     path=self.where(written.name),
                 ) from exc
         publish_s = time.perf_counter() - started
+        self._listed = ("", 0.0, {})  # a listing from before is stale
         self._supersede(written.name, token)
         return publish_s
 
@@ -164,7 +167,20 @@ class FsspecStorage(Storage):
             self.store.delete(keys)
 
     def open(self, name: str) -> RemoteFile:
-        versions = self._versions(name)
+        """Open the newest committed version of ``name``: a LIST of its folder, then a GET of
+        the version's commit object. The last listing :meth:`ls` made, when it is of the folder
+        and within ``REUSE_LISTING_S`` (a load lists, then opens), stands in for the LIST when the
+        version it names is still committed: its commit object is read either way, and one that
+        is gone (superseded or deleted since) makes the open list the folder again."""
+        folder, _, base = name.rpartition("/")
+        listed_folder, when, names = self._listed
+        listed = names.get(base) if listed_folder == folder else None
+        if listed is not None and listed.current() and time.monotonic() - when <= REUSE_LISTING_S:
+            with contextlib.suppress(FileNotFoundError):
+                return self._open_version(name, listed)
+        return self._open_version(name, self._versions(name))
+
+    def _open_version(self, name: str, versions: Versions) -> RemoteFile:
         token = versions.current()
         if token is None:
             if versions.plain is not None:
@@ -190,8 +206,11 @@ class FsspecStorage(Storage):
         return names.get(base, Versions())
 
     def ls(self, under: str = "") -> list[StoredObject]:
-        prefix = f"{under.strip('/')}/" if under.strip("/") else ""
-        names, folders = group(self.store.listdir(self.key(under.strip("/"))))
+        folder = under.strip("/")
+        prefix = f"{folder}/" if folder else ""
+        started = time.monotonic()
+        names, folders = group(self.store.listdir(self.key(folder)))
+        self._listed = (folder, started, names)  # for open(), see there
         found = [StoredObject(prefix + _base(f), "dir", 0, f.modified) for f in folders]
         for name, versions in names.items():
             token = versions.current()
