@@ -117,15 +117,16 @@ def open_target(
     of its folder, its name)``.
 
     A local path is a file unless it is a directory. A URL is a file when its last segment is
-    a checkpoint's or a legacy file's name (``.../step-0000000300.ckpt``, ``.../model.pt``)
-    and it does not end in ``/``; object stores have no directories to ask.
+    a checkpoint's, a named checkpoint's or a legacy file's name (``.../step-0000000300.ckpt``,
+    ``.../last.ckpt``, ``.../model.pt``) and it does not end in ``/``; object stores have no
+    directories to ask.
     """
     if isinstance(location, Storage):
         return location, None
     text = os.fspath(location)
     if is_url(text):
         folder, _, base = text.rpartition("/")
-        if base and kind_of(base) in ("checkpoint", "legacy") and not folder.endswith(":/"):
+        if base and kind_of(base) in ("checkpoint", "named", "legacy") and not folder.endswith(":/"):
             return open_storage(folder, storage_options=storage_options), base
         return open_storage(text, storage_options=storage_options), None
     path = Path(local_path(text))

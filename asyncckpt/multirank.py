@@ -26,6 +26,7 @@ from . import catalog
 from .errors import CorruptedCheckpointError, IncompatibleCheckpointError, UnsupportedValueError, UsageError
 from .loading import LoadResult, Log, MapLocation, OnCorrupt, Verify
 from .loading import load_latest as load_single_files
+from .loading.candidates import unlistable
 from .loading.report import SUMMARY_EVENT
 from .storage import Location, Storage, open_storage
 
@@ -117,7 +118,11 @@ def load_latest(
     full (``verify`` does not apply); ``expect`` is refused (:class:`UsageError`).
     """
     storage = open_storage(directory, storage_options=storage_options)
-    if not newest_is_multi_rank(storage):
+    try:
+        multi_rank = newest_is_multi_rank(storage)
+    except PermissionError as exc:
+        raise unlistable(storage.location, exc) from exc
+    if not multi_rank:
         return load_single_files(
             directory,
             map_location=map_location,

@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from .. import catalog
 from .. import format as fmt
 from ..errors import CheckpointError, CorruptedCheckpointError, Diagnostic
-from ..storage import Location, Storage, open_storage
+from ..storage import Location, open_storage
 from .commit import read_record
 from .planner import decode_value
 from .record import CommitRecord, ItemLocation
@@ -72,35 +72,33 @@ def _check_shard(shards: ShardFiles, record: CommitRecord, rank: int) -> None:
 def delete_step(location: Location, step: int) -> None:
     """Remove ``step`` durably: its commit record first, so that the step stops existing at once
     and a crash halfway leaves an uncommitted folder, never a committed step missing a shard;
-    then its other files and temp files, then the folder."""
+    then its other files and what abandoned writes left in it, then the folder."""
     storage = open_storage(location)
     folder = catalog.step_folder_name(step)
     storage.delete([catalog.commit_record_name(step)])
-    _empty(storage, folder)
+    stray = storage.leftovers_in(folder)
+    storage.delete([obj.name for obj in storage.ls(folder) if obj.kind == "file"])
+    storage.remove_leftovers(stray)
+    storage.delete([folder])
 
 
 def remove_uncommitted(location: Location) -> list[str]:
     """Remove every step folder without a commit record (saves that failed or were
-    interrupted) and the temp files left in step folders; return the folders removed.
+    interrupted) and what abandoned writes left in step folders (temp files; on object stores
+    uploads without their commit object); return the folders removed.
 
-    Call it at start-up on one rank, before any save: an in-flight save looks the same.
+    What a live writer may still be writing is kept (see :meth:`Storage.leftovers`). Call it at
+    start-up on one rank, before any save: an in-flight save of this run looks the same.
     """
     storage = open_storage(location)
     folders = catalog.uncommitted_step_folders(storage)
-    for folder in folders:
-        _empty(storage, folder)
     stray = [
         name
         for name in storage.leftovers()
         if "/" in name and catalog.parse_step_folder(name.partition("/")[0]) is not None
     ]
+    for folder in folders:
+        storage.delete([obj.name for obj in storage.ls(folder) if obj.kind == "file"])
     storage.remove_leftovers(stray)
+    storage.delete(folders)
     return folders
-
-
-def _empty(storage: Storage, folder: str) -> None:
-    files = [obj.name for obj in storage.ls(folder) if obj.kind == "file"]
-    temps = [name for name in storage.leftovers() if name.startswith(f"{folder}/")]
-    storage.delete(files)
-    storage.remove_leftovers(temps)
-    storage.delete([folder])

@@ -13,6 +13,7 @@ candidate.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -57,9 +58,14 @@ class Candidate:
 
 def discover(storage: Storage) -> list[Candidate]:
     """The candidates of ``storage``'s root, newest step first (an asyncckpt file before a legacy
-    one of the same step; legacy files without a step last). A missing root has none."""
+    one of the same step; legacy files without a step last). A missing root has none; one that
+    may not be listed raises :func:`unlistable`'s :class:`CheckpointError`."""
+    try:
+        listing = storage.ls()
+    except PermissionError as exc:
+        raise unlistable(storage.location, exc) from exc
     found = []
-    for entry in storage.ls():
+    for entry in listing:
         if entry.kind != "file":
             continue
         kind = kind_of(entry.name)
@@ -141,6 +147,17 @@ def check_named_step(candidate: Candidate, step: int) -> None:
 def unreadable(where: str, exc: OSError) -> CorruptedCheckpointError:
     """The diagnosis of an object the storage fails to read."""
     return CorruptedCheckpointError(f"cannot be read: {exc.strerror or exc}", path=where)
+
+
+def unlistable(location: str, exc: OSError) -> CheckpointError:
+    """The error of a run directory a reader may not list (EACCES, EPERM): it cannot tell whether
+    the directory holds checkpoints, so it never answers "none" (a fresh start) either."""
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return CheckpointError(
+        f"cannot read the run directory ({name}: {exc.strerror or exc}); cannot tell whether it holds "
+        "checkpoints: fix its permissions (or the path) and retry",
+        path=location,
+    )
 
 
 def unopenable(where: str, exc: OSError) -> CorruptedCheckpointError:

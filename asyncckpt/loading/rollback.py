@@ -78,8 +78,9 @@ def load_latest(
     Raises :class:`NoValidCheckpointError` (``path``: the directory) when no candidate is
     usable, with every diagnosis in its ``diagnostics``; for an empty or missing directory its
     reason is "no checkpoints" and ``diagnostics`` is empty. :class:`UsageError` for a bad
-    option, ``NotADirectoryError`` when ``directory`` is a file. Blocking: call it from a worker
-    thread in async code.
+    option, ``NotADirectoryError`` when ``directory`` is a file, :class:`CheckpointError`
+    (``path``: the directory) when it may not be listed (permission denied). Blocking: call it
+    from a worker thread in async code.
 
     ``directory`` may be a URL (``s3://bucket/run``): ``storage_options`` go to fsspec
     (credentials, ``endpoint_url``, ...), the candidates come from one LIST, and blobs are read

@@ -65,6 +65,9 @@ class AbandonableStorage(Storage):
     def leftovers(self) -> list[str]:
         return self.inner.leftovers()
 
+    def leftovers_in(self, folder: str) -> list[str]:
+        return self.inner.leftovers_in(folder)
+
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.inner.remove_leftovers(names)
 

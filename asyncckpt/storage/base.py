@@ -229,7 +229,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def leftovers(self) -> list[str]:
-        """Names of what crashed writers left behind (temp files); never readable checkpoints."""
+        """Names of what crashed writers left behind (temp files, uploads without their commit
+        object) that no live writer owns, in the root and in its folders one level down
+        (multi-rank step folders); never readable checkpoints."""
+
+    def leftovers_in(self, folder: str) -> list[str]:
+        """:meth:`leftovers` directly inside ``folder`` (a multi-rank step folder). This default
+        filters the whole listing; a storage that can look at one folder alone does."""
+        prefix = f"{folder.strip('/')}/"
+        return [n for n in self.leftovers() if n.startswith(prefix) and "/" not in n[len(prefix) :]]
 
     @abc.abstractmethod
     def remove_leftovers(self, names: Sequence[str]) -> None:

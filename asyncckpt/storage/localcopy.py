@@ -197,6 +197,10 @@ class LocalCopyStorage(Storage):
     def leftovers(self) -> list[str]:
         return self.remote.leftovers() + [LOCAL_MARK + name for name in self.local.leftovers()]
 
+    def leftovers_in(self, folder: str) -> list[str]:
+        local = [LOCAL_MARK + name for name in self.local.leftovers_in(folder)]
+        return self.remote.leftovers_in(folder) + local
+
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.remote.remove_leftovers([n for n in names if not n.startswith(LOCAL_MARK)])
         local = [n.removeprefix(LOCAL_MARK) for n in names if n.startswith(LOCAL_MARK)]

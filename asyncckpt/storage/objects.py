@@ -182,7 +182,7 @@ class ObjectStore:
         return StreamUpload(self.fs, key, self.options)
 
     def pending_uploads(self, folder: str) -> list[PendingUpload]:
-        """Unfinished multipart uploads directly inside ``folder`` (none for a generic store)."""
+        """Unfinished multipart uploads under ``folder``, at any depth (none for a generic store)."""
         return []
 
     def abort(self, pending: PendingUpload) -> None:
@@ -271,9 +271,8 @@ class S3ObjectStore(ObjectStore):
         while True:
             reply = self.retry(lambda: self.call("list_multipart_uploads", **kwargs))
             for upload in reply.get("Uploads") or []:
-                if "/" not in upload["Key"][len(prefix) :]:
-                    started = _modified({"LastModified": upload.get("Initiated")})
-                    found.append(PendingUpload(f"{bucket}/{upload['Key']}", upload["UploadId"], started))
+                started = _modified({"LastModified": upload.get("Initiated")})
+                found.append(PendingUpload(f"{bucket}/{upload['Key']}", upload["UploadId"], started))
             if not reply.get("IsTruncated"):
                 return found
             kwargs["KeyMarker"] = reply.get("NextKeyMarker")

@@ -301,6 +301,11 @@ class PosixStorage(Storage):
             found += temp_files(self.root / folder, f"{folder}/", scandir=self.ops.scandir)
         return sorted(found)
 
+    def leftovers_in(self, folder: str) -> list[str]:
+        """:meth:`leftovers` directly inside ``folder`` (one directory scanned)."""
+        folder = folder.strip("/")
+        return sorted(temp_files(self.path(folder), f"{folder}/", scandir=self.ops.scandir))
+
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
 

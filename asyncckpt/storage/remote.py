@@ -39,6 +39,7 @@ from .remotefile import RemoteFile, parallel_reads
 from .retry import RetryPolicy
 
 UPLOAD_MARK = "?uploadId="  # in a leftover's name: an unfinished multipart upload of that key
+REUSE_LISTING_S = 10.0  # open() may take a name's version from a listing of its folder this recent
 
 
 class FsspecStorage(Storage):
@@ -68,6 +69,7 @@ class FsspecStorage(Storage):
         self.location = url.rstrip("/")
         self.options = UploadOptions(part_size, concurrency, retry or RetryPolicy(), server_checksums)
         self.store: ObjectStore = object_store(fs, self.options)
+        self._listed: tuple[str, float, dict[str, Versions]] = ("", 0.0, {})  # the last ls()
 
     def key(self, name: str) -> str:
         """The fsspec path of the object ``name`` (relative to the root)."""
@@ -133,6 +135,7 @@ class FsspecStorage(Storage):
                     path=self.where(written.name),
                 ) from exc
         publish_s = time.perf_counter() - started
+        self._listed = ("", 0.0, {})  # a listing from before is stale
         self._supersede(written.name, token)
         return publish_s
 
@@ -164,7 +167,20 @@ class FsspecStorage(Storage):
             self.store.delete(keys)
 
     def open(self, name: str) -> RemoteFile:
-        versions = self._versions(name)
+        """Open the newest committed version of ``name``: a LIST of its folder, then a GET of
+        the version's commit object. The last listing :meth:`ls` made, when it is of the folder
+        and within ``REUSE_LISTING_S`` (a load lists, then opens), stands in for the LIST when the
+        version it names is still committed: its commit object is read either way, and one that
+        is gone (superseded or deleted since) makes the open list the folder again."""
+        folder, _, base = name.rpartition("/")
+        listed_folder, when, names = self._listed
+        listed = names.get(base) if listed_folder == folder else None
+        if listed is not None and listed.current() and time.monotonic() - when <= REUSE_LISTING_S:
+            with contextlib.suppress(FileNotFoundError):
+                return self._open_version(name, listed)
+        return self._open_version(name, self._versions(name))
+
+    def _open_version(self, name: str, versions: Versions) -> RemoteFile:
         token = versions.current()
         if token is None:
             if versions.plain is not None:
@@ -190,8 +206,11 @@ class FsspecStorage(Storage):
         return names.get(base, Versions())
 
     def ls(self, under: str = "") -> list[StoredObject]:
-        prefix = f"{under.strip('/')}/" if under.strip("/") else ""
-        names, folders = group(self.store.listdir(self.key(under.strip("/"))))
+        folder = under.strip("/")
+        prefix = f"{folder}/" if folder else ""
+        started = time.monotonic()
+        names, folders = group(self.store.listdir(self.key(folder)))
+        self._listed = (folder, started, names)  # for open(), see there
         found = [StoredObject(prefix + _base(f), "dir", 0, f.modified) for f in folders]
         for name, versions in names.items():
             token = versions.current()
@@ -217,20 +236,36 @@ class FsspecStorage(Storage):
             self.store.delete([e.key for v in chosen for e in _data_and_plain(v)])
 
     def leftovers(self) -> list[str]:
-        """Stale commit and data objects, and unfinished uploads, that no live writer owns.
+        """Stale commit and data objects, and unfinished uploads, that no live writer owns, in
+        the root and in its folders one level down (multi-rank step folders).
 
         A writer is live when it runs on this host, or ran elsewhere within ``STALE_TEMP_S``
         (as for POSIX temp files). Names of unfinished multipart uploads end in
-        ``?uploadId=<id>``.
+        ``?uploadId=<id>``. One LIST per folder, one listing of the unfinished uploads.
         """
         now = time.time()
-        names, _ = group(self.store.listdir(self.root))
-        found = [_base(entry) for versions in names.values() for entry in versions.leftovers(now=now)]
-        for pending in self.store.pending_uploads(self.root):
-            parsed = parse_versioned(_base_key(pending.key))
-            if parsed is None or owner_is_gone(parsed[1], pending.started, now=now):
-                found.append(f"{_base_key(pending.key)}{UPLOAD_MARK}{pending.upload_id}")
+        names, folders = group(self.store.listdir(self.root))
+        found = _stale(names, "", now=now)
+        for folder in folders:
+            found += _stale(group(self.store.listdir(folder.key))[0], f"{_base(folder)}/", now=now)
+        uploads = self._pending("")
+        found += [_upload_name(name, p) for name, p in uploads if name.count("/") <= 1 and _gone(p, now)]
         return sorted(found)
+
+    def leftovers_in(self, folder: str) -> list[str]:
+        """:meth:`leftovers` directly inside ``folder``: one LIST, one listing of the uploads."""
+        folder = folder.strip("/")
+        now = time.time()
+        names, _ = group(self.store.listdir(self.key(folder)))
+        found = _stale(names, f"{folder}/", now=now)
+        uploads = self._pending(folder)
+        found += [_upload_name(n, p) for n, p in uploads if _folder_of(n) == folder and _gone(p, now)]
+        return sorted(found)
+
+    def _pending(self, folder: str) -> list[tuple[str, PendingUpload]]:
+        """Unfinished uploads under ``folder`` at any depth, each with its key relative to the root."""
+        start = len(self.root) + 1
+        return [(p.key[start:], p) for p in self.store.pending_uploads(self.key(folder))]
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         uploads = [n for n in names if UPLOAD_MARK in n]
@@ -254,11 +289,12 @@ class FsspecStorage(Storage):
             for token, entry in versions.data.items():
                 if token > current and token not in versions.commits:
                     found.append(Unfinished(prefix + name, prefix + _base(entry), entry.size, entry.modified))
-        for pending in self.store.pending_uploads(self.key(folder)):
-            parsed = parse_versioned(_base_key(pending.key))
-            label = f"{prefix}{_base_key(pending.key)}{UPLOAD_MARK}{pending.upload_id}"
-            name = prefix + (parsed[0] if parsed else _base_key(pending.key))
-            found.append(Unfinished(name, label, 0, pending.started))
+        for relative, pending in self._pending(folder):
+            if _folder_of(relative) != folder:
+                continue
+            parsed = parse_versioned(_base_key(relative))
+            name = prefix + (parsed[0] if parsed else _base_key(relative))
+            found.append(Unfinished(name, _upload_name(relative, pending), 0, pending.started))
         return sorted(found, key=lambda u: u.label)
 
     def append_line(self, name: str, line: str) -> None:
@@ -306,6 +342,25 @@ def _base(entry: Entry) -> str:
 
 def _base_key(key: str) -> str:
     return key.rpartition("/")[2]
+
+
+def _stale(names: dict[str, Versions], prefix: str, *, now: float) -> list[str]:
+    """The leftovers of one folder's grouped listing (see :meth:`Versions.leftovers`), by name."""
+    return [prefix + _base(entry) for versions in names.values() for entry in versions.leftovers(now=now)]
+
+
+def _gone(pending: PendingUpload, now: float) -> bool:
+    """Whether no live writer can finish ``pending`` (an upload not named like ours has none)."""
+    parsed = parse_versioned(_base_key(pending.key))
+    return parsed is None or owner_is_gone(parsed[1], pending.started, now=now)
+
+
+def _upload_name(relative: str, pending: PendingUpload) -> str:
+    return f"{relative}{UPLOAD_MARK}{pending.upload_id}"
+
+
+def _folder_of(relative: str) -> str:
+    return relative.rpartition("/")[0]
 
 
 def _data_and_plain(versions: Versions) -> list[Entry]:

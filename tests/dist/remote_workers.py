@@ -55,3 +55,36 @@ def restore_from(rank: int, world: int, url: str, endpoint: str) -> dict[str, An
         "diagnostics": [(d.path, d.kind, d.reason) for d in restored.diagnostics],
         "full": w.full_state(model, optimizer),
     }
+
+
+def leave_half_step(rank: int, world: int, url: str, endpoint: str, part_size: int) -> None:
+    """What a save of step 3 killed before its commit record leaves, then exit (the harness's
+    ``os._exit``: no clean-up runs): rank 0's shard committed, rank 1's shard uploaded without
+    its commit object, and rank 1's re-upload of its step-2 shard started, never finished (an
+    unfinished multipart upload in a committed step's folder)."""
+    from asyncckpt import catalog
+    from asyncckpt.storage.records import data_name, new_token
+    from asyncckpt.storage.remote import FsspecStorage
+
+    storage = FsspecStorage(url, storage_options=s3_options(endpoint), part_size=part_size)
+
+    def shard(sink: Any) -> int:
+        sink.write(b"shard bytes" * 100)
+        return 1100
+
+    written = storage.write(catalog.shard_name(3, rank), shard)
+    if rank == 0:
+        storage.commit(written)
+        return
+    upload = storage.store.upload(storage.key(data_name(catalog.shard_name(2, 1), new_token())))
+    upload.write(bytes(part_size + 1))  # the first part is sent: the multipart upload exists
+
+
+def save_one_step(rank: int, world: int, url: str, endpoint: str, step: int) -> list[int]:
+    """Open a checkpointer on ``url`` and save ``step`` of an FSDP2 MLP + Adam; the steps listed."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    options = s3_options(endpoint)
+    with asyncckpt.AsyncCheckpointer(url, storage_options=options, coordination_timeout=TIMEOUT_S) as ckpt:
+        ckpt.save(step, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()})
+        ckpt.flush()
+    return [c.step for c in asyncckpt.list_checkpoints(url, storage_options=options)]

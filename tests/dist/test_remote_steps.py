@@ -88,6 +88,36 @@ def test_two_steps_on_s3_and_a_corrupted_shard_falls_back_on_every_rank(
     assert not Path("s3:").exists()  # nothing went to a local folder named after the URL
 
 
+def test_the_first_save_removes_what_a_crashed_save_left_in_step_folders(
+    moto_endpoint: str, s3_url: str
+) -> None:
+    import s3fs
+
+    from storage.conftest import PART
+
+    values(run_world(rw.save_two_steps, 2, s3_url, moto_endpoint, deadline=180))
+    fs = s3fs.S3FileSystem(**rw.s3_options(moto_endpoint))
+    bucket, _, run = s3_url.removeprefix("s3://").partition("/")
+    folders = [f"{bucket}/{run}/{catalog.step_folder_name(step)}" for step in (1, 2, 3)]
+
+    def step_objects() -> dict[str, bytes]:
+        return {key: fs.cat_file(key) for folder in folders for key in fs.find(folder)}
+
+    def uploads() -> list[str]:
+        return [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads") or []]
+
+    committed = step_objects()
+    values(run_world(rw.leave_half_step, 2, s3_url, moto_endpoint, PART, deadline=120))
+    assert len(step_objects()) == len(committed) + 3  # rank 0's data and commit, rank 1's data
+    assert len(uploads()) == 1
+
+    listed = values(run_world(rw.save_one_step, 2, s3_url, moto_endpoint, 4, deadline=180))
+
+    assert listed == [[1, 2, 4], [1, 2, 4]]
+    assert step_objects() == committed  # step 3 is gone; steps 1 and 2 byte for byte as they were
+    assert uploads() == []
+
+
 def test_restore_before_the_checkpointer_is_open_on_an_object_store_is_refused() -> None:
     """Not open, the distributed side knows the directory only as a ``Path`` (which loses the
     URL and its storage options): it refuses instead of reading a local folder named ``s3:``."""

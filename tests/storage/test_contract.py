@@ -255,6 +255,24 @@ def test_what_an_interrupted_write_left_is_a_leftover_and_nothing_else(storage: 
     assert read_all(storage, "a.ckpt") == OTHER
 
 
+def test_what_an_interrupted_write_left_in_a_folder_is_a_leftover_of_that_folder(
+    backend: Backend, storage: Storage
+) -> None:
+    backend.folder(storage, "step-0000000001")
+    save(storage, "step-0000000001/rank-0.ckpt", OTHER)
+    storage.write("step-0000000001/rank-1.ckpt", body_of(DATA))  # never committed: "crashed"
+
+    leftovers = storage.leftovers()
+
+    assert len(leftovers) == 1 and leftovers[0].startswith("step-0000000001/")
+    assert storage.leftovers_in("step-0000000001") == leftovers
+    assert storage.leftovers_in("step-0000000002") == []
+    storage.remove_leftovers(leftovers)
+    assert storage.leftovers() == [] and storage.leftovers_in("step-0000000001") == []
+    assert [o.name for o in storage.ls("step-0000000001")] == ["step-0000000001/rank-0.ckpt"]
+    assert read_all(storage, "step-0000000001/rank-0.ckpt") == OTHER
+
+
 def test_append_line_appends_lines(storage: Storage) -> None:
     storage.append_line("failed_checkpoints.txt", "first")
     storage.append_line("failed_checkpoints.txt", "second\n")

@@ -19,7 +19,7 @@ import torch
 from asyncckpt import format as fmt
 from asyncckpt.errors import CheckpointWriteError, CorruptedCheckpointError, UnsupportedVersionError
 from asyncckpt.format import TensorRef
-from asyncckpt.storage import Sink
+from asyncckpt.storage import Sink, remote
 from asyncckpt.storage.records import CommitRecord, parse_versioned
 from asyncckpt.storage.remote import FsspecStorage
 
@@ -125,6 +125,33 @@ def test_a_data_object_without_its_commit_object_is_never_read(make_s3: MakeS3) 
     with pytest.raises(FileNotFoundError):
         storage.open(NAME)
     assert storage.leftovers() == [data_key]
+
+
+def test_an_open_right_after_a_listing_reuses_it_and_never_opens_a_superseded_version(
+    make_s3: MakeS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "REUSE_LISTING_S", 600.0)  # however slow this machine is today
+    storage = make_s3()
+    save(storage, NAME, OTHER)
+    listings: list[str] = []
+    real_listdir = storage.store.listdir
+
+    def counted(folder: str) -> Any:
+        listings.append(folder)
+        return real_listdir(folder)
+
+    storage.store.listdir = counted  # type: ignore[method-assign]
+    assert [o.name for o in storage.ls()] == [NAME]
+    assert read_all(storage, NAME) == OTHER
+    assert len(listings) == 1  # the open took the version from the listing, then its commit object
+
+    other = make_s3()  # another writer re-saves the name: the listed version's commit object goes
+    save(other, NAME, DATA)
+    assert read_all(storage, NAME) == DATA  # so the open lists the folder again
+    other.delete([NAME])
+    with pytest.raises(FileNotFoundError):
+        storage.open(NAME)
+    assert len(listings) == 3
 
 
 def test_a_damaged_commit_object_is_refused(make_s3: MakeS3) -> None:
