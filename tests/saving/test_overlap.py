@@ -221,7 +221,9 @@ def test_restore_waits_for_a_pending_copy_before_loading(
         result = ckpt.restore({"model": model, "optimizer": optimizer})  # an in-process rollback
         assert copied_first == [True]
         path = handle.result(timeout=30)
-    assert result is not None and result.step == 1  # step 2 was not committed yet at the time
+    # Once the copy is done the writer runs on: step 2 may or may not be committed by the time
+    # the restore lists the directory; either way it restored a committed step.
+    assert result is not None and result.step in (1, 2)
     assert saved_matches(path, expected)
 
 
