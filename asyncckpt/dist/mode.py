@@ -29,8 +29,9 @@ from ..saving.runner import Runner
 from ..saving.staging import Staged
 from ..storage import Location, Storage, is_url, open_storage, path_of
 from ..storage.localcopy import LocalCopyStorage
-from .group import CoordinationGroup
+from .dicts import StateDicts
 from .full import load_full
+from .group import CoordinationGroup
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
 from .share import ReplicaShare
 from .stage import StepPlan, plan_step
@@ -53,6 +54,7 @@ class MultiRank:
         self._group: CoordinationGroup | None = None
         self._share: ReplicaShare | None = None
         self._storage: Storage | None = None  # the checkpointer's, once its writer is built
+        self.dicts = StateDicts()  # DCP's state dicts of plain modules, names learned per structure
 
     def close(self) -> None:
         """Destroy the coordination group (every rank does, as it closes its checkpointer), so
@@ -88,7 +90,7 @@ class MultiRank:
                 "in distributed mode the state is a dict of name → module, optimizer, object with "
                 f"state_dict() or value; got {type(state).__qualname__}"
             )
-        return plan_step(step, state, metadata, overlap=overlap, share=self.share)
+        return plan_step(step, state, metadata, overlap=overlap, share=self.share, dicts=self.dicts)
 
     def job(self, planned: StepPlan, staged: Staged, runner: Runner, directory: Path) -> StepJob:
         """The writer's job for a staged save (``path``: the step's folder in the checkpointer's

@@ -15,7 +15,6 @@ buffers (each DTensor again, around its staged local shard), which
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from ..saving.snapshot import (
     storage_key,
 )
 from ..saving.staging import Staged, StagedCopy
+from .dicts import StateDicts
 from .save import Prepared
 from .share import ReplicaShare
 from .state import split_state
@@ -62,12 +62,20 @@ class _Spec:
 
 
 def plan_step(
-    step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool, share: ReplicaShare | None = None
+    step: int,
+    state: Mapping[str, Any],
+    metadata: Any,
+    *,
+    overlap: bool,
+    share: ReplicaShare | None = None,
+    dicts: StateDicts | None = None,
 ) -> StepPlan:
     """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
 
     With ``share``, the replicated tensors other ranks write are left out (never staged, never
-    watched): this rank stages its share of them only (see :mod:`asyncckpt.dist.share`).
+    watched): this rank stages its share of them only (see :mod:`asyncckpt.dist.share`). With
+    ``dicts``, DCP's state dicts of plain modules and optimizers are built from names learned
+    once per structure (see :mod:`asyncckpt.dist.dicts`).
     Call it on the training thread. Raises what :func:`~asyncckpt.dist.state.split_state` and
     the flattening raise (:class:`asyncckpt.UsageError`, :class:`asyncckpt.UnsupportedValueError`
     naming the key path), before anything is staged.
@@ -76,13 +84,15 @@ def plan_step(
     # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
     # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
     with gc_paused():
-        split = split_state(state)
+        split = split_state(state, dicts)
         shards: dict[_ViewKey, DTensor] = {}
         local, template = localize(split.sharded, shards)
         replicas = share.keep_own(local, template) if share is not None else None
         snapshot = _watch_dtensors(flatten({"sharded": local, "per_rank": split.per_rank}), shards)
         metadata_tree = flatten_metadata(metadata)
-        deferred = guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
+        deferred = (
+            guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
+        )
         plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
     return StepPlan(plan, template, replicas)
 
@@ -162,7 +172,9 @@ def guarded_blobs(
             params.update(storage_key(_local(param)) for param in group["params"])
         for per_param in per_param_states:
             if isinstance(per_param, Mapping):
-                state.update(storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor))
+                state.update(
+                    storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor)
+                )
     seen = {storage_key(_local(param)) for module in modules for param in module.parameters()}
     written = {
         storage_key(_local(sub.weight))
