@@ -3,6 +3,7 @@ of two state dicts both sides use: ``StateDicts`` against DCP's own functions.""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -10,7 +11,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+import asyncckpt
 from asyncckpt.dist.dicts import StateDicts
+from asyncckpt.modes import Distributed
+
+TIMEOUT_S = 10.0
 
 
 def same(ours: Any, theirs: Any, path: str = "") -> str | None:
@@ -101,3 +106,40 @@ def fsdp_goes_to_dcp(rank: int, world: int) -> dict[str, Any]:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     train(net, optimizer)
     return compare(StateDicts(), net, optimizer)
+
+
+def ddp_reuses_its_plans(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Three saves of a DDP model and Adam over its first layer, then a param group added and a
+    fourth save; a restore of the fourth into fresh objects. The planner's counts after the
+    third and the fourth save, the optimizer's state at the fourth save and restored."""
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    params = list(net.parameters())
+    optimizer = torch.optim.Adam(params[:2], lr=1e-2)
+    state = {"model": net, "optimizer": optimizer}
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        mode = ckpt._mode
+        assert isinstance(mode, Distributed)
+        planner = mode.multirank.planner  # the seam: what the last save decided
+        for step in (1, 2, 3):
+            train(net, optimizer)
+            ckpt.save(step, state)
+        ckpt.flush()
+        counts = [(planner.structures.hits, planner.structures.misses, planner.dicts.learned)]
+        optimizer.add_param_group({"params": params[2:], "lr": 1e-3})
+        train(net, optimizer)
+        saved = copy.deepcopy(optimizer.state_dict())
+        ckpt.save(4, state)
+        ckpt.flush()
+        counts.append((planner.structures.hits, planner.structures.misses, planner.dicts.learned))
+    fresh = torch.nn.parallel.DistributedDataParallel(model())
+    fresh_params = list(fresh.parameters())
+    restored = two_groups(fresh)
+    assert [len(g["params"]) for g in restored.param_groups] == [2, len(fresh_params) - 2]
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        result = ckpt.restore({"model": fresh, "optimizer": restored})
+    return {
+        "counts": counts,
+        "step": None if result is None else result.step,
+        "saved": saved,
+        "restored": restored.state_dict(),
+    }

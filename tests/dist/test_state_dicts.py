@@ -4,6 +4,8 @@ again whenever the structure changes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dicts_workers as dw
 import pytest
 import torch
@@ -11,6 +13,7 @@ from dist_harness import RankResult, run_world
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from asyncckpt.dist.dicts import StateDicts
+from asyncckpt.testing import states_equal
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,6 +33,16 @@ def test_ddp_module_and_optimizer_with_several_groups_match_dcp() -> None:
         no_differences(rank["differences"])
         assert rank["learned"] == 2  # once for the model, once for the optimizer
         assert rank["keys"][0] == "0.weight"  # DDP's "module." prefix removed, as DCP does
+
+
+def test_checkpointer_reuses_its_plans_until_a_param_group_is_added(tmp_path: Path) -> None:
+    for rank in values(run_world(dw.ddp_reuses_its_plans, 2, str(tmp_path), deadline=150)):
+        hits, misses, learned = rank["counts"][0]
+        assert (hits, misses, learned) == (2, 1, 2)  # steps 2 and 3 reuse step 1's structure and names
+        hits, misses, learned = rank["counts"][1]
+        assert (misses, learned) == (2, 3)  # the new group: a new structure, the optimizer learned again
+        assert rank["step"] == 4
+        assert states_equal(rank["restored"], rank["saved"])
 
 
 def test_fsdp2_dtensors_are_left_to_dcp() -> None:
