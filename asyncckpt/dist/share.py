@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 KeyPath = tuple[Any, ...]
 Signature = tuple[tuple[KeyPath, int], ...]  # per replicated tensor: key path, bytes
@@ -45,8 +45,7 @@ class _Decision:
     digest: str
 
 
-@dataclass(frozen=True)
-class Replicated:
+class Replicated(NamedTuple):
     """A replicated tensor in a dict of the localized tree: ``parent[key]``, at ``path``."""
 
     parent: dict[Any, Any]

@@ -171,8 +171,7 @@ def _localize(
             if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
                 values[key] = value
                 if replicated is not None:
-                    nbytes = value.numel() * value.element_size()
-                    replicated.append(Replicated(values, key, (*path, key), nbytes))
+                    replicated.append(Replicated(values, key, (*path, key), value.nbytes))
                 continue
             values[key], mark = _localize(value, shards, replicated, (*path, key))
             if mark is not None:
