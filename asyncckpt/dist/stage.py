@@ -1,7 +1,7 @@
 """The training thread's half of a background multi-rank save: split, localize, plan, rebuild.
 
 ``AsyncCheckpointer`` in distributed mode stages a step like a single-file one, through the
-same staging pool, stager and step guard: :func:`plan_step` splits the state (DCP's state dicts
+same staging pool, stager and step guard: :class:`StepPlanner` splits the state (DCP's state dicts
 of the modules and optimizers, and this rank's own values), replaces every DTensor (FSDP2,
 tensor parallel) by its local shard, leaves out the replicated tensors other ranks write
 (:mod:`asyncckpt.dist.share`) and flattens the result into a
@@ -132,13 +132,6 @@ class _Guard:
             and len(objects) == len(self.objects)
             and all(ref() is o for ref, o in zip(self.objects, objects, strict=True))
         )
-
-
-def plan_step(
-    step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool, share: ReplicaShare | None = None
-) -> StepPlan:
-    """One multi-rank save planned from scratch (see :meth:`StepPlanner.plan`)."""
-    return StepPlanner(share).plan(step, state, metadata, overlap=overlap)
 
 
 def localize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -117,9 +118,9 @@ def _objects(state: Mapping[str, Any]) -> SplitState:
 def _owner(
     name: str, optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module]
 ) -> torch.nn.Module:
-    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    wanted = set(map(id, chain.from_iterable(group["params"] for group in optimizer.param_groups)))
     for module in modules.values():
-        if wanted <= {id(p) for p in module.parameters()}:
+        if wanted <= set(map(id, module.parameters())):
             return module
     raise UsageError(
         f"the parameters of optimizer {name!r} do not all belong to one module of the state; "
