@@ -148,36 +148,58 @@ def localize(
     return _localize(tree, shards, replicated, ())
 
 
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_ATOMS = frozenset({str, int, float, bool, type(None)})  # left as they are, nothing inside
+
+
 def _localize(
     tree: Any, shards: dict[_ViewKey, DTensor], replicated: list[Replicated] | None, path: KeyPath
 ) -> tuple[Any, Any]:
+    # Exact types first: thousands of dicts, tensors and names go by without isinstance checks.
+    if type(tree) is not dict and not (isinstance(tree, Mapping) and not isinstance(tree, torch.Tensor)):
+        return _localize_other(tree, shards, replicated, path)
+    values: dict[Any, Any] = {}
+    marks: dict[Any, Any] | None = None
+    for key, value in tree.items():
+        kind = type(value)
+        if kind in _ATOMS:
+            values[key] = value
+            continue
+        if kind in _PLAIN_TENSORS or (isinstance(value, torch.Tensor) and not isinstance(value, DTensor)):
+            values[key] = value
+            if replicated is not None:
+                replicated.append(Replicated(values, key, (*path, key), value.nbytes))
+            continue
+        values[key], mark = _localize(value, shards, replicated, (*path, key))
+        if mark is not None:
+            marks = {} if marks is None else marks
+            marks[key] = mark
+    return values, marks
+
+
+def _localize_other(
+    tree: Any, shards: dict[_ViewKey, DTensor], replicated: list[Replicated] | None, path: KeyPath
+) -> tuple[Any, Any]:
+    """:func:`_localize` of anything but a mapping: a DTensor, a list or tuple, or a leaf."""
     if isinstance(tree, DTensor):
         shard = tree._local_tensor.detach()
         shards[_view_key(shard)] = tree
         return shard, _Spec(tree._spec)
-    if isinstance(tree, torch.Tensor):
+    if not isinstance(tree, list | tuple) or isinstance(tree, torch.Tensor):
         return tree, None
-    if isinstance(tree, Mapping):
-        values: dict[Any, Any] = {}
-        marks: dict[Any, Any] | None = None
-        for key, value in tree.items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-                values[key] = value
-                if replicated is not None:
-                    replicated.append(Replicated(values, key, (*path, key), value.nbytes))
-                continue
-            values[key], mark = _localize(value, shards, replicated, (*path, key))
-            if mark is not None:
-                marks = {} if marks is None else marks
-                marks[key] = mark
-        return values, marks
-    if isinstance(tree, list | tuple):
-        items = [_localize(value, shards, replicated, (*path, i)) for i, value in enumerate(tree)]
-        values_, marks_ = [p[0] for p in items], [p[1] for p in items]
-        if all(mark is None for mark in marks_):
-            return (tuple(values_) if isinstance(tree, tuple) else values_), None
-        return (tuple(values_), tuple(marks_)) if isinstance(tree, tuple) else (values_, marks_)
-    return tree, None
+    values: list[Any] = []
+    marks: list[Any] = []
+    for index, value in enumerate(tree):
+        if type(value) in _ATOMS or type(value) in _PLAIN_TENSORS:
+            values.append(value)
+            marks.append(None)
+        else:
+            item, mark = _localize(value, shards, replicated, (*path, index))
+            values.append(item)
+            marks.append(mark)
+    if all(mark is None for mark in marks):
+        return (tuple(values) if isinstance(tree, tuple) else values), None
+    return (tuple(values), tuple(marks)) if isinstance(tree, tuple) else (values, marks)
 
 
 def rewrap(template: Any, tree: Any) -> Any:
