@@ -192,7 +192,7 @@ def coordination(ckpt: Any, root: Path, step: int, note: Any) -> None:
     from asyncckpt.dist.shards import header_digest
     from asyncckpt.storage import PosixStorage
 
-    group = ckpt._multirank.group()
+    group = ckpt._mode.multirank.group()  # the distributed mode's coordination group
     for _ in range(20):
         started = time.perf_counter()
         group.agree("save", step)

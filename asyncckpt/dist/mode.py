@@ -29,11 +29,11 @@ from ..saving.runner import Runner
 from ..saving.staging import Staged
 from ..storage import Location, Storage, is_url, open_storage, path_of
 from ..storage.localcopy import LocalCopyStorage
-from .group import CoordinationGroup
 from .full import load_full
+from .group import CoordinationGroup
 from .restore import RestoredStep, record_failures, restore_latest, utc_now
 from .share import ReplicaShare
-from .stage import StepPlan, plan_step
+from .stage import StepPlan, StepPlanner
 from .writer import StepJob, StepWriter
 
 OnCorrupt = Literal["fallback", "fail"]
@@ -53,6 +53,7 @@ class MultiRank:
         self._group: CoordinationGroup | None = None
         self._share: ReplicaShare | None = None
         self._storage: Storage | None = None  # the checkpointer's, once its writer is built
+        self._planner: StepPlanner | None = None  # what the last save decided, reused
 
     def close(self) -> None:
         """Destroy the coordination group (every rank does, as it closes its checkpointer), so
@@ -77,18 +78,25 @@ class MultiRank:
             self._share = ReplicaShare(group.rank, group.world_size)
         return self._share
 
+    @property
+    def planner(self) -> StepPlanner:
+        """The planner of this checkpointer's saves (it keeps what the last save decided)."""
+        if self._planner is None:
+            self._planner = StepPlanner(self.share)
+        return self._planner
+
     def bind(self, log: ev.EventLog) -> None:
         """Mark every event of this rank's log with its rank (every rank shares one file)."""
         log.logger = log.logger.bind(rank=self.group().rank)
 
     def plan(self, step: int, state: Any, metadata: Any, *, overlap: bool) -> StepPlan:
-        """The plan of one save (see :func:`asyncckpt.dist.stage.plan_step`)."""
+        """The plan of one save (see :meth:`asyncckpt.dist.stage.StepPlanner.plan`)."""
         if not isinstance(state, Mapping):
             raise UsageError(
                 "in distributed mode the state is a dict of name → module, optimizer, object with "
                 f"state_dict() or value; got {type(state).__qualname__}"
             )
-        return plan_step(step, state, metadata, overlap=overlap, share=self.share)
+        return self.planner.plan(step, state, metadata, overlap=overlap)
 
     def job(self, planned: StepPlan, staged: Staged, runner: Runner, directory: Path) -> StepJob:
         """The writer's job for a staged save (``path``: the step's folder in the checkpointer's

@@ -26,8 +26,8 @@ from .._tree import unflatten
 from ..errors import (
     CheckpointError,
     CoordinationError,
-    Diagnostic,
     CorruptedCheckpointError,
+    Diagnostic,
     IncompatibleCheckpointError,
     NoValidCheckpointError,
 )

@@ -24,13 +24,12 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from .. import catalog
 from .. import format as fmt
-from ..errors import CheckpointError, CheckpointWriteError, CorruptedCheckpointError
 from .._tree import unflatten
+from ..errors import CheckpointError, CheckpointWriteError, CorruptedCheckpointError
 from ..format import TensorEntry
 from ..saving.snapshot import Snapshot, contiguous_stride
 from ..storage import ReadHandle, Storage, Written
 from .record import SHARD_KIND, CommitRecord, ItemLocation, ShardDigest
-
 
 SMALL_BLOB = 1 << 20
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import Any, NamedTuple
 
 KeyPath = tuple[Any, ...]
 Signature = tuple[tuple[KeyPath, int], ...]  # per replicated tensor: key path, bytes
@@ -47,9 +45,8 @@ class _Decision:
     digest: str
 
 
-@dataclass(frozen=True)
-class _Found:
-    """A replicated tensor in a dict of the localized tree: ``parent[key]``."""
+class Replicated(NamedTuple):
+    """A replicated tensor in a dict of the localized tree: ``parent[key]``, at ``path``."""
 
     parent: dict[Any, Any]
     key: Any
@@ -69,16 +66,12 @@ class ReplicaShare:
         self.decisions = 0
         self._last: _Decision | None = None
 
-    def keep_own(self, local: Any, template: Any) -> str | None:
-        """Remove from ``local`` (a tree :func:`~asyncckpt.dist.stage.localize` built: its
-        dicts are its own) the replicated tensors other ranks write; ``template`` marks the
-        DTensors' places (their local shards are never shared out). Returns the digest every
-        rank must agree on, or None on one rank (nothing is removed then).
-
-        A replicated tensor is a plain tensor whose container is a dict; tensors inside lists
-        or tuples are kept on every rank (removing one would shift its neighbours' names).
-        """
-        found = replicated_tensors(local, template)
+    def keep_own(self, found: list[Replicated]) -> str | None:
+        """Remove from their dicts the replicated tensors of ``found`` that other ranks write
+        (``found``: every replicated tensor of one save's tree, in the order found, as
+        :func:`~asyncckpt.dist.stage.localize` lists them; their dicts are that tree's own).
+        Returns the digest every rank must agree on, or None on one rank (nothing is removed
+        then)."""
         total = sum(f.nbytes for f in found)
         if self.world_size == 1:
             self.stats = ShareStats(len(found), total, len(found), total)
@@ -115,28 +108,3 @@ def spread(sizes: list[int], world_size: int) -> list[int]:
         owners[index] = rank
         heapq.heappush(loads, (load + sizes[index], rank))
     return owners
-
-
-def replicated_tensors(local: Any, template: Any) -> list[_Found]:
-    """The plain tensors held by dicts of ``local`` (not DTensor local shards), in walk order."""
-    found: list[_Found] = []
-    _visit(local, template, (), found)
-    return found
-
-
-def _visit(node: Any, marks: Any, path: KeyPath, found: list[_Found]) -> None:
-    if isinstance(node, dict):
-        dict_marks = marks if isinstance(marks, dict) else {}
-        for key, value in node.items():
-            mark = dict_marks.get(key)
-            if isinstance(value, torch.Tensor):
-                if mark is None:
-                    found.append(_Found(node, key, (*path, key), value.numel() * value.element_size()))
-            elif isinstance(value, dict | list | tuple):
-                _visit(value, mark, (*path, key), found)
-    elif isinstance(node, list | tuple):
-        seq_marks = marks if isinstance(marks, list | tuple) else ()
-        for index, value in enumerate(node):
-            if isinstance(value, dict | list | tuple):
-                mark = seq_marks[index] if index < len(seq_marks) else None
-                _visit(value, mark, (*path, index), found)

@@ -1,7 +1,7 @@
 """The training thread's half of a background multi-rank save: split, localize, plan, rebuild.
 
 ``AsyncCheckpointer`` in distributed mode stages a step like a single-file one, through the
-same staging pool, stager and step guard: :func:`plan_step` splits the state (DCP's state dicts
+same staging pool, stager and step guard: :class:`StepPlanner` splits the state (DCP's state dicts
 of the modules and optimizers, and this rank's own values), replaces every DTensor (FSDP2,
 tensor parallel) by its local shard, leaves out the replicated tensors other ranks write
 (:mod:`asyncckpt.dist.share`) and flattens the result into a
@@ -15,7 +15,7 @@ buffers (each DTensor again, around its staged local shard), which
 
 from __future__ import annotations
 
-import dataclasses
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,19 +26,21 @@ from torch.distributed.tensor import DTensor
 from .. import format as fmt
 from .._tree import unflatten
 from ..format import check_step
+from ..saving.fingerprint import StructureCache
 from ..saving.overlap import modules_in, optimizers_in
 from ..saving.plan import SavePlan
 from ..saving.snapshot import (
     Snapshot,
     StorageKey,
-    flatten,
+    Structure,
     flatten_metadata,
     gc_paused,
     storage_key,
 )
 from ..saving.staging import Staged, StagedCopy
+from .dicts import StateDicts
 from .save import Prepared
-from .share import ReplicaShare
+from .share import KeyPath, ReplicaShare, Replicated
 from .state import split_state
 
 
@@ -61,50 +63,143 @@ class _Spec:
         self.spec = spec
 
 
-def plan_step(
-    step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool, share: ReplicaShare | None = None
-) -> StepPlan:
-    """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
+class StepPlanner:
+    """Plans the multi-rank saves of one checkpointer, reusing what the last save decided while
+    the state keeps its shape.
 
-    With ``share``, the replicated tensors other ranks write are left out (never staged, never
-    watched): this rank stages its share of them only (see :mod:`asyncckpt.dist.share`).
-    Call it on the training thread. Raises what :func:`~asyncckpt.dist.state.split_state` and
-    the flattening raise (:class:`asyncckpt.UsageError`, :class:`asyncckpt.UnsupportedValueError`
-    naming the key path), before anything is staged.
+    ``share`` (this rank's share of the replicated tensors, see :mod:`asyncckpt.dist.share`)
+    leaves out the replicated tensors other ranks write: never staged, never watched. DCP's
+    state dicts of plain modules and optimizers are built from names learned once per
+    structure (``dicts``, see :mod:`asyncckpt.dist.dicts`); the flattened structure is reused
+    while the tree's fingerprint matches (``structures``, see
+    :mod:`asyncckpt.saving.fingerprint`), and the blobs the step guard defers while that
+    structure is the same object and the state holds the same optimizers and modules.
     """
-    check_step(step)
-    # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
-    # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
-    with gc_paused():
-        split = split_state(state)
-        shards: dict[_ViewKey, DTensor] = {}
-        local, template = localize(split.sharded, shards)
-        replicas = share.keep_own(local, template) if share is not None else None
-        snapshot = _watch_dtensors(flatten({"sharded": local, "per_rank": split.per_rank}), shards)
-        metadata_tree = flatten_metadata(metadata)
-        deferred = guarded_blobs(snapshot, optimizers_in(state), modules_in(state)) if overlap else frozenset()
-        plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
-    return StepPlan(plan, template, replicas)
+
+    def __init__(self, share: ReplicaShare | None = None) -> None:
+        self.share = share
+        self.dicts = StateDicts()
+        self.structures = StructureCache()
+        self._guard: _Guard | None = None
+
+    def plan(self, step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool) -> StepPlan:
+        """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
+
+        Call it on the training thread. Raises what :func:`~asyncckpt.dist.state.split_state`
+        and the flattening raise (:class:`asyncckpt.UsageError`,
+        :class:`asyncckpt.UnsupportedValueError` naming the key path), before anything is staged.
+        """
+        check_step(step)
+        # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
+        # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
+        with gc_paused():
+            split = split_state(state, self.dicts)
+            shards: dict[_ViewKey, DTensor] = {}
+            replicated: list[Replicated] = []
+            local, template = localize(split.sharded, shards, replicated)
+            replicas = self.share.keep_own(replicated) if self.share is not None else None
+            snapshot, _ = self.structures.snapshot({"sharded": local, "per_rank": split.per_rank})
+            snapshot = _watch_dtensors(snapshot, shards)
+            metadata_tree = flatten_metadata(metadata)
+            deferred = self._deferred(snapshot, state) if overlap else frozenset()
+            plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
+        return StepPlan(plan, template, replicas)
+
+    def _deferred(self, snapshot: Snapshot, state: Mapping[str, Any]) -> frozenset[int]:
+        """:func:`guarded_blobs`, reused while the structure and the objects are the same."""
+        objects = [*optimizers_in(state), *modules_in(state)]
+        last = self._guard
+        if last is not None and last.fits(snapshot.structure, objects):
+            return last.deferred
+        optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
+        modules = [o for o in objects if isinstance(o, torch.nn.Module)]
+        deferred = guarded_blobs(snapshot, optimizers, modules)
+        self._guard = _Guard(snapshot.structure, tuple(weakref.ref(o) for o in objects), deferred)
+        return deferred
 
 
-def localize(tree: Any, shards: dict[_ViewKey, DTensor]) -> tuple[Any, Any]:
-    """``tree`` with every DTensor replaced by its local tensor, and a template of the same
-    shape marking where the DTensors were (see :func:`rewrap`); ``shards`` gets each local
-    tensor's DTensor."""
+@dataclass(frozen=True)
+class _Guard:
+    """The deferred blobs of one structure with one set of optimizer and module objects."""
+
+    structure: Structure
+    objects: tuple[weakref.ref[Any], ...]  # weak: a cache must not keep a discarded model alive
+    deferred: frozenset[int]
+
+    def fits(self, structure: Structure, objects: list[Any]) -> bool:
+        return (
+            structure is self.structure
+            and len(objects) == len(self.objects)
+            and all(ref() is o for ref, o in zip(self.objects, objects, strict=True))
+        )
+
+
+def localize(
+    tree: Any, shards: dict[_ViewKey, DTensor], replicated: list[Replicated] | None = None
+) -> tuple[Any, Any]:
+    """``tree`` with every DTensor replaced by its local tensor (its dicts and lists its own,
+    every mapping a dict), and a template marking where the DTensors were (see :func:`rewrap`;
+    None for a part without any); ``shards`` gets each local tensor's DTensor.
+
+    ``replicated`` gets the plain tensors held by the new tree's dicts, in the order found (see
+    :meth:`~asyncckpt.dist.share.ReplicaShare.keep_own`): tensors inside lists or tuples are
+    not in it (removing one would shift its neighbours' names).
+    """
+    return _localize(tree, shards, replicated, ())
+
+
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_ATOMS = frozenset({str, int, float, bool, type(None)})  # left as they are, nothing inside
+
+
+def _localize(
+    tree: Any, shards: dict[_ViewKey, DTensor], replicated: list[Replicated] | None, path: KeyPath
+) -> tuple[Any, Any]:
+    # Exact types first: thousands of dicts, tensors and names go by without isinstance checks.
+    if type(tree) is not dict and not (isinstance(tree, Mapping) and not isinstance(tree, torch.Tensor)):
+        return _localize_other(tree, shards, replicated, path)
+    values: dict[Any, Any] = {}
+    marks: dict[Any, Any] | None = None
+    for key, value in tree.items():
+        kind = type(value)
+        if kind in _ATOMS:
+            values[key] = value
+            continue
+        if kind in _PLAIN_TENSORS or (isinstance(value, torch.Tensor) and not isinstance(value, DTensor)):
+            values[key] = value
+            if replicated is not None:
+                replicated.append(Replicated(values, key, (*path, key), value.nbytes))
+            continue
+        values[key], mark = _localize(value, shards, replicated, (*path, key))
+        if mark is not None:
+            marks = {} if marks is None else marks
+            marks[key] = mark
+    return values, marks
+
+
+def _localize_other(
+    tree: Any, shards: dict[_ViewKey, DTensor], replicated: list[Replicated] | None, path: KeyPath
+) -> tuple[Any, Any]:
+    """:func:`_localize` of anything but a mapping: a DTensor, a list or tuple, or a leaf."""
     if isinstance(tree, DTensor):
         shard = tree._local_tensor.detach()
         shards[_view_key(shard)] = tree
         return shard, _Spec(tree._spec)
-    if isinstance(tree, torch.Tensor):
+    if not isinstance(tree, list | tuple) or isinstance(tree, torch.Tensor):
         return tree, None
-    if isinstance(tree, Mapping):
-        pairs = {key: localize(value, shards) for key, value in tree.items()}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
-    if isinstance(tree, list | tuple):
-        items = [localize(value, shards) for value in tree]
-        values, marks = [p[0] for p in items], [p[1] for p in items]
-        return (tuple(values), tuple(marks)) if isinstance(tree, tuple) else (values, marks)
-    return tree, None
+    values: list[Any] = []
+    marks: list[Any] = []
+    for index, value in enumerate(tree):
+        if type(value) in _ATOMS or type(value) in _PLAIN_TENSORS:
+            values.append(value)
+            marks.append(None)
+        else:
+            item, mark = _localize(value, shards, replicated, (*path, index))
+            values.append(item)
+            marks.append(mark)
+    if all(mark is None for mark in marks):
+        return (tuple(values) if isinstance(tree, tuple) else values), None
+    return (tuple(values), tuple(marks)) if isinstance(tree, tuple) else (values, marks)
 
 
 def rewrap(template: Any, tree: Any) -> Any:
@@ -162,7 +257,9 @@ def guarded_blobs(
             params.update(storage_key(_local(param)) for param in group["params"])
         for per_param in per_param_states:
             if isinstance(per_param, Mapping):
-                state.update(storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor))
+                state.update(
+                    storage_key(_local(v)) for v in per_param.values() if isinstance(v, torch.Tensor)
+                )
     seen = {storage_key(_local(param)) for module in modules for param in module.parameters()}
     written = {
         storage_key(_local(sub.weight))

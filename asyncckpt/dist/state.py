@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -24,8 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from ..errors import UnsupportedValueError, UsageError
 from .._tree import key_path
+from ..errors import UnsupportedValueError, UsageError
+from .dicts import StateDicts
 
 
 @dataclass
@@ -38,19 +40,25 @@ class SplitState:
     optimizers: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
 
 
-def split_state(state: Mapping[str, Any]) -> SplitState:
+def split_state(state: Mapping[str, Any], dicts: StateDicts | None = None) -> SplitState:
     """Split ``state`` (name → module, optimizer, object with ``state_dict()`` or plain value).
 
+    With ``dicts``, DCP's state dicts of plain modules and optimizers are built from the names
+    it learned at an earlier save of the same structure (see :mod:`asyncckpt.dist.dicts`).
     Call it on the thread that trains, between steps: DCP's state dicts of an FSDP2 model share
     the parameters' memory. Raises :class:`UsageError` for an optimizer whose parameters belong
     to no module of ``state``, :class:`UnsupportedValueError` for a DTensor outside a module or
     optimizer (a per-rank value cannot hold another rank's shards).
     """
     split = _objects(state)
-    for name, module in split.modules.items():
-        split.sharded[name] = get_model_state_dict(module)
-    for name, (module, optimizer) in split.optimizers.items():
-        split.sharded[name] = get_optimizer_state_dict(module, optimizer)
+    if dicts is None:
+        _dcp_state_dicts(split)
+    else:
+        for name, module in split.modules.items():
+            split.sharded[name] = dicts.model(name, module)
+        for name, (module, optimizer) in split.optimizers.items():
+            split.sharded[name] = dicts.optimizer(name, module, optimizer)
+        dicts.forget(split.sharded)
     for name, value in state.items():
         if name in split.modules or name in split.optimizers:
             continue
@@ -64,12 +72,16 @@ def load_targets(objects: Mapping[str, Any]) -> SplitState:
     """The state dicts DCP loads into for ``objects`` (modules and optimizers); other objects'
     names are listed in ``per_rank`` with None."""
     split = _objects(objects)
+    _dcp_state_dicts(split)
+    split.per_rank = {name: None for name in objects if name not in split.sharded}
+    return split
+
+
+def _dcp_state_dicts(split: SplitState) -> None:
     for name, module in split.modules.items():
         split.sharded[name] = get_model_state_dict(module)
     for name, (module, optimizer) in split.optimizers.items():
         split.sharded[name] = get_optimizer_state_dict(module, optimizer)
-    split.per_rank = {name: None for name in objects if name not in split.sharded}
-    return split
 
 
 def apply_sharded(targets: SplitState) -> None:
@@ -106,9 +118,9 @@ def _objects(state: Mapping[str, Any]) -> SplitState:
 def _owner(
     name: str, optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module]
 ) -> torch.nn.Module:
-    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    wanted = set(map(id, chain.from_iterable(group["params"] for group in optimizer.param_groups)))
     for module in modules.values():
-        if wanted <= {id(p) for p in module.parameters()}:
+        if wanted <= set(map(id, module.parameters())):
             return module
     raise UsageError(
         f"the parameters of optimizer {name!r} do not all belong to one module of the state; "

@@ -33,7 +33,8 @@ def check_step(location: Location, step: int) -> list[Diagnostic]:
     try:
         record = read_record(storage, step)
     except FileNotFoundError:
-        return [Diagnostic(where, "corrupted", "no commit record: the step was never committed", utc_now(), step)]
+        reason = "no commit record: the step was never committed"
+        return [Diagnostic(where, "corrupted", reason, utc_now(), step)]
     except (CheckpointError, OSError) as exc:
         return [diagnose(exc, where, step)]
     found = []
@@ -63,7 +64,8 @@ def _check_shard(shards: ShardFiles, record: CommitRecord, rank: int) -> None:
         sizes = [tuple(c.sizes) for c in md.chunks if index.offset is not None and c.offsets == index.offset]
         if entry.dtype != md.properties.dtype or entry.shape not in sizes:
             raise CorruptedCheckpointError(
-                f"tensor {location.tensor} ({entry.key}) is not the chunk of {index.fqn} the record describes",
+                f"tensor {location.tensor} ({entry.key}) is not the chunk of {index.fqn} "
+                "the record describes",
                 path=shards.where(rank),
                 rank=rank,
             )

@@ -33,6 +33,7 @@ _CONTEXT.set_forkserver_preload(
         "ckpt_workers",
         "share_workers",
         "remote_workers",
+        "dicts_workers",
     ]
 )
 PG_TIMEOUT_S = 30.0

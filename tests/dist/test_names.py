@@ -54,7 +54,8 @@ def test_only_folders_with_a_commit_record_are_committed_steps(tmp_path: Path) -
     assert steps[0].folder == str(tmp_path / "step-0000000001") and steps[0].record_size == 1
     assert catalog.uncommitted_step_folders(storage) == ["step-0000000002", "step-0000000009"]
     listed = catalog.list_checkpoints(tmp_path)  # committed steps are listed (by their folders)
-    assert [(c.step, c.path.name, c.size) for c in listed] == [(1, "step-0000000001", 2), (3, "step-0000000003", 2)]
+    found = [(c.step, c.path.name, c.size) for c in listed]
+    assert found == [(1, "step-0000000001", 2), (3, "step-0000000003", 2)]
 
 
 def test_writing_into_a_new_step_folder_makes_the_folder_durable_first(tmp_path: Path) -> None:
