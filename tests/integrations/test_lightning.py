@@ -44,12 +44,19 @@ def test_kill_9_then_resume_from_the_directory_is_bitwise_an_uninterrupted_run(t
     assert got["global_step"] == want["global_step"] == EPOCHS * BATCHES, kill_at
     for part in ("model", "optimizer", "scheduler", "epoch"):
         assert bitwise(got[part]) == bitwise(want[part]), (part, kill_at)
-    # Lightning's own retention went through the plugin: the two newest epochs and last.ckpt
-    assert sorted(p.name for p in (tmp_path / "run").glob("*.ckpt")) == [
+    # Lightning's own retention went through the plugin: the two newest epochs and last.ckpt.
+    # ModelCheckpoint saves epoch k, then removes epoch k-2: a kill between the two (the removal
+    # is queued behind the write) leaves k-2, which the resumed callback no longer knows of; the
+    # same happens to Lightning's own synchronous saving, in a shorter window. At most that one.
+    names = sorted(p.name for p in (tmp_path / "run").glob("*.ckpt"))
+    newest = [
         f"epoch={EPOCHS - 2}-step={(EPOCHS - 1) * BATCHES}.ckpt",
         f"epoch={EPOCHS - 1}-step={EPOCHS * BATCHES}.ckpt",
         "last.ckpt",
     ]
+    stale = [name for name in names if name not in newest]
+    assert set(newest) <= set(names), (names, kill_at)
+    assert len(stale) <= 1 and all(name.startswith("epoch=") for name in stale), (names, kill_at)
 
 
 def fit(directory: Path, *, epochs: int, ckpt_path: Any = None, module: Any = None) -> tuple[Any, Any]:
