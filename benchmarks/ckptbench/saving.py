@@ -168,12 +168,16 @@ class AsyncCheckpointerSave(SaveMethod):
     name = "asyncckpt"
     description = "asyncckpt.AsyncCheckpointer.save (background writer, overlapped staging)"
     overlap = True
+    background_nice: int | None = None  # None: the library's default
 
     def setup(self) -> None:
         import asyncckpt
 
+        nice = {} if self.background_nice is None else {"background_nice": self.background_nice}
         # Retention off (files are removed between runs by the driver, like every method's).
-        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, overlap=self.overlap)
+        self.ckpt = asyncckpt.AsyncCheckpointer(
+            self.directory, keep_last=1 << 30, overlap=self.overlap, **nice
+        )
         self.ckpt.__enter__()
         self.ckpt.save(0, self.state.objects()).result()  # sizes the staging pool once
         self.step_wait_s = 0.0
@@ -218,6 +222,22 @@ class AsyncCheckpointerEagerSave(AsyncCheckpointerSave):
     name = "asyncckpt_eager"
     description = "asyncckpt.AsyncCheckpointer(overlap=False).save (all copies inside save())"
     overlap = False
+
+
+class AsyncCheckpointerNice0Save(AsyncCheckpointerSave):
+    """``AsyncCheckpointer(background_nice=0).save``: the writer's threads at the trainer's priority."""
+
+    name = "asyncckpt_nice0"
+    description = "asyncckpt.AsyncCheckpointer(background_nice=0).save (writer not lowered)"
+    background_nice = 0
+
+
+class AsyncCheckpointerEagerNice0Save(AsyncCheckpointerEagerSave):
+    """``AsyncCheckpointer(overlap=False, background_nice=0).save``."""
+
+    name = "asyncckpt_eager_nice0"
+    description = "asyncckpt.AsyncCheckpointer(overlap=False, background_nice=0).save"
+    background_nice = 0
 
 
 class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
@@ -367,6 +387,8 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         WriteFloor,
         AsyncCheckpointerSave,
         AsyncCheckpointerEagerSave,
+        AsyncCheckpointerNice0Save,
+        AsyncCheckpointerEagerNice0Save,
         AsyncCheckpointerBudgetSave,
         AsyncCheckpointerBudget16Save,
         SyncSave,
