@@ -13,9 +13,9 @@ round (A B C A B C ...), each run in a fresh process:
                 asyncckpt (AsyncCheckpointTrainer), asyncckpt-overlap (overlap=True: parameter
                 and optimizer copies overlap forward and backward)
 
-An asyncckpt configuration with a suffix -niceN (asyncckpt-nice0, asyncckpt-overlap-nice19) runs
+An asyncckpt configuration with a suffix -niceN (asyncckpt-nice10, asyncckpt-overlap-nice19) runs
 the writer's threads N nice levels below the trainer (background_nice=N; without the suffix: the
-library's default). --configs picks configurations (default: those above plus -nice0 twins).
+library's default, 0). --configs picks configurations (default: those above plus -nice10 twins).
 
 Measured per run: the training time from the first step's start to the last step's end (the run
 goes on EVERY/2 steps past its last checkpoint, so a background write has time to finish, as in a
@@ -48,18 +48,18 @@ CONFIGS = {
         "none",
         "torch",
         "lightning-async",
-        "asyncckpt-nice0",
         "asyncckpt",
-        "asyncckpt-overlap-nice0",
+        "asyncckpt-nice10",
         "asyncckpt-overlap",
+        "asyncckpt-overlap-nice10",
     ),
     "transformers": (
         "none",
         "trainer",
-        "asyncckpt-nice0",
         "asyncckpt",
-        "asyncckpt-overlap-nice0",
+        "asyncckpt-nice10",
         "asyncckpt-overlap",
+        "asyncckpt-overlap-nice10",
     ),
 }
 

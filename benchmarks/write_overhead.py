@@ -86,9 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", default="save,load,interference,memory,gpu", help="parts to run")
     parser.add_argument(
         "--methods",
-        default=",".join(n for n in SAVE_METHODS if not n.endswith("_nice0")),
-        help="save methods to run (default: all but the *_nice0 twins, which run asyncckpt's writer "
-        "at the trainer's priority: name them for the interference part)",
+        default=",".join(n for n in SAVE_METHODS if not n.endswith("_nice10")),
+        help="save methods to run (default: all but the *_nice10 twins, which run asyncckpt's "
+        "writer 10 nice levels below the trainer: name them for the interference part)",
     )
     parser.add_argument("--every", type=int, default=20, help="interference: checkpoint every K steps")
     parser.add_argument("--steps", type=int, default=200, help="interference: steps per run")

@@ -89,13 +89,13 @@ def test_zero_leaves_the_writer_threads_alone(tmp_path: Path, monkeypatch: Any) 
 
 
 @linux_only
-def test_the_default_lowers_the_writer(tmp_path: Path) -> None:
+def test_the_default_leaves_the_writer_alone(tmp_path: Path) -> None:
     ops = NiceOps()
     trainer = _priority.thread_nice()
     with AsyncCheckpointer(tmp_path, ops=ops) as ckpt:
-        assert ckpt.background_nice == asyncckpt.AsyncCheckpointer.__init__.__kwdefaults__["background_nice"]
+        assert ckpt.background_nice == 0
         ckpt.save(1, deterministic_state(1)).result()
-    assert set(ops.fsync_nice) == {min(19, trainer + ckpt.background_nice)}
+    assert set(ops.fsync_nice) == {trainer}
 
 
 @linux_only

@@ -8,9 +8,10 @@ from ..errors import UsageError
 
 WhenBusy = Literal["wait", "skip"]  # what save() does when every staging slot is busy
 
-# Nice levels the writer's threads run below the trainer's (docs/OPERATIONS.md: measured on a
-# 2-core VM, where the writer otherwise takes cores from the training threads).
-DEFAULT_BACKGROUND_NICE = 10
+# Nice levels the writer's threads run below the trainer's. 0 (off) until a benefit is measured:
+# on the loaded 2-core VM, 10 tripled the time to durable and no change in training speed could
+# be told from the noise (docs/OPERATIONS.md, "The writer's CPU priority").
+DEFAULT_BACKGROUND_NICE = 0
 MAX_BACKGROUND_NICE = 19
 
 

@@ -224,20 +224,20 @@ class AsyncCheckpointerEagerSave(AsyncCheckpointerSave):
     overlap = False
 
 
-class AsyncCheckpointerNice0Save(AsyncCheckpointerSave):
-    """``AsyncCheckpointer(background_nice=0).save``: the writer's threads at the trainer's priority."""
+class AsyncCheckpointerNice10Save(AsyncCheckpointerSave):
+    """``AsyncCheckpointer(background_nice=10).save``: the writer's threads 10 nice levels down."""
 
-    name = "asyncckpt_nice0"
-    description = "asyncckpt.AsyncCheckpointer(background_nice=0).save (writer not lowered)"
-    background_nice = 0
+    name = "asyncckpt_nice10"
+    description = "asyncckpt.AsyncCheckpointer(background_nice=10).save (writer lowered)"
+    background_nice = 10
 
 
-class AsyncCheckpointerEagerNice0Save(AsyncCheckpointerEagerSave):
-    """``AsyncCheckpointer(overlap=False, background_nice=0).save``."""
+class AsyncCheckpointerEagerNice10Save(AsyncCheckpointerEagerSave):
+    """``AsyncCheckpointer(overlap=False, background_nice=10).save``."""
 
-    name = "asyncckpt_eager_nice0"
-    description = "asyncckpt.AsyncCheckpointer(overlap=False, background_nice=0).save"
-    background_nice = 0
+    name = "asyncckpt_eager_nice10"
+    description = "asyncckpt.AsyncCheckpointer(overlap=False, background_nice=10).save"
+    background_nice = 10
 
 
 class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
@@ -387,8 +387,8 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         WriteFloor,
         AsyncCheckpointerSave,
         AsyncCheckpointerEagerSave,
-        AsyncCheckpointerNice0Save,
-        AsyncCheckpointerEagerNice0Save,
+        AsyncCheckpointerNice10Save,
+        AsyncCheckpointerEagerNice10Save,
         AsyncCheckpointerBudgetSave,
         AsyncCheckpointerBudget16Save,
         SyncSave,
