@@ -126,8 +126,8 @@ class SyncRunner(Runner):
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self._loop = self._portal.call(asyncio.get_running_loop)
-        # First, before the loop starts a worker thread: they inherit the loop thread's priority.
-        self._lowered(self._portal.call(lower_this_thread, self.nice))
+        if self.nice is not None:  # before the loop starts a worker thread: they inherit its priority
+            self._lowered(self._portal.call(lower_this_thread, self.nice))
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
     def submit(self, job: Job | Deletion) -> None:
