@@ -29,8 +29,8 @@ from .pipeline import FirstSave, SavePipeline
 from .preemption import CallsInProgress, SigtermFlusher
 from .saving.handles import SaveHandle
 from .saving.job import Deletion
+from .saving.options import DEFAULT_BACKGROUND_NICE, check_background_nice, check_options
 from .saving.options import WhenBusy as WhenBusy
-from .saving.options import check_options
 from .saving.runner import AsyncRunner, Runner, SyncRunner
 from .saving.stats import CheckpointerStats
 from .saving.writer import VerifyMode
@@ -97,6 +97,9 @@ class AsyncCheckpointer:
       written in the background over asyncckpt's own gloo group, whose every exchange is
       bounded by ``coordination_timeout`` seconds. ``when_busy="skip"`` is refused there (the
       ranks would skip different steps).
+    - ``background_nice``: the writer's threads (write, fsync, checksums, verification, uploads)
+      run this many nice levels below the thread that opens the checkpointer (Linux; 0 leaves
+      them as they are), so that training threads win a busy core (docs/OPERATIONS.md).
 
     Bad options raise :class:`asyncckpt.errors.UsageError`.
     """
@@ -119,9 +122,11 @@ class AsyncCheckpointer:
         coordination_timeout: float = DEFAULT_COORDINATION_TIMEOUT_S,
         storage_options: dict[str, Any] | None = None,
         local_copy: str | os.PathLike[str] | None = None,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
         ops: FileOps = OS,
     ) -> None:
         check_options(when_busy, verify, keep_last, keep_every, max_pending, close_timeout)
+        self.background_nice = check_background_nice(background_nice)
         self._mode = checkpointer_mode(
             process_group, timeout=coordination_timeout, when_busy=when_busy, staging_budget=staging_budget
         )
@@ -235,6 +240,7 @@ class AsyncCheckpointer:
             keep_last=self.keep_last,
             keep_every=self.keep_every,
             close_timeout=self.close_timeout,
+            background_nice=self.background_nice,
         )
         return runner
 

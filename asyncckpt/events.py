@@ -37,6 +37,7 @@ LOAD_SUMMARY = "checkpoint.load.summary"
 SIGTERM = "checkpoint.sigterm"
 WRITER_STARTED = "checkpoint.writer.started"
 WRITER_STOPPED = "checkpoint.writer.stopped"
+WRITER_PRIORITY_FAILED = "checkpoint.writer.priority_failed"
 
 
 def default_path(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import events as ev
+from ._priority import background_level
 from .pipeline import FirstSave, SavePipeline
 from .saving.runner import Runner
 from .saving.writer import VerifyMode
@@ -42,9 +43,12 @@ def open_runner(
     keep_last: int | None,
     keep_every: int | None,
     close_timeout: float | None,
+    background_nice: int = 0,
 ) -> tuple[R, FirstSave]:
     """Open the event log and build the writer and its runner (not started) for ``pipeline``'s
-    saves; remove nothing. Returns the runner and what its first save does first."""
+    saves; remove nothing. Returns the runner and what its first save does first.
+
+    The writer's threads run ``background_nice`` nice levels below the calling thread."""
     mode, directory, pool = pipeline.mode, pipeline.directory, pipeline.pool
     log, unwritable = open_event_log(directory, event_log, ops=ops)
     if local_copy is not None:
@@ -69,6 +73,7 @@ def open_runner(
         log=log,
         close_timeout=close_timeout,
         directory=directory,
+        nice=background_level(background_nice),
     )
     return runner, first_save
 

@@ -13,13 +13,18 @@ round (A B C A B C ...), each run in a fresh process:
                 asyncckpt (AsyncCheckpointTrainer), asyncckpt-overlap (overlap=True: parameter
                 and optimizer copies overlap forward and backward)
 
+An asyncckpt configuration with a suffix -niceN (asyncckpt-nice10, asyncckpt-overlap-nice19) runs
+the writer's threads N nice levels below the trainer (background_nice=N; without the suffix: the
+library's default, 0). --configs picks configurations (default: those above plus -nice10 twins).
+
 Measured per run: the training time from the first step's start to the last step's end (the run
 goes on EVERY/2 steps past its last checkpoint, so a background write has time to finish, as in a
 long run), and the stall of each checkpoint: the time the training thread spends in Lightning's
 Trainer.save_checkpoint (state dict + CheckpointIO.save_checkpoint) or the Trainer's
-_save_checkpoint. Slowdown is each run's training time over the same round's "none" run.
-Medians [min-max] over --repeat rounds. Output: tables on stdout, JSON (--out) and a Markdown
-file next to it with the command that made it.
+_save_checkpoint; for asyncckpt also the time to durable of each checkpoint (from the save call
+to the commit, read from the run's events.jsonl). Slowdown is each run's training time over the
+same round's "none" run (--configs must name "none"). Medians [min-max] over --repeat rounds.
+Output: tables on stdout, JSON (--out) and a Markdown file next to it with the command that made it.
 """
 
 from __future__ import annotations
@@ -39,9 +44,32 @@ from pathlib import Path
 from typing import Any
 
 CONFIGS = {
-    "lightning": ("none", "torch", "lightning-async", "asyncckpt", "asyncckpt-overlap"),
-    "transformers": ("none", "trainer", "asyncckpt", "asyncckpt-overlap"),
+    "lightning": (
+        "none",
+        "torch",
+        "lightning-async",
+        "asyncckpt",
+        "asyncckpt-nice10",
+        "asyncckpt-overlap",
+        "asyncckpt-overlap-nice10",
+    ),
+    "transformers": (
+        "none",
+        "trainer",
+        "asyncckpt",
+        "asyncckpt-nice10",
+        "asyncckpt-overlap",
+        "asyncckpt-overlap-nice10",
+    ),
 }
+
+
+def split_nice(config: str) -> tuple[str, dict[str, Any]]:
+    """``asyncckpt-overlap-nice10`` -> (``asyncckpt-overlap``, {"background_nice": 10})."""
+    base, sep, level = config.rpartition("-nice")
+    if sep and level.isdigit() and base.startswith("asyncckpt"):
+        return base, {"background_nice": int(level)}
+    return config, {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=100, help="checkpointed steps per run (%(default)s)")
     parser.add_argument("--every", type=int, default=20, help="a checkpoint every N steps (%(default)s)")
+    parser.add_argument(
+        "--configs", help="comma-separated configurations (default: every one of the framework)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every configuration (%(default)s)")
     parser.add_argument("--lightning-width", type=int, default=1024, help="MLP width (%(default)s)")
     parser.add_argument("--lightning-depth", type=int, default=8, help="MLP hidden layers (%(default)s)")
@@ -82,6 +113,7 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
 
     from asyncckpt.integrations.lightning import AsyncCheckpointIO
 
+    config, nice = split_nice(config)
     width, depth = options.lightning_width, options.lightning_depth
 
     class Model(L.LightningModule):
@@ -113,7 +145,7 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
     if config == "lightning-async":
         plugins.append(LightningAsyncIO())
     if config.startswith("asyncckpt"):
-        io = AsyncCheckpointIO()
+        io = AsyncCheckpointIO(**nice)
         plugins.append(io)
         if config == "asyncckpt-overlap":
             callbacks.append(io)
@@ -140,7 +172,7 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
     L.Trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
     trainer.fit(Model(), data)
     params = sum(p.numel() for p in trainer.lightning_module.parameters())
-    return timer.result(params=params, files=checkpoint_bytes(directory))
+    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory)
 
 
 def run_transformers(config: str, options: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -151,6 +183,7 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     from asyncckpt.integrations.transformers import AsyncCheckpointTrainer
 
     transformers.logging.set_verbosity_error()
+    config, nice = split_nice(config)
     vocab = options.hf_vocab
 
     class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -187,6 +220,8 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     )
     cls = AsyncCheckpointTrainer if config.startswith("asyncckpt") else Trainer
     extra = {"overlap": True} if config == "asyncckpt-overlap" else {}
+    if config.startswith("asyncckpt"):
+        extra.update(nice)
     trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[timer.hf_callback()], **extra)
     original = cls._save_checkpoint
 
@@ -200,7 +235,7 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     cls._save_checkpoint = timed_save  # type: ignore[method-assign]
     trainer.train()
     params = sum(p.numel() for p in model.parameters())
-    return timer.result(params=params, files=checkpoint_bytes(directory))
+    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory)
 
 
 class StepTimer:
@@ -251,15 +286,33 @@ class StepTimer:
 
         return Timing()
 
-    def result(self, *, params: int, files: int) -> dict[str, Any]:
+    def result(self, *, params: int, files: int, directory: Path) -> dict[str, Any]:
         assert self.first is not None
         return {
             "train_s": self.last - self.first,
             "cpu_s": self.cpu_last - self.cpu_first,
             "stalls_s": self.stalls,
+            "durable_s": durable_times(directory),
             "params": params,
             "bytes": files,
         }
+
+
+def durable_times(directory: Path) -> list[float]:
+    """Each asyncckpt checkpoint's time from the save call to its commit, from the events logs:
+    the staged event (logged when save() returns, with its stall) to the committed event (the
+    writer handles a checkpointer's saves in order)."""
+    times: list[float] = []
+    for log in sorted(directory.rglob("events.jsonl")):
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        staged = [e for e in events if e["event"] == "checkpoint.save.staged"]
+        committed = [e for e in events if e["event"] == "checkpoint.save.committed"]
+        for begin, end in zip(staged, committed, strict=False):
+            seconds = (
+                datetime.fromisoformat(end["timestamp"]) - datetime.fromisoformat(begin["timestamp"])
+            ).total_seconds()
+            times.append(seconds + begin["stall_ms"] / 1000.0)
+    return times
 
 
 def checkpoint_bytes(directory: Path) -> int:
@@ -304,9 +357,10 @@ def run_child(spec: str, options: argparse.Namespace, argv: list[str], work: Pat
 def measure(options: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for framework in options.frameworks.split(","):
-        runs[framework] = {config: [] for config in CONFIGS[framework]}
+        configs = options.configs.split(",") if options.configs else CONFIGS[framework]
+        runs[framework] = {config: [] for config in configs}
         for round_ in range(options.repeat):
-            for config in CONFIGS[framework]:
+            for config in configs:
                 with tempfile.TemporaryDirectory(dir=options.dir) as work:
                     result = run_child(f"{framework}:{config}", options, argv, Path(work))
                 runs[framework][config].append(result)
@@ -336,8 +390,8 @@ def tables(runs: dict[str, Any]) -> str:
             f"checkpoint {first['bytes'] / 1e6:.0f} MB)",
             "",
             "| configuration | training time (s) | slowdown vs none (%) | CPU time vs none (%) "
-            "| stall per checkpoint (ms) | checkpoints |",
-            "|---|---|---|---|---|---|",
+            "| stall per checkpoint (ms) | time to durable (ms) | checkpoints |",
+            "|---|---|---|---|---|---|---|",
         ]
         for config, results in configs.items():
             slowdown = [100.0 * (run["train_s"] / b - 1.0) for run, b in zip(results, base, strict=True)]
@@ -346,12 +400,13 @@ def tables(runs: dict[str, Any]) -> str:
                 for run, b in zip(results, configs["none"], strict=True)
             ]
             stalls = [s for run in results for s in run["stalls_s"]]
+            durable = [s for run in results for s in run.get("durable_s", [])]
             count = len(results[0]["stalls_s"])
             none = config == "none"
             lines.append(
                 f"| {config} | {spread([r['train_s'] for r in results], digits=2)} | "
                 f"{'-' if none else spread(slowdown)} | {'-' if none else spread(cpu)} | "
-                f"{spread(stalls, 1000.0)} | {count} |"
+                f"{spread(stalls, 1000.0)} | {spread(durable, 1000.0, digits=0)} | {count} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON result file")
     parser.add_argument("--plot", action="store_true", help="also write a PNG next to --out (matplotlib)")
     parser.add_argument("--parts", default="save,load,interference,memory,gpu", help="parts to run")
-    parser.add_argument("--methods", default=",".join(SAVE_METHODS), help="save methods to run")
+    parser.add_argument(
+        "--methods",
+        default=",".join(n for n in SAVE_METHODS if not n.endswith("_nice10")),
+        help="save methods to run (default: all but the *_nice10 twins, which run asyncckpt's "
+        "writer 10 nice levels below the trainer: name them for the interference part)",
+    )
     parser.add_argument("--every", type=int, default=20, help="interference: checkpoint every K steps")
     parser.add_argument("--steps", type=int, default=200, help="interference: steps per run")
     parser.add_argument("--interference-repeat", type=int, default=3, help="interference rounds")
@@ -319,6 +324,7 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
     rates: dict[str, list[float]] = {m.name: [] for m in methods}
     slowdown: dict[str, list[float]] = {m.name: [] for m in methods}
     stalls: dict[str, list[float]] = {m.name: [] for m in methods}
+    writer: dict[str, list[float]] = {m.name: [] for m in methods}
     for round_ in range(args.interference_repeat):
         os.sync()
         base = interference.train(trainer, args.steps, args.every, None).steps_per_s
@@ -329,6 +335,7 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
             rates[method.name].append(run.steps_per_s)
             slowdown[method.name].append(100.0 * (1.0 - run.steps_per_s / base))
             stalls[method.name] += run.stall_s
+            writer[method.name] += [ms / 1000.0 for ms in run.writer_ms]
             method.cleanup()
         log(
             f"   round {round_ + 1}/{args.interference_repeat}: none {base:.2f} steps/s, "
@@ -350,6 +357,7 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
                 "steps_per_s": summary(rates[name]),
                 "slowdown_pct": summary(slowdown[name]),
                 "stall_s": summary(stalls[name]),
+                "writer_s": summary(writer[name]),
             }
             for name in rates
         },

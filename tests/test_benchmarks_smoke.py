@@ -135,3 +135,49 @@ def test_integrations_benchmark_has_help(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--frameworks", "--steps", "--every", "--repeat", "--out", "--dir"):
         assert option in done.stdout
+
+
+def test_integrations_benchmark_names_the_writer_priority() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import integrations
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert integrations.split_nice("asyncckpt-overlap-nice10") == (
+        "asyncckpt-overlap",
+        {"background_nice": 10},
+    )
+    assert integrations.split_nice("asyncckpt") == ("asyncckpt", {})
+    assert integrations.split_nice("none") == ("none", {})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_priority_share_benchmark_runs(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "priority_share.py"
+    out = tmp_path / "share.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--nice",
+            "0,5",
+            "--saves",
+            "1",
+            "--batch",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"0", "5"}
+    assert all(0.0 <= run["train_share"] <= 1.0 for runs in result["runs"].values() for run in runs)
+    assert "background_nice" in out.with_suffix(".md").read_text()

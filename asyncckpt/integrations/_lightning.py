@@ -25,6 +25,7 @@ from ..checkpointer import AsyncCheckpointer, WhenBusy
 from ..errors import CheckpointError, UnsupportedValueError
 from ..loading import LoadResult, load_latest
 from ..oneshot import load
+from ..saving.options import DEFAULT_BACKGROUND_NICE
 from ..saving.writer import VerifyMode
 
 HPARAMS_KEY = "hyper_parameters"
@@ -45,8 +46,10 @@ class AsyncCheckpointIOBase:
         fallback: bool = True,
         handle_sigterm: bool = False,
         close_timeout: float | None = None,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
     ) -> None:
         self.max_pending = max_pending
+        self.background_nice = background_nice
         self.when_busy: WhenBusy = when_busy
         self.verify: VerifyMode = verify
         self.fallback = fallback
@@ -184,6 +187,7 @@ class AsyncCheckpointIOBase:
                 verify=self.verify,
                 handle_sigterm=self.handle_sigterm,
                 close_timeout=self.close_timeout,
+                background_nice=self.background_nice,
             )
             checkpointer.__enter__()
             self._open[key] = checkpointer

@@ -34,6 +34,6 @@ class AsyncCheckpointIO(AsyncCheckpointIOBase, CheckpointIO, Callback):
     save and its ``last.ckpt`` go without waiting), ``when_busy`` (``"wait"`` or ``"skip"``),
     ``verify`` (read each file back before it is committed: ``"structure"``, ``"full"``,
     ``"none"``), ``fallback`` (a broken checkpoint falls back to the newest usable one of its
-    directory), ``handle_sigterm``, ``close_timeout`` (as for
+    directory), ``handle_sigterm``, ``close_timeout``, ``background_nice`` (as for
     :class:`asyncckpt.AsyncCheckpointer`).
     """

@@ -36,6 +36,7 @@ from ..errors import CheckpointError, UsageError
 from ..loading import LoadResult, load_latest
 from ..oneshot import load
 from ..rng import rng_state, set_rng_state
+from ..saving.options import DEFAULT_BACKGROUND_NICE
 from ..saving.writer import VerifyMode
 
 __all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "CHECKPOINT_SUBDIR"]
@@ -50,7 +51,7 @@ class AsyncCheckpointMixin:
 
     ``class MyTrainer(AsyncCheckpointMixin, SFTTrainer): ...``. Keyword-only options, taken
     before the ``Trainer``'s own: ``checkpoint_dir`` (default ``<output_dir>/asyncckpt``),
-    ``max_pending``, ``verify``, ``close_timeout`` and ``overlap`` (as for
+    ``max_pending``, ``verify``, ``close_timeout``, ``background_nice`` and ``overlap`` (as for
     :class:`asyncckpt.AsyncCheckpointer`; default False here: every tensor is copied inside the
     save, which on a 2-core CPU run slowed training 11% at a checkpoint per 20 steps, as the
     Trainer's own saving did, where overlapping the copies with forward and backward slowed it
@@ -72,9 +73,11 @@ class AsyncCheckpointMixin:
         verify: VerifyMode = "structure",
         close_timeout: float | None = None,
         overlap: bool = False,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.asyncckpt_background_nice = background_nice
         self.asyncckpt_overlap = overlap
         self.asyncckpt_max_pending = max_pending
         self.asyncckpt_verify: VerifyMode = verify
@@ -240,6 +243,7 @@ class AsyncCheckpointMixin:
             max_pending=self.asyncckpt_max_pending,
             verify=self.asyncckpt_verify,
             close_timeout=self.asyncckpt_close_timeout,
+            background_nice=self.asyncckpt_background_nice,
             overlap=self.asyncckpt_overlap,
         )
         self._checkpointer = checkpointer.__enter__()

@@ -8,6 +8,12 @@ from ..errors import UsageError
 
 WhenBusy = Literal["wait", "skip"]  # what save() does when every staging slot is busy
 
+# Nice levels the writer's threads run below the trainer's. 0 (off) until a benefit is measured:
+# on the loaded 2-core VM, 10 tripled the time to durable and no change in training speed could
+# be told from the noise (docs/OPERATIONS.md, "The writer's CPU priority").
+DEFAULT_BACKGROUND_NICE = 0
+MAX_BACKGROUND_NICE = 19
+
 
 def check_options(
     when_busy: str,
@@ -30,3 +36,18 @@ def check_options(
         raise UsageError(f"max_pending must be >= 1, got {max_pending}")
     if close_timeout is not None and not close_timeout >= 0:
         raise UsageError(f"close_timeout must be >= 0 or None, got {close_timeout}")
+
+
+def check_background_nice(background_nice: object) -> int:
+    """``background_nice`` as an int from 0 to 19; else raise :class:`UsageError`."""
+    if (
+        isinstance(background_nice, bool)
+        or not isinstance(background_nice, int)
+        or not 0 <= background_nice <= MAX_BACKGROUND_NICE
+    ):
+        raise UsageError(
+            f"background_nice must be an int from 0 (leave the writer's threads as they are) to "
+            f"{MAX_BACKGROUND_NICE} (lowest priority), got {background_nice!r}; a negative value "
+            "would raise their priority above the trainer's, which asyncckpt never does"
+        )
+    return background_nice

@@ -13,6 +13,7 @@ import abc
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -24,6 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.from_thread import BlockingPortal
 
 from .. import events as ev
+from .._priority import BackgroundThread, lower_this_thread
 from ..errors import CheckpointBusyError, CheckpointWriteError
 from ..storage import CheckpointPath
 from .errorbox import ErrorBox
@@ -40,7 +42,8 @@ class Runner(abc.ABC):
     """What both lifecycles share: the writer, the queue of jobs to it, the pending saves.
 
     ``log`` is the open checkpointer's event log; ``errors`` collects the background failures
-    that closing raises.
+    that closing raises; ``nice``: the nice value of the writer's threads (None: left as they
+    are; see :mod:`asyncckpt._priority`).
     """
 
     mode: ClassVar[Mode]
@@ -54,8 +57,10 @@ class Runner(abc.ABC):
         log: ev.EventLog,
         close_timeout: float | None,
         directory: CheckpointPath,
+        nice: int | None = None,
     ) -> None:
         self.writer = writer
+        self.nice = nice
         self.pending = pending
         self.errors = errors
         self.log = log
@@ -82,6 +87,11 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     async def drain(self) -> None:
         """Wait until no save is pending, without blocking the event loop."""
+
+    def _lowered(self, error: OSError | None) -> None:
+        """Log that the writer's threads could not be lowered (they run on as they are)."""
+        if error is not None:
+            self.log.warning(ev.WRITER_PRIORITY_FAILED, nice=self.nice, error=str(error))
 
     def abandon_pending(self) -> CheckpointWriteError:
         """Fail every pending save after ``close_timeout``; return the error for the trainer."""
@@ -116,6 +126,8 @@ class SyncRunner(Runner):
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self._loop = self._portal.call(asyncio.get_running_loop)
+        if self.nice is not None:  # before the loop starts a worker thread: they inherit its priority
+            self._lowered(self._portal.call(lower_this_thread, self.nice))
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
     def submit(self, job: Job | Deletion) -> None:
@@ -180,11 +192,17 @@ class AsyncRunner(Runner):
 
     mode = "async"
     _task_group: TaskGroup | None = None
+    _thread: BackgroundThread | None = None
     _slot_freed: anyio.Event
 
     async def start(self) -> None:
-        """Start the writer task in a task group of the running event loop."""
+        """Start the writer task in a task group of the running event loop; with ``nice``, its
+        blocking work runs in a thread of its own at that priority."""
         self._slot_freed = anyio.Event()
+        if self.nice is not None:
+            self._thread = BackgroundThread()
+            self.writer.offload = self._thread.run_sync
+            self._lowered(await self._thread.run_sync(functools.partial(lower_this_thread, self.nice)))
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -232,6 +250,9 @@ class AsyncRunner(Runner):
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
                 self._task_group = None
+            if self._thread is not None:
+                self._thread.close()
+                self._thread = None
 
         def raise_failures() -> None:
             if abandoned is not None:

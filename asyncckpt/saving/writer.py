@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO, Literal, cast
 
 import anyio
@@ -31,6 +32,7 @@ from .staging import StagingPool, StagingRaceError
 from .stats import SaveStats
 
 VerifyMode = Literal["full", "structure", "none"]
+Offload = Callable[[Callable[[], None]], Awaitable[object]]  # runs blocking work off the event loop
 
 
 class Writer:
@@ -62,6 +64,9 @@ class Writer:
         self.stats = stats
         self._scope: anyio.CancelScope | None = None
         self._last_save_failed = False  # whether the last save processed failed (see delete)
+        # Where each job's blocking work runs: a worker thread of the event loop, or a thread
+        # of the runner's own (async use with a lowered priority, see asyncckpt._priority).
+        self.offload: Offload = _in_worker_thread
 
     async def run(
         self,
@@ -79,9 +84,9 @@ class Writer:
             async with jobs:
                 async for job in jobs:
                     if isinstance(job, Deletion):
-                        await anyio.to_thread.run_sync(self.delete, job, abandon_on_cancel=True)
+                        await self.offload(functools.partial(self.delete, job))
                     else:
-                        await anyio.to_thread.run_sync(self.process, job, abandon_on_cancel=True)
+                        await self.offload(functools.partial(self.process, job))
                     if job.done_event is not None:
                         job.done_event.set()
                     if on_done is not None:
@@ -218,6 +223,11 @@ class Writer:
             return
         for info in doomed:
             self.log.info(ev.PRUNED, step=info.step, path=str(info.path), bytes=info.size)
+
+
+async def _in_worker_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` in a worker thread of the event loop; cancelled, it runs on, abandoned."""
+    await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
 
 
 def _encoder(job: Job) -> Body:

@@ -80,6 +80,7 @@ class InterferenceRun:
     steps: int
     saves: int
     stall_s: list[float]
+    writer_ms: list[float]  # asyncckpt: each save's writer time, first write to commit
 
     @property
     def steps_per_s(self) -> float:
@@ -91,6 +92,7 @@ def train(trainer: Trainer, steps: int, every: int, method: SaveMethod | None) -
     background work falls inside the timed window); the last save is waited for afterwards,
     outside the window."""
     stalls: list[float] = []
+    writer_ms: list[float] = []
     pending = None
     started = time.perf_counter()
     for step in range(1, steps + 1):
@@ -99,12 +101,20 @@ def train(trainer: Trainer, steps: int, every: int, method: SaveMethod | None) -
             began = time.perf_counter()
             if pending is not None:
                 pending.wait()
+                writer_ms += _writer_ms(method)
             pending = method.begin(step)
             stalls.append(time.perf_counter() - began)
     elapsed = time.perf_counter() - started
-    if pending is not None:
+    if pending is not None and method is not None:
         pending.wait()
-    return InterferenceRun(elapsed, steps, len(stalls), stalls)
+        writer_ms += _writer_ms(method)
+    return InterferenceRun(elapsed, steps, len(stalls), stalls, writer_ms)
+
+
+def _writer_ms(method: SaveMethod) -> list[float]:
+    """The last save's writer time (first write to commit), where the method reports one."""
+    value = method.extra().get("writer_total_ms")
+    return [] if value is None else [float(value)]
 
 
 def cleanup(methods: list[SaveMethod]) -> None:

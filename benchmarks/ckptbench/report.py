@@ -127,11 +127,23 @@ def load_table(load: dict[str, Any]) -> str:
 
 
 def interference_table(result: dict[str, Any]) -> str:
-    headers = ["method", "steps/s median [min-max]", "slowdown % median [min-max]", "stall per save ms"]
-    rows = [["none", _s(result["baseline"]["steps_per_s"], digits=2), "-", "-"]]
+    headers = [
+        "method",
+        "steps/s median [min-max]",
+        "slowdown % median [min-max]",
+        "stall per save ms",
+        "writer ms (first write to commit)",
+    ]
+    rows = [["none", _s(result["baseline"]["steps_per_s"], digits=2), "-", "-", "-"]]
     for name, m in result["methods"].items():
         rows.append(
-            [name, _s(m["steps_per_s"], digits=2), _s(m["slowdown_pct"], digits=1), _s(m["stall_s"], 1e3, 1)]
+            [
+                name,
+                _s(m["steps_per_s"], digits=2),
+                _s(m["slowdown_pct"], digits=1),
+                _s(m["stall_s"], 1e3, 1),
+                _s(m.get("writer_s"), 1e3, 0),
+            ]
         )
     title = (
         f"== training interference: CPU MLP {result['model']}, {result['step_ms']:.0f} ms/step, "

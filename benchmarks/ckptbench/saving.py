@@ -170,12 +170,16 @@ class AsyncCheckpointerSave(SaveMethod):
     name = "asyncckpt"
     description = "asyncckpt.AsyncCheckpointer.save (background writer, overlapped staging)"
     overlap = True
+    background_nice: int | None = None  # None: the library's default
 
     def setup(self) -> None:
         import asyncckpt
 
+        nice = {} if self.background_nice is None else {"background_nice": self.background_nice}
         # Retention off (files are removed between runs by the driver, like every method's).
-        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, overlap=self.overlap)
+        self.ckpt = asyncckpt.AsyncCheckpointer(
+            self.directory, keep_last=1 << 30, overlap=self.overlap, **nice
+        )
         self.ckpt.__enter__()
         self.ckpt.save(0, self.state.objects()).result()  # sizes the staging pool once
         self.step_wait_s = 0.0
@@ -220,6 +224,22 @@ class AsyncCheckpointerEagerSave(AsyncCheckpointerSave):
     name = "asyncckpt_eager"
     description = "asyncckpt.AsyncCheckpointer(overlap=False).save (all copies inside save())"
     overlap = False
+
+
+class AsyncCheckpointerNice10Save(AsyncCheckpointerSave):
+    """``AsyncCheckpointer(background_nice=10).save``: the writer's threads 10 nice levels down."""
+
+    name = "asyncckpt_nice10"
+    description = "asyncckpt.AsyncCheckpointer(background_nice=10).save (writer lowered)"
+    background_nice = 10
+
+
+class AsyncCheckpointerEagerNice10Save(AsyncCheckpointerEagerSave):
+    """``AsyncCheckpointer(overlap=False, background_nice=10).save``."""
+
+    name = "asyncckpt_eager_nice10"
+    description = "asyncckpt.AsyncCheckpointer(overlap=False, background_nice=10).save"
+    background_nice = 10
 
 
 class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
@@ -369,6 +389,8 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         WriteFloor,
         AsyncCheckpointerSave,
         AsyncCheckpointerEagerSave,
+        AsyncCheckpointerNice10Save,
+        AsyncCheckpointerEagerNice10Save,
         AsyncCheckpointerBudgetSave,
         AsyncCheckpointerBudget16Save,
         SyncSave,
