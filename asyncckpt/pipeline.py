@@ -82,10 +82,12 @@ class SavePipeline:
         stall_ms = (time.perf_counter() - started) * 1000.0
         self.stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
         # Logged before the writer has the job (streamed: before it can have finished), so
-        # the writer's events come after this one.
-        runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
-        if not isinstance(staged, StreamedCopy):
-            runner.submit(job)
+        # the writer's events come after this one; unstreamed, by the writer's loop.
+        event = {"step": step, "stall_ms": round(stall_ms, 3), "bytes": plan.snapshot.nbytes}
+        if isinstance(staged, StreamedCopy):
+            runner.log.info(ev.SAVE_STAGED, **event)
+        else:
+            runner.submit(job, staged=event)
         return SaveHandle(job.step, job.path, job.future, errors=self.errors, done_event=job.done_event)
 
     def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:

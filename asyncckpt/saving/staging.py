@@ -300,7 +300,7 @@ class CopyPlan:
 def copy_plan(structure: Structure, buffers: StagingBuffers, deferred: frozenset[int]) -> CopyPlan:
     """The :class:`CopyPlan` of ``structure`` into ``buffers`` (cached on ``buffers``)."""
     cached = buffers.plan
-    if cached is not None and cached[0] is structure and cached[1] == deferred:
+    if cached is not None and cached[0] is structure and (cached[1] is deferred or cached[1] == deferred):
         hit: CopyPlan = cached[2]
         return hit
     groups: dict[str, list[int]] = {"now": [], "later": [], "cuda_first": [], "cuda_last": []}
