@@ -73,19 +73,22 @@ class SavePipeline:
             wait_ms = (time.perf_counter() - started) * 1000.0
             self.stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))
-        staged = self.stager.stage(plan, buffers)
-        job = self.mode.job(planned, name, staged, runner, self.directory)
-        self.pending.add(job)
-        if isinstance(staged, StreamedCopy):
-            runner.submit(job)  # the writer empties the buffer the rest of the state streams through
-            staged.wait_eager()
-        stall_ms = (time.perf_counter() - started) * 1000.0
-        self.stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
-        # Logged before the writer has the job (streamed: before it can have finished), so
-        # the writer's events come after this one.
-        runner.log.info(ev.SAVE_STAGED, step=step, stall_ms=round(stall_ms, 3), bytes=plan.snapshot.nbytes)
-        if not isinstance(staged, StreamedCopy):
-            runner.submit(job)
+        with self.stager.copier.held():  # the background copies start once the writer has the job
+            staged = self.stager.stage(plan, buffers)
+            job = self.mode.job(planned, name, staged, runner, self.directory)
+            self.pending.add(job)
+            if isinstance(staged, StreamedCopy):
+                runner.submit(job)  # the writer empties the buffer the rest of the state streams through
+                staged.wait_eager()
+            stall_ms = (time.perf_counter() - started) * 1000.0
+            self.stats.count_staged(stall_ms=stall_ms, wait_ms=wait_ms)
+            # Logged before the writer has the job (streamed: before it can have finished), so
+            # the writer's events come after this one; unstreamed, by the writer's loop.
+            event = {"step": step, "stall_ms": round(stall_ms, 3), "bytes": plan.snapshot.nbytes}
+            if isinstance(staged, StreamedCopy):
+                runner.log.info(ev.SAVE_STAGED, **event)
+            else:
+                runner.submit(job, staged=event)
         return SaveHandle(job.step, job.path, job.future, errors=self.errors, done_event=job.done_event)
 
     def _skip(self, runner: Runner, step: int, name: str) -> SaveHandle:

@@ -122,10 +122,10 @@ class StagingPool:
             return self._take(layout)
 
     def _take(self, layout: LayoutKey) -> Buffers:
-        match = next((i for i, b in enumerate(self._free) if b is not None and b.layout == layout), None)
+        match = next((i for i, b in enumerate(self._free) if b is not None and _same(b.layout, layout)), None)
         buffers = self._free.pop(match if match is not None else -1)
         self._in_use += 1
-        if buffers is None or buffers.layout != layout:
+        if buffers is None or not _same(buffers.layout, layout):
             if buffers is not None:
                 self._bytes -= buffers.nbytes
             del buffers  # drop the old set before allocating its replacement
@@ -154,6 +154,11 @@ class StagingPool:
         ]
         self.allocations += 1
         return StagingBuffers(layout, data, offsets, sizes, destinations)
+
+
+def _same(a: LayoutKey, b: LayoutKey) -> bool:
+    """Equal layouts; a reused structure hands over the same tuple (no walk of 10,000 entries)."""
+    return a is b or a == b
 
 
 def destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

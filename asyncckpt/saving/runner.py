@@ -69,9 +69,12 @@ class Runner(abc.ABC):
         self._send, self._receive = anyio.create_memory_object_stream[Job | Deletion](math.inf)
 
     @abc.abstractmethod
-    def submit(self, job: Job | Deletion) -> None:
+    def submit(self, job: Job | Deletion, *, staged: dict[str, Any] | None = None) -> None:
         """Queue ``job`` for the writer; never blocks (the queue is bounded by the staging slots
-        and by the deletions the caller asks for)."""
+        and by the deletions the caller asks for). ``staged``: the fields of the job's
+        ``checkpoint.save.staged`` event, logged before the writer has the job, on the
+        writer's loop: an append to the event log can wait behind a busy disk's journal,
+        and the trainer must not."""
 
     @abc.abstractmethod
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:
@@ -130,14 +133,17 @@ class SyncRunner(Runner):
             self._lowered(self._portal.call(lower_this_thread, self.nice))
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
 
-    def submit(self, job: Job | Deletion) -> None:
+    def submit(self, job: Job | Deletion, *, staged: dict[str, Any] | None = None) -> None:
         # Hand the job over without waiting for the event loop to take it: a portal call is a
         # round trip, and the trainer would wait for the writer's thread to get the GIL.
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, job)
+        self._loop.call_soon_threadsafe(self._deliver, job, staged)
 
-    def _deliver(self, job: Job | Deletion) -> None:
-        """Queue ``job`` for the writer (on the event loop); fail it if the writer has stopped."""
+    def _deliver(self, job: Job | Deletion, staged: dict[str, Any] | None = None) -> None:
+        """Queue ``job`` for the writer (on the event loop), after logging its ``staged``
+        event; fail it if the writer has stopped."""
+        if staged is not None:
+            self.log.info(ev.SAVE_STAGED, **staged)
         try:
             self._send.send_nowait(job)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -213,7 +219,9 @@ class AsyncRunner(Runner):
         self._slot_freed.set()
         self._slot_freed = anyio.Event()
 
-    def submit(self, job: Job | Deletion) -> None:
+    def submit(self, job: Job | Deletion, *, staged: dict[str, Any] | None = None) -> None:
+        if staged is not None:  # the trainer is the loop's task here: nothing to move off it
+            self.log.info(ev.SAVE_STAGED, **staged)
         self._send.send_nowait(job)
 
     def acquire_busy(self, pool: StagingPool, plan: SavePlan) -> Buffers:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import bisect
 import operator
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +20,7 @@ import torch
 
 from .. import format as fmt
 from .buffers import Buffers, RingBuffers, StagingBuffers, StagingPool, destination
+from .copier import Copier
 from .snapshot import Snapshot, Structure
 
 __all__ = [
@@ -245,40 +245,6 @@ def _groups(sizes: list[int]) -> Iterator[tuple[int, int]]:
         yield begin, len(sizes)
 
 
-class Copier:
-    """One background thread that runs deferred copies, oldest save first.
-
-    Torch's copy kernels release the GIL, so the trainer's thread runs on meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-
-    def submit(
-        self, staged: StagedCopy, destinations: list[torch.Tensor], sources: list[torch.Tensor]
-    ) -> None:
-        """Queue ``staged``'s deferred copies (``destinations[i].copy_(sources[i])``)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-stage")
-        self._executor.submit(self.run, staged, destinations, sources)
-
-    def start(self, work: Callable[[], None]) -> None:
-        """Run ``work`` in the copier thread, after the copies queued before it."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncckpt-stage")
-        self._executor.submit(work)
-
-    def run(self, staged: StagedCopy, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-        """Run one save's deferred copies (in the copier thread)."""
-        staged.run_deferred(destinations, sources)
-
-    def close(self) -> None:
-        """Wait for the copies queued so far and stop the thread."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-
 @dataclass(frozen=True)
 class CopyPlan:
     """Which blobs of a structure are copied how, into which destinations of one buffer set.
@@ -300,7 +266,7 @@ class CopyPlan:
 def copy_plan(structure: Structure, buffers: StagingBuffers, deferred: frozenset[int]) -> CopyPlan:
     """The :class:`CopyPlan` of ``structure`` into ``buffers`` (cached on ``buffers``)."""
     cached = buffers.plan
-    if cached is not None and cached[0] is structure and cached[1] == deferred:
+    if cached is not None and cached[0] is structure and (cached[1] is deferred or cached[1] == deferred):
         hit: CopyPlan = cached[2]
         return hit
     groups: dict[str, list[int]] = {"now": [], "later": [], "cuda_first": [], "cuda_last": []}

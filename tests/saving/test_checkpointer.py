@@ -237,6 +237,28 @@ def test_events_carry_the_documented_fields(tmp_path: Path) -> None:
     assert str(committed["timestamp"]).endswith("Z")
 
 
+def test_the_staged_event_is_written_off_the_trainers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An append to the event log can wait behind a busy disk (or the writer's own event):
+    # save() hands its event to the writer's loop, which logs it before the writer's events.
+    writers: list[threading.Thread] = []
+    msg = asyncckpt.events.JsonLinesFile.msg
+
+    def recording(self: asyncckpt.events.JsonLinesFile, message: str) -> None:
+        if "checkpoint.save.staged" in message:
+            writers.append(threading.current_thread())
+        msg(self, message)
+
+    monkeypatch.setattr(asyncckpt.events.JsonLinesFile, "info", recording)
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, deterministic_state(step)).result(timeout=30)
+    assert len(writers) == 2 and threading.main_thread() not in writers
+    names = [e["event"] for e in events(tmp_path) if e.get("step") == 2]
+    assert names.index("checkpoint.save.staged") < names.index("checkpoint.save.committed")
+
+
 def test_stats_report_the_last_save(tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path) as ckpt:
         ckpt.save(3, deterministic_state(3)).result(timeout=30)

@@ -149,6 +149,38 @@ def reorder_keys(state: dict[str, Any]) -> dict[str, Any]:
     return dict(reversed(list(state.items())))
 
 
+# An optimizer's state and parameter ids are fingerprinted a container at a time.
+def rename_a_per_param_key(state: dict[str, Any]) -> dict[str, Any]:
+    state["per_param"][1] = {"m": state["per_param"][1]["m"], "u": state["per_param"][1]["v"]}
+    return state
+
+
+def per_param_tensor_becomes_a_float(state: dict[str, Any]) -> dict[str, Any]:
+    state["per_param"][0]["v"] = 0.5
+    return state
+
+
+def per_param_key_becomes_an_int(state: dict[str, Any]) -> dict[str, Any]:
+    state["per_param"][0] = {"m": state["per_param"][0]["m"], 7: state["per_param"][0]["v"]}
+    return state
+
+
+def per_param_state_is_swapped(state: dict[str, Any]) -> dict[str, Any]:
+    per_param = state["per_param"]
+    per_param[0], per_param[1] = per_param[1], per_param[0]  # other shapes under the same keys
+    return state
+
+
+def an_id_becomes_bool(state: dict[str, Any]) -> dict[str, Any]:
+    state["ids"][1] = True  # 1 == True, but the file must say bool
+    return state
+
+
+def an_id_changes_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["ids"].append(3)  # the list object stays: the cached fingerprint must not follow it
+    return state
+
+
 def simple_state() -> dict[str, Any]:
     return {
         "w": torch.arange(6.0).view(2, 3),
@@ -157,6 +189,11 @@ def simple_state() -> dict[str, Any]:
         "n": 1,
         "seq": [1, 2],
         "map": {1: "one"},
+        "ids": [0, 1, 2],
+        "per_param": {
+            0: {"m": torch.zeros(2), "v": torch.ones(2)},
+            1: {"m": torch.zeros(3, 2), "v": torch.full((3,), 2.0)},
+        },
     }
 
 
@@ -175,6 +212,12 @@ CHANGES = [
     list_becomes_tuple,
     int_key_becomes_str_key,
     reorder_keys,
+    rename_a_per_param_key,
+    per_param_tensor_becomes_a_float,
+    per_param_key_becomes_an_int,
+    per_param_state_is_swapped,
+    an_id_becomes_bool,
+    an_id_changes_in_place,
 ]
 
 
@@ -270,6 +313,9 @@ def test_floats_are_compared_by_their_bits() -> None:
     assert fingerprint({"x": math.nan}) == fingerprint({"x": math.nan})
     assert fingerprint({"x": 1}) != fingerprint({"x": 1.0}) != fingerprint({"x": True})
     assert fingerprint({1: 0}) != fingerprint({True: 0})
+    assert fingerprint({"ids": [0, 1]}) != fingerprint({"ids": [0, True]})
+    assert fingerprint({"s": {0: {"m": torch.ones(1)}}}) != fingerprint({"s": {0: {1: torch.ones(1)}}})
+    assert fingerprint({"s": {0: {1: torch.ones(1)}}}) != fingerprint({"s": {0: {True: torch.ones(1)}}})
 
 
 def test_subclasses_are_fingerprinted_by_what_is_stored() -> None:

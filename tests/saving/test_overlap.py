@@ -19,6 +19,7 @@ from asyncckpt import AsyncCheckpointer, CheckpointWriteError
 from asyncckpt.format import tensor_bytes
 from asyncckpt.loading import rollback as loader
 from asyncckpt.saving.overlap import modules_in, step_guarded_blobs
+from asyncckpt.saving.runner import SyncRunner
 from asyncckpt.saving.snapshot import flatten
 from asyncckpt.saving.staging import Copier, StagedCopy, StagingPool, stage
 
@@ -120,6 +121,23 @@ class GatedCheckpointer(AsyncCheckpointer):
 
 def open_checkpointer(directory: Path, copier: GatedCopier, **options: Any) -> AsyncCheckpointer:
     return GatedCheckpointer(directory, copier, **options)
+
+
+def test_the_copier_is_woken_after_the_writer_has_the_job(
+    tmp_path: Path, copier: GatedCopier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Woken first, the copier thread took the GIL while the trainer's hand-off to the writer
+    # released it, and save() waited for it to give the GIL back.
+    order: list[str] = []
+    queue = copier._queue
+    monkeypatch.setattr(copier, "_queue", lambda *args: (order.append("copier"), queue(*args)))
+    submit = SyncRunner.submit
+    monkeypatch.setattr(SyncRunner, "submit", lambda *a, **k: (order.append("writer"), submit(*a, **k)))
+    model, optimizer = trainer()
+    with open_checkpointer(tmp_path, copier) as ckpt:
+        copier.gate.set()
+        ckpt.save(1, {"model": model, "optimizer": optimizer}).result(timeout=30)
+    assert order == ["writer", "copier"]
 
 
 def test_save_returns_before_parameters_are_copied_and_the_step_waits(
