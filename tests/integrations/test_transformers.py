@@ -65,6 +65,20 @@ def test_a_checkpoint_holds_the_whole_training_state(tmp_path: Path) -> None:
     assert not any(p.name.startswith("checkpoint-") for p in tmp_path.iterdir())  # no Trainer folders
 
 
+def test_the_writer_yields_the_cpu_to_training_by_default(tmp_path: Path) -> None:
+    run = trainer(tmp_path, max_steps=SAVE_STEPS)
+    seen: list[int] = []
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            assert run.checkpointer is not None
+            seen.append(run.checkpointer.background_nice)
+
+    run.add_callback(Probe())
+    train(run)
+    assert seen and set(seen) == {10}  # the writer's threads run 10 nice levels below training
+
+
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     train(trainer(tmp_path, max_steps=2 * SAVE_STEPS, save_total_limit=None))
     newest = asyncckpt.list_checkpoints(tmp_path / "asyncckpt")[-1].path
