@@ -70,7 +70,7 @@ def test_the_writer_yields_the_cpu_to_training_by_default(tmp_path: Path) -> Non
     seen: list[int] = []
 
     class Probe(transformers.TrainerCallback):
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        def on_save(self, *args: Any, **kwargs: Any) -> None:  # the checkpointer opens at the first save
             assert run.checkpointer is not None
             seen.append(run.checkpointer.background_nice)
 
