@@ -15,7 +15,6 @@ buffers (each DTensor again, around its staged local shard), which
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from .._tree import unflatten
 from ..format import check_step
 from ..saving.fingerprint import StructureCache
 from ..saving.overlap import modules_in, optimizers_in
-from ..saving.plan import SavePlan
+from ..saving.plan import GuardPlan, SavePlan
 from ..saving.snapshot import (
     Snapshot,
     StorageKey,
@@ -80,7 +79,7 @@ class StepPlanner:
         self.share = share
         self.dicts = StateDicts()
         self.structures = StructureCache()
-        self._guard: _Guard | None = None
+        self._guard: GuardPlan | None = None
 
     def plan(self, step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool) -> StepPlan:
         """Split and flatten ``state`` for a multi-rank save; nothing is copied yet.
@@ -114,24 +113,8 @@ class StepPlanner:
         optimizers = [o for o in objects if isinstance(o, torch.optim.Optimizer)]
         modules = [o for o in objects if isinstance(o, torch.nn.Module)]
         deferred = guarded_blobs(snapshot, optimizers, modules)
-        self._guard = _Guard(snapshot.structure, tuple(weakref.ref(o) for o in objects), deferred)
+        self._guard = GuardPlan.of(snapshot.structure, objects, deferred)
         return deferred
-
-
-@dataclass(frozen=True)
-class _Guard:
-    """The deferred blobs of one structure with one set of optimizer and module objects."""
-
-    structure: Structure
-    objects: tuple[weakref.ref[Any], ...]  # weak: a cache must not keep a discarded model alive
-    deferred: frozenset[int]
-
-    def fits(self, structure: Structure, objects: list[Any]) -> bool:
-        return (
-            structure is self.structure
-            and len(objects) == len(self.objects)
-            and all(ref() is o for ref, o in zip(self.objects, objects, strict=True))
-        )
 
 
 def localize(

@@ -55,7 +55,7 @@ class Planner:
 
     def __init__(self) -> None:
         self.structures = StructureCache()
-        self._guard: _GuardPlan | None = None
+        self._guard: GuardPlan | None = None
 
     def plan(
         self,
@@ -97,12 +97,12 @@ class Planner:
         if last is not None and last.fits(snapshot.structure, [*optimizers, *modules]):
             return last.deferred
         deferred = step_guarded_blobs(snapshot, optimizers, modules)
-        self._guard = _GuardPlan.of(snapshot.structure, [*optimizers, *modules], deferred)
+        self._guard = GuardPlan.of(snapshot.structure, [*optimizers, *modules], deferred)
         return deferred
 
 
 @dataclass(frozen=True)
-class _GuardPlan:
+class GuardPlan:
     """The overlapping blobs of one structure with one set of optimizer and module objects."""
 
     structure: Structure
@@ -110,7 +110,7 @@ class _GuardPlan:
     deferred: frozenset[int]
 
     @classmethod
-    def of(cls, structure: Structure, objects: list[Any], deferred: frozenset[int]) -> _GuardPlan | None:
+    def of(cls, structure: Structure, objects: list[Any], deferred: frozenset[int]) -> GuardPlan | None:
         try:
             refs = tuple(weakref.ref(o) for o in objects)
         except TypeError:  # an object without weak references: plan afresh each save
