@@ -172,14 +172,16 @@ class AsyncCheckpointerSave(SaveMethod):
     overlap = True
     background_nice: int | None = None  # None: the library's default
 
+    def options(self) -> dict[str, Any]:
+        """The checkpointer's options that make this method."""
+        nice = {} if self.background_nice is None else {"background_nice": self.background_nice}
+        return {"overlap": self.overlap, **nice}
+
     def setup(self) -> None:
         import asyncckpt
 
-        nice = {} if self.background_nice is None else {"background_nice": self.background_nice}
         # Retention off (files are removed between runs by the driver, like every method's).
-        self.ckpt = asyncckpt.AsyncCheckpointer(
-            self.directory, keep_last=1 << 30, overlap=self.overlap, **nice
-        )
+        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, **self.options())
         self.ckpt.__enter__()
         self.ckpt.save(0, self.state.objects()).result()  # sizes the staging pool once
         self.step_wait_s = 0.0
@@ -251,14 +253,8 @@ class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
     description = "asyncckpt.AsyncCheckpointer(staging_budget=state/4).save (streamed staging)"
     fraction = 4
 
-    def setup(self) -> None:
-        import asyncckpt
-
-        budget = max(self.state.nbytes // self.fraction, 64 << 10)
-        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, staging_budget=budget)
-        self.ckpt.__enter__()
-        self.ckpt.save(0, self.state.objects()).result()
-        self.step_wait_s = 0.0
+    def options(self) -> dict[str, Any]:
+        return {"staging_budget": max(self.state.nbytes // self.fraction, 64 << 10)}
 
 
 class AsyncCheckpointerBudget16Save(AsyncCheckpointerBudgetSave):
