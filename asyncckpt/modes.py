@@ -10,16 +10,16 @@ only when a checkpointer is distributed). :func:`checkpointer_mode` picks one.
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import events as ev
-from .errors import CheckpointError, NoValidCheckpointError, UsageError
+from .errors import NoValidCheckpointError, UsageError
 from .loading import LoadResult, Log, MapLocation, OnCorrupt
 from .loading import rollback as loader
+from .loading.candidates import unlistable
 from .multirank import distributed_mode, newest_is_multi_rank, refuse_dtensors, restore_plain
 from .saving.job import Job
 from .saving.pending import PendingSaves
@@ -114,12 +114,7 @@ class SingleFiles:
                 raise
             return None
         except (PermissionError, NotADirectoryError) as exc:
-            name = errno.errorcode.get(exc.errno or 0, "?")
-            raise CheckpointError(
-                f"cannot read the run directory ({name}: {exc.strerror}); restore cannot tell whether "
-                "it holds checkpoints: fix its permissions (or the path) and retry",
-                path=storage.location,
-            ) from exc
+            raise unlistable(storage.location, exc) from exc
 
 
 class Distributed:
