@@ -40,7 +40,7 @@ size, count, saves, directory = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
 state = build_state(parse_size(size), count)
 objects = state.objects()
 stalls, cpu = [], []
-with asyncckpt.AsyncCheckpointer(directory, keep_last=2) as ckpt:
+with asyncckpt.AsyncCheckpointer(directory, keep_last=1) as ckpt:
     ckpt.save(0, objects).result()
     for step in range(1, saves + 1):
         started, started_cpu = time.perf_counter(), time.thread_time()
@@ -54,8 +54,8 @@ print(json.dumps({"median": statistics.median(stalls), "cpu": statistics.median(
 """
 
 
-def _child(tree: str, size: str, count: int, saves: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as directory:
+def _child(tree: str, size: str, count: int, saves: int, root: str) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(dir=root) as directory:
         env = {**os.environ, "PYTHONPATH": tree}
         command = [sys.executable, "-c", CHILD, str(HERE), size, str(count), str(saves), directory]
         out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--states", default="32M:10000,1G:1000,1G:10000", help="SIZE:TENSORS,...")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--saves", type=int, default=7, help="timed save() calls per child")
+    parser.add_argument("--dir", default="/var/tmp", help="where the checkpoints go (e.g. /dev/shm)")
     parser.add_argument("--out", default=None, help="write the table (markdown) here too")
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
@@ -82,7 +83,7 @@ def main() -> None:
         order = list(trees.items()) if round_ % 2 == 0 else list(reversed(trees.items()))  # ABBA
         for size, count in states:
             label = f"{size}:{count}"
-            results = {name: _child(path, size, count, args.saves) for name, path in order}
+            results = {name: _child(path, size, count, args.saves, args.dir) for name, path in order}
             for what in ("median", "cpu"):
                 base = float(results[first][what])  # type: ignore[arg-type]
                 for name, result in results.items():

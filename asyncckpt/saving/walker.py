@@ -27,6 +27,7 @@ from .._values import SAFE_TYPES_TEXT, NotSafeError, container_items, container_
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
+from .state_dicts import state_dict_of as _state_dict_of
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)
@@ -66,7 +67,7 @@ class StateDicts:
         def state_dict_of(obj: Any) -> Any:
             nonlocal position
             if position == len(results):
-                results.append(obj.state_dict())
+                results.append(_state_dict_of(obj))  # obj.state_dict(), faster for plain modules
             position += 1
             return results[position - 1]
 
