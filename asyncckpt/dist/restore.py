@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 
 from .. import catalog
 from .. import format as fmt
+from .._gc import gc_paused
 from .._tree import unflatten
 from ..errors import (
     CheckpointError,
@@ -37,7 +38,7 @@ from .commit import read_record
 from .group import CoordinationGroup, first_line
 from .planner import LoadPlanner, decode_value
 from .record import CommitRecord
-from .save import failure_cause, solo_or
+from .save import dcp_group, failure_cause, solo_or
 from .shards import ShardFiles, check_item
 from .state import SplitState, apply_per_rank, apply_sharded, load_targets
 from .storage import AsyncckptReader
@@ -90,7 +91,19 @@ def restore_latest(
     ``checkpoint.dist.restore.summary`` event through ``log`` (default: structlog's "asyncckpt"
     logger).
     """
-    coordination = solo_or(group)
+    # The state dicts, DCP's load planning and the shard headers make several small objects
+    # per tensor; the trainer waits for the restore, so collections would only add to it.
+    with gc_paused():
+        return _restore_latest(location, objects, solo_or(group), on_corrupt, log)
+
+
+def _restore_latest(
+    location: Location,
+    objects: Mapping[str, Any],
+    coordination: CoordinationGroup,
+    on_corrupt: Literal["fallback", "fail"],
+    log: Callable[..., None] | None,
+) -> RestoredStep | None:
     coordination.agree("restore", None)
     storage = open_storage(location)
     views = coordination.all_gather(_listing(storage), what="restoring: listing the committed steps")
@@ -105,14 +118,18 @@ def restore_latest(
             lambda: load_targets(objects), what="preparing the restore", error=CoordinationError
         )
         chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
-    if coordination.rank == 0:
-        record_failures(storage, diagnostics)
-    if on_corrupt == "fail" and diagnostics:
-        raise _as_error(diagnostics[0])
-    if chosen is None or targets is None:
-        _nothing(storage, everywhere, diagnostics, log)
-        return None
-    return _load(storage, *chosen, objects, targets, coordination, diagnostics, log)
+    try:
+        if coordination.rank == 0:
+            record_failures(storage, diagnostics)
+        if on_corrupt == "fail" and diagnostics:
+            raise _as_error(diagnostics[0])
+        if chosen is None or targets is None:
+            _nothing(storage, everywhere, diagnostics, log)
+            return None
+        return _load(storage, chosen, objects, targets, coordination, diagnostics, log)
+    finally:
+        if chosen is not None:
+            chosen.shards.close()
 
 
 def _as_error(diagnostic: Diagnostic) -> CheckpointError:
@@ -128,37 +145,60 @@ def _listing(storage: Storage) -> list[int] | str:
         return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A step this rank verified: its record, the planner that planned its load, and its shard
+    files, open with their headers checked (the load reads through them: no header twice)."""
+
+    record: CommitRecord
+    planner: LoadPlanner
+    shards: ShardFiles
+    per_rank: Any  # this rank's per-rank values (None at another world size)
+
+
 def _vote(
     storage: Storage,
     candidates: list[int],
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
-) -> tuple[CommitRecord, _PlannedOnce] | None:
-    """The newest candidate every rank verifies (its record, and the planner that planned its
-    load), or None; failures go to ``diagnostics``."""
+) -> _Verified | None:
+    """The newest candidate every rank verifies (the caller closes its shard files), or None;
+    failures go to ``diagnostics``."""
     for step in candidates:  # one all-gather per candidate
         what = f"restoring: verifying step {step}"
-        verdict: CommitRecord | Diagnostic | Exception
+        verdict: _Verified | Diagnostic | Exception
         planner = _PlannedOnce()
         try:
-            verdict = verify_step(
+            verdict = _verify(
                 storage, step, targets, coordination.rank, coordination.world_size, planner=planner
             )
         except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
             verdict = exc
-        verdicts = coordination.all_gather(_shared(verdict), what=what)
-        errors = [f"rank {rank}: {text}" for rank, (kind, text) in enumerate(verdicts) if kind == "error"]
-        if errors:  # stops every rank
-            if isinstance(verdict, Exception):
-                raise verdict
-            raise CoordinationError(f"{what} failed: {'; '.join(errors)}", rank=coordination.rank, step=step)
-        failed = _unique([d for kind, d in verdicts if kind == "failed"])
+        try:
+            verdicts = coordination.all_gather(_shared(verdict), what=what)
+            errors = [f"rank {r}: {text}" for r, (kind, text) in enumerate(verdicts) if kind == "error"]
+            if errors:  # stops every rank
+                if isinstance(verdict, Exception):
+                    raise verdict
+                raise CoordinationError(
+                    f"{what} failed: {'; '.join(errors)}", rank=coordination.rank, step=step
+                )
+            failed = _unique([d for kind, d in verdicts if kind == "failed"])
+        except BaseException:
+            _close(verdict)
+            raise
         if not failed:
-            assert isinstance(verdict, CommitRecord)
-            return verdict, planner
+            assert isinstance(verdict, _Verified)
+            return verdict
+        _close(verdict)
         diagnostics.extend(failed)
     return None
+
+
+def _close(verdict: object) -> None:
+    if isinstance(verdict, _Verified):
+        verdict.shards.close()
 
 
 class _PlannedOnce(LoadPlanner):
@@ -175,7 +215,7 @@ class _PlannedOnce(LoadPlanner):
         return plan
 
 
-def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
+def _shared(verdict: _Verified | Diagnostic | Exception) -> tuple[str, Any]:
     """What the other ranks need of a verdict (a record stays here)."""
     if isinstance(verdict, Exception):
         return "error", f"{type(verdict).__name__}: {first_line(verdict)}"
@@ -196,8 +236,19 @@ def verify_step(
     """Check all that ``rank`` would read of ``step``: the record, the shards it needs (digest
     and the CRC32C of every blob it needs), its per-rank values. The record, or why not.
     ``planner`` (default: a new :class:`LoadPlanner`) plans the load of ``targets``."""
+    verdict = _verify(storage, step, targets, rank, world_size, planner=planner or LoadPlanner())
+    if isinstance(verdict, Diagnostic):
+        return verdict
+    verdict.shards.close()
+    return verdict.record
+
+
+def _verify(
+    storage: Storage, step: int, targets: SplitState, rank: int, world_size: int, *, planner: LoadPlanner
+) -> _Verified | Diagnostic:
+    """:func:`verify_step`, the shard files left open (with the per-rank values read) on success."""
     where = storage.where(catalog.step_folder_name(step))
-    planner = planner if planner is not None else LoadPlanner()
+    shards: ShardFiles | None = None
     try:
         record = read_record(storage, step)
         planner.set_up_planner(targets.sharded, record.metadata, rank == 0)
@@ -207,26 +258,31 @@ def verify_step(
             raise IncompatibleCheckpointError(
                 f"does not fit the objects: {first_line(exc)}", path=where
             ) from exc
-        with ShardFiles(storage, record) as shards:
-            for item in plan.items:
-                location = record.metadata.storage_data.get(item.storage_index)
-                if location is None:
-                    raise CheckpointError(
-                        f"the commit record has no item {item.storage_index.fqn}", path=where
-                    )
-                if item.type == LoadItemType.TENSOR:
-                    check_item(shards, location, item, record.metadata)
-                    shards.verify(location.rank, location.tensor)
-                else:  # a plain value: it must decode too
-                    data = shards.read(location.rank, location.tensor)
-                    decode_value(bytes(fmt.tensor_bytes(data)), key=item.storage_index.fqn)
-            if record.world_size == world_size:
-                _check_per_rank(shards.per_rank(rank), targets, shards.where(rank))
-    except FileNotFoundError:
-        return Diagnostic(where, "corrupted", "the commit record vanished", utc_now(), step)
-    except (CheckpointError, OSError) as exc:
-        return diagnose(exc, where, step)
-    return record
+        shards = ShardFiles(storage, record)
+        locations = record.metadata.storage_data
+        for item in plan.items:
+            location = locations.get(item.storage_index)
+            if location is None:
+                raise CheckpointError(f"the commit record has no item {item.storage_index.fqn}", path=where)
+            if item.type == LoadItemType.TENSOR:
+                check_item(shards, location, item, record.metadata)
+                shards.verify(location.rank, location.tensor)
+            else:  # a plain value: it must decode too
+                data = shards.read(location.rank, location.tensor)
+                decode_value(bytes(fmt.tensor_bytes(data)), key=item.storage_index.fqn)
+        per_rank = None
+        if record.world_size == world_size:
+            per_rank = shards.per_rank(rank)
+            _check_per_rank(per_rank, targets, shards.where(rank))
+    except BaseException as exc:
+        if shards is not None:
+            shards.close()
+        if isinstance(exc, FileNotFoundError):
+            return Diagnostic(where, "corrupted", "the commit record vanished", utc_now(), step)
+        if isinstance(exc, CheckpointError | OSError):
+            return diagnose(exc, where, step)
+        raise
+    return _Verified(record, planner, shards, per_rank)
 
 
 def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
@@ -238,18 +294,19 @@ def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
 
 def _load(
     storage: Storage,
-    record: CommitRecord,
-    planner: LoadPlanner,
+    verified: _Verified,
     objects: Mapping[str, Any],
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
     log: Callable[..., None] | None,
 ) -> RestoredStep:
+    record, shards = verified.record, verified.shards
     step, rank = record.step, coordination.rank
-    reader = AsyncckptReader(storage, step, record=record)  # the record and plan the vote checked
+    # the record, plan and shard files the vote checked
+    reader = AsyncckptReader(storage, step, record=record, shards=shards)
     try:
-        dcp_load(targets.sharded, reader=reader, planner=planner, group=coordination.group)
+        dcp_load(targets.sharded, reader=reader, planner=verified.planner, group=dcp_group(coordination))
     except CheckpointException as exc:
         raise CheckpointError(
             f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
@@ -263,10 +320,9 @@ def _load(
     apply_sharded(targets)
     same_world = record.world_size == coordination.world_size
     state: dict[str, Any] = {}
-    with ShardFiles(storage, record) as shards:
-        saved = shards.per_rank(rank) if same_world else None
-        user = shards.layout(rank if same_world else 0).metadata.get("user")
+    user = shards.layout(rank if same_world else 0).metadata.get("user")
     if same_world:
+        saved = verified.per_rank
         state = dict(saved) if isinstance(saved, dict) else {}
         apply_per_rank(objects, state)
     metadata = unflatten(user, []) if isinstance(user, dict) else {}

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import catalog
+from .._gc import gc_paused
 from ..errors import CheckpointWriteError, CoordinationError, UsageError
 from ..storage import Location
 from ._dcp import dcp_save
@@ -115,17 +116,20 @@ def write_step(
         )
         return prepared.sharded, writer
 
-    failed = partial(CheckpointWriteError, step=step)
-    # One exchange checks that every rank saves this step and that every rank is ready. (A rank
-    # that saves another step has only built its writer meanwhile: nothing is written yet.)
-    sharded, writer = coordination.gather_outcomes(
-        build,
-        what=f"preparing step {step}",
-        error=failed,
-        call=("save", step),
-        same=("the replicated tensors (key paths and sizes)", replicas),
-    )
-    _plan_and_write(sharded, writer, step, coordination, plan_caching=plan_caching)
+    # DCP's planning, pickled plan and result exchanges and our shard encoding make several small
+    # objects per tensor: with the trainer's many live objects, collections cost as much as the
+    # work (46% of a 10,000-tensor save). Nothing made here is cyclic garbage.
+    with gc_paused():
+        # One exchange checks that every rank saves this step and that every rank is ready. (A
+        # rank that saves another step has only built its writer meanwhile: nothing is written.)
+        sharded, writer = coordination.gather_outcomes(
+            build,
+            what=f"preparing step {step}",
+            error=partial(CheckpointWriteError, step=step),
+            call=("save", step),
+            same=("the replicated tensors (key paths and sizes)", replicas),
+        )
+        _plan_and_write(sharded, writer, step, coordination, plan_caching=plan_caching)
     record = writer.storage.where(catalog.commit_record_name(step))
     return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
 
@@ -144,7 +148,7 @@ def _plan_and_write(
         planner = SavePlanner(enable_plan_caching=plan_caching)
         if plan_caching:  # DCP keys its plan cache by class: one cache per location
             planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
-        dcp_save(sharded, writer=writer, planner=planner, group=coordination.group)
+        dcp_save(sharded, writer=writer, planner=planner, group=dcp_group(coordination))
     except CheckpointException as exc:
         raise write_failed(exc, step) from failure_cause(exc)
     except CoordinationError:
@@ -154,6 +158,12 @@ def _plan_and_write(
         raise CheckpointWriteError(
             f"{lost.reason}; nothing was committed", rank=coordination.rank, step=step
         ) from exc
+
+
+def dcp_group(coordination: CoordinationGroup) -> dist.ProcessGroup | None:
+    """The process group DCP runs over: None for a group of one, so that DCP plans and writes
+    locally instead of pickling its plans and results through collectives with itself."""
+    return coordination.group if coordination.world_size > 1 else None
 
 
 def solo_or(group: CoordinationGroup | None) -> CoordinationGroup:

@@ -264,7 +264,8 @@ class AsyncckptReader(StorageReader):
     Only committed steps are read; each shard file must match the digest in the commit record,
     and each blob its CRC32C, before its bytes are used. Use a planner derived from
     ``DefaultLoadPlanner`` (``asyncckpt.dist.LoadPlanner``): non-tensor values are msgpack.
-    ``record`` is ``step``'s commit record when the caller has read and checked it already.
+    ``record`` is ``step``'s commit record when the caller has read and checked it already;
+    ``shards`` its shard files, opened by the caller (who closes them) over that record.
     """
 
     def __init__(
@@ -273,18 +274,23 @@ class AsyncckptReader(StorageReader):
         step: int | None = None,
         *,
         record: CommitRecord | None = None,
+        shards: ShardFiles | None = None,
         ops: FileOps = OS,
     ) -> None:
         self.storage = open_storage(location, ops=ops)
         self.step = None if step is None else step_of(step)
         if record is not None and record.step != self.step:
             raise UsageError(f"the commit record given is step {record.step}'s, not step {self.step}'s")
+        if shards is not None and shards.record is not record:
+            raise UsageError("the shard files given are not opened over the commit record given")
         self.record: CommitRecord | None = record
         self.shards: ShardFiles | None = None
+        self._given = shards  # the caller's: used while the record is the same, never closed here
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.close()
         self.record = None
+        self._given = None
         if checkpoint_id is not None:
             self.step = step_of(checkpoint_id)
 
@@ -306,7 +312,12 @@ class AsyncckptReader(StorageReader):
             self.read_metadata()
         assert self.record is not None
         self.close()
-        self.shards = ShardFiles(self.storage, self.record)
+        given = self._given
+        self.shards = (
+            given
+            if given is not None and given.record is self.record
+            else ShardFiles(self.storage, self.record)
+        )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -359,10 +370,10 @@ class AsyncckptReader(StorageReader):
         return False
 
     def close(self) -> None:
-        """Close the shard files this reader opened."""
-        if self.shards is not None:
+        """Close the shard files this reader opened (not those its caller gave it)."""
+        if self.shards is not None and self.shards is not self._given:
             self.shards.close()
-            self.shards = None
+        self.shards = None
 
 
 def _sort_key(locations: dict[MetadataIndex, ItemLocation], item: ReadItem) -> tuple[int, int]:
