@@ -181,13 +181,12 @@ class AsyncckptWriter(StorageWriter):
             user_metadata=self.metadata,
         )
         self.report = WriteReport(written.nbytes, written.write_s, written.fsync_s)
-        results = [
-            WriteResult(item.index, data.nbytes, ItemLocation(info.rank, first + i))
-            for i, (item, data) in enumerate(zip(plan.items, items, strict=True))
-        ]
-        results.append(WriteResult(MetadataIndex(_DIGEST_KEY), digest.nbytes, digest))
+        # One result for the whole shard: DCP pickles every rank's results to the coordinator,
+        # and one WriteResult per item (10,000 dataclasses, each with a torch.Size) cost more
+        # than the shard's encoding; one bytes object of keys costs almost nothing.
+        writes = ShardWrites(digest, first, _item_keys(plan.items))
         future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
+        future.set_result([WriteResult(MetadataIndex(_DIGEST_KEY), digest.nbytes, writes)])
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -240,21 +239,37 @@ def _encoded_value(item: WriteItem, planner: DcpSavePlanner) -> bytes:
     return encode_value(planner.lookup_object(item.index), key=item.index.fqn)
 
 
+@dataclass(frozen=True)
+class ShardWrites:
+    """A rank's write results as one: its shard's digest, the index of the shard's first item
+    tensor, and the items' keys in the order written (:func:`_item_keys`)."""
+
+    digest: ShardDigest
+    first: int
+    keys: bytes
+
+
+def _item_keys(items: list[WriteItem]) -> bytes:
+    """The items' ``[fqn, offset or None]`` as msgpack, in order."""
+    rows = [[i.index.fqn, None if i.index.offset is None else [*i.index.offset]] for i in items]
+    return fmt.pack(rows)
+
+
 def _collect(
     results: list[list[WriteResult]], step: int
 ) -> tuple[list[ShardDigest], dict[MetadataIndex, ItemLocation]]:
     digests: list[ShardDigest] = []
     locations: dict[MetadataIndex, ItemLocation] = {}
     for rank, rank_results in enumerate(results):
-        found = [r.storage_data for r in rank_results if isinstance(r.storage_data, ShardDigest)]
-        if len(found) != 1 or found[0].rank != rank:
+        found = [r.storage_data for r in rank_results if isinstance(r.storage_data, ShardWrites)]
+        if len(found) != 1 or found[0].digest.rank != rank:
             raise CheckpointWriteError(
                 f"rank {rank} reported no durable shard; the step is not committed", rank=rank, step=step
             )
-        digests.append(found[0])
-        locations.update(
-            {r.index: r.storage_data for r in rank_results if isinstance(r.storage_data, ItemLocation)}
-        )
+        writes = found[0]
+        digests.append(writes.digest)
+        for tensor, (fqn, offset) in enumerate(fmt.unpack(writes.keys), start=writes.first):
+            locations[MetadataIndex(fqn, offset)] = ItemLocation(rank, tensor)
     return digests, locations
 
 

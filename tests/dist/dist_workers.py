@@ -262,3 +262,28 @@ def save_loop_and_die(rank: int, world: int, root: str, victim: int, ops: int, f
             storage, step, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()}, group=group
         )
     return "saved"
+
+
+def collective_payloads(rank: int, world: int, root: str) -> list[str]:
+    """Save two steps of an FSDP2 MLP + Adam and restore; the type of every object pickled
+    through a collective meanwhile (``list[X]*N`` for a list of N X), in order."""
+    import torch.distributed.distributed_c10d as c10d
+
+    seen: list[str] = []
+    real = c10d._object_to_tensor
+
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = f"[{type(obj[0]).__name__}]*{len(obj)}" if isinstance(obj, list) and obj else ""
+        seen.append(type(obj).__name__ + inner)
+        return real(obj, *args, **kwargs)
+
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model, optimizer = fsdp_trained(1, 1)
+    c10d._object_to_tensor = spy  # type: ignore[attr-defined]
+    try:
+        for step in (1, 2):
+            adist.save_step(root, step, {"model": model, "optimizer": optimizer}, group=group)
+        adist.restore_latest(root, {"model": model, "optimizer": optimizer}, group=group)
+    finally:
+        c10d._object_to_tensor = real  # type: ignore[attr-defined]
+    return seen

@@ -46,6 +46,17 @@ def test_fsdp_round_trip_at_each_world_size(tmp_path: Path, world: int) -> None:
         assert states_equal(restored[rank]["rng"], saved[rank]["rng"])
 
 
+def test_a_group_of_one_sends_dcp_nothing_and_a_rank_reports_one_result(tmp_path: Path) -> None:
+    [alone] = all_ok(run_world(workers.collective_payloads, 1, str(tmp_path / "one")))
+    pair = all_ok(run_world(workers.collective_payloads, 2, str(tmp_path / "two")))
+
+    dcp = ("SavePlan", "LoadPlan", "Metadata", "list[SavePlan]", "list[LoadPlan]", "list[WriteResult]")
+    assert alone and not [kind for kind in alone if kind.startswith(dcp)]  # only our agreement, votes
+    # at two ranks DCP gathers each rank's write results: one for its whole shard, not one per item
+    assert pair[1].count("list[WriteResult]*1") == 2  # two saves
+    assert not [kind for kind in pair[1] if kind.startswith("list[WriteResult]") and kind[-2:] != "*1"]
+
+
 def test_exact_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None:
     uninterrupted = all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "a"), [2], 4))
     all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "b"), [2]))
