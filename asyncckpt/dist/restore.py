@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 import structlog
@@ -38,7 +39,7 @@ from .commit import read_record
 from .group import CoordinationGroup, first_line
 from .planner import LoadPlanner, decode_value
 from .record import CommitRecord
-from .save import dcp_group, failure_cause, solo_or
+from .save import failure_cause, solo_or
 from .shards import ShardFiles, check_item
 from .state import SplitState, apply_per_rank, apply_sharded, load_targets
 from .storage import AsyncckptReader
@@ -305,16 +306,22 @@ def _load(
     step, rank = record.step, coordination.rank
     # the record, plan and shard files the vote checked
     reader = AsyncckptReader(storage, step, record=record, shards=shards)
+
+    def load() -> None:
+        # Each rank plans and reads its own part (DCP's load needs nothing of the others): DCP
+        # runs without collectives, which would pickle every rank's plan of 10,000 items to the
+        # coordinator and back; the one exchange below still fails every rank together.
+        try:
+            dcp_load(targets.sharded, reader=reader, planner=verified.planner, group=None)
+        except CheckpointException as exc:
+            raise CheckpointError(
+                f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
+            ) from failure_cause(exc)
+
     try:
-        dcp_load(targets.sharded, reader=reader, planner=verified.planner, group=dcp_group(coordination))
-    except CheckpointException as exc:
-        raise CheckpointError(
-            f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
-        ) from failure_cause(exc)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # a collective inside DCP failed
-        raise coordination.failed(f"loading step {step}", exc) from exc
+        coordination.gather_outcomes(
+            load, what=f"loading step {step}", error=partial(CheckpointError, step=step)
+        )
     finally:
         reader.close()
     apply_sharded(targets)

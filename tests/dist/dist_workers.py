@@ -287,3 +287,53 @@ def collective_payloads(rank: int, world: int, root: str) -> list[str]:
     finally:
         c10d._object_to_tensor = real  # type: ignore[attr-defined]
     return seen
+
+
+def lookup_without_to_local(rank: int, world: int) -> dict[str, int]:
+    """asyncckpt's SavePlanner resolves every DTensor item of an FSDP2 state: how many items, how
+    many resolved to the DTensor's own local tensor (equal bytes), how many ``to_local()`` calls."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    model = fsdp_mlp(1)
+    state = {"model": get_model_state_dict(model)}
+    planner = adist.SavePlanner()
+    planner.set_up_planner(state, is_coordinator=rank == 0)
+    plan = planner.create_local_plan()
+    calls = 0
+    real = DTensor.to_local
+
+    def counting(self: DTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return real(self, *args, **kwargs)
+
+    DTensor.to_local = counting  # type: ignore[method-assign]
+    try:
+        resolved = [(item, planner.resolve_data(item)) for item in plan.items]
+    finally:
+        DTensor.to_local = real  # type: ignore[method-assign]
+    own = 0
+    for item, tensor in resolved:
+        dtensor = planner.state_dict[item.index.fqn]
+        own += tensor is dtensor._local_tensor and torch.equal(tensor, dtensor.to_local())
+    return {"items": len(resolved), "own": own, "to_local": calls}
+
+
+def restore_failing_on(rank: int, world: int, root: str, victim: int) -> str:
+    """Restore after a save; rank ``victim``'s read fails after the vote. What this rank raised."""
+    save_fsdp(rank, world, root, [1])
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model = fsdp_mlp(2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if rank == victim:
+
+        def broken(self: Any, plan: Any, planner: Any) -> Any:
+            raise OSError(errno.EIO, "injected read failure")
+
+        adist.AsyncckptReader.read_data = broken  # type: ignore[method-assign]
+    try:
+        adist.restore_latest(root, {"model": model, "optimizer": optimizer}, group=group)
+    except asyncckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}|{exc.rank}|{exc.reason}"
+    return "restored"

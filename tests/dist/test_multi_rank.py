@@ -55,6 +55,23 @@ def test_a_group_of_one_sends_dcp_nothing_and_a_rank_reports_one_result(tmp_path
     # at two ranks DCP gathers each rank's write results: one for its whole shard, not one per item
     assert pair[1].count("list[WriteResult]*1") == 2  # two saves
     assert not [kind for kind in pair[1] if kind.startswith("list[WriteResult]") and kind[-2:] != "*1"]
+    # a load needs nothing of the other ranks: no load plan crosses, at any world size
+    assert not [kind for kind in pair[0] + pair[1] if kind.startswith(("LoadPlan", "list[LoadPlan]"))]
+
+
+def test_the_save_planner_resolves_dtensors_without_to_local() -> None:
+    [found] = all_ok(run_world(workers.lookup_without_to_local, 1))
+
+    assert found["items"] > 0 and found["own"] == found["items"] and found["to_local"] == 0
+
+
+def test_a_load_failing_on_one_rank_fails_every_rank(tmp_path: Path) -> None:
+    outcomes = all_ok(run_world(workers.restore_failing_on, 2, str(tmp_path), 1))
+
+    mine = outcomes[1].split("|")
+    other = outcomes[0].split("|")
+    assert mine[0] == "CheckpointError" and "injected read failure" in mine[2]
+    assert other[0] == "CheckpointError" and other[1] == "1" and "rank 1" in other[2]
 
 
 def test_exact_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None:
