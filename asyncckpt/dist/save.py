@@ -22,6 +22,7 @@ from ..errors import CheckpointWriteError, CoordinationError, UsageError
 from ..storage import Location
 from ._dcp import dcp_save
 from .group import CoordinationGroup, first_line
+from .items import WriteItems
 from .planner import SavePlanner
 from .state import split_state
 from .storage import AsyncckptWriter, WriteReport
@@ -90,6 +91,7 @@ def write_step(
     check_shards: bool = True,
     plan_caching: bool = False,
     replicas: str | None = None,
+    write_items: WriteItems | None = None,
 ) -> SavedStep:
     """The collective part of :func:`save_step`: agree on ``step``, run ``prepare`` on every
     rank (if it raises anywhere, every rank raises and nothing is written), let DCP plan, write
@@ -100,7 +102,8 @@ def write_step(
     :class:`asyncckpt.CheckpointWriteError` before anything is written.
 
     ``prepare`` runs on the calling thread; the state it returns must not change until this
-    returns (the background writer passes staged copies).
+    returns (the background writer passes staged copies). ``write_items`` (the caller's, from
+    one save to the next) keeps DCP's write items of the DTensors (see :mod:`.items`).
     """
     coordination = group
     catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
@@ -129,7 +132,10 @@ def write_step(
             call=("save", step),
             same=("the replicated tensors (key paths and sizes)", replicas),
         )
-        _plan_and_write(sharded, writer, step, coordination, plan_caching=plan_caching)
+        planner = SavePlanner(enable_plan_caching=plan_caching, write_items=write_items)
+        if plan_caching:  # DCP keys its plan cache by class: one cache per location
+            planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
+        _plan_and_write(sharded, writer, step, coordination, planner)
     record = writer.storage.where(catalog.commit_record_name(step))
     return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
 
@@ -139,15 +145,11 @@ def _plan_and_write(
     writer: AsyncckptWriter,
     step: int,
     coordination: CoordinationGroup,
-    *,
-    plan_caching: bool,
+    planner: SavePlanner,
 ) -> None:
     """Let DCP plan and write this rank's shard through ``writer`` (which commits); every
     failure becomes a :class:`CheckpointWriteError` naming the step and this rank."""
     try:
-        planner = SavePlanner(enable_plan_caching=plan_caching)
-        if plan_caching:  # DCP keys its plan cache by class: one cache per location
-            planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
         dcp_save(sharded, writer=writer, planner=planner, group=dcp_group(coordination))
     except CheckpointException as exc:
         raise write_failed(exc, step) from failure_cause(exc)

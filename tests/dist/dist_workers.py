@@ -337,3 +337,50 @@ def restore_failing_on(rank: int, world: int, root: str, victim: int) -> str:
     except asyncckpt.CheckpointError as exc:
         return f"{type(exc).__name__}|{exc.rank}|{exc.reason}"
     return "restored"
+
+
+def wider_mlp() -> torch.nn.Module:
+    """The MLP's keys, every tensor of another shape, sharded with FSDP2 as a whole."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(WIDTH, 3 * WIDTH), torch.nn.ReLU(), torch.nn.Linear(3 * WIDTH, 2 * WIDTH)
+    )
+    fully_shard(model)
+    return model
+
+
+def write_items_kept(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Three saves through one WriteItems: the same FSDP2 MLP twice, then one of other shapes
+    under the same keys; the kept items' hits and misses of each, and whether the last restores."""
+    from asyncckpt.dist.items import WriteItems
+    from asyncckpt.dist.save import Prepared, write_step
+    from asyncckpt.dist.state import split_state
+
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    kept = WriteItems()
+    counts = []
+
+    def save(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        def prepare() -> Prepared:
+            split = split_state({"model": model, "optimizer": optimizer})
+            return Prepared(split.sharded, split.per_rank)
+
+        write_step(root, step, prepare, group=group, plan_caching=True, write_items=kept)
+        counts.append((kept.hits, kept.misses))
+
+    model, optimizer = fsdp_trained(1, 1)
+    save(1, model, optimizer)
+    train(model, optimizer, 2)
+    save(2, model, optimizer)
+    torch.manual_seed(3)
+    wider = wider_mlp()
+    wider_optimizer = torch.optim.Adam(wider.parameters(), lr=1e-2)
+    train(wider, wider_optimizer, 1)
+    save(3, wider, wider_optimizer)
+    saved = full_state(wider, wider_optimizer)
+    torch.manual_seed(4)
+    fresh = wider_mlp()
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    train(fresh, fresh_optimizer, 1)
+    restored = adist.restore_latest(root, {"model": fresh, "optimizer": fresh_optimizer}, group=group)
+    assert restored is not None and restored.step == 3
+    return {"counts": counts, "saved": saved, "restored": full_state(fresh, fresh_optimizer)}

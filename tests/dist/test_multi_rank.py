@@ -65,6 +65,20 @@ def test_the_save_planner_resolves_dtensors_without_to_local() -> None:
     assert found["items"] > 0 and found["own"] == found["items"] and found["to_local"] == 0
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_write_items_are_kept_while_the_sharding_holds_and_replanned_when_it_changes(
+    tmp_path: Path, world: int
+) -> None:
+    results = all_ok(run_world(workers.write_items_kept, world, str(tmp_path)))
+
+    for result in results:
+        (hits1, misses1), (hits2, misses2), (hits3, misses3) = result["counts"]
+        assert hits1 == 0 and misses1 > 0  # the first save plans every DTensor
+        assert (hits2, misses2) == (misses1, 0)  # the same structure: every item kept
+        assert hits3 == 0 and misses3 == misses1  # other shapes under the same keys: all replanned
+    assert states_equal(results[0]["restored"], results[0]["saved"])
+
+
 def test_a_load_failing_on_one_rank_fails_every_rank(tmp_path: Path) -> None:
     outcomes = all_ok(run_world(workers.restore_failing_on, 2, str(tmp_path), 1))
 
