@@ -129,6 +129,7 @@ def main() -> None:
         return
     trees = dict(t.split("=", 1) for t in args.tree)
     load = os.getloadavg()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, path in trees.items():
@@ -143,7 +144,7 @@ def main() -> None:
     names = list(trees)
     lines = [
         f"- command: `python benchmarks/dist_ab.py {' '.join(sys.argv[1:])}`",
-        f"- started {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; load average at start {load}, at end "
+        f"- started {started}; load average at start {load}, at end "
         f"{os.getloadavg()} (2-core VM shared with other jobs: compare ratios within a round)",
         f"- world {args.world}, {args.layout}, {args.tensors} tensors, {args.size}; per child "
         f"{args.saves} saves (first untimed) and {args.restores} restores; {args.rounds} rounds, "
