@@ -116,6 +116,7 @@ def write_step(
             per_rank=prepared.per_rank or None,
             metadata=prepared.metadata,
             check_shards=check_shards,
+            share_metadata=False,  # only the commit record needs it
         )
         return prepared.sharded, writer
 

@@ -104,7 +104,10 @@ class AsyncckptWriter(StorageWriter):
     it goes into this rank's shard file whatever DCP's deduplication does with the state, and
     :func:`asyncckpt.dist.restore_latest` gives it back to the same rank. ``check_shards``
     makes the coordinator read back every shard's header before it commits (it then knows the
-    files are visible to it, not only to their writers). Re-saving a committed step first
+    files are visible to it, not only to their writers). With ``share_metadata=False`` the
+    ``Metadata`` that ``dcp.save`` returns on the other ranks holds no tensors, values or item
+    locations (they are in the commit record): DCP then does not pickle an object of several
+    hundred bytes per tensor to every rank after each save. Re-saving a committed step first
     removes its record, so the step never mixes two saves. ``metadata`` (user metadata, plain
     values) goes into this rank's shard file. After the save, ``report`` holds this rank's
     figures.
@@ -118,9 +121,11 @@ class AsyncckptWriter(StorageWriter):
         per_rank: Any = None,
         metadata: Any = None,
         check_shards: bool = True,
+        share_metadata: bool = True,
         ops: FileOps = OS,
     ) -> None:
         self.storage = _storage_for(location, ops)
+        self.share_metadata = share_metadata
         self.step = step_of(step)
         self.per_rank = None if per_rank is None else _flatten(per_rank)
         self.metadata = metadata
@@ -196,6 +201,11 @@ class AsyncckptWriter(StorageWriter):
         if self.check_shards:
             check_shards_durable(self.storage, self.step, digests)
         write_record(self.storage, step=self.step, world_size=len(results), shards=digests, metadata=metadata)
+        if not self.share_metadata:  # DCP broadcasts this object next; the coordinator keeps it whole
+            metadata.state_dict_metadata = _LocalOnly(metadata.state_dict_metadata)
+            metadata.storage_data = _LocalOnly(locations)
+            if isinstance(metadata.planner_data, dict):
+                metadata.planner_data = _LocalOnly(metadata.planner_data)
         if self.report is not None:
             self.report = dataclasses.replace(self.report, commit_s=time.perf_counter() - started)
 
@@ -237,6 +247,13 @@ def _encoded_value(item: WriteItem, planner: DcpSavePlanner) -> bytes:
             "DefaultSavePlanner that does not override transform_object (asyncckpt.dist.SavePlanner)"
         )
     return encode_value(planner.lookup_object(item.index), key=item.index.fqn)
+
+
+class _LocalOnly(dict[Any, Any]):
+    """A dict that pickles as an empty one: kept whole here, not sent to the other ranks."""
+
+    def __reduce__(self) -> tuple[type[dict[Any, Any]], tuple[()]]:
+        return dict, ()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,8 @@ def save_loop_and_die(rank: int, world: int, root: str, victim: int, ops: int, f
 
 def collective_payloads(rank: int, world: int, root: str) -> list[str]:
     """Save two steps of an FSDP2 MLP + Adam and restore; the type of every object pickled
-    through a collective meanwhile (``list[X]*N`` for a list of N X), in order."""
+    through a collective meanwhile (``list[X]*N`` for a list of N X, ``Metadata#N`` for DCP's
+    metadata of N entries), in order."""
     import torch.distributed.distributed_c10d as c10d
 
     seen: list[str] = []
@@ -274,6 +276,9 @@ def collective_payloads(rank: int, world: int, root: str) -> list[str]:
 
     def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
         inner = f"[{type(obj[0]).__name__}]*{len(obj)}" if isinstance(obj, list) and obj else ""
+        if hasattr(obj, "state_dict_metadata"):  # DCP's Metadata: how many entries travel
+            sent = pickle.loads(pickle.dumps(obj))  # what the other ranks get (our own object)
+            inner = f"#{len(sent.state_dict_metadata)}"
         seen.append(type(obj).__name__ + inner)
         return real(obj, *args, **kwargs)
 

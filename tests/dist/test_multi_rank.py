@@ -55,6 +55,8 @@ def test_a_group_of_one_sends_dcp_nothing_and_a_rank_reports_one_result(tmp_path
     # at two ranks DCP gathers each rank's write results: one for its whole shard, not one per item
     assert pair[1].count("list[WriteResult]*1") == 2  # two saves
     assert not [kind for kind in pair[1] if kind.startswith("list[WriteResult]") and kind[-2:] != "*1"]
+    # after a save DCP broadcasts its metadata: its tensors, values and locations stay on rank 0
+    assert [kind for kind in pair[0] if kind.startswith("Metadata")] == ["Metadata#0"] * 2
     # a load needs nothing of the other ranks: no load plan crosses, at any world size
     assert not [kind for kind in pair[0] + pair[1] if kind.startswith(("LoadPlan", "list[LoadPlan]"))]
 
