@@ -13,16 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
 
 import structlog
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 
 from .. import catalog
-from .. import format as fmt
 from .._gc import gc_paused
 from .._tree import unflatten
 from ..errors import (
@@ -35,14 +32,15 @@ from ..errors import (
 )
 from ..storage import Location, Storage, open_storage
 from ._dcp import dcp_load
-from .commit import read_record
 from .group import CoordinationGroup, first_line
-from .planner import LoadPlanner, decode_value
 from .record import CommitRecord
 from .save import failure_cause, solo_or
-from .shards import ShardFiles, check_item
 from .state import SplitState, apply_per_rank, apply_sharded, load_targets
 from .storage import AsyncckptReader
+from .verify import PlannedOnce, Verified, verify
+from .verify import diagnose as diagnose  # re-exported: full, steps and the CLI use them
+from .verify import utc_now as utc_now
+from .verify import verify_step as verify_step
 
 SUMMARY_EVENT = "checkpoint.dist.restore.summary"
 PER_RANK_DROPPED_EVENT = "checkpoint.dist.per_rank_not_restored"
@@ -146,32 +144,21 @@ def _listing(storage: Storage) -> list[int] | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-@dataclass(frozen=True)
-class _Verified:
-    """A step this rank verified: its record, the planner that planned its load, and its shard
-    files, open with their headers checked (the load reads through them: no header twice)."""
-
-    record: CommitRecord
-    planner: LoadPlanner
-    shards: ShardFiles
-    per_rank: Any  # this rank's per-rank values (None at another world size)
-
-
 def _vote(
     storage: Storage,
     candidates: list[int],
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
-) -> _Verified | None:
+) -> Verified | None:
     """The newest candidate every rank verifies (the caller closes its shard files), or None;
     failures go to ``diagnostics``."""
     for step in candidates:  # one all-gather per candidate
         what = f"restoring: verifying step {step}"
-        verdict: _Verified | Diagnostic | Exception
-        planner = _PlannedOnce()
+        verdict: Verified | Diagnostic | Exception
+        planner = PlannedOnce()
         try:
-            verdict = _verify(
+            verdict = verify(
                 storage, step, targets, coordination.rank, coordination.world_size, planner=planner
             )
         except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
@@ -190,7 +177,7 @@ def _vote(
             _close(verdict)
             raise
         if not failed:
-            assert isinstance(verdict, _Verified)
+            assert isinstance(verdict, Verified)
             return verdict
         _close(verdict)
         diagnostics.extend(failed)
@@ -198,25 +185,11 @@ def _vote(
 
 
 def _close(verdict: object) -> None:
-    if isinstance(verdict, _Verified):
+    if isinstance(verdict, Verified):
         verdict.shards.close()
 
 
-class _PlannedOnce(LoadPlanner):
-    """A load planner that plans once: DCP's load asks again for the plan the vote computed
-    (same objects, same record), and gets it without planning a second time."""
-
-    _planned: tuple[Any, LoadPlan] | None = None
-
-    def create_local_plan(self) -> LoadPlan:
-        if self._planned is not None and self._planned[0] is self.metadata:
-            return self._planned[1]
-        plan = super().create_local_plan()
-        self._planned = (self.metadata, plan)
-        return plan
-
-
-def _shared(verdict: _Verified | Diagnostic | Exception) -> tuple[str, Any]:
+def _shared(verdict: Verified | Diagnostic | Exception) -> tuple[str, Any]:
     """What the other ranks need of a verdict (a record stays here)."""
     if isinstance(verdict, Exception):
         return "error", f"{type(verdict).__name__}: {first_line(verdict)}"
@@ -225,77 +198,9 @@ def _shared(verdict: _Verified | Diagnostic | Exception) -> tuple[str, Any]:
     return "ok", None
 
 
-def verify_step(
-    storage: Storage,
-    step: int,
-    targets: SplitState,
-    rank: int,
-    world_size: int,
-    *,
-    planner: LoadPlanner | None = None,
-) -> CommitRecord | Diagnostic:
-    """Check all that ``rank`` would read of ``step``: the record, the shards it needs (digest
-    and the CRC32C of every blob it needs), its per-rank values. The record, or why not.
-    ``planner`` (default: a new :class:`LoadPlanner`) plans the load of ``targets``."""
-    verdict = _verify(storage, step, targets, rank, world_size, planner=planner or LoadPlanner())
-    if isinstance(verdict, Diagnostic):
-        return verdict
-    verdict.shards.close()
-    return verdict.record
-
-
-def _verify(
-    storage: Storage, step: int, targets: SplitState, rank: int, world_size: int, *, planner: LoadPlanner
-) -> _Verified | Diagnostic:
-    """:func:`verify_step`, the shard files left open (with the per-rank values read) on success."""
-    where = storage.where(catalog.step_folder_name(step))
-    shards: ShardFiles | None = None
-    try:
-        record = read_record(storage, step)
-        planner.set_up_planner(targets.sharded, record.metadata, rank == 0)
-        try:
-            plan = planner.create_local_plan()
-        except (RuntimeError, ValueError, KeyError) as exc:  # DCP's "missing key" / "size mismatch"
-            raise IncompatibleCheckpointError(
-                f"does not fit the objects: {first_line(exc)}", path=where
-            ) from exc
-        shards = ShardFiles(storage, record)
-        locations = record.metadata.storage_data
-        for item in plan.items:
-            location = locations.get(item.storage_index)
-            if location is None:
-                raise CheckpointError(f"the commit record has no item {item.storage_index.fqn}", path=where)
-            if item.type == LoadItemType.TENSOR:
-                check_item(shards, location, item, record.metadata)
-                shards.verify(location.rank, location.tensor)
-            else:  # a plain value: it must decode too
-                data = shards.read(location.rank, location.tensor)
-                decode_value(bytes(fmt.tensor_bytes(data)), key=item.storage_index.fqn)
-        per_rank = None
-        if record.world_size == world_size:
-            per_rank = shards.per_rank(rank)
-            _check_per_rank(per_rank, targets, shards.where(rank))
-    except BaseException as exc:
-        if shards is not None:
-            shards.close()
-        if isinstance(exc, FileNotFoundError):
-            return Diagnostic(where, "corrupted", "the commit record vanished", utc_now(), step)
-        if isinstance(exc, CheckpointError | OSError):
-            return diagnose(exc, where, step)
-        raise
-    return _Verified(record, planner, shards, per_rank)
-
-
-def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
-    saved = values if isinstance(values, dict) else {}
-    missing = [name for name in targets.per_rank if name not in saved]
-    if missing:
-        raise IncompatibleCheckpointError(f"holds no per-rank value for {', '.join(missing)}", path=where)
-
-
 def _load(
     storage: Storage,
-    verified: _Verified,
+    verified: Verified,
     objects: Mapping[str, Any],
     targets: SplitState,
     coordination: CoordinationGroup,
@@ -376,16 +281,6 @@ def _log(
     log(SUMMARY_EVENT, summary=summary, step=step, failures=failures)
 
 
-def diagnose(exc: BaseException, where: str, step: int) -> Diagnostic:
-    """The diagnostic of a step that failed with ``exc`` (its file when the error names one)."""
-    kind: Literal["corrupted", "incompatible"] = (
-        "incompatible" if isinstance(exc, IncompatibleCheckpointError) else "corrupted"
-    )
-    path = getattr(exc, "path", None) or where
-    reason = getattr(exc, "reason", None) or str(exc)
-    return Diagnostic(str(path), kind, " ".join(str(reason).split()), utc_now(), step)
-
-
 def _not_everywhere(storage: Storage, step: int, views: list[Any]) -> Diagnostic:
     blind = [rank for rank, view in enumerate(views) if step not in view]
     where = storage.where(catalog.commit_record_name(step))
@@ -416,8 +311,3 @@ def record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
         except OSError as exc:
             structlog.get_logger("asyncckpt").warning("checkpoint.dist.failed_log_unwritable", error=str(exc))
             return
-
-
-def utc_now() -> str:
-    """Now, as the diagnostics' ISO 8601 UTC timestamp."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

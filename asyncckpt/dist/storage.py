@@ -38,12 +38,13 @@ from torch.futures import Future
 from .. import catalog
 from .. import format as fmt
 from ..dtypes import itemsize
-from ..errors import CheckpointWriteError, UnsupportedValueError, UsageError
+from ..errors import UnsupportedValueError, UsageError
 from ..saving.snapshot import Snapshot, flatten
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value
-from .record import CommitRecord, ItemLocation, ShardDigest
+from .record import CommitRecord, ItemLocation
+from .results import LocalOnly, ShardWrites, collect, item_keys
 from .shards import ItemData, ShardFiles, check_item, write_shard
 
 _DIGEST_KEY = "\0asyncckpt.shard-digest"  # the WriteResult that carries a rank's ShardDigest
@@ -189,23 +190,23 @@ class AsyncckptWriter(StorageWriter):
         # One result for the whole shard: DCP pickles every rank's results to the coordinator,
         # and one WriteResult per item (10,000 dataclasses, each with a torch.Size) cost more
         # than the shard's encoding; one bytes object of keys costs almost nothing.
-        writes = ShardWrites(digest, first, _item_keys(plan.items))
+        writes = ShardWrites(digest, first, item_keys(plan.items))
         future: Future[list[WriteResult]] = Future()
         future.set_result([WriteResult(MetadataIndex(_DIGEST_KEY), digest.nbytes, writes)])
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
-        digests, locations = _collect(results, self.step)
+        digests, locations = collect(results, self.step)
         metadata.storage_data = locations
         if self.check_shards:
             check_shards_durable(self.storage, self.step, digests)
         write_record(self.storage, step=self.step, world_size=len(results), shards=digests, metadata=metadata)
         if not self.share_metadata:  # DCP broadcasts this object next; the coordinator keeps it whole
-            metadata.state_dict_metadata = _LocalOnly(metadata.state_dict_metadata)
-            metadata.storage_data = _LocalOnly(locations)
+            metadata.state_dict_metadata = LocalOnly(metadata.state_dict_metadata)
+            metadata.storage_data = LocalOnly(locations)
             if isinstance(metadata.planner_data, dict):
-                metadata.planner_data = _LocalOnly(metadata.planner_data)
+                metadata.planner_data = LocalOnly(metadata.planner_data)
         if self.report is not None:
             self.report = dataclasses.replace(self.report, commit_s=time.perf_counter() - started)
 
@@ -247,47 +248,6 @@ def _encoded_value(item: WriteItem, planner: DcpSavePlanner) -> bytes:
             "DefaultSavePlanner that does not override transform_object (asyncckpt.dist.SavePlanner)"
         )
     return encode_value(planner.lookup_object(item.index), key=item.index.fqn)
-
-
-class _LocalOnly(dict[Any, Any]):
-    """A dict that pickles as an empty one: kept whole here, not sent to the other ranks."""
-
-    def __reduce__(self) -> tuple[type[dict[Any, Any]], tuple[()]]:
-        return dict, ()
-
-
-@dataclass(frozen=True)
-class ShardWrites:
-    """A rank's write results as one: its shard's digest, the index of the shard's first item
-    tensor, and the items' keys in the order written (:func:`_item_keys`)."""
-
-    digest: ShardDigest
-    first: int
-    keys: bytes
-
-
-def _item_keys(items: list[WriteItem]) -> bytes:
-    """The items' ``[fqn, offset or None]`` as msgpack, in order."""
-    rows = [[i.index.fqn, None if i.index.offset is None else [*i.index.offset]] for i in items]
-    return fmt.pack(rows)
-
-
-def _collect(
-    results: list[list[WriteResult]], step: int
-) -> tuple[list[ShardDigest], dict[MetadataIndex, ItemLocation]]:
-    digests: list[ShardDigest] = []
-    locations: dict[MetadataIndex, ItemLocation] = {}
-    for rank, rank_results in enumerate(results):
-        found = [r.storage_data for r in rank_results if isinstance(r.storage_data, ShardWrites)]
-        if len(found) != 1 or found[0].digest.rank != rank:
-            raise CheckpointWriteError(
-                f"rank {rank} reported no durable shard; the step is not committed", rank=rank, step=step
-            )
-        writes = found[0]
-        digests.append(writes.digest)
-        for tensor, (fqn, offset) in enumerate(fmt.unpack(writes.keys), start=writes.first):
-            locations[MetadataIndex(fqn, offset)] = ItemLocation(rank, tensor)
-    return digests, locations
 
 
 class AsyncckptReader(StorageReader):
