@@ -103,7 +103,7 @@ def _encode_metadata(metadata: Metadata) -> bytes:
         "version": metadata.version,
         "tensors": tensors,
         "bytes": byte_values,
-        "planner_data": metadata.planner_data,
+        "planner_data": dict(metadata.planner_data) if isinstance(metadata.planner_data, dict) else None,
         "storage": _locations(metadata.storage_data),
         "storage_meta": _storage_meta(metadata.storage_meta),
     }

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 import structlog
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 
 from .. import catalog
-from .. import format as fmt
+from .._gc import gc_paused
 from .._tree import unflatten
 from ..errors import (
     CheckpointError,
@@ -33,14 +32,15 @@ from ..errors import (
 )
 from ..storage import Location, Storage, open_storage
 from ._dcp import dcp_load
-from .commit import read_record
 from .group import CoordinationGroup, first_line
-from .planner import LoadPlanner, decode_value
 from .record import CommitRecord
 from .save import failure_cause, solo_or
-from .shards import ShardFiles, check_item
 from .state import SplitState, apply_per_rank, apply_sharded, load_targets
 from .storage import AsyncckptReader
+from .verify import PlannedOnce, Verified, verify
+from .verify import diagnose as diagnose  # re-exported: full, steps and the CLI use them
+from .verify import utc_now as utc_now
+from .verify import verify_step as verify_step
 
 SUMMARY_EVENT = "checkpoint.dist.restore.summary"
 PER_RANK_DROPPED_EVENT = "checkpoint.dist.per_rank_not_restored"
@@ -90,7 +90,19 @@ def restore_latest(
     ``checkpoint.dist.restore.summary`` event through ``log`` (default: structlog's "asyncckpt"
     logger).
     """
-    coordination = solo_or(group)
+    # The state dicts, DCP's load planning and the shard headers make several small objects
+    # per tensor; the trainer waits for the restore, so collections would only add to it.
+    with gc_paused():
+        return _restore_latest(location, objects, solo_or(group), on_corrupt, log)
+
+
+def _restore_latest(
+    location: Location,
+    objects: Mapping[str, Any],
+    coordination: CoordinationGroup,
+    on_corrupt: Literal["fallback", "fail"],
+    log: Callable[..., None] | None,
+) -> RestoredStep | None:
     coordination.agree("restore", None)
     storage = open_storage(location)
     views = coordination.all_gather(_listing(storage), what="restoring: listing the committed steps")
@@ -105,14 +117,18 @@ def restore_latest(
             lambda: load_targets(objects), what="preparing the restore", error=CoordinationError
         )
         chosen = _vote(storage, sorted(everywhere, reverse=True), targets, coordination, diagnostics)
-    if coordination.rank == 0:
-        record_failures(storage, diagnostics)
-    if on_corrupt == "fail" and diagnostics:
-        raise _as_error(diagnostics[0])
-    if chosen is None or targets is None:
-        _nothing(storage, everywhere, diagnostics, log)
-        return None
-    return _load(storage, *chosen, objects, targets, coordination, diagnostics, log)
+    try:
+        if coordination.rank == 0:
+            record_failures(storage, diagnostics)
+        if on_corrupt == "fail" and diagnostics:
+            raise _as_error(diagnostics[0])
+        if chosen is None or targets is None:
+            _nothing(storage, everywhere, diagnostics, log)
+            return None
+        return _load(storage, chosen, objects, targets, coordination, diagnostics, log)
+    finally:
+        if chosen is not None:
+            chosen.shards.close()
 
 
 def _as_error(diagnostic: Diagnostic) -> CheckpointError:
@@ -134,48 +150,46 @@ def _vote(
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
-) -> tuple[CommitRecord, _PlannedOnce] | None:
-    """The newest candidate every rank verifies (its record, and the planner that planned its
-    load), or None; failures go to ``diagnostics``."""
+) -> Verified | None:
+    """The newest candidate every rank verifies (the caller closes its shard files), or None;
+    failures go to ``diagnostics``."""
     for step in candidates:  # one all-gather per candidate
         what = f"restoring: verifying step {step}"
-        verdict: CommitRecord | Diagnostic | Exception
-        planner = _PlannedOnce()
+        verdict: Verified | Diagnostic | Exception
+        planner = PlannedOnce()
         try:
-            verdict = verify_step(
+            verdict = verify(
                 storage, step, targets, coordination.rank, coordination.world_size, planner=planner
             )
         except Exception as exc:  # not a diagnosis: a bug or an unexpected failure
             verdict = exc
-        verdicts = coordination.all_gather(_shared(verdict), what=what)
-        errors = [f"rank {rank}: {text}" for rank, (kind, text) in enumerate(verdicts) if kind == "error"]
-        if errors:  # stops every rank
-            if isinstance(verdict, Exception):
-                raise verdict
-            raise CoordinationError(f"{what} failed: {'; '.join(errors)}", rank=coordination.rank, step=step)
-        failed = _unique([d for kind, d in verdicts if kind == "failed"])
+        try:
+            verdicts = coordination.all_gather(_shared(verdict), what=what)
+            errors = [f"rank {r}: {text}" for r, (kind, text) in enumerate(verdicts) if kind == "error"]
+            if errors:  # stops every rank
+                if isinstance(verdict, Exception):
+                    raise verdict
+                raise CoordinationError(
+                    f"{what} failed: {'; '.join(errors)}", rank=coordination.rank, step=step
+                )
+            failed = _unique([d for kind, d in verdicts if kind == "failed"])
+        except BaseException:
+            _close(verdict)
+            raise
         if not failed:
-            assert isinstance(verdict, CommitRecord)
-            return verdict, planner
+            assert isinstance(verdict, Verified)
+            return verdict
+        _close(verdict)
         diagnostics.extend(failed)
     return None
 
 
-class _PlannedOnce(LoadPlanner):
-    """A load planner that plans once: DCP's load asks again for the plan the vote computed
-    (same objects, same record), and gets it without planning a second time."""
-
-    _planned: tuple[Any, LoadPlan] | None = None
-
-    def create_local_plan(self) -> LoadPlan:
-        if self._planned is not None and self._planned[0] is self.metadata:
-            return self._planned[1]
-        plan = super().create_local_plan()
-        self._planned = (self.metadata, plan)
-        return plan
+def _close(verdict: object) -> None:
+    if isinstance(verdict, Verified):
+        verdict.shards.close()
 
 
-def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
+def _shared(verdict: Verified | Diagnostic | Exception) -> tuple[str, Any]:
     """What the other ranks need of a verdict (a record stays here)."""
     if isinstance(verdict, Exception):
         return "error", f"{type(verdict).__name__}: {first_line(verdict)}"
@@ -184,89 +198,43 @@ def _shared(verdict: CommitRecord | Diagnostic | Exception) -> tuple[str, Any]:
     return "ok", None
 
 
-def verify_step(
-    storage: Storage,
-    step: int,
-    targets: SplitState,
-    rank: int,
-    world_size: int,
-    *,
-    planner: LoadPlanner | None = None,
-) -> CommitRecord | Diagnostic:
-    """Check all that ``rank`` would read of ``step``: the record, the shards it needs (digest
-    and the CRC32C of every blob it needs), its per-rank values. The record, or why not.
-    ``planner`` (default: a new :class:`LoadPlanner`) plans the load of ``targets``."""
-    where = storage.where(catalog.step_folder_name(step))
-    planner = planner if planner is not None else LoadPlanner()
-    try:
-        record = read_record(storage, step)
-        planner.set_up_planner(targets.sharded, record.metadata, rank == 0)
-        try:
-            plan = planner.create_local_plan()
-        except (RuntimeError, ValueError, KeyError) as exc:  # DCP's "missing key" / "size mismatch"
-            raise IncompatibleCheckpointError(
-                f"does not fit the objects: {first_line(exc)}", path=where
-            ) from exc
-        with ShardFiles(storage, record) as shards:
-            for item in plan.items:
-                location = record.metadata.storage_data.get(item.storage_index)
-                if location is None:
-                    raise CheckpointError(
-                        f"the commit record has no item {item.storage_index.fqn}", path=where
-                    )
-                if item.type == LoadItemType.TENSOR:
-                    check_item(shards, location, item, record.metadata)
-                    shards.verify(location.rank, location.tensor)
-                else:  # a plain value: it must decode too
-                    data = shards.read(location.rank, location.tensor)
-                    decode_value(bytes(fmt.tensor_bytes(data)), key=item.storage_index.fqn)
-            if record.world_size == world_size:
-                _check_per_rank(shards.per_rank(rank), targets, shards.where(rank))
-    except FileNotFoundError:
-        return Diagnostic(where, "corrupted", "the commit record vanished", utc_now(), step)
-    except (CheckpointError, OSError) as exc:
-        return diagnose(exc, where, step)
-    return record
-
-
-def _check_per_rank(values: Any, targets: SplitState, where: str) -> None:
-    saved = values if isinstance(values, dict) else {}
-    missing = [name for name in targets.per_rank if name not in saved]
-    if missing:
-        raise IncompatibleCheckpointError(f"holds no per-rank value for {', '.join(missing)}", path=where)
-
-
 def _load(
     storage: Storage,
-    record: CommitRecord,
-    planner: LoadPlanner,
+    verified: Verified,
     objects: Mapping[str, Any],
     targets: SplitState,
     coordination: CoordinationGroup,
     diagnostics: list[Diagnostic],
     log: Callable[..., None] | None,
 ) -> RestoredStep:
+    record, shards = verified.record, verified.shards
     step, rank = record.step, coordination.rank
-    reader = AsyncckptReader(storage, step, record=record)  # the record and plan the vote checked
+    # the record, plan and shard files the vote checked
+    reader = AsyncckptReader(storage, step, record=record, shards=shards)
+
+    def load() -> None:
+        # Each rank plans and reads its own part (DCP's load needs nothing of the others): DCP
+        # runs without collectives, which would pickle every rank's plan of 10,000 items to the
+        # coordinator and back; the one exchange below still fails every rank together.
+        try:
+            dcp_load(targets.sharded, reader=reader, planner=verified.planner, group=None)
+        except CheckpointException as exc:
+            raise CheckpointError(
+                f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
+            ) from failure_cause(exc)
+
     try:
-        dcp_load(targets.sharded, reader=reader, planner=planner, group=coordination.group)
-    except CheckpointException as exc:
-        raise CheckpointError(
-            f"loading verified step {step} failed: {first_line(failure_cause(exc) or exc)}", step=step
-        ) from failure_cause(exc)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # a collective inside DCP failed
-        raise coordination.failed(f"loading step {step}", exc) from exc
+        coordination.gather_outcomes(
+            load, what=f"loading step {step}", error=partial(CheckpointError, step=step)
+        )
     finally:
         reader.close()
     apply_sharded(targets)
     same_world = record.world_size == coordination.world_size
     state: dict[str, Any] = {}
-    with ShardFiles(storage, record) as shards:
-        saved = shards.per_rank(rank) if same_world else None
-        user = shards.layout(rank if same_world else 0).metadata.get("user")
+    user = shards.layout(rank if same_world else 0).metadata.get("user")
     if same_world:
+        saved = verified.per_rank
         state = dict(saved) if isinstance(saved, dict) else {}
         apply_per_rank(objects, state)
     metadata = unflatten(user, []) if isinstance(user, dict) else {}
@@ -313,16 +281,6 @@ def _log(
     log(SUMMARY_EVENT, summary=summary, step=step, failures=failures)
 
 
-def diagnose(exc: BaseException, where: str, step: int) -> Diagnostic:
-    """The diagnostic of a step that failed with ``exc`` (its file when the error names one)."""
-    kind: Literal["corrupted", "incompatible"] = (
-        "incompatible" if isinstance(exc, IncompatibleCheckpointError) else "corrupted"
-    )
-    path = getattr(exc, "path", None) or where
-    reason = getattr(exc, "reason", None) or str(exc)
-    return Diagnostic(str(path), kind, " ".join(str(reason).split()), utc_now(), step)
-
-
 def _not_everywhere(storage: Storage, step: int, views: list[Any]) -> Diagnostic:
     blind = [rank for rank, view in enumerate(views) if step not in view]
     where = storage.where(catalog.commit_record_name(step))
@@ -353,8 +311,3 @@ def record_failures(storage: Storage, diagnostics: list[Diagnostic]) -> None:
         except OSError as exc:
             structlog.get_logger("asyncckpt").warning("checkpoint.dist.failed_log_unwritable", error=str(exc))
             return
-
-
-def utc_now() -> str:
-    """Now, as the diagnostics' ISO 8601 UTC timestamp."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

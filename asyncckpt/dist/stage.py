@@ -31,7 +31,6 @@ from ..saving.plan import GuardPlan, SavePlan
 from ..saving.snapshot import (
     Snapshot,
     StorageKey,
-    Structure,
     flatten_metadata,
     gc_paused,
     storage_key,

@@ -38,12 +38,13 @@ from torch.futures import Future
 from .. import catalog
 from .. import format as fmt
 from ..dtypes import itemsize
-from ..errors import CheckpointWriteError, UnsupportedValueError, UsageError
+from ..errors import UnsupportedValueError, UsageError
 from ..saving.snapshot import Snapshot, flatten
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value
-from .record import CommitRecord, ItemLocation, ShardDigest
+from .record import CommitRecord, ItemLocation
+from .results import LocalOnly, ShardWrites, collect, item_keys
 from .shards import ItemData, ShardFiles, check_item, write_shard
 
 _DIGEST_KEY = "\0asyncckpt.shard-digest"  # the WriteResult that carries a rank's ShardDigest
@@ -104,7 +105,10 @@ class AsyncckptWriter(StorageWriter):
     it goes into this rank's shard file whatever DCP's deduplication does with the state, and
     :func:`asyncckpt.dist.restore_latest` gives it back to the same rank. ``check_shards``
     makes the coordinator read back every shard's header before it commits (it then knows the
-    files are visible to it, not only to their writers). Re-saving a committed step first
+    files are visible to it, not only to their writers). With ``share_metadata=False`` the
+    ``Metadata`` that ``dcp.save`` returns on the other ranks holds no tensors, values or item
+    locations (they are in the commit record): DCP then does not pickle an object of several
+    hundred bytes per tensor to every rank after each save. Re-saving a committed step first
     removes its record, so the step never mixes two saves. ``metadata`` (user metadata, plain
     values) goes into this rank's shard file. After the save, ``report`` holds this rank's
     figures.
@@ -118,9 +122,11 @@ class AsyncckptWriter(StorageWriter):
         per_rank: Any = None,
         metadata: Any = None,
         check_shards: bool = True,
+        share_metadata: bool = True,
         ops: FileOps = OS,
     ) -> None:
         self.storage = _storage_for(location, ops)
+        self.share_metadata = share_metadata
         self.step = step_of(step)
         self.per_rank = None if per_rank is None else _flatten(per_rank)
         self.metadata = metadata
@@ -181,22 +187,26 @@ class AsyncckptWriter(StorageWriter):
             user_metadata=self.metadata,
         )
         self.report = WriteReport(written.nbytes, written.write_s, written.fsync_s)
-        results = [
-            WriteResult(item.index, data.nbytes, ItemLocation(info.rank, first + i))
-            for i, (item, data) in enumerate(zip(plan.items, items, strict=True))
-        ]
-        results.append(WriteResult(MetadataIndex(_DIGEST_KEY), digest.nbytes, digest))
+        # One result for the whole shard: DCP pickles every rank's results to the coordinator,
+        # and one WriteResult per item (10,000 dataclasses, each with a torch.Size) cost more
+        # than the shard's encoding; one bytes object of keys costs almost nothing.
+        writes = ShardWrites(digest, first, item_keys(plan.items))
         future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
+        future.set_result([WriteResult(MetadataIndex(_DIGEST_KEY), digest.nbytes, writes)])
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
-        digests, locations = _collect(results, self.step)
+        digests, locations = collect(results, self.step)
         metadata.storage_data = locations
         if self.check_shards:
             check_shards_durable(self.storage, self.step, digests)
         write_record(self.storage, step=self.step, world_size=len(results), shards=digests, metadata=metadata)
+        if not self.share_metadata:  # DCP broadcasts this object next; the coordinator keeps it whole
+            metadata.state_dict_metadata = LocalOnly(metadata.state_dict_metadata)
+            metadata.storage_data = LocalOnly(locations)
+            if isinstance(metadata.planner_data, dict):
+                metadata.planner_data = LocalOnly(metadata.planner_data)
         if self.report is not None:
             self.report = dataclasses.replace(self.report, commit_s=time.perf_counter() - started)
 
@@ -240,31 +250,14 @@ def _encoded_value(item: WriteItem, planner: DcpSavePlanner) -> bytes:
     return encode_value(planner.lookup_object(item.index), key=item.index.fqn)
 
 
-def _collect(
-    results: list[list[WriteResult]], step: int
-) -> tuple[list[ShardDigest], dict[MetadataIndex, ItemLocation]]:
-    digests: list[ShardDigest] = []
-    locations: dict[MetadataIndex, ItemLocation] = {}
-    for rank, rank_results in enumerate(results):
-        found = [r.storage_data for r in rank_results if isinstance(r.storage_data, ShardDigest)]
-        if len(found) != 1 or found[0].rank != rank:
-            raise CheckpointWriteError(
-                f"rank {rank} reported no durable shard; the step is not committed", rank=rank, step=step
-            )
-        digests.append(found[0])
-        locations.update(
-            {r.index: r.storage_data for r in rank_results if isinstance(r.storage_data, ItemLocation)}
-        )
-    return digests, locations
-
-
 class AsyncckptReader(StorageReader):
     """A DCP ``StorageReader`` over a committed step (``step=None``: the newest committed one).
 
     Only committed steps are read; each shard file must match the digest in the commit record,
     and each blob its CRC32C, before its bytes are used. Use a planner derived from
     ``DefaultLoadPlanner`` (``asyncckpt.dist.LoadPlanner``): non-tensor values are msgpack.
-    ``record`` is ``step``'s commit record when the caller has read and checked it already.
+    ``record`` is ``step``'s commit record when the caller has read and checked it already;
+    ``shards`` its shard files, opened by the caller (who closes them) over that record.
     """
 
     def __init__(
@@ -273,18 +266,23 @@ class AsyncckptReader(StorageReader):
         step: int | None = None,
         *,
         record: CommitRecord | None = None,
+        shards: ShardFiles | None = None,
         ops: FileOps = OS,
     ) -> None:
         self.storage = open_storage(location, ops=ops)
         self.step = None if step is None else step_of(step)
         if record is not None and record.step != self.step:
             raise UsageError(f"the commit record given is step {record.step}'s, not step {self.step}'s")
+        if shards is not None and shards.record is not record:
+            raise UsageError("the shard files given are not opened over the commit record given")
         self.record: CommitRecord | None = record
         self.shards: ShardFiles | None = None
+        self._given = shards  # the caller's: used while the record is the same, never closed here
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.close()
         self.record = None
+        self._given = None
         if checkpoint_id is not None:
             self.step = step_of(checkpoint_id)
 
@@ -306,7 +304,12 @@ class AsyncckptReader(StorageReader):
             self.read_metadata()
         assert self.record is not None
         self.close()
-        self.shards = ShardFiles(self.storage, self.record)
+        given = self._given
+        self.shards = (
+            given
+            if given is not None and given.record is self.record
+            else ShardFiles(self.storage, self.record)
+        )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -359,10 +362,10 @@ class AsyncckptReader(StorageReader):
         return False
 
     def close(self) -> None:
-        """Close the shard files this reader opened."""
-        if self.shards is not None:
+        """Close the shard files this reader opened (not those its caller gave it)."""
+        if self.shards is not None and self.shards is not self._given:
             self.shards.close()
-            self.shards = None
+        self.shards = None
 
 
 def _sort_key(locations: dict[MetadataIndex, ItemLocation], item: ReadItem) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from ..saving.job import Job
 from ..saving.retention import prunable
 from ..saving.writer import Writer
 from .group import CoordinationGroup
+from .items import WriteItems
 from .save import Prepared, write_step
 from .stage import staged_state
 from .steps import delete_step, remove_uncommitted
@@ -47,6 +48,7 @@ class StepWriter(Writer):
         super().__init__(*args, **kwargs)
         self.group = group
         self._cleaned = False
+        self.write_items = WriteItems()  # DCP's write items of the DTensors, from save to save
 
     def _commit(self, job: Job) -> None:
         assert isinstance(job, StepJob)
@@ -59,6 +61,7 @@ class StepWriter(Writer):
                 group=self.group,
                 plan_caching=True,
                 replicas=job.replicas,
+                write_items=self.write_items,
             )
         except CoordinationError as exc:  # steps differ, or a rank is gone: name it as a write failure
             error = CheckpointWriteError(

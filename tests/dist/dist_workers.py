@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,129 @@ def save_loop_and_die(rank: int, world: int, root: str, victim: int, ops: int, f
             storage, step, {"model": model, "optimizer": optimizer, "rng": asyncckpt.rng_state()}, group=group
         )
     return "saved"
+
+
+def collective_payloads(rank: int, world: int, root: str) -> list[str]:
+    """Save two steps of an FSDP2 MLP + Adam and restore; the type of every object pickled
+    through a collective meanwhile (``list[X]*N`` for a list of N X, ``Metadata#N`` for DCP's
+    metadata of N entries), in order."""
+    import torch.distributed.distributed_c10d as c10d
+
+    seen: list[str] = []
+    real = c10d._object_to_tensor
+
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = f"[{type(obj[0]).__name__}]*{len(obj)}" if isinstance(obj, list) and obj else ""
+        if hasattr(obj, "state_dict_metadata"):  # DCP's Metadata: how many entries travel
+            sent = pickle.loads(pickle.dumps(obj))  # what the other ranks get (our own object)
+            inner = f"#{len(sent.state_dict_metadata)}"
+        seen.append(type(obj).__name__ + inner)
+        return real(obj, *args, **kwargs)
+
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model, optimizer = fsdp_trained(1, 1)
+    c10d._object_to_tensor = spy  # type: ignore[attr-defined]
+    try:
+        for step in (1, 2):
+            adist.save_step(root, step, {"model": model, "optimizer": optimizer}, group=group)
+        adist.restore_latest(root, {"model": model, "optimizer": optimizer}, group=group)
+    finally:
+        c10d._object_to_tensor = real  # type: ignore[attr-defined]
+    return seen
+
+
+def lookup_without_to_local(rank: int, world: int) -> dict[str, int]:
+    """asyncckpt's SavePlanner resolves every DTensor item of an FSDP2 state: how many items, how
+    many resolved to the DTensor's own local tensor (equal bytes), how many ``to_local()`` calls."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    model = fsdp_mlp(1)
+    state = {"model": get_model_state_dict(model)}
+    planner = adist.SavePlanner()
+    planner.set_up_planner(state, is_coordinator=rank == 0)
+    plan = planner.create_local_plan()
+    calls = 0
+    real = DTensor.to_local
+
+    def counting(self: DTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return real(self, *args, **kwargs)
+
+    DTensor.to_local = counting  # type: ignore[method-assign]
+    try:
+        resolved = [(item, planner.resolve_data(item)) for item in plan.items]
+    finally:
+        DTensor.to_local = real  # type: ignore[method-assign]
+    own = 0
+    for item, tensor in resolved:
+        dtensor = planner.state_dict[item.index.fqn]
+        own += tensor is dtensor._local_tensor and torch.equal(tensor, dtensor.to_local())
+    return {"items": len(resolved), "own": own, "to_local": calls}
+
+
+def restore_failing_on(rank: int, world: int, root: str, victim: int) -> str:
+    """Restore after a save; rank ``victim``'s read fails after the vote. What this rank raised."""
+    save_fsdp(rank, world, root, [1])
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model = fsdp_mlp(2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if rank == victim:
+
+        def broken(self: Any, plan: Any, planner: Any) -> Any:
+            raise OSError(errno.EIO, "injected read failure")
+
+        adist.AsyncckptReader.read_data = broken  # type: ignore[method-assign]
+    try:
+        adist.restore_latest(root, {"model": model, "optimizer": optimizer}, group=group)
+    except asyncckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}|{exc.rank}|{exc.reason}"
+    return "restored"
+
+
+def wider_mlp() -> torch.nn.Module:
+    """The MLP's keys, every tensor of another shape, sharded with FSDP2 as a whole."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(WIDTH, 3 * WIDTH), torch.nn.ReLU(), torch.nn.Linear(3 * WIDTH, 2 * WIDTH)
+    )
+    fully_shard(model)
+    return model
+
+
+def write_items_kept(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Three saves through one WriteItems: the same FSDP2 MLP twice, then one of other shapes
+    under the same keys; the kept items' hits and misses of each, and whether the last restores."""
+    from asyncckpt.dist.items import WriteItems
+    from asyncckpt.dist.save import Prepared, write_step
+    from asyncckpt.dist.state import split_state
+
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    kept = WriteItems()
+    counts = []
+
+    def save(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        def prepare() -> Prepared:
+            split = split_state({"model": model, "optimizer": optimizer})
+            return Prepared(split.sharded, split.per_rank)
+
+        write_step(root, step, prepare, group=group, plan_caching=True, write_items=kept)
+        counts.append((kept.hits, kept.misses))
+
+    model, optimizer = fsdp_trained(1, 1)
+    save(1, model, optimizer)
+    train(model, optimizer, 2)
+    save(2, model, optimizer)
+    torch.manual_seed(3)
+    wider = wider_mlp()
+    wider_optimizer = torch.optim.Adam(wider.parameters(), lr=1e-2)
+    train(wider, wider_optimizer, 1)
+    save(3, wider, wider_optimizer)
+    saved = full_state(wider, wider_optimizer)
+    torch.manual_seed(4)
+    fresh = wider_mlp()
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    train(fresh, fresh_optimizer, 1)
+    restored = adist.restore_latest(root, {"model": fresh, "optimizer": fresh_optimizer}, group=group)
+    assert restored is not None and restored.step == 3
+    return {"counts": counts, "saved": saved, "restored": full_state(fresh, fresh_optimizer)}

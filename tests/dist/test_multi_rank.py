@@ -46,6 +46,50 @@ def test_fsdp_round_trip_at_each_world_size(tmp_path: Path, world: int) -> None:
         assert states_equal(restored[rank]["rng"], saved[rank]["rng"])
 
 
+def test_a_group_of_one_sends_dcp_nothing_and_a_rank_reports_one_result(tmp_path: Path) -> None:
+    [alone] = all_ok(run_world(workers.collective_payloads, 1, str(tmp_path / "one")))
+    pair = all_ok(run_world(workers.collective_payloads, 2, str(tmp_path / "two")))
+
+    dcp = ("SavePlan", "LoadPlan", "Metadata", "list[SavePlan]", "list[LoadPlan]", "list[WriteResult]")
+    assert alone and not [kind for kind in alone if kind.startswith(dcp)]  # only our agreement, votes
+    # at two ranks DCP gathers each rank's write results: one for its whole shard, not one per item
+    assert pair[1].count("list[WriteResult]*1") == 2  # two saves
+    assert not [kind for kind in pair[1] if kind.startswith("list[WriteResult]") and kind[-2:] != "*1"]
+    # after a save DCP broadcasts its metadata: its tensors, values and locations stay on rank 0
+    assert [kind for kind in pair[0] if kind.startswith("Metadata")] == ["Metadata#0"] * 2
+    # a load needs nothing of the other ranks: no load plan crosses, at any world size
+    assert not [kind for kind in pair[0] + pair[1] if kind.startswith(("LoadPlan", "list[LoadPlan]"))]
+
+
+def test_the_save_planner_resolves_dtensors_without_to_local() -> None:
+    [found] = all_ok(run_world(workers.lookup_without_to_local, 1))
+
+    assert found["items"] > 0 and found["own"] == found["items"] and found["to_local"] == 0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_write_items_are_kept_while_the_sharding_holds_and_replanned_when_it_changes(
+    tmp_path: Path, world: int
+) -> None:
+    results = all_ok(run_world(workers.write_items_kept, world, str(tmp_path)))
+
+    for result in results:
+        (hits1, misses1), (hits2, misses2), (hits3, misses3) = result["counts"]
+        assert hits1 == 0 and misses1 > 0  # the first save plans every DTensor
+        assert (hits2, misses2) == (misses1, 0)  # the same structure: every item kept
+        assert hits3 == 0 and misses3 == misses1  # other shapes under the same keys: all replanned
+    assert states_equal(results[0]["restored"], results[0]["saved"])
+
+
+def test_a_load_failing_on_one_rank_fails_every_rank(tmp_path: Path) -> None:
+    outcomes = all_ok(run_world(workers.restore_failing_on, 2, str(tmp_path), 1))
+
+    mine = outcomes[1].split("|")
+    other = outcomes[0].split("|")
+    assert mine[0] == "CheckpointError" and "injected read failure" in mine[2]
+    assert other[0] == "CheckpointError" and other[1] == "1" and "rank 1" in other[2]
+
+
 def test_exact_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None:
     uninterrupted = all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "a"), [2], 4))
     all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "b"), [2]))

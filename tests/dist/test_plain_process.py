@@ -324,3 +324,42 @@ def test_check_step_names_each_broken_file(tmp_path: Path) -> None:
     assert "never committed" in missing.reason
     adist.save_step(tmp_path, 3, {"model": torch.nn.Linear(2, 2), "n": 3})
     assert adist.check_step(tmp_path, 3) == []
+
+
+def test_a_restore_reads_each_shard_header_once(tmp_path: Path) -> None:
+    save_two_steps(tmp_path)
+    opened: list[str] = []
+
+    class Counting(PosixStorage):
+        def open(self, name: str) -> Any:
+            opened.append(name)
+            return super().open(name)
+
+    model, optimizer = plain_model_and_optimizer()
+    restored = adist.restore_latest(Counting(tmp_path), {"model": model, "optimizer": optimizer})
+
+    assert restored is not None and restored.step == 2 and restored.state["loader"]["position"] == 2
+    assert opened.count(catalog.shard_name(2, 0)) == 1  # the vote's shard files serve the load
+
+
+def test_the_collector_pauses_while_a_step_is_written_and_resumes_even_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from asyncckpt.dist import storage as dist_storage
+
+    during: list[bool] = []
+    real = dist_storage.write_shard
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        during.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist_storage, "write_shard", spy)
+    adist.save_step(tmp_path, 1, {"model": torch.nn.Linear(2, 2)})
+    assert during == [False] and gc.isenabled()
+
+    with pytest.raises(UnsupportedValueError):
+        adist.save_step(tmp_path, 2, {"model": torch.nn.Linear(2, 2), "bad": object()})
+    assert gc.isenabled()
