@@ -36,18 +36,12 @@ from ..errors import CheckpointError, UsageError
 from ..loading import LoadResult, load_latest
 from ..oneshot import load
 from ..rng import rng_state, set_rng_state
+from ..saving.options import DEFAULT_BACKGROUND_NICE
 from ..saving.writer import VerifyMode
 
 __all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "CHECKPOINT_SUBDIR"]
 
 CHECKPOINT_SUBDIR = "asyncckpt"
-# The writer's threads run this many nice levels below training by default here: on a quiet
-# 2-core CPU run (10.3 M parameters, a checkpoint per 20 steps, benchmarks/results/
-# cpu-integrations-hf-nice-quiet.md) training slowed 4.5% at 10 against 18.6% at 0, the
-# Trainer's own saving 11.2%, near the floor of any background writer there (a plain write +
-# fsync of the same bytes: about 5-6%, cpu-integrations-hf-floor.md); each checkpoint took
-# 1.7 s instead of 0.5 s to become durable.
-TRAINER_BACKGROUND_NICE = 10
 TRAINER_STATE_NAME = "trainer_state.json"  # what Trainer.train reads from a checkpoint directory
 _RESUME_PREFIX = "asyncckpt-resume-"
 
@@ -57,8 +51,9 @@ class AsyncCheckpointMixin:
 
     ``class MyTrainer(AsyncCheckpointMixin, SFTTrainer): ...``. Keyword-only options, taken
     before the ``Trainer``'s own: ``checkpoint_dir`` (default ``<output_dir>/asyncckpt``),
-    ``max_pending``, ``verify``, ``close_timeout``, ``background_nice`` (default 10 here: the
-    writer yields the CPU to training, see ``TRAINER_BACKGROUND_NICE``) and ``overlap`` (as for
+    ``max_pending``, ``verify``, ``close_timeout``, ``background_nice`` (10 slowed a quiet 2-core
+    run 4.5% instead of 18.6%, but far more with other processes busy:
+    docs/integrations/transformers.md) and ``overlap`` (as for
     :class:`asyncckpt.AsyncCheckpointer`; default False here: every tensor is copied inside the
     save, which on a 2-core CPU run slowed training 11% at a checkpoint per 20 steps, as the
     Trainer's own saving did, where overlapping the copies with forward and backward slowed it
@@ -80,7 +75,7 @@ class AsyncCheckpointMixin:
         verify: VerifyMode = "structure",
         close_timeout: float | None = None,
         overlap: bool = False,
-        background_nice: int = TRAINER_BACKGROUND_NICE,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)

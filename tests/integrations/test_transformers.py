@@ -66,20 +66,6 @@ def test_a_checkpoint_holds_the_whole_training_state(tmp_path: Path) -> None:
     assert not any(p.name.startswith("checkpoint-") for p in tmp_path.iterdir())  # no Trainer folders
 
 
-def test_the_writer_yields_the_cpu_to_training_by_default(tmp_path: Path) -> None:
-    run = trainer(tmp_path, max_steps=SAVE_STEPS)
-    seen: list[int] = []
-
-    class Probe(transformers.TrainerCallback):
-        def on_save(self, *args: Any, **kwargs: Any) -> None:  # the checkpointer opens at the first save
-            assert run.checkpointer is not None
-            seen.append(run.checkpointer.background_nice)
-
-    run.add_callback(Probe())
-    train(run)
-    assert seen == [10]  # the writer's threads run 10 nice levels below training
-
-
 def test_the_writers_priority_reaches_the_checkpointer(tmp_path: Path) -> None:
     seen: list[int] = []
     run = trainer(tmp_path, max_steps=SAVE_STEPS)
@@ -99,7 +85,8 @@ def test_no_writer_thread_outlives_train(tmp_path: Path) -> None:
     # As examples/train_hf_trainer.py: the last checkpoint at the last step, then the script exits.
     # A writer thread still running then aborted the process at exit (see tests/test_priority.py).
     before = set(threading.enumerate())
-    run = trainer(tmp_path, max_steps=SAVE_STEPS)  # background_nice=10, the default
+    run = trainer(tmp_path, max_steps=SAVE_STEPS)
+    run.asyncckpt_background_nice = 10  # as AsyncCheckpointTrainer(..., background_nice=10) sets it
     train(run)
     assert [t.name for t in threading.enumerate() if t not in before and t.is_alive()] == []
     assert [info.step for info in asyncckpt.list_checkpoints(tmp_path / "asyncckpt")] == [SAVE_STEPS]
