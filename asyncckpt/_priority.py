@@ -28,8 +28,29 @@ import anyio.to_thread
 MAX_NICE = 19  # the lowest priority Linux offers
 SUPPORTED = sys.platform.startswith("linux") and hasattr(os, "setpriority")
 
-# (work, its future); None stops the thread
-_Item = tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+
+class _Call:
+    """One piece of work for a :class:`BackgroundThread` and the future of its result."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work: Callable[[], Any] | None = work
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run(self) -> None:
+        """Run the work and settle the future; the work (and what it holds) is dropped first,
+        so that nothing of it is freed in this thread after the awaiting task has moved on."""
+        work, self.work = self.work, None
+        assert work is not None
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = work()
+        except BaseException as exc:  # handed to the awaiting task, never lost
+            del work
+            self.future.set_exception(exc)
+        else:
+            del work
+            self.future.set_result(result)
 
 
 def thread_nice(native_id: int | None = None) -> int:
@@ -75,7 +96,7 @@ class BackgroundThread:
     """
 
     def __init__(self, *, name: str = "asyncckpt-writer") -> None:
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()  # None stops it
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -85,21 +106,24 @@ class BackgroundThread:
         Cancelled, it stops waiting; ``work`` runs on to its end (like anyio's
         ``run_sync(..., abandon_on_cancel=True)``).
         """
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((work, future))
+        call = _Call(work)
+        self._queue.put(call)
         # The wait itself blocks one of the loop's worker threads, using no CPU.
-        return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(call.future.result, abandon_on_cancel=True)
 
     def close(self) -> None:
         """Stop the thread once the work queued before is done (returns at once)."""
         self._queue.put(None)
 
+    def join(self) -> None:
+        """Wait until the thread has exited (after :meth:`close`).
+
+        A daemon thread still running at the interpreter's exit is ended wherever it stands;
+        in torch's C++ code (freeing a tensor) that aborts the process, so an owner that
+        closes the thread waits for it, unless its work is stuck in the OS.
+        """
+        self._thread.join()
+
     def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
-            work, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(work())
-            except BaseException as exc:  # handed to the awaiting task, never lost
-                future.set_exception(exc)
+        while (call := self._queue.get()) is not None:
+            call.run()

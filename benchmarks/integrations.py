@@ -5,11 +5,14 @@ For each framework, a model built in the script (nothing is downloaded) trains S
 a checkpoint every EVERY steps, once per configuration, the configurations interleaved round by
 round (A B C A B C ...), each run in a fresh process:
 
-  lightning     none (enable_checkpointing=False), torch (the default TorchCheckpointIO),
+  lightning     none (enable_checkpointing=False), floor (no checkpointing; a plain thread writes
+                and fsyncs the state's bytes at each checkpoint step: plain_writer.py),
+                torch (the default TorchCheckpointIO),
                 lightning-async (Lightning's own AsyncCheckpointIO: clones, then torch.save in a
                 thread), asyncckpt (AsyncCheckpointIO plugin), asyncckpt-overlap (the plugin also
                 passed as a callback, so parameter and optimizer copies overlap training)
-  transformers  none (save_strategy="no"), trainer (the Trainer's checkpoint-N/ folders),
+  transformers  none (save_strategy="no"), floor (as for lightning), trainer (the Trainer's
+                checkpoint-N/ folders),
                 asyncckpt (AsyncCheckpointTrainer), asyncckpt-overlap (overlap=True: parameter
                 and optimizer copies overlap forward and backward)
 
@@ -24,6 +27,8 @@ Trainer.save_checkpoint (state dict + CheckpointIO.save_checkpoint) or the Train
 _save_checkpoint; for asyncckpt also the time to durable of each checkpoint (from the save call
 to the commit, read from the run's events.jsonl). Slowdown is each run's training time over the
 same round's "none" run (--configs must name "none"). Medians [min-max] over --repeat rounds.
+With "floor": the plain writer's thread CPU time per checkpoint over the "none" training time of
+EVERY steps, the least slowdown any background writer can cause when training uses every core.
 Output: tables on stdout, JSON (--out) and a Markdown file next to it with the command that made it.
 """
 
@@ -43,9 +48,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from plain_writer import PlainWriter, state_tensors
+
 CONFIGS = {
     "lightning": (
         "none",
+        "floor",
         "torch",
         "lightning-async",
         "asyncckpt",
@@ -55,6 +63,7 @@ CONFIGS = {
     ),
     "transformers": (
         "none",
+        "floor",
         "trainer",
         "asyncckpt",
         "asyncckpt-nice10",
@@ -140,7 +149,10 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
     )
     callbacks: list[Any] = [timer.lightning_callback(L)]
     plugins: list[Any] = []
-    if config != "none":
+    plain = PlainWriter(directory)
+    if config == "floor":
+        callbacks.append(plain_lightning_callback(L, plain, options.every))
+    if config not in ("none", "floor"):
         callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=options.every, save_top_k=-1))
     if config == "lightning-async":
         plugins.append(LightningAsyncIO())
@@ -156,7 +168,7 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=config != "none",
+        enable_checkpointing=config not in ("none", "floor"),
         plugins=plugins,
         callbacks=callbacks,
     )
@@ -171,8 +183,9 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
 
     L.Trainer.save_checkpoint = timed_save  # type: ignore[method-assign]
     trainer.fit(Model(), data)
+    plain.join()
     params = sum(p.numel() for p in trainer.lightning_module.parameters())
-    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory)
+    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory, plain=plain)
 
 
 def run_transformers(config: str, options: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -210,7 +223,7 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     args = TrainingArguments(
         str(directory),
         max_steps=options.steps + options.every // 2,
-        save_strategy="no" if config == "none" else "steps",
+        save_strategy="no" if config in ("none", "floor") else "steps",
         save_steps=options.every,
         per_device_train_batch_size=options.hf_batch,
         report_to=[],
@@ -222,7 +235,11 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     extra = {"overlap": True} if config == "asyncckpt-overlap" else {}
     if config.startswith("asyncckpt"):
         extra.update(nice)
-    trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[timer.hf_callback()], **extra)
+    plain = PlainWriter(directory)
+    callbacks = [timer.hf_callback()]
+    if config == "floor":
+        callbacks.append(plain_hf_callback(plain, options.every))
+    trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks, **extra)
     original = cls._save_checkpoint
 
     def timed_save(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -234,8 +251,32 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
 
     cls._save_checkpoint = timed_save  # type: ignore[method-assign]
     trainer.train()
+    plain.join()
     params = sum(p.numel() for p in model.parameters())
-    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory)
+    return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory, plain=plain)
+
+
+def plain_hf_callback(plain: PlainWriter, every: int) -> Any:
+    """The "floor" configuration's checkpoints in the HF Trainer: a plain write every ``every`` steps."""
+    from transformers import TrainerCallback
+
+    class PlainSaves(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every == 0:
+                plain.save(state.global_step, state_tensors(kwargs["model"], kwargs["optimizer"]))
+
+    return PlainSaves()
+
+
+def plain_lightning_callback(L: Any, plain: PlainWriter, every: int) -> Any:  # noqa: N803
+    """The "floor" configuration's checkpoints in Lightning: a plain write every ``every`` steps."""
+
+    class PlainSaves(L.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            if trainer.global_step % every == 0:
+                plain.save(trainer.global_step, state_tensors(module, trainer.optimizers[0]))
+
+    return PlainSaves()
 
 
 class StepTimer:
@@ -286,10 +327,12 @@ class StepTimer:
 
         return Timing()
 
-    def result(self, *, params: int, files: int, directory: Path) -> dict[str, Any]:
+    def result(self, *, params: int, files: int, directory: Path, plain: PlainWriter) -> dict[str, Any]:
         assert self.first is not None
         return {
             "train_s": self.last - self.first,
+            "timed_steps": self.steps - self.WARMUP,
+            "plain_cpu_s": plain.cpu_s,
             "cpu_s": self.cpu_last - self.cpu_first,
             "stalls_s": self.stalls,
             "durable_s": durable_times(directory),
@@ -379,11 +422,25 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.median(scaled):.{digits}f} [{min(scaled):.{digits}f}-{max(scaled):.{digits}f}]"
 
 
-def tables(runs: dict[str, Any]) -> str:
+def floor_line(floor: list[dict[str, Any]], none: list[dict[str, Any]], every: int) -> str:
+    """The plain writer's CPU per checkpoint over the training time of ``every`` steps."""
+    cpu = [s for run in floor for s in run["plain_cpu_s"]]
+    per_every = [run["train_s"] * every / run["timed_steps"] for run in none]
+    share = 100.0 * statistics.median(cpu) / statistics.median(per_every)
+    return (
+        f"Interference floor: a plain thread's write + fsync of the checkpoint's bytes took "
+        f"{spread(cpu, 1000.0, digits=0)} ms of CPU per checkpoint, against "
+        f"{spread(per_every, 1000.0, digits=0)} ms of training between two checkpoints (none): "
+        f"**{share:.1f}%**, the least slowdown a background writer can cause when training "
+        "keeps every core busy (medians [min-max])."
+    )
+
+
+def tables(runs: dict[str, Any], every: int) -> str:
     lines = []
     for framework, configs in runs.items():
         base = [run["train_s"] for run in configs["none"]]
-        saved = [run for results in configs.values() for run in results if run["bytes"]]
+        saved = [run for c, results in configs.items() if c != "floor" for run in results if run["bytes"]]
         first = saved[0] if saved else configs["none"][0]
         lines += [
             f"### {framework} ({first['params'] / 1e6:.1f} M parameters, "
@@ -393,6 +450,7 @@ def tables(runs: dict[str, Any]) -> str:
             "| stall per checkpoint (ms) | time to durable (ms) | checkpoints |",
             "|---|---|---|---|---|---|---|",
         ]
+        floor = configs.get("floor")
         for config, results in configs.items():
             slowdown = [100.0 * (run["train_s"] / b - 1.0) for run, b in zip(results, base, strict=True)]
             cpu = [
@@ -401,7 +459,7 @@ def tables(runs: dict[str, Any]) -> str:
             ]
             stalls = [s for run in results for s in run["stalls_s"]]
             durable = [s for run in results for s in run.get("durable_s", [])]
-            count = len(results[0]["stalls_s"])
+            count = len(results[0]["stalls_s"]) or len(results[0].get("plain_cpu_s", []))
             none = config == "none"
             lines.append(
                 f"| {config} | {spread([r['train_s'] for r in results], digits=2)} | "
@@ -409,6 +467,8 @@ def tables(runs: dict[str, Any]) -> str:
                 f"{spread(stalls, 1000.0)} | {spread(durable, 1000.0, digits=0)} | {count} |"
             )
         lines.append("")
+        if floor is not None:
+            lines += [floor_line(floor, configs["none"], every), ""]
     return "\n".join(lines)
 
 
@@ -440,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if owned is not None:
             owned.cleanup()
-    text = tables(runs)
+    text = tables(runs, options.every)
     print(text)
     if options.out is not None:
         command = "python benchmarks/integrations.py " + shlex.join(argv)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,49 @@ async def test_background_thread_hands_back_results_and_errors() -> None:
             await thread.run_sync(lambda: 1 // 0)
     finally:
         thread.close()
+
+
+# The writer's threads are gone when the checkpointer closes: a daemon thread of ours that
+# still ran at the interpreter's exit freed the last job's staging tensors during finalization,
+# which ended the thread inside torch's C++ code and aborted the process ("terminate called
+# without an active exception"; 1 run in 15 of examples/train_hf_trainer.py at nice 10).
+
+
+def new_threads(before: set[threading.Thread]) -> list[str]:
+    return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+@pytest.mark.parametrize("nice", [0, 10])
+def test_no_writer_thread_outlives_close(tmp_path: Path, nice: int) -> None:
+    before = set(threading.enumerate())
+    with AsyncCheckpointer(tmp_path, background_nice=nice, keep_last=1) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, big_state())
+    assert new_threads(before) == []
+    assert [c.step for c in asyncckpt.list_checkpoints(tmp_path)] == [3]
+
+
+@linux_only
+async def test_no_writer_thread_outlives_async_close(tmp_path: Path) -> None:
+    async with AsyncCheckpointer(tmp_path, background_nice=10) as ckpt:
+        await ckpt.save(1, big_state())
+        ours = [t for t in threading.enumerate() if t.name == "asyncckpt-writer"]
+        assert len(ours) == 1
+    assert not ours[0].is_alive()
+
+
+async def test_background_thread_drops_the_work_before_handing_back() -> None:
+    class Held:
+        pass
+
+    held = Held()
+    gone = weakref.ref(held)
+    thread = _priority.BackgroundThread(name="test-background")
+    try:
+        await thread.run_sync(functools.partial(id, held))
+        del held
+        assert gone() is None  # not freed later in the thread, when the caller may be exiting
+    finally:
+        thread.close()
+        thread.join()
+    assert not thread._thread.is_alive()

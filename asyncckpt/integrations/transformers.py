@@ -51,8 +51,9 @@ class AsyncCheckpointMixin:
 
     ``class MyTrainer(AsyncCheckpointMixin, SFTTrainer): ...``. Keyword-only options, taken
     before the ``Trainer``'s own: ``checkpoint_dir`` (default ``<output_dir>/asyncckpt``),
-    ``max_pending``, ``verify``, ``close_timeout``, ``background_nice`` (10 slowed a 2-core run
-    4.5% instead of 18.6%: docs/integrations/transformers.md) and ``overlap`` (as for
+    ``max_pending``, ``verify``, ``close_timeout``, ``background_nice`` (10 slowed a quiet 2-core
+    run 4.5% instead of 18.6%, but far more with other processes busy:
+    docs/integrations/transformers.md) and ``overlap`` (as for
     :class:`asyncckpt.AsyncCheckpointer`; default False here: every tensor is copied inside the
     save, which on a 2-core CPU run slowed training 11% at a checkpoint per 20 steps, as the
     Trainer's own saving did, where overlapping the copies with forward and backward slowed it

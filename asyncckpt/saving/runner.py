@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -123,15 +124,27 @@ class SyncRunner(Runner):
     _writer_done: Any = None  # the concurrent.futures.Future of the writer task
 
     _loop: asyncio.AbstractEventLoop | None = None
+    _workers: set[threading.Thread]  # the loop's worker threads that ran the writer's work
 
     def start(self) -> None:
         """Start the portal thread and the writer task in it."""
+        self._workers = set()
+        self.writer.offload = self._in_worker_thread
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
         self._loop = self._portal.call(asyncio.get_running_loop)
         if self.nice is not None:  # before the loop starts a worker thread: they inherit its priority
             self._lowered(self._portal.call(lower_this_thread, self.nice))
         self._writer_done = self._portal.start_task_soon(self.writer.run, self._receive)
+
+    async def _in_worker_thread(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in a worker thread of the loop, remembered so that closing waits for it
+        to exit; cancelled, it runs on, abandoned."""
+        await anyio.to_thread.run_sync(self._run_remembered, work, abandon_on_cancel=True)
+
+    def _run_remembered(self, work: Callable[[], None]) -> None:
+        self._workers.add(threading.current_thread())
+        work()
 
     def submit(self, job: Job | Deletion, *, staged: dict[str, Any] | None = None) -> None:
         # Hand the job over without waiting for the event loop to take it: a portal call is a
@@ -189,8 +202,24 @@ class SyncRunner(Runner):
                 self._writer_done.result()
         finally:
             if self._portal_cm is not None:
-                self._portal_cm.__exit__(None, None, None)
+                self._portal_cm.__exit__(None, None, None)  # its loop's end stops the worker threads
             self._portal = self._portal_cm = self._writer_done = self._loop = None
+            self._join_workers()
+
+    def _join_workers(self) -> None:
+        """Wait for the worker threads to exit (but one stuck in an abandoned write).
+
+        They are daemon threads (the portal's thread starts them), and a worker drops its last
+        job, with the staging buffers' tensors, only after it reports the job done. Left
+        running past the trainer's exit, it could free a tensor during the interpreter's
+        finalization, which ends the thread inside torch's C++ code and aborts the process
+        ("terminate called without an active exception").
+        """
+        if self.writer.storage.abandoned.is_set():
+            return  # a stuck write's thread runs on; it never publishes (see Writer.abandon)
+        for thread in self._workers:
+            thread.join()
+        self._workers.clear()
 
 
 class AsyncRunner(Runner):
@@ -259,8 +288,11 @@ class AsyncRunner(Runner):
                 await self._task_group.__aexit__(None, None, None)
                 self._task_group = None
             if self._thread is not None:
-                self._thread.close()
-                self._thread = None
+                thread, self._thread = self._thread, None
+                thread.close()
+                if abandoned is None:  # else its write may be stuck: it runs on, never publishes
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(thread.join)
 
         def raise_failures() -> None:
             if abandoned is not None:

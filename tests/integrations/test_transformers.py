@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,17 @@ def test_the_writers_priority_reaches_the_checkpointer(tmp_path: Path) -> None:
     run.add_callback(Probe())
     train(run)
     assert seen == [7]
+
+
+def test_no_writer_thread_outlives_train(tmp_path: Path) -> None:
+    # As examples/train_hf_trainer.py: the last checkpoint at the last step, then the script exits.
+    # A writer thread still running then aborted the process at exit (see tests/test_priority.py).
+    before = set(threading.enumerate())
+    run = trainer(tmp_path, max_steps=SAVE_STEPS)
+    run.asyncckpt_background_nice = 10  # as AsyncCheckpointTrainer(..., background_nice=10) sets it
+    train(run)
+    assert [t.name for t in threading.enumerate() if t not in before and t.is_alive()] == []
+    assert [info.step for info in asyncckpt.list_checkpoints(tmp_path / "asyncckpt")] == [SAVE_STEPS]
 
 
 def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
