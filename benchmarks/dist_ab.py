@@ -29,27 +29,11 @@ HERE = Path(__file__).resolve().parent
 
 def child(world: int, layout: str, tensors: int, size: int, saves: int, restores: int, root: str) -> None:
     """One checkout's run: ``world`` rank processes, figures as one JSON line on stdout."""
-    import multiprocessing
-    import pickle
-    import socket
+    sys.path.insert(0, str(HERE))
+    from distributed import free_port, spawn_ranks
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    context = multiprocessing.get_context("spawn")
-    outs = [f"{root}/rank-{rank}.pickle" for rank in range(world)]
-    args = (world, port, layout, tensors, size, saves, restores, root)
-    procs = [context.Process(target=_rank, args=(rank, *args, outs[rank])) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise SystemExit(f"exit codes {[p.exitcode for p in procs]}")
-    ranks = []
-    for out in outs:
-        with open(out, "rb") as file:
-            ranks.append(pickle.load(file))
+    args = (world, free_port(), layout, tensors, size, saves, restores, root)
+    ranks = spawn_ranks(_rank, world, args)
     figures = {
         name: statistics.median(max(values) for values in zip(*(r[name] for r in ranks), strict=True))
         for name in ranks[0]

@@ -251,15 +251,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_world(world: int, options: dict[str, Any]) -> list[list[dict[str, Any]]]:
+def spawn_ranks(target: Any, world: int, args: tuple[Any, ...]) -> list[Any]:
+    """Run ``target(rank, *args, out)`` in ``world`` spawned processes and return, by rank, what
+    each pickled to its ``out`` path; a rank that fails raises :class:`RuntimeError`."""
     context = multiprocessing.get_context("spawn")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="asyncckpt-distbench-") as out:
         paths = [f"{out}/rank-{rank}.pickle" for rank in range(world)]
-        procs = [
-            context.Process(target=rank_main, args=(rank, world, port, options, paths[rank]))
-            for rank in range(world)
-        ]
+        procs = [context.Process(target=target, args=(rank, *args, paths[rank])) for rank in range(world)]
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -269,8 +267,12 @@ def run_world(world: int, options: dict[str, Any]) -> list[list[dict[str, Any]]]
         results = []
         for path in paths:
             with open(path, "rb") as file:
-                results.append(pickle.load(file))
+                results.append(pickle.load(file))  # the ranks' own figures, written just now
         return results
+
+
+def run_world(world: int, options: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    return spawn_ranks(rank_main, world, (world, free_port(), options))
 
 
 def slowest(per_rank: list[dict[str, list[float]]], name: str) -> list[float]:
