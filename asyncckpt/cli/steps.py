@@ -146,7 +146,7 @@ def check_steps(root: Path, mode: Mode, only: int | None = None) -> list[StepRep
 
 def _diagnose(root: Path, step: int, mode: str) -> list[Diagnostic]:
     from ..dist import check_step
-    from ..dist.restore import diagnose, utc_now
+    from ..dist.verify import diagnose, utc_now
 
     if mode == "full":
         return check_step(root, step)

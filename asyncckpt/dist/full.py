@@ -23,7 +23,7 @@ from ._dcp import dcp_load
 from .commit import read_record
 from .planner import FullStateLoadPlanner
 from .record import CommitRecord
-from .restore import diagnose, utc_now
+from .verify import diagnose, utc_now
 from .save import failure_cause
 from .shards import ShardFiles
 from .storage import AsyncckptReader

@@ -31,7 +31,8 @@ from ..storage import Location, Storage, is_url, open_storage, path_of
 from ..storage.localcopy import LocalCopyStorage
 from .full import load_full
 from .group import CoordinationGroup
-from .restore import RestoredStep, record_failures, restore_latest, utc_now
+from .restore import RestoredStep, record_failures, restore_latest
+from .verify import utc_now
 from .share import ReplicaShare
 from .stage import StepPlan, StepPlanner
 from .writer import StepJob, StepWriter

@@ -37,10 +37,7 @@ from .record import CommitRecord
 from .save import failure_cause, solo_or
 from .state import SplitState, apply_per_rank, apply_sharded, load_targets
 from .storage import AsyncckptReader
-from .verify import PlannedOnce, Verified, verify
-from .verify import diagnose as diagnose  # re-exported: full, steps and the CLI use them
-from .verify import utc_now as utc_now
-from .verify import verify_step as verify_step
+from .verify import PlannedOnce, Verified, utc_now, verify
 
 SUMMARY_EVENT = "checkpoint.dist.restore.summary"
 PER_RANK_DROPPED_EVENT = "checkpoint.dist.per_rank_not_restored"

@@ -15,7 +15,7 @@ from ..storage import Location, open_storage
 from .commit import read_record
 from .planner import decode_value
 from .record import CommitRecord, ItemLocation
-from .restore import diagnose, utc_now
+from .verify import diagnose, utc_now
 from .shards import ShardFiles
 
 
