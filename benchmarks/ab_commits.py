@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ckptbench.state import parse_size
+
 CHILD = r"""
 import json, os, sys, time, tempfile
 import torch
@@ -56,11 +58,6 @@ out["warm_load"], _ = timed(lambda: asyncckpt.load(ckpt))
 os.remove(ckpt); os.remove(floor_path)
 print(json.dumps(out))
 """
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def main() -> None:

@@ -47,12 +47,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from ckptbench.state import parse_size  # noqa: E402
+
 METHODS = ("asyncckpt", "dcp_async")
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
 # --------------------------------------------------------------------------- in each rank

@@ -25,16 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from ckptbench.state import parse_size
 from plain_writer import PlainWriter
 
 import asyncckpt
 
 CONFIGS = ("plain", "asyncckpt-none", "asyncckpt-structure", "asyncckpt-full")
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 def one_round(config: str, state: dict[str, torch.Tensor], directory: Path, saves: int) -> list[float]:
