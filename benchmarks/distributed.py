@@ -11,6 +11,10 @@ each) is saved ``--rounds`` times by each method, interleaved, after ``--warmup`
   stall+wait = and ``wait_staged()`` returns (the next optimizer step's wait, with no
   forward/backward to hide the background copy); durable = ``handle.result()`` returns (every
   shard durable and verified, the commit record durable, the outcome known on this rank).
+- ``floor``: each rank ``os.write``s its share of the state's bytes (its FSDP2 shards; every
+  world-th replicated tensor) from the live tensors to a new file and ``fsync``s it and its
+  directory: the time to durable no method can beat on this machine (no copy, no checksum, no
+  read-back, no commit).
 - ``dcp_async``: ``get_model_state_dict`` + ``get_optimizer_state_dict`` +
   ``dcp.async_save(..., storage_writer=FileSystemWriter(sync_files=True))`` on a gloo group of
   its own; stall = ``async_save`` returns; durable = its future completes.
@@ -49,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from ckptbench.state import parse_size  # noqa: E402
 
-METHODS = ("asyncckpt", "dcp_async")
+METHODS = ("floor", "asyncckpt", "dcp_async")
 
 
 # --------------------------------------------------------------------------- in each rank
@@ -125,6 +129,11 @@ def measure(rank: int, world: int, layout: str, tensors: int, options: dict[str,
             timed = round_ >= options["warmup"]
             dist.barrier()
             started = time.perf_counter()
+            floor_write(floor_share(model, optimizer, rank, world), root / "floor" / f"rank-{rank}.bin")
+            if timed:
+                note("floor.durable", time.perf_counter() - started)
+            dist.barrier()
+            started = time.perf_counter()
             handle = ckpt.save(round_ + 1, state)
             stalled = time.perf_counter()
             ckpt.wait_staged()
@@ -180,6 +189,38 @@ def measure(rank: int, world: int, layout: str, tensors: int, options: dict[str,
     del model, optimizer, state
     gc.collect()
     return {"state_bytes": state_bytes, "figures": figures}
+
+
+def floor_share(model: Any, optimizer: Any, rank: int, world: int) -> list[Any]:
+    """This rank's share of the state's tensors: its local shards (FSDP2), or every world-th
+    tensor (replicated), as asyncckpt and DCP both write each replicated tensor once."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [*model.parameters()]
+    tensors += [state["momentum_buffer"] for state in optimizer.state.values()]
+    if any(isinstance(t, DTensor) for t in tensors):
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return tensors[rank::world]
+
+
+def floor_write(tensors: list[Any], path: Path) -> None:
+    """Write the tensors' bytes to a new ``path``, fsync it and its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for tensor in tensors:
+            view = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def coordination(ckpt: Any, root: Path, step: int, note: Any) -> None:
@@ -309,6 +350,12 @@ def _pair(row: dict[str, Any], ours: str, theirs: str, scale: float = 1.0, digit
     return f"{a:.{digits}f} / {b:.{digits}f} ({a / b:.2f}x)"
 
 
+def _floor(row: dict[str, Any]) -> str:
+    floor = _median(row, "floor.durable")
+    ours, theirs = _median(row, "asyncckpt.durable"), _median(row, "dcp_async.durable")
+    return f"{floor:.3f} ({ours / floor:.2f}x, {theirs / floor:.2f}x)"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table: asyncckpt / DCP, and their ratio, per configuration."""
     head = [
@@ -319,6 +366,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "stall s",
         "stall+wait s",
         "durable s",
+        "floor s (ours, DCP / floor)",
         "GB/s",
         "commit ms",
         "restore s (vs dcp.load)",
@@ -335,6 +383,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             _pair(r, "asyncckpt.stall", "dcp_async.stall"),
             f"{_median(r, 'asyncckpt.stall_wait'):.3f}",
             _pair(r, "asyncckpt.durable", "dcp_async.durable"),
+            _floor(r),
             speeds,
             _pair(r, "asyncckpt.commit", "dcp_async.commit", 1e3, 1),
             _pair(r, "asyncckpt.restore", "dcp_async.restore"),
