@@ -14,11 +14,9 @@ one pass.
 :class:`StructureCache` lays the state out afresh only when that fingerprint differs from the
 last one; otherwise the new snapshot is the cached
 :class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors. Once a structure is
-cached, a save compares its tensors' fields without reading them into Python:
-:class:`TensorsCheck` checks type, dispatch keys (device, layout, conjugate and negative bits),
-dtype, device index, requires-grad, shape and strides of all of them in one C call (torch's
-``TensorGuards``, which ``torch.compile`` checks its graphs' inputs with), then storage offsets
-and data pointers as two lists; only when that check fails are the fields read one by one.
+cached, a save compares its tensors' fields without reading them into Python tuples
+(:class:`~asyncckpt.saving.tensors_check.TensorsCheck`, which also reads the version counters
+the staging step watches); only when that check fails are the fields read one by one.
 
 Equal fingerprints mean equal layouts: every value the layout reads is in the fingerprint. A
 storage freed and another allocated at the same address with the same shapes lays out the same
@@ -40,19 +38,8 @@ import torch
 from .._values import NotSafeError, container_items, container_kind
 from ..format import MAX_DEPTH
 from .snapshot import Snapshot, Structure, flatten
+from .tensors_check import TensorsCheck
 from .walker import StateDicts
-
-
-def _tensor_guards() -> Any:
-    """torch's ``TensorGuards`` (private to torch), or None: every save then reads the fields."""
-    try:
-        from torch._C._dynamo.guards import TensorGuards
-    except ImportError:  # pragma: no cover - present in every torch this package supports
-        return None
-    return TensorGuards
-
-
-_TensorGuards: Any = _tensor_guards()
 
 
 class _Token:
@@ -291,48 +278,6 @@ class _Scanner:
             self.items(value, depth, inside)
 
 
-class TensorsCheck:
-    """Whether a list of tensors still has the fields :func:`_fields` read from another.
-
-    One C call checks type, dispatch keys (device type, layout, the conjugate and negative
-    bits, ...), dtype, device index, requires-grad, shape and strides of every tensor
-    (``torch._C._dynamo.guards.TensorGuards``); storage offsets and data pointers are compared
-    as two lists. A pass means equal :func:`_fields`; a failure means only that the fields must
-    be read and compared one by one (a dispatch key the thread's mode hides or adds differs
-    too). Holds no reference to the tensors.
-    """
-
-    def __init__(self, guards: Any, tensors: list[torch.Tensor]) -> None:
-        self._guards = guards
-        self._count = len(tensors)
-        self._offsets = list(map(_OFFSET, tensors))
-        self._pointers = list(map(_POINTER, tensors))
-
-    @classmethod
-    def of(cls, tensors: list[torch.Tensor]) -> TensorsCheck | None:
-        """A check made from ``tensors``; None where torch offers no ``TensorGuards``."""
-        if _TensorGuards is None:
-            return None
-        try:
-            guards = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-            return cls(guards, tensors)
-        except Exception:  # a tensor the guards or data_ptr() cannot describe
-            return None
-
-    def matches(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether ``tensors`` have the fields of the tensors this check was made from."""
-        if len(tensors) != self._count:
-            return False
-        try:
-            return (
-                bool(self._guards.check(*tensors))
-                and list(map(_OFFSET, tensors)) == self._offsets
-                and list(map(_POINTER, tensors)) == self._pointers
-            )
-        except Exception:  # a tensor without storage: read the fields, which decide
-            return False
-
-
 @dataclass
 class _Cached:
     """The last structure laid out, the fingerprint it was laid out from (tree and tensor
@@ -364,9 +309,10 @@ class StructureCache:
         last = self._last
         fields = None
         if scanned is not None and last is not None and scanned.signature == last.signature:
-            if last.check is not None and last.check.matches(scanned.found):
+            versions = None if last.check is None else last.check.versions(scanned.found)
+            if versions is not None:
                 self.hits += 1
-                return Snapshot(last.structure, scanned.found), scanned.objects
+                return Snapshot(last.structure, scanned.found, versions=versions), scanned.objects
             fields = fields_of(scanned.found)
             if fields is not None and fields == last.fields:
                 self.hits += 1

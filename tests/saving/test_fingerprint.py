@@ -21,9 +21,10 @@ import torch
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.saving import fingerprint as fingerprint_module
-from asyncckpt.saving.fingerprint import StructureCache, TensorsCheck, _fields, scan
+from asyncckpt.saving.fingerprint import StructureCache, _fields, scan
 from asyncckpt.saving.plan import Planner
-from asyncckpt.saving.staging import StagingPool, stage
+from asyncckpt.saving.staging import Copier, StagingPool, StagingRaceError, stage
+from asyncckpt.saving.tensors_check import TensorsCheck
 from asyncckpt.saving.walker import StateDicts
 from asyncckpt.testing import states_equal
 
@@ -548,3 +549,53 @@ def test_the_tensors_check_keeps_no_tensor_alive() -> None:
     assert check is not None
     del tensor
     assert ref() is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_moved_to_the_host_in_place_is_seen() -> None:
+    weight = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    cache = StructureCache()
+    first, _ = cache.snapshot({"w": weight})
+    cache.snapshot({"w": weight})
+    weight.data = weight.data.cpu()  # the same object, same dtype, shape and strides
+    second, _ = cache.snapshot({"w": weight})
+    assert (cache.hits, cache.misses) == (1, 2) and second.structure is not first.structure
+    assert not second.structure.uses_cuda
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        lambda: {"a": torch.ones(4), "b": torch.full((4,), 2.0)},
+        lambda: {"b": (tied := torch.full((4,), 2.0)), "again": tied, "a": torch.ones(4)},  # one blob
+    ],
+    ids=["one blob each", "a tensor reached twice"],
+)
+def test_a_reused_structure_watches_the_versions_its_check_read(state: Callable[[], dict[str, Any]]) -> None:
+    tensors = state()
+    cache = StructureCache()
+    cache.snapshot(tensors)
+    snapshot, _ = cache.snapshot(tensors)
+    assert snapshot.versions == [t._version for t in snapshot.found]
+    deferred = next(b for b, t in enumerate(snapshot.sources) if t is tensors["b"])
+    tensors["b"].add_(1.0)  # after the check read its version, before its copy
+    buffers = StagingPool(1, pin_memory=False).acquire(snapshot.layout_key())
+    assert buffers is not None
+    copier = Copier()
+    try:
+        staged = stage(snapshot, buffers, deferred={deferred}, copier=copier)
+        with pytest.raises(StagingRaceError):
+            staged.wait()
+    finally:
+        copier.close()
+
+
+def test_a_tensor_listed_twice_is_checked_once_and_must_stay_the_same_object() -> None:
+    tied, other = torch.ones(4), torch.zeros(2)
+    check = TensorsCheck.of([tied, other, tied])
+    assert check is not None
+    tied.add_(1.0)
+    assert check.versions([tied, other, tied]) == [1, 0, 1]
+    assert check.versions([tied, other, torch.ones(4)]) is None  # no longer one object
+    assert check.versions([tied, tied, tied]) is None
