@@ -70,6 +70,7 @@ class SavePipeline:
             if when_busy == "skip":
                 return self._skip(runner, step, name)
             buffers = runner.acquire_busy(self.pool, plan)
+            plan.snapshot.versions = None  # read at staging, after the wait, not before it
             wait_ms = (time.perf_counter() - started) * 1000.0
             self.stats.count_wait()
             runner.log.info(ev.SAVE_WAITED, step=step, wait_ms=round(wait_ms, 3))

@@ -11,9 +11,10 @@ cached), then times ``--saves`` calls of ``save()`` in two situations:
   right after ``wait_staged()``): the writer's threads run and want the GIL meanwhile.
 
 Each phase is timed by wrapping the asyncckpt internal that runs it (wall and the trainer
-thread's CPU time): ``state_dicts`` (the objects' ``state_dict()``), ``scan`` (the structure
-check, including ``state_dicts``), ``plan`` (scan + the structure comparison + the overlap
-plan), ``stage``, ``submit`` (the hand-off to the writer's loop) and ``save`` (the whole call).
+thread's CPU time): ``state_dicts`` (the objects' ``state_dict()``), ``scan`` (the walk of the
+state's tree, including ``state_dicts``), ``check`` (the tensors' fields against the cached
+structure, and their version counters), ``plan`` (scan + check + the overlap plan), ``stage``,
+``submit`` (the hand-off to the writer's loop) and ``save`` (the whole call).
 A line ``a + b * tensors`` fitted over the tensor counts separates the fixed cost per save
 from the cost per tensor. Uses asyncckpt internals: for profiling only.
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ckptbench.state import build_state, parse_size  # noqa: E402
 
-PHASES = ("state_dicts", "scan", "plan", "stage", "submit", "save")
+PHASES = ("state_dicts", "scan", "check", "plan", "stage", "submit", "save")
 Samples = dict[str, list[tuple[float, float]]]  # phase -> (wall us, cpu us) per call
 
 
@@ -74,6 +75,14 @@ def instrumented(samples: Samples) -> Iterator[None]:
     targets = [
         (walker, "_state_dict_of", "state_dicts"),
         (fingerprint, "_scan_unchecked", "scan"),
+    ]
+    try:  # checkouts before the tensors check have no such phase (it is part of scan there)
+        from asyncckpt.saving import tensors_check
+
+        targets.append((tensors_check.TensorsCheck, "versions", "check"))
+    except ImportError:
+        pass
+    targets += [
         (plan.Planner, "plan", "plan"),
         (stager.Stager, "stage", "stage"),
         (runner.SyncRunner, "submit", "submit"),
@@ -155,7 +164,7 @@ def main() -> None:
         f"{[round(x, 2) for x in os.getloadavg()]}; took {time.time() - started:.0f} s",
         "",
         f"Medians of {args.saves} saves, wall / trainer CPU in microseconds; `state_dicts` is inside "
-        "`scan`, `scan` inside `plan`, all inside `save`.",
+        "`scan`, `scan` and `check` inside `plan`, all inside `save`.",
     ]
     for situation in situations:
         lines += ["", f"### previous save {situation}", ""]

@@ -50,7 +50,8 @@ with asyncckpt.AsyncCheckpointer(directory, keep_last=1) as ckpt:
         ckpt.wait_staged()
         handle.result()
         time.sleep(0.05)  # the writer's last events and the loop settle, as between training steps
-print(json.dumps({"median": statistics.median(stalls), "cpu": statistics.median(cpu), "all": stalls}))
+print(json.dumps({"median": statistics.median(stalls), "cpu": statistics.median(cpu), "all": stalls,
+                  "module": asyncckpt.__file__}))
 """
 
 
@@ -58,8 +59,13 @@ def _child(tree: str, size: str, count: int, saves: int, root: str) -> dict[str,
     with tempfile.TemporaryDirectory(dir=root) as directory:
         env = {**os.environ, "PYTHONPATH": tree}
         command = [sys.executable, "-c", CHILD, str(HERE), size, str(count), str(saves), directory]
-        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+        # In the tree: ``python -c`` puts the working directory first on the path, so a child
+        # started in another checkout would import that checkout's asyncckpt.
+        out = subprocess.run(command, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
     result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    module = Path(str(result["module"])).resolve()
+    if not module.is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"the child for {tree} imported asyncckpt from {module}")
     return result
 
 

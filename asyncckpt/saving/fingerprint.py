@@ -13,7 +13,10 @@ tensors, all ints, an optimizer's per-parameter dicts of tensors), and each tens
 one pass.
 :class:`StructureCache` lays the state out afresh only when that fingerprint differs from the
 last one; otherwise the new snapshot is the cached
-:class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors.
+:class:`~asyncckpt.saving.snapshot.Structure` with this save's tensors. Once a structure is
+cached, a save compares its tensors' fields without reading them into Python tuples
+(:class:`~asyncckpt.saving.tensors_check.TensorsCheck`, which also reads the version counters
+the staging step watches); only when that check fails are the fields read one by one.
 
 Equal fingerprints mean equal layouts: every value the layout reads is in the fingerprint. A
 storage freed and another allocated at the same address with the same shapes lays out the same
@@ -35,6 +38,7 @@ import torch
 from .._values import NotSafeError, container_items, container_kind
 from ..format import MAX_DEPTH
 from .snapshot import Snapshot, Structure, flatten
+from .tensors_check import TensorsCheck
 from .walker import StateDicts
 
 
@@ -110,7 +114,22 @@ def scan(state: Any, state_dicts: StateDicts) -> Scan | None:
     """Fingerprint ``state`` (see the module docstring); None when it holds a value outside
     what flattening accepts, or nests too deep. ``state_dicts`` records each ``state_dict()``."""
     scanned = _scan_unchecked(state, state_dicts)
-    return scanned if scanned is not None and reusable(scanned) else None
+    if scanned is None:
+        return None
+    fields = fields_of(scanned.found)
+    if fields is None:
+        return None
+    scanned = Scan([*scanned.signature, fields], scanned.found, scanned.objects)
+    return scanned if reusable(scanned) else None
+
+
+def fields_of(tensors: list[torch.Tensor]) -> list[tuple[Any, ...]] | None:
+    """:func:`_fields` of each tensor; None when one has no strides or storage (sparse, a
+    wrapper subclass)."""
+    try:
+        return list(map(_fields, tensors))
+    except Exception:
+        return None
 
 
 def reusable(scanned: Scan) -> bool:
@@ -120,11 +139,16 @@ def reusable(scanned: Scan) -> bool:
     An equal fingerprint has equal layouts and view flags, so a scan equal to one that passed
     needs no check of its own.
     """
-    return all(f[3] is _STRIDED and not f[9] and not f[10] for f in scanned.signature[-1])
+    return _reusable_fields(scanned.signature[-1])
+
+
+def _reusable_fields(fields: list[tuple[Any, ...]]) -> bool:
+    return all(f[3] is _STRIDED and not f[9] and not f[10] for f in fields)
 
 
 def _scan_unchecked(state: Any, state_dicts: StateDicts) -> Scan | None:
-    """:func:`scan` without :func:`reusable`'s check."""
+    """The tree part of :func:`scan`: the fingerprint without the tensors' fields (the
+    tensors are in ``found``), and without :func:`reusable`'s check."""
     scanner = _Scanner(state_dicts)
     try:
         scanner.visit(state, 0, False)
@@ -135,7 +159,7 @@ def _scan_unchecked(state: Any, state_dicts: StateDicts) -> Scan | None:
 
 class _Scanner:
     """The walk records the tree's shape and plain values, and marks where tensors stand; the
-    tensors' own fields are fetched at the end, for all of them at once."""
+    tensors' own fields are left to the caller, for all of them at once."""
 
     def __init__(self, state_dicts: StateDicts) -> None:
         self.signature: list[Any] = []
@@ -144,12 +168,7 @@ class _Scanner:
         self.state_dict_of = state_dicts.reader()
 
     def finish(self) -> Scan:
-        """Append the tensors' fields (:func:`_fields`, a list over the tensors found)."""
-        try:
-            fields = list(map(_fields, self.found))
-        except Exception:  # a tensor without strides or storage (sparse, a wrapper subclass)
-            raise _Unscannable from None
-        self.signature.append(fields)
+        """The tree's fingerprint, the tensors found and the objects met."""
         return Scan(self.signature, self.found, self.objects)
 
     def items(self, values: Any, depth: int, inside: bool) -> None:
@@ -259,11 +278,22 @@ class _Scanner:
             self.items(value, depth, inside)
 
 
+@dataclass
+class _Cached:
+    """The last structure laid out, the fingerprint it was laid out from (tree and tensor
+    fields apart) and the check of its tensors' fields."""
+
+    signature: list[Any]
+    fields: list[tuple[Any, ...]]
+    structure: Structure
+    check: TensorsCheck | None
+
+
 class StructureCache:
     """The fingerprint and structure of the last state laid out; see the module docstring."""
 
     def __init__(self) -> None:
-        self._last: tuple[list[Any], Structure] | None = None
+        self._last: _Cached | None = None
         self.hits = 0
         self.misses = 0
 
@@ -277,12 +307,23 @@ class StructureCache:
         state_dicts = StateDicts()
         scanned = _scan_unchecked(state, state_dicts)
         last = self._last
-        if scanned is not None and last is not None and scanned.signature == last[0]:
-            self.hits += 1
-            return Snapshot(last[1], scanned.found), scanned.objects
+        fields = None
+        if scanned is not None and last is not None and scanned.signature == last.signature:
+            versions = None if last.check is None else last.check.versions(scanned.found)
+            if versions is not None:
+                self.hits += 1
+                return Snapshot(last.structure, scanned.found, versions=versions), scanned.objects
+            fields = fields_of(scanned.found)
+            if fields is not None and fields == last.fields:
+                self.hits += 1
+                last.check = TensorsCheck.of(scanned.found)  # made under this thread's modes
+                return Snapshot(last.structure, scanned.found), scanned.objects
         self.misses += 1
-        if scanned is not None and not reusable(scanned):
-            scanned = None
         snapshot = flatten(state, state_dicts)  # replays the state dicts the scan took
-        self._last = None if scanned is None else (scanned.signature, snapshot.structure)
+        self._last = None
+        if scanned is not None:
+            fields = fields if fields is not None else fields_of(scanned.found)
+            if fields is not None and _reusable_fields(fields):
+                check = TensorsCheck.of(scanned.found)
+                self._last = _Cached(scanned.signature, fields, snapshot.structure, check)
         return snapshot, None if scanned is None else scanned.objects

@@ -125,6 +125,8 @@ class Snapshot:
         structure: Structure,
         found: list[torch.Tensor],
         watching: dict[int, tuple[torch.Tensor, ...]] | None = None,
+        *,
+        versions: list[int] | None = None,
     ) -> None:
         assert len(found) == structure.found
         self.structure = structure
@@ -132,6 +134,9 @@ class Snapshot:
         # Blobs whose changes show on other tensors than their sources' (a DTensor's local
         # shard: an in-place op counts on the DTensor's version counter, not the shard's).
         self.watching = watching or {}
+        # The version counters of ``found``, read while this save checked the structure (on
+        # the trainer's thread, before anything was staged); None: staging reads them.
+        self.versions = versions
 
     @property
     def tree(self) -> Any:

@@ -100,10 +100,11 @@ class StagedCopy:
         self._watched, self._bounds = flat, bounds
         self._versions = [t._version for t in flat]
 
-    def watch_one_each(self, tensors: list[torch.Tensor]) -> None:
-        """:meth:`watch` where each deferred blob has one tensor (no span blob is deferred)."""
+    def watch_one_each(self, tensors: list[torch.Tensor], versions: list[int] | None = None) -> None:
+        """:meth:`watch` where each deferred blob has one tensor (no span blob is deferred);
+        ``versions``: their version counters, read earlier in this ``save()`` (else read now)."""
         self._watched, self._bounds = list(tensors), None
-        self._versions = list(map(_VERSION, tensors))
+        self._versions = list(map(_VERSION, tensors)) if versions is None else versions
 
     def run_deferred(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
         """Copy the deferred blobs (in the copier thread), publishing progress group by group.
@@ -321,9 +322,20 @@ def stage(
         if plan.spans_later or snapshot.watching:
             staged.watch([snapshot.watched(i) for i in plan.later])
         else:
-            staged.watch_one_each(later)
+            staged.watch_one_each(later, _versions_of(snapshot, plan.later))
         copier.submit(staged, destinations["later"], later)
     return staged
+
+
+def _versions_of(snapshot: Snapshot, blobs: list[int]) -> list[int] | None:
+    """The version counters the structure check read for the one-tensor ``blobs``, or None."""
+    versions = snapshot.versions
+    if versions is None:
+        return None
+    structure = snapshot.structure
+    if structure.one_each:
+        return list(map(versions.__getitem__, blobs))
+    return [versions[structure.sources[blob]] for blob in blobs]
 
 
 def _stage_cuda(

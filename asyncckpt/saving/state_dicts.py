@@ -42,8 +42,9 @@ def module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None
     None when a module of the tree is not one torch's defaults describe exactly."""
     out: dict[str, torch.Tensor] = {}
     stack: list[tuple[str, int, Any]] = [("", 0, module)]
+    pop = stack.pop
     while stack:
-        prefix, depth, current = stack.pop()
+        prefix, depth, current = pop()
         parts = _plain_parts(current)
         if parts is None or depth > _MAX_DEPTH:
             return None
@@ -51,16 +52,17 @@ def module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None
         for name, param in parameters.items():
             if param is not None:
                 out[prefix + name] = param.detach()
-        for name, buffer in buffers.items():
-            if buffer is not None and name not in non_persistent:
-                out[prefix + name] = buffer.detach()
+        if buffers:
+            for name, buffer in buffers.items():
+                if buffer is not None and name not in non_persistent:
+                    out[prefix + name] = buffer.detach()
         if children:
             below = depth + 1
-            stack.extend(
+            stack += [
                 (f"{prefix}{name}.", below, child)
                 for name, child in reversed(children.items())
                 if child is not None
-            )
+            ]
     return out
 
 
@@ -75,16 +77,20 @@ def _plain_parts(module: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     ):
         return None
     attributes = getattr(module, "__dict__", None)
-    if type(attributes) is not dict or any(name in attributes for name in _OWN_METHODS):
+    if type(attributes) is not dict:
         return None
-    parameters = attributes.get("_parameters")
-    buffers = attributes.get("_buffers")
-    children = attributes.get("_modules")
-    non_persistent = attributes.get("_non_persistent_buffers_set")
+    # The names of _OWN_METHODS, spelled out: a generator over them costs more than the walk.
+    if "state_dict" in attributes or "_save_to_state_dict" in attributes or "get_extra_state" in attributes:
+        return None
+    get = attributes.get
+    parameters = get("_parameters")
+    buffers = get("_buffers")
+    children = get("_modules")
+    non_persistent = get("_non_persistent_buffers_set")
     if type(parameters) is not dict or type(buffers) is not dict or type(children) is not dict:
         return None
     if type(non_persistent) is not set:
         return None
-    if attributes.get("_state_dict_pre_hooks", True) or attributes.get("_state_dict_hooks", True):
+    if get("_state_dict_pre_hooks", True) or get("_state_dict_hooks", True):
         return None
     return parameters, buffers, children, non_persistent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
-from asyncckpt.saving.fingerprint import StructureCache, scan
+from asyncckpt.saving import fingerprint as fingerprint_module
+from asyncckpt.saving.fingerprint import StructureCache, _fields, scan
 from asyncckpt.saving.plan import Planner
-from asyncckpt.saving.staging import StagingPool, stage
+from asyncckpt.saving.staging import Copier, StagingPool, StagingRaceError, stage
+from asyncckpt.saving.tensors_check import TensorsCheck
 from asyncckpt.saving.walker import StateDicts
 from asyncckpt.testing import states_equal
 
@@ -393,3 +396,206 @@ def test_a_tensor_reached_twice_is_one_blob_on_reuse_too(tmp_path: Path) -> None
             assert path is not None
             loaded = asyncckpt.load(path).state
             assert loaded["x"] is loaded["again"] and torch.equal(loaded["x"], weight)
+
+
+# The same tensor objects with their fields changed in place (or the same storage under a new
+# object): a cached structure's tensors are checked in one C call plus their offsets and
+# pointers, and each of these must still be seen.
+def data_of_another_shape(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].data = torch.zeros(3, 2)
+    return state
+
+
+def data_of_another_dtype(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].data = state["w"].data.double()
+    return state
+
+
+def data_moved_elsewhere(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].data = state["w"].data.clone()  # every field the same but the data pointer
+    return state
+
+
+def made_an_alias_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["v"].set_(state["w"])  # same dtype and shape: now one storage for two keys
+    return state
+
+
+def transposed_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].t_()
+    return state
+
+
+def unsqueezed_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].unsqueeze_(0)
+    return state
+
+
+def offset_moved_in_place(state: dict[str, Any]) -> dict[str, Any]:
+    w = state["w"]
+    w.set_(w.untyped_storage(), 1, (2, 2), (3, 1))
+    state["v"] = torch.zeros(2, 2)
+    return state
+
+
+def requires_grad_switched_on(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"].requires_grad_()
+    return state
+
+
+def becomes_a_parameter(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"] = torch.nn.Parameter(state["w"])  # same storage, same pointer, another type
+    return state
+
+
+def becomes_a_negative_view(state: dict[str, Any]) -> dict[str, Any]:
+    state["w"] = state["w"]._neg_view()  # same storage and pointer, the negative bit set
+    return state
+
+
+def becomes_a_conjugate_view(state: dict[str, Any]) -> dict[str, Any]:
+    state["c"] = state["c"].conj()  # same storage and pointer, the conjugate bit set
+    return state
+
+
+IN_PLACE_CHANGES = [
+    data_of_another_shape,
+    data_of_another_dtype,
+    data_moved_elsewhere,
+    made_an_alias_in_place,
+    transposed_in_place,
+    unsqueezed_in_place,
+    offset_moved_in_place,
+    requires_grad_switched_on,
+    becomes_a_parameter,
+    becomes_a_negative_view,
+    becomes_a_conjugate_view,
+]
+
+
+def tensors_state() -> dict[str, Any]:
+    return {
+        "w": torch.arange(7.0)[:6].view(2, 3),
+        "v": torch.zeros(2, 3),
+        "c": torch.zeros(2, dtype=torch.complex64),
+        **simple_state(),
+    }
+
+
+@pytest.mark.parametrize("change", [*CHANGES, *IN_PLACE_CHANGES], ids=lambda c: c.__name__)
+def test_a_cached_structure_is_laid_out_again_after_any_change(
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    state = tensors_state()
+    cache = StructureCache()
+    first, _ = cache.snapshot(state)
+    cache.snapshot(state)  # the second save checks the tensors without reading their fields
+    assert (cache.hits, cache.misses) == (1, 1)
+    with torch.no_grad():
+        state = change(state)
+    second, _ = cache.snapshot(state)
+    assert (cache.hits, cache.misses) == (1, 2)
+    assert second.structure is not first.structure
+
+
+@pytest.mark.parametrize("change", IN_PLACE_CHANGES, ids=lambda c: c.__name__)
+def test_the_tensors_check_sees_every_field(change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    state = tensors_state()
+    found = [state[k] for k in ("w", "v", "c")]
+    check = TensorsCheck.of(found)
+    assert check is not None and check.matches(found)
+    before = [_fields(t) for t in found]
+    with torch.no_grad():
+        state = change(state)
+    changed = [state[k] for k in ("w", "v", "c")]
+    assert [_fields(t) for t in changed] != before  # a change the fields show
+    assert not check.matches(changed)
+
+
+def test_an_unchanged_state_is_checked_without_reading_each_tensors_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, optimizer = model_and_adam()
+    train_step(model, optimizer)
+    state = {"model": model, "optimizer": optimizer}
+    cache = StructureCache()
+    first, _ = cache.snapshot(state)
+    train_step(model, optimizer)  # new values, same structure
+
+    def read_fields(t: torch.Tensor) -> tuple[Any, ...]:
+        raise AssertionError("a tensor's fields were read one by one")
+
+    monkeypatch.setattr(fingerprint_module, "_fields", read_fields)
+    second, _ = cache.snapshot(state)
+    assert second.structure is first.structure and (cache.hits, cache.misses) == (1, 1)
+    assert [t.data_ptr() for t in second.sources] == [t.data_ptr() for t in first.sources]
+
+
+def test_a_check_made_under_another_mode_falls_back_to_the_fields() -> None:
+    weight = torch.nn.Parameter(torch.ones(3))
+    cache = StructureCache()
+    with torch.inference_mode():  # other dispatch keys: the C check fails, the fields decide
+        first, _ = cache.snapshot({"w": weight})
+    second, _ = cache.snapshot({"w": weight})
+    third, _ = cache.snapshot({"w": weight})
+    assert first.structure is second.structure is third.structure
+    assert (cache.hits, cache.misses) == (2, 1)
+
+
+def test_the_tensors_check_keeps_no_tensor_alive() -> None:
+    tensor = torch.ones(3)
+    ref = weakref.ref(tensor)
+    check = TensorsCheck.of([tensor])
+    assert check is not None
+    del tensor
+    assert ref() is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_tensor_moved_to_the_host_in_place_is_seen() -> None:
+    weight = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    cache = StructureCache()
+    first, _ = cache.snapshot({"w": weight})
+    cache.snapshot({"w": weight})
+    weight.data = weight.data.cpu()  # the same object, same dtype, shape and strides
+    second, _ = cache.snapshot({"w": weight})
+    assert (cache.hits, cache.misses) == (1, 2) and second.structure is not first.structure
+    assert not second.structure.uses_cuda
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        lambda: {"a": torch.ones(4), "b": torch.full((4,), 2.0)},
+        lambda: {"b": (tied := torch.full((4,), 2.0)), "again": tied, "a": torch.ones(4)},  # one blob
+    ],
+    ids=["one blob each", "a tensor reached twice"],
+)
+def test_a_reused_structure_watches_the_versions_its_check_read(state: Callable[[], dict[str, Any]]) -> None:
+    tensors = state()
+    cache = StructureCache()
+    cache.snapshot(tensors)
+    snapshot, _ = cache.snapshot(tensors)
+    assert snapshot.versions == [t._version for t in snapshot.found]
+    deferred = next(b for b, t in enumerate(snapshot.sources) if t is tensors["b"])
+    tensors["b"].add_(1.0)  # after the check read its version, before its copy
+    buffers = StagingPool(1, pin_memory=False).acquire(snapshot.layout_key())
+    assert buffers is not None
+    copier = Copier()
+    try:
+        staged = stage(snapshot, buffers, deferred={deferred}, copier=copier)
+        with pytest.raises(StagingRaceError):
+            staged.wait()
+    finally:
+        copier.close()
+
+
+def test_a_tensor_listed_twice_is_checked_once_and_must_stay_the_same_object() -> None:
+    tied, other = torch.ones(4), torch.zeros(2)
+    check = TensorsCheck.of([tied, other, tied])
+    assert check is not None
+    tied.add_(1.0)
+    assert check.versions([tied, other, tied]) == [1, 0, 1]
+    assert check.versions([tied, other, torch.ones(4)]) is None  # no longer one object
+    assert check.versions([tied, tied, tied]) is None

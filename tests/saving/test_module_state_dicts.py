@@ -162,3 +162,11 @@ def test_a_saved_module_reads_back_as_torchs_state_dict(tmp_path: Path) -> None:
     for key, value in expected.items():
         assert torch.equal(loaded.state["model"][key], value), key
     assert list(loaded.state["hooked"]) == ["weight"]  # the hook ran: no bias
+
+
+@pytest.mark.parametrize("name", ["state_dict", "_save_to_state_dict", "get_extra_state"])
+def test_any_of_torchs_methods_set_on_the_instance_leaves_the_module_to_it(name: str) -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    setattr(module[1], name, getattr(module[1], name))  # an instance attribute, torch's behaviour
+    assert module_state_dict(module[0]) is not None
+    assert module_state_dict(module) is None
