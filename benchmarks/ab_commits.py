@@ -56,6 +56,7 @@ read_floor(); asyncckpt.load(ckpt)  # warm both
 out["read_floor"], _ = timed(read_floor)
 out["warm_load"], _ = timed(lambda: asyncckpt.load(ckpt))
 os.remove(ckpt); os.remove(floor_path)
+out["module"] = asyncckpt.__file__
 print(json.dumps(out))
 """
 
@@ -75,15 +76,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for _ in range(args.rounds):
             for name, path in trees.items():
-                env = {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
+                tree = Path(path).resolve()
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                # In the tree: ``python -c`` puts the working directory first on the path, so a
+                # child started elsewhere would import that directory's asyncckpt.
                 done = subprocess.run(
                     [sys.executable, "-c", CHILD, str(size), str(args.tensors), directory],
                     env=env,
+                    cwd=tree,
                     capture_output=True,
                     text=True,
                     check=True,
                 )
-                results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                if not Path(result.pop("module")).resolve().is_relative_to(tree):
+                    raise SystemExit(f"the child for {tree} did not import its own asyncckpt")
+                results[name].append(result)
     lines = [
         f"- command: `python {' '.join(sys.argv)}`",
         f"- started: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, load average {os.getloadavg()}",
