@@ -124,13 +124,13 @@ def ddp_reuses_its_plans(rank: int, world: int, root: str) -> dict[str, Any]:
             train(net, optimizer)
             ckpt.save(step, state)
         ckpt.flush()
-        counts = [(planner.structures.hits, planner.structures.misses, planner.dicts.learned)]
+        counts = [(planner.layouts.hits, planner.layouts.misses, planner.dicts.learned)]
         optimizer.add_param_group({"params": params[2:], "lr": 1e-3})
         train(net, optimizer)
         saved = copy.deepcopy(optimizer.state_dict())
         ckpt.save(4, state)
         ckpt.flush()
-        counts.append((planner.structures.hits, planner.structures.misses, planner.dicts.learned))
+        counts.append((planner.layouts.hits, planner.layouts.misses, planner.dicts.learned))
     fresh = torch.nn.parallel.DistributedDataParallel(model())
     fresh_params = list(fresh.parameters())
     restored = two_groups(fresh)

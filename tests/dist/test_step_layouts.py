@@ -1,0 +1,38 @@
+"""The last multi-rank save's layout (asyncckpt.dist.layouts) is reused while the split state
+keeps its shape, and planned afresh after any change of it: keys, shapes, a tensor replaced,
+DTensor placements; each save restores right after it, whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import layout_workers as lw
+import pytest
+from dist_harness import RankResult, run_world
+
+pytestmark = pytest.mark.timeout(180)
+
+# After each save of layout_follows_changes (step 1 missed): the cache's hits and misses.
+EXPECTED = {
+    "same": (1, 1),
+    "in place": (2, 1),
+    "tensor replaced": (2, 2),
+    "shape": (2, 3),
+    "keys": (2, 4),
+    "placements": (2, 5),
+}
+
+
+def values(results: list[RankResult]) -> list[dict]:
+    for result in results:
+        assert result.ok, f"rank {result.rank} (exit {result.exitcode}): {result.error}: {result.message}"
+    return [result.value for result in results]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_changed_structure_is_planned_afresh_and_restores(tmp_path: Path, world: int) -> None:
+    for rank in values(run_world(lw.layout_follows_changes, world, str(tmp_path), deadline=150)):
+        for step, save in enumerate(rank["saves"], start=2):
+            assert save["step"] == step, save
+            assert save["differences"] == [], save
+            assert save["counts"] == EXPECTED[save["change"]], save
