@@ -77,8 +77,9 @@ class LayoutCache:
         self.hits += 1
         found = scanned.found
         tensors = list(map(found.__getitem__, last.positions))
-        for index in last.shards:
-            tensors[index] = cast(DTensor, tensors[index])._local_tensor.detach()
+        for index in last.shards:  # detached as localize does, unless nothing is to detach
+            local = cast(DTensor, tensors[index])._local_tensor
+            tensors[index] = local.detach() if local.requires_grad else local
         watching = {blob: tuple(map(found.__getitem__, ps)) for blob, ps in last.watching.items()}
         return Snapshot(last.structure, tensors, watching), last
 
