@@ -69,10 +69,13 @@ class StepPlanner:
     ``share`` (this rank's share of the replicated tensors, see :mod:`asyncckpt.dist.share`)
     leaves out the replicated tensors other ranks write: never staged, never watched. DCP's
     state dicts of plain modules and optimizers are built from names learned once per
-    structure (``dicts``, see :mod:`asyncckpt.dist.dicts`); the flattened structure is reused
-    while the tree's fingerprint matches (``structures``, see
-    :mod:`asyncckpt.saving.fingerprint`), and the blobs the step guard defers while that
-    structure is the same object and the state holds the same optimizers and modules.
+    structure (``dicts``, see :mod:`asyncckpt.dist.dicts`); the localized layout (local
+    shards, share of the replicated tensors, template, structure) is reused while the split
+    state's fingerprint matches (``layouts``, see :mod:`asyncckpt.dist.layouts`); a layout
+    planned afresh reuses the flattened structure while the localized tree's fingerprint
+    matches (``structures``, see :mod:`asyncckpt.saving.fingerprint`), and the blobs the step
+    guard defers while that structure is the same object and the state holds the same
+    optimizers and modules.
     """
 
     def __init__(self, share: ReplicaShare | None = None) -> None:
