@@ -1,9 +1,10 @@
 """What the ranks of the step-layout tests run (imported by the forkserver): a module with a
 DTensor parameter and plain (replicated) tensors, saved again after each change of structure and
-restored at once into fresh objects."""
+restored at once into fresh objects; what a save leaves alive behind it."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -117,3 +118,20 @@ def layout_follows_changes(rank: int, world: int, root: str) -> dict[str, Any]:
                 }
             )
     return {"saves": saves}
+
+
+def item_records_left(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Two saves of a module of 40 plain tensors, then a full collection: how many item
+    locations (one per saved tensor, in the commit record) are still alive on this rank."""
+    from asyncckpt.dist.record import ItemLocation
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(20)))
+    options = {"process_group": dist.group.WORLD} if world == 1 else {}
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, **options) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, {"model": module})
+            ckpt.flush()
+        gc.collect()
+        left = sum(isinstance(o, ItemLocation) for o in gc.get_objects())
+    return {"left": left}

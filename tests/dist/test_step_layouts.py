@@ -1,6 +1,7 @@
 """The last multi-rank save's layout (asyncckpt.dist.layouts) is reused while the split state
 keeps its shape, and planned afresh after any change of it: keys, shapes, a tensor replaced,
-DTensor placements; each save restores right after it, whole."""
+DTensor placements; each save restores right after it, whole. A save leaves no per-item records
+alive behind it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def test_a_changed_structure_is_planned_afresh_and_restores(tmp_path: Path, worl
             assert save["step"] == step, save
             assert save["differences"] == [], save
             assert save["counts"] == EXPECTED[save["change"]], save
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_no_item_locations_outlive_a_save(tmp_path: Path, world: int) -> None:
+    # DCP's plan cache keeps the step's Metadata until the next save; the commit record holds the
+    # item locations, so they must not stay on it (40 records per save would reach the old
+    # generation of the collector).
+    for rank in values(run_world(lw.item_records_left, world, str(tmp_path), deadline=120)):
+        assert rank["left"] == 0
