@@ -26,7 +26,10 @@ def dcp_save(
 ) -> Metadata:
     """``dcp.save`` over ``group`` (None: this process alone); the step's ``Metadata``."""
     with _quiet(group):
-        return save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None)
+        metadata: Metadata = save(
+            state, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None
+        )
+    return metadata
 
 
 def dcp_load(
