@@ -54,18 +54,32 @@ class Layout:
     stats: ShareStats | None
 
 
+REST = 7  # saves planned without a fingerprint after the state changed on two saves in a row
+
+
 class LayoutCache:
     """The layout of the last save, reused while the split state's fingerprint matches (see
-    the module docstring). ``hits`` and ``misses`` count the saves that reused it or not."""
+    the module docstring). ``hits`` and ``misses`` count the saves that reused it or not,
+    ``skipped`` those planned without a fingerprint (see :meth:`scanning`)."""
 
     def __init__(self) -> None:
         self.hits = 0
         self.misses = 0
+        self.skipped = 0
         self._last: Layout | None = None
+        self._changed = 0  # saves in a row whose fingerprint differed from the last layout's
+        self._resting = 0
 
-    def forget(self) -> None:
-        """Drop the last layout (the next save plans afresh)."""
-        self._last = None
+    def scanning(self) -> bool:
+        """Whether this save should fingerprint its split state. A state whose plain values
+        change on every save (an RNG state among them) never reuses a layout; after two such
+        saves in a row the next :data:`REST` saves plan without one (the fingerprint costs
+        about as much as it saves), then one tries again."""
+        if self._resting:
+            self._resting -= 1
+            self.skipped += 1
+            return False
+        return True
 
     def reuse(self, scanned: Scan | None) -> tuple[Snapshot, Layout] | None:
         """The snapshot of the save ``scanned`` and the layout it reuses; None (a miss) when
@@ -73,8 +87,12 @@ class LayoutCache:
         last = self._last
         if scanned is None or last is None or scanned.signature != last.signature:
             self.misses += 1
+            if scanned is not None and last is not None:
+                self._changed += 1
+                self._resting = REST if self._changed >= 2 else 0
             return None
         self.hits += 1
+        self._changed = 0
         found = scanned.found
         tensors = list(map(found.__getitem__, last.positions))
         for index in last.shards:  # detached as localize does, unless nothing is to detach

@@ -97,8 +97,10 @@ class StepPlanner:
         # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
         with gc_paused():
             split = split_state(state, self.dicts)
-            scanned = scan_split({"sharded": split.sharded, "per_rank": split.per_rank})
-            reused = self.layouts.reuse(scanned)
+            scanned, reused = None, None
+            if self.layouts.scanning():
+                scanned = scan_split({"sharded": split.sharded, "per_rank": split.per_rank})
+                reused = self.layouts.reuse(scanned)
             if reused is None:
                 snapshot, template, replicas = self._lay_out(split, scanned)
             else:
@@ -124,8 +126,7 @@ class StepPlanner:
         snapshot = _watch_dtensors(snapshot, shards)
         rescanned = scan_split(localized) if scanned is not None else None
         if rescanned is None or len(rescanned.found) != snapshot.structure.found:
-            self.layouts.forget()
-            return snapshot, template, replicas
+            return snapshot, template, replicas  # (a layout kept before is compared, never trusted)
         # The same layout over the scan's own tensors (the snapshot's may be detached copies).
         planned = _watch_dtensors(Snapshot(snapshot.structure, rescanned.found), shards)
         stats = self.share.stats if self.share is not None else None

@@ -5,6 +5,7 @@ restored at once into fresh objects; what a save leaves alive behind it."""
 from __future__ import annotations
 
 import gc
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +65,9 @@ def _differences(ours: torch.nn.Module, theirs: torch.nn.Module) -> list[str]:
 
 def layout_follows_changes(rank: int, world: int, root: str) -> dict[str, Any]:
     """Two saves of the same structure (the second reuses the first's layout), then one save
-    after each change, each restored at once into fresh objects of the new structure. Per save:
-    the layout cache's hits and misses after it and what the restore got wrong (nothing)."""
+    after each change and one more without a change, each restored at once into fresh objects
+    of the new structure. Per save: the layout cache's hits and misses after it and what the
+    restore got wrong (nothing)."""
     torch.manual_seed(0)  # the same values on every rank: a valid Replicate() later
     module = _module(torch.randn(4, 3), Shard(0), torch.randn(5))
     state = {"model": module}
@@ -87,13 +89,20 @@ def layout_follows_changes(rank: int, world: int, root: str) -> dict[str, Any]:
             module.b.add_(1.0)
             module.w.to_local().mul_(2.0)
 
+    def again() -> None:  # the same structure as the save before: its layout is reused
+        pass
+
     changes: list[tuple[str, Callable[[], None]]] = [
-        ("same", lambda: None),
+        ("same", again),
         ("in place", in_place),
         ("tensor replaced", replace_bias),
+        ("again", again),
         ("shape", grow_bias),
+        ("again", again),
         ("keys", add_buffer),
+        ("again", again),
         ("placements", replicate),
+        ("again", again),
     ]
     options = {"process_group": dist.group.WORLD} if world == 1 else {}
     saves = []
@@ -135,3 +144,28 @@ def item_records_left(rank: int, world: int, root: str) -> dict[str, Any]:
         gc.collect()
         left = sum(isinstance(o, ItemLocation) for o in gc.get_objects())
     return {"left": left}
+
+
+def rng_every_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Twelve saves of a module and a fresh ``asyncckpt.rng_state()`` (its values change on every
+    save: no layout is ever reused); the layout cache's counts, and the last save restored."""
+    torch.manual_seed(0)
+    random.seed(0)  # the same on every rank: the replicated bias stays the same everywhere
+    module = _module(torch.randn(4, 3), Shard(0), torch.randn(5))
+    options = {"process_group": dist.group.WORLD} if world == 1 else {}
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, keep_last=2, **options) as ckpt:
+        mode = ckpt._mode
+        assert isinstance(mode, Distributed)
+        layouts = mode.multirank.planner.layouts
+        for step in range(1, 13):
+            with torch.no_grad():
+                module.b.add_(random.random())  # Python's RNG state (plain values) moves on
+            ckpt.save(step, {"model": module, "rng": asyncckpt.rng_state()})
+        ckpt.flush()
+        fresh = _zeros_like(module)
+        restored = ckpt.restore({"model": fresh})
+    return {
+        "counts": (layouts.hits, layouts.misses, layouts.skipped),
+        "step": None if restored is None else restored.step,
+        "differences": _differences(fresh, module),
+    }
