@@ -1,9 +1,11 @@
-"""A/B of the multi-rank save (time to durable) and restore across checkouts, side by side.
+"""A/B of the multi-rank save (stall and time to durable) and restore across checkouts, side by side.
 
 Each round runs, for every checkout in turn (A B, A B, ...), one set of ``--world`` rank
 processes (gloo, CPU) with that checkout first on ``PYTHONPATH``; each saves the same FSDP2 (or
 DDP) state of ``--tensors`` tensors ``--saves`` times with ``AsyncCheckpointer`` (the first save
-untimed) and restores it ``--restores`` times. Per child the figure is the median over its saves
+untimed; stall = ``save()`` returns, stall CPU = the training thread's CPU time in ``save()``,
+which a loaded machine changes less, durable = its handle's result) and restores it
+``--restores`` times. Per child the figure is the median over its saves
 of the slowest rank; ratios are taken between the two children of one round (same moment, same
 load), then the median over rounds. For "did this change make multi-rank saves faster" on a
 shared machine.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+FIGURES = ("stall", "stall_cpu", "durable", "restore")
 
 
 def child(world: int, layout: str, tensors: int, size: int, saves: int, restores: int, root: str) -> None:
@@ -68,16 +71,20 @@ def _rank(
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model, optimizer, _ = build(layout, tensors, size, world)
     state = {"model": model, "optimizer": optimizer}
-    figures: dict[str, list[float]] = {"durable": [], "restore": []}
+    figures: dict[str, list[float]] = {"stall": [], "stall_cpu": [], "durable": [], "restore": []}
     group = {"process_group": dist.group.WORLD} if world == 1 else {}
     with asyncckpt.AsyncCheckpointer(
         Path(root) / "ckpt", keep_last=1, coordination_timeout=900, **group
     ) as ckpt:
         for step in range(1, saves + 1):
             dist.barrier()
-            started = time.perf_counter()
-            ckpt.save(step, state).result()
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            handle = ckpt.save(step, state)
+            stalled, stalled_cpu = time.perf_counter(), time.thread_time()
+            handle.result()
             if step > 1:
+                figures["stall"].append(stalled - started)
+                figures["stall_cpu"].append(stalled_cpu - started_cpu)
                 figures["durable"].append(time.perf_counter() - started)
         for _ in range(restores):
             dist.barrier()
@@ -134,17 +141,20 @@ def main() -> None:
         f"{args.saves} saves (first untimed) and {args.restores} restores; {args.rounds} rounds, "
         "children interleaved",
         "",
-        "| tree | durable s (median) | restore s (median) | durable vs first | restore vs first |",
-        "|---|---|---|---|---|",
+        "| tree | stall s | stall CPU s | durable s | restore s | stall vs first | stall CPU vs first "
+        "| durable vs first | restore vs first |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     first = results[names[0]]
     for name in names:
         rounds = results[name]
-        durable = statistics.median(r["durable"] for r in rounds)
-        restore = statistics.median(r["restore"] for r in rounds)
-        d_ratio = statistics.median(r["durable"] / f["durable"] for r, f in zip(rounds, first, strict=True))
-        r_ratio = statistics.median(r["restore"] / f["restore"] for r, f in zip(rounds, first, strict=True))
-        lines.append(f"| {name} | {durable:.3f} | {restore:.3f} | {d_ratio:.2f}x | {r_ratio:.2f}x |")
+        medians = [statistics.median(r[figure] for r in rounds) for figure in FIGURES]
+        ratios = [
+            statistics.median(r[figure] / f[figure] for r, f in zip(rounds, first, strict=True))
+            for figure in FIGURES
+        ]
+        cells = [f"{m:.3f}" for m in medians] + [f"{r:.2f}x" for r in ratios]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

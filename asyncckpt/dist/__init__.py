@@ -20,10 +20,10 @@ from .group import CoordinationGroup
 from .planner import FullStateLoadPlanner, LoadPlanner, SavePlanner, decode_value, encode_value
 from .record import CommitRecord, ItemLocation, ShardDigest
 from .restore import RestoredStep, restore_latest
-from .verify import verify_step
 from .save import SavedStep, save_step
 from .steps import check_step, committed_steps, delete_step, remove_uncommitted
 from .storage import AsyncckptReader, AsyncckptWriter
+from .verify import verify_step
 
 __all__ = [
     "AsyncckptReader",

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import save
@@ -22,10 +23,13 @@ _SINGLE_PROCESS = r"torch\.distributed is disabled, unavailable or uninitialized
 
 def dcp_save(
     state: dict[str, Any], *, writer: StorageWriter, planner: SavePlanner, group: dist.ProcessGroup | None
-) -> None:
-    """``dcp.save`` over ``group`` (None: this process alone)."""
+) -> Metadata:
+    """``dcp.save`` over ``group`` (None: this process alone); the step's ``Metadata``."""
     with _quiet(group):
-        save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None)
+        metadata: Metadata = save(
+            state, storage_writer=writer, planner=planner, process_group=group, no_dist=group is None
+        )
+    return metadata
 
 
 def dcp_load(

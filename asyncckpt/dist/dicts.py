@@ -3,7 +3,8 @@
 ``get_model_state_dict`` and ``get_optimizer_state_dict`` work out every parameter's canonical
 name (its FQN) on every call: walks of the module tree and a string walk per key and per
 parameter, about 0.24 s for 10,000 tensors, paid in every ``save()``. For a module whose
-parameters are plain tensors (DDP, a plain module), what they return is fixed by the structure:
+parameters are plain tensors or DTensors (DDP, FSDP2, tensor parallel, a plain module), what
+they return with DCP's default options (nothing gathered, nothing moved) is fixed by the structure:
 the module's own ``state_dict()`` with its keys renamed (wrapper prefixes such as DDP's
 ``module.`` removed), and the optimizer's ``state_dict()`` with each parameter's index replaced
 by its name. :class:`StateDicts` learns the renaming from DCP's own result the first time it
@@ -11,8 +12,8 @@ sees a structure, checks it against that result, and applies it to the ``state_d
 the later saves while the structure stays the same: the same module and optimizer objects, the
 same keys, the same parameter objects under the same names and in the same groups.
 
-Anything else gets DCP's functions on every call: DTensor or other tensor-subclass parameters
-(FSDP2, tensor parallel), FSDP1 wrappers, a ``state_dict`` replaced on the object, an empty
+Anything else gets DCP's functions on every call: other tensor-subclass parameters, FSDP1
+wrappers, a ``state_dict`` replaced on the object, an empty
 module state, an optimizer without state yet (DCP initializes it), or a renaming whose result
 would not equal DCP's.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 _Ref = weakref.ReferenceType[Any]
 
@@ -225,7 +227,7 @@ def _same_structure(
 
 
 def _plain_module(module: torch.nn.Module, tensors: Iterable[Any]) -> bool:
-    """No FSDP1 wrapper, and every tensor a plain one (no DTensor, no other subclass)."""
+    """No FSDP1 wrapper, and every tensor a plain one or a DTensor (no other subclass)."""
     if any(isinstance(sub, FullyShardedDataParallel) for sub in module.modules()):
         return False
     return all(not isinstance(t, torch.Tensor) or _plain_tensor(t) for t in tensors)
@@ -240,12 +242,24 @@ def _plain_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+_NAMED_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter, DTensor})
+
+
 def _plain_tensor(tensor: torch.Tensor) -> bool:
-    return type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter
+    """A tensor DCP's state dicts take as it is: plain, or a DTensor (FSDP2, tensor parallel:
+    DCP's default options neither gather nor move it)."""
+    return type(tensor) in _NAMED_TENSORS
 
 
 def _same_value(ours: Any, theirs: Any) -> bool:
-    """Two values of two ``state_dict()`` calls: views of the same tensor, or of one type."""
+    """Two values of two ``state_dict()`` calls: views of the same tensor (DTensors: with equal
+    specs, over views of the same local tensor), or of one type."""
+    if isinstance(ours, DTensor) and isinstance(theirs, DTensor):
+        return (
+            type(ours) is type(theirs)
+            and ours._spec == theirs._spec
+            and _same_value(ours._local_tensor, theirs._local_tensor)
+        )
     if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor):
         return (
             type(ours) is type(theirs)

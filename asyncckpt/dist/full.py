@@ -23,10 +23,10 @@ from ._dcp import dcp_load
 from .commit import read_record
 from .planner import FullStateLoadPlanner
 from .record import CommitRecord
-from .verify import diagnose, utc_now
 from .save import failure_cause
 from .shards import ShardFiles
 from .storage import AsyncckptReader
+from .verify import diagnose, utc_now
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from ..storage.localcopy import LocalCopyStorage
 from .full import load_full
 from .group import CoordinationGroup
 from .restore import RestoredStep, record_failures, restore_latest
-from .verify import utc_now
 from .share import ReplicaShare
 from .stage import StepPlan, StepPlanner
+from .verify import utc_now
 from .writer import StepJob, StepWriter
 
 OnCorrupt = Literal["fallback", "fail"]

@@ -151,7 +151,7 @@ def _plan_and_write(
     """Let DCP plan and write this rank's shard through ``writer`` (which commits); every
     failure becomes a :class:`CheckpointWriteError` naming the step and this rank."""
     try:
-        dcp_save(sharded, writer=writer, planner=planner, group=dcp_group(coordination))
+        metadata = dcp_save(sharded, writer=writer, planner=planner, group=dcp_group(coordination))
     except CheckpointException as exc:
         raise write_failed(exc, step) from failure_cause(exc)
     except CoordinationError:
@@ -161,6 +161,10 @@ def _plan_and_write(
         raise CheckpointWriteError(
             f"{lost.reason}; nothing was committed", rank=coordination.rank, step=step
         ) from exc
+    # The commit record holds the item locations. DCP's plan cache keeps this object until the
+    # next save: left on it, three objects per item would outlive the save and reach the
+    # collector's old generation (each full collection then scans them).
+    metadata.storage_data = None
 
 
 def dcp_group(coordination: CoordinationGroup) -> dist.ProcessGroup | None:

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from .. import format as fmt
 from .._tree import unflatten
 from ..format import check_step
-from ..saving.fingerprint import StructureCache
+from ..saving.fingerprint import Scan, StructureCache
 from ..saving.overlap import modules_in, optimizers_in
 from ..saving.plan import GuardPlan, SavePlan
 from ..saving.snapshot import (
@@ -37,9 +37,10 @@ from ..saving.snapshot import (
 )
 from ..saving.staging import Staged, StagedCopy
 from .dicts import StateDicts
+from .layouts import LayoutCache, scan_split
 from .save import Prepared
 from .share import KeyPath, ReplicaShare, Replicated
-from .state import split_state
+from .state import SplitState, split_state
 
 
 @dataclass(frozen=True)
@@ -68,16 +69,20 @@ class StepPlanner:
     ``share`` (this rank's share of the replicated tensors, see :mod:`asyncckpt.dist.share`)
     leaves out the replicated tensors other ranks write: never staged, never watched. DCP's
     state dicts of plain modules and optimizers are built from names learned once per
-    structure (``dicts``, see :mod:`asyncckpt.dist.dicts`); the flattened structure is reused
-    while the tree's fingerprint matches (``structures``, see
-    :mod:`asyncckpt.saving.fingerprint`), and the blobs the step guard defers while that
-    structure is the same object and the state holds the same optimizers and modules.
+    structure (``dicts``, see :mod:`asyncckpt.dist.dicts`); the localized layout (local
+    shards, share of the replicated tensors, template, structure) is reused while the split
+    state's fingerprint matches (``layouts``, see :mod:`asyncckpt.dist.layouts`); a layout
+    planned afresh reuses the flattened structure while the localized tree's fingerprint
+    matches (``structures``, see :mod:`asyncckpt.saving.fingerprint`), and the blobs the step
+    guard defers while that structure is the same object and the state holds the same
+    optimizers and modules.
     """
 
     def __init__(self, share: ReplicaShare | None = None) -> None:
         self.share = share
         self.dicts = StateDicts()
         self.structures = StructureCache()
+        self.layouts = LayoutCache()
         self._guard: GuardPlan | None = None
 
     def plan(self, step: int, state: Mapping[str, Any], metadata: Any, *, overlap: bool) -> StepPlan:
@@ -88,20 +93,45 @@ class StepPlanner:
         :class:`asyncckpt.UnsupportedValueError` naming the key path), before anything is staged.
         """
         check_step(step)
-        # A burst of small objects (DCP's state dicts, the flattened tree): collections of the
+        # A burst of small objects (DCP's state dicts, the fingerprint): collections of the
         # trainer's many live objects would cost more than the work (see saving.snapshot.gc_paused).
         with gc_paused():
             split = split_state(state, self.dicts)
-            shards: dict[_ViewKey, DTensor] = {}
-            replicated: list[Replicated] = []
-            local, template = localize(split.sharded, shards, replicated)
-            replicas = self.share.keep_own(replicated) if self.share is not None else None
-            snapshot, _ = self.structures.snapshot({"sharded": local, "per_rank": split.per_rank})
-            snapshot = _watch_dtensors(snapshot, shards)
+            scanned, reused = None, None
+            if self.layouts.scanning():
+                scanned = scan_split({"sharded": split.sharded, "per_rank": split.per_rank})
+                reused = self.layouts.reuse(scanned)
+            if reused is None:
+                snapshot, template, replicas = self._lay_out(split, scanned)
+            else:
+                snapshot, layout = reused
+                template, replicas = layout.template, layout.replicas
+                if self.share is not None and layout.stats is not None:
+                    self.share.stats = layout.stats
             metadata_tree = flatten_metadata(metadata)
             deferred = self._deferred(snapshot, state) if overlap else frozenset()
             plan = SavePlan(step, snapshot, metadata_tree, snapshot.layout_key(), deferred)
         return StepPlan(plan, template, replicas)
+
+    def _lay_out(self, split: SplitState, scanned: Scan | None) -> tuple[Snapshot, Any, str | None]:
+        """Localize ``split``, keep this rank's share of its replicated tensors and lay it out
+        (the structure reused while the localized tree's fingerprint matches); remember how,
+        for the next saves of the same split state (``scanned``: its fingerprint)."""
+        shards: dict[_ViewKey, DTensor] = {}
+        replicated: list[Replicated] = []
+        local, template = localize(split.sharded, shards, replicated)
+        replicas = self.share.keep_own(replicated) if self.share is not None else None
+        localized = {"sharded": local, "per_rank": split.per_rank}
+        snapshot, _ = self.structures.snapshot(localized)
+        snapshot = _watch_dtensors(snapshot, shards)
+        rescanned = scan_split(localized) if scanned is not None else None
+        if rescanned is None or len(rescanned.found) != snapshot.structure.found:
+            return snapshot, template, replicas  # (a layout kept before is compared, never trusted)
+        # The same layout over the scan's own tensors (the snapshot's may be detached copies).
+        planned = _watch_dtensors(Snapshot(snapshot.structure, rescanned.found), shards)
+        stats = self.share.stats if self.share is not None else None
+        self.layouts.keep(scanned, planned, lambda t: shards.get(_view_key(t)), (template, replicas, stats))
+        return snapshot, template, replicas
 
     def _deferred(self, snapshot: Snapshot, state: Mapping[str, Any]) -> frozenset[int]:
         """:func:`guarded_blobs`, reused while the structure and the objects are the same."""

@@ -15,8 +15,8 @@ from ..storage import Location, open_storage
 from .commit import read_record
 from .planner import decode_value
 from .record import CommitRecord, ItemLocation
-from .verify import diagnose, utc_now
 from .shards import ShardFiles
+from .verify import diagnose, utc_now
 
 
 def committed_steps(location: Location) -> list[catalog.StepInfo]:

@@ -92,7 +92,6 @@ def test_the_first_save_removes_what_a_crashed_save_left_in_step_folders(
     moto_endpoint: str, s3_url: str
 ) -> None:
     import s3fs
-
     from storage.conftest import PART
 
     values(run_world(rw.save_two_steps, 2, s3_url, moto_endpoint, deadline=180))

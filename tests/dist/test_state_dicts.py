@@ -45,9 +45,11 @@ def test_checkpointer_reuses_its_plans_until_a_param_group_is_added(tmp_path: Pa
         assert states_equal(rank["restored"], rank["saved"])
 
 
-def test_fsdp2_dtensors_are_left_to_dcp() -> None:
-    for rank in values(run_world(dw.fsdp_goes_to_dcp, 2, deadline=120)):
+def test_fsdp2_dtensors_match_dcp_from_learned_names() -> None:
+    for rank in values(run_world(dw.fsdp_matches_dcp, 2, deadline=120)):
         no_differences(rank["differences"])
+        assert rank["learned"] == 2  # once for the model, once for the optimizer
+        assert rank["learned names"]
 
 
 def test_plain_module_and_several_groups_match_dcp() -> None:
