@@ -171,9 +171,9 @@ class _SplitScanner(_Scanner):
     fields, its type and its spec (a DTensor has no storage of its own: its data pointer is 0)."""
 
     def finish(self) -> Scan:
+        """The fingerprint with the tensors' fields appended (the base scanner leaves them out:
+        the single-process save checks them apart)."""
         found = self.found
-        if not any(isinstance(tensor, DTensor) for tensor in found):
-            return super().finish()
         try:
             fields = list(map(_tensor_fields, found))
         except Exception:  # a tensor without strides or storage (sparse, a wrapper subclass)
