@@ -290,15 +290,20 @@ class StepTimer:
         self.cpu_first = self.cpu_last = 0.0
         self.steps = 0
         self.stalls: list[float] = []
+        self.begins: list[float] = []  # each step's start and end (perf_counter), every step
+        self.ends: list[float] = []
 
     def begin(self) -> None:
         self.steps += 1
+        now = time.perf_counter()
+        self.begins.append(now)
         if self.steps == self.WARMUP + 1:
-            self.first = time.perf_counter()
+            self.first = now
             self.cpu_first = time.process_time()
 
     def end(self) -> None:
         self.last = time.perf_counter()
+        self.ends.append(self.last)
         self.cpu_last = time.process_time()
 
     def lightning_callback(self, L: Any) -> Any:  # noqa: N803
@@ -335,6 +340,8 @@ class StepTimer:
             "plain_cpu_s": plain.cpu_s,
             "cpu_s": self.cpu_last - self.cpu_first,
             "stalls_s": self.stalls,
+            "step_s": [end - begin for begin, end in zip(self.begins, self.ends, strict=False)],
+            "gap_s": [begin - end for end, begin in zip(self.ends, self.begins[1:], strict=False)],
             "durable_s": durable_times(directory),
             "params": params,
             "bytes": files,
