@@ -19,7 +19,10 @@ the steps just before it, not against another process:
 For each checkpoint at step k: the gap (the trainer's time between step k's end and step k+1's
 start: the save call), then each of the steps k+1 ... k+WINDOW minus the median of the BASELINE
 steps before step k (after the previous checkpoint's window), and the process CPU time in the
-window minus the baseline steps' median CPU per step. Medians [min-max] per method.
+window: the training threads' (the main thread and torch's OpenMP workers) minus their baseline,
+and every other thread's (the writer's); and the training threads' time waiting on a run queue
+while ready (taken by other threads, of this process or not) minus its baseline. Wall times need a
+quiet machine; the CPU figures hold better under load. Medians [min-max] per method.
 """
 
 from __future__ import annotations
@@ -42,16 +45,19 @@ import torch
 from plain_writer import Copy, PlainWriter, state_tensors
 
 
-def thread_cpu(tids: list[int]) -> float:
-    """CPU seconds the threads ``tids`` of this process ran (/proc schedstat, nanoseconds)."""
-    total = 0
+def thread_cpu(tids: list[int]) -> tuple[float, float]:
+    """Seconds the threads ``tids`` of this process ran, and waited on a run queue while ready
+    to run (/proc schedstat, nanoseconds: what other threads took from them)."""
+    ran = waited = 0
     for tid in tids:
         try:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                fields = f.read().split()
         except OSError:  # the thread ended
             continue
-    return total / 1e9
+        ran += int(fields[0])
+        waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def training_threads() -> list[int]:
@@ -182,6 +188,7 @@ def run(options: argparse.Namespace, directory: Path) -> dict[str, Any]:
     ends: list[float] = []
     cpu: list[tuple[float, float]] = []  # process CPU at each step's start and end
     train: list[tuple[float, float]] = []  # the training threads' CPU at each step's start and end
+    queued: list[tuple[float, float]] = []  # their run-queue wait at each step's start and end
     tids: list[int] = []
     saves: list[tuple[int, str]] = []
     holder: dict[str, Any] = {}
@@ -192,15 +199,26 @@ def run(options: argparse.Namespace, directory: Path) -> dict[str, Any]:
                 tids.extend(training_threads())
             begins.append(time.perf_counter())
             cpu.append((time.process_time(), 0.0))
-            train.append((thread_cpu(tids), 0.0))
+            ran, waited = thread_cpu(tids)
+            train.append((ran, 0.0))
+            queued.append((waited, 0.0))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             ends.append(time.perf_counter())
             cpu[-1] = (cpu[-1][0], time.process_time())
-            train[-1] = (train[-1][0], thread_cpu(tids))
+            ran, waited = thread_cpu(tids)
+            train[-1] = (train[-1][0], ran)
+            queued[-1] = (queued[-1][0], waited)
             step = state.global_step
             if saves and step == saves[-1][0] + options.window:  # the last checkpoint's window is over
-                report = {"begins": begins, "ends": ends, "cpu": cpu, "train": train, "saves": saves[-1:]}
+                report = {
+                    "begins": begins,
+                    "ends": ends,
+                    "cpu": cpu,
+                    "train": train,
+                    "queued": queued,
+                    "saves": saves[-1:],
+                }
                 for name, rows in charges(report, options.window, options.baseline).items():
                     print(
                         f"step {step - options.window} {name}: "
@@ -220,7 +238,7 @@ def run(options: argparse.Namespace, directory: Path) -> dict[str, Any]:
         writer.join()
     for checkpointer in trainer.asyncckpt_extra:
         checkpointer.close()
-    return {"begins": begins, "ends": ends, "cpu": cpu, "train": train, "saves": saves}
+    return {"begins": begins, "ends": ends, "cpu": cpu, "train": train, "queued": queued, "saves": saves}
 
 
 def charges(run: dict[str, Any], window: int, baseline: int) -> dict[str, list[dict[str, float]]]:
@@ -228,6 +246,8 @@ def charges(run: dict[str, Any], window: int, baseline: int) -> dict[str, list[d
     begins, ends, cpu, train = run["begins"], run["ends"], run["cpu"], run["train"]
     durations = [e - b for b, e in zip(begins, ends, strict=False)]
     train_cpus = [e - b for b, e in train]
+    queued = run["queued"]
+    waits = [e - b for b, e in queued]
     out: dict[str, list[dict[str, float]]] = {}
     for step, name in run["saves"]:
         k = step - 1  # index of step k (steps count from 1)
@@ -246,6 +266,7 @@ def charges(run: dict[str, Any], window: int, baseline: int) -> dict[str, list[d
                 "total": begins[k + 1] - ends[k] + sum(excess),
                 "train_cpu": trained - window * statistics.median(train_cpus[before]),
                 "other_cpu": process - trained,
+                "queued": queued[k + window][1] - queued[k][1] - window * statistics.median(waits[before]),
                 "base": base,
             }
         )
@@ -261,13 +282,14 @@ def table(result: dict[str, list[dict[str, float]]], window: int) -> str:
     lines = [
         f"| method | checkpoints | gap: the save call (ms) | step k+1 excess (ms) | steps "
         f"k+2..k+{window} excess (ms) | total per checkpoint (ms) | training threads' CPU excess "
-        "(ms) | other threads' CPU (ms) | baseline step (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(ms) | other threads' CPU (ms) | training threads' run-queue wait excess (ms) "
+        "| baseline step (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result.items():
         cells = [
             spread([r[field] for r in rows])
-            for field in ("gap", "first", "rest", "total", "train_cpu", "other_cpu", "base")
+            for field in ("gap", "first", "rest", "total", "train_cpu", "other_cpu", "queued", "base")
         ]
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

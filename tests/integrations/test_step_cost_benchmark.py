@@ -30,9 +30,10 @@ def benchmarks() -> Iterator[tuple[ModuleType, ModuleType]]:
 def synthetic_run(saves: list[tuple[int, str]]) -> dict[str, list]:  # type: ignore[type-arg]
     """12 steps of 100 ms (0.2 s of training-thread CPU each) and 1 ms gaps; the checkpoint at
     step 6 takes 30 ms between steps 6 and 7, step 7 then takes 160 ms and step 8 120 ms, with
-    40 ms more training CPU and 50 ms of CPU on other threads."""
-    begins, ends, cpu, train = [], [], [], []
-    now = process = trained = 0.0
+    40 ms more training CPU and 50 ms of CPU on other threads; the training threads wait 10 ms
+    on a run queue each step, 35 ms in step 8."""
+    begins, ends, cpu, train, queued = [], [], [], [], []
+    now = process = trained = waited = 0.0
     for step in range(1, 13):
         begins.append(now)
         duration = {7: 0.160, 8: 0.120}.get(step, 0.100)
@@ -40,12 +41,15 @@ def synthetic_run(saves: list[tuple[int, str]]) -> dict[str, list]:  # type: ign
         other = 0.050 if step == 7 else 0.0
         cpu.append((process, process + 0.2 + extra + other))
         train.append((trained, trained + 0.2 + extra))
+        wait = 0.010 + (0.025 if step == 8 else 0.0)
+        queued.append((waited, waited + wait))
+        waited += wait
         process += 0.2 + extra + other
         trained += 0.2 + extra
         now += duration
         ends.append(now)
         now += 0.030 if step == 6 else 0.001
-    return {"begins": begins, "ends": ends, "cpu": cpu, "train": train, "saves": saves}
+    return {"begins": begins, "ends": ends, "cpu": cpu, "train": train, "queued": queued, "saves": saves}
 
 
 def test_a_checkpoint_is_charged_its_gap_and_the_slower_steps_after_it(
@@ -60,6 +64,7 @@ def test_a_checkpoint_is_charged_its_gap_and_the_slower_steps_after_it(
     assert row["total"] == pytest.approx(0.110)
     assert row["train_cpu"] == pytest.approx(0.040)
     assert row["other_cpu"] == pytest.approx(0.050)
+    assert row["queued"] == pytest.approx(0.025)
     assert row["base"] == pytest.approx(0.100)
 
 
@@ -70,6 +75,7 @@ def test_the_control_is_charged_nothing(benchmarks: tuple[ModuleType, ModuleType
     assert row["first"] == pytest.approx(0.0)
     assert row["train_cpu"] == pytest.approx(0.0)
     assert row["other_cpu"] == pytest.approx(0.0)
+    assert row["queued"] == pytest.approx(0.0)
 
 
 def test_the_copy_floor_copies_into_one_reused_buffer(benchmarks: tuple[ModuleType, ModuleType]) -> None:
