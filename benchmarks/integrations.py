@@ -6,12 +6,14 @@ a checkpoint every EVERY steps, once per configuration, the configurations inter
 round (A B C A B C ...), each run in a fresh process:
 
   lightning     none (enable_checkpointing=False), floor (no checkpointing; a plain thread writes
-                and fsyncs the state's bytes at each checkpoint step: plain_writer.py),
+                and fsyncs the state's bytes at each checkpoint step: plain_writer.py), floor-copy
+                (the same, but of a copy made on the trainer's thread and with a CRC32C of each
+                tensor: a like-for-like floor, consistent, durable and checksummed),
                 torch (the default TorchCheckpointIO),
                 lightning-async (Lightning's own AsyncCheckpointIO: clones, then torch.save in a
                 thread), asyncckpt (AsyncCheckpointIO plugin), asyncckpt-overlap (the plugin also
                 passed as a callback, so parameter and optimizer copies overlap training)
-  transformers  none (save_strategy="no"), floor (as for lightning), trainer (the Trainer's
+  transformers  none (save_strategy="no"), floor and floor-copy (as for lightning), trainer (the Trainer's
                 checkpoint-N/ folders),
                 asyncckpt (AsyncCheckpointTrainer), asyncckpt-overlap (overlap=True: parameter
                 and optimizer copies overlap forward and backward)
@@ -48,12 +50,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from plain_writer import PlainWriter, state_tensors
+from plain_writer import Copy, PlainWriter, state_tensors
 
 CONFIGS = {
     "lightning": (
         "none",
         "floor",
+        "floor-copy",
         "torch",
         "lightning-async",
         "asyncckpt",
@@ -64,6 +67,7 @@ CONFIGS = {
     "transformers": (
         "none",
         "floor",
+        "floor-copy",
         "trainer",
         "asyncckpt",
         "asyncckpt-nice10",
@@ -149,10 +153,10 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
     )
     callbacks: list[Any] = [timer.lightning_callback(L)]
     plugins: list[Any] = []
-    plain = PlainWriter(directory)
-    if config == "floor":
-        callbacks.append(plain_lightning_callback(L, plain, options.every))
-    if config not in ("none", "floor"):
+    plain = PlainWriter(directory, checksum=config == "floor-copy")
+    if config.startswith("floor"):
+        callbacks.append(plain_lightning_callback(L, plain, options.every, copy=config == "floor-copy"))
+    if config not in ("none", "floor", "floor-copy"):
         callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=options.every, save_top_k=-1))
     if config == "lightning-async":
         plugins.append(LightningAsyncIO())
@@ -168,7 +172,7 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=config not in ("none", "floor"),
+        enable_checkpointing=config not in ("none", "floor", "floor-copy"),
         plugins=plugins,
         callbacks=callbacks,
     )
@@ -223,7 +227,7 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     args = TrainingArguments(
         str(directory),
         max_steps=options.steps + options.every // 2,
-        save_strategy="no" if config in ("none", "floor") else "steps",
+        save_strategy="no" if config in ("none", "floor", "floor-copy") else "steps",
         save_steps=options.every,
         per_device_train_batch_size=options.hf_batch,
         report_to=[],
@@ -235,10 +239,10 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     extra = {"overlap": True} if config == "asyncckpt-overlap" else {}
     if config.startswith("asyncckpt"):
         extra.update(nice)
-    plain = PlainWriter(directory)
+    plain = PlainWriter(directory, checksum=config == "floor-copy")
     callbacks = [timer.hf_callback()]
-    if config == "floor":
-        callbacks.append(plain_hf_callback(plain, options.every))
+    if config.startswith("floor"):
+        callbacks.append(plain_hf_callback(plain, options.every, copy=config == "floor-copy"))
     trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks, **extra)
     original = cls._save_checkpoint
 
@@ -256,25 +260,32 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory, plain=plain)
 
 
-def plain_hf_callback(plain: PlainWriter, every: int) -> Any:
-    """The "floor" configuration's checkpoints in the HF Trainer: a plain write every ``every`` steps."""
+def plain_hf_callback(plain: PlainWriter, every: int, *, copy: bool) -> Any:
+    """The floor configurations' checkpoints in the HF Trainer: a plain write every ``every`` steps
+    (of a copy, with ``copy``)."""
     from transformers import TrainerCallback
+
+    copier = Copy() if copy else list
 
     class PlainSaves(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % every == 0:
-                plain.save(state.global_step, state_tensors(kwargs["model"], kwargs["optimizer"]))
+                tensors = state_tensors(kwargs["model"], kwargs["optimizer"])
+                plain.save(state.global_step, copier(tensors))
 
     return PlainSaves()
 
 
-def plain_lightning_callback(L: Any, plain: PlainWriter, every: int) -> Any:  # noqa: N803
-    """The "floor" configuration's checkpoints in Lightning: a plain write every ``every`` steps."""
+def plain_lightning_callback(L: Any, plain: PlainWriter, every: int, *, copy: bool) -> Any:  # noqa: N803
+    """The floor configurations' checkpoints in Lightning: a plain write every ``every`` steps
+    (of a copy, with ``copy``)."""
+    copier = Copy() if copy else list
 
     class PlainSaves(L.Callback):  # type: ignore[misc]
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
             if trainer.global_step % every == 0:
-                plain.save(trainer.global_step, state_tensors(module, trainer.optimizers[0]))
+                tensors = state_tensors(module, trainer.optimizers[0])
+                plain.save(trainer.global_step, copier(tensors))
 
     return PlainSaves()
 
@@ -290,15 +301,20 @@ class StepTimer:
         self.cpu_first = self.cpu_last = 0.0
         self.steps = 0
         self.stalls: list[float] = []
+        self.begins: list[float] = []  # each step's start and end (perf_counter), every step
+        self.ends: list[float] = []
 
     def begin(self) -> None:
         self.steps += 1
+        now = time.perf_counter()
+        self.begins.append(now)
         if self.steps == self.WARMUP + 1:
-            self.first = time.perf_counter()
+            self.first = now
             self.cpu_first = time.process_time()
 
     def end(self) -> None:
         self.last = time.perf_counter()
+        self.ends.append(self.last)
         self.cpu_last = time.process_time()
 
     def lightning_callback(self, L: Any) -> Any:  # noqa: N803
@@ -335,6 +351,8 @@ class StepTimer:
             "plain_cpu_s": plain.cpu_s,
             "cpu_s": self.cpu_last - self.cpu_first,
             "stalls_s": self.stalls,
+            "step_s": [end - begin for begin, end in zip(self.begins, self.ends, strict=False)],
+            "gap_s": [begin - end for end, begin in zip(self.ends, self.begins[1:], strict=False)],
             "durable_s": durable_times(directory),
             "params": params,
             "bytes": files,
@@ -440,7 +458,8 @@ def tables(runs: dict[str, Any], every: int) -> str:
     lines = []
     for framework, configs in runs.items():
         base = [run["train_s"] for run in configs["none"]]
-        saved = [run for c, results in configs.items() if c != "floor" for run in results if run["bytes"]]
+        checkpoints = [results for c, results in configs.items() if not c.startswith("floor")]
+        saved = [run for results in checkpoints for run in results if run["bytes"]]
         first = saved[0] if saved else configs["none"][0]
         lines += [
             f"### {framework} ({first['params'] / 1e6:.1f} M parameters, "

@@ -205,6 +205,12 @@ class AsyncCheckpointMixin:
         if not trainer.args.should_save:
             return
         self._export_callback_states()
+        state, metadata = self._checkpoint_state()
+        self._open(trial).save(trainer.state.global_step, state, metadata=metadata)
+
+    def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The state one checkpoint holds, and its metadata."""
+        trainer: Any = self
         state: dict[str, Any] = {"model": trainer.model}
         if not trainer.args.save_only_model:
             state["optimizer"] = trainer.optimizer
@@ -216,8 +222,7 @@ class AsyncCheckpointMixin:
         state["trainer_state"] = (
             json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True) + "\n"
         )
-        metadata = {"framework": "transformers", "transformers_version": transformers.__version__}
-        self._open(trial).save(trainer.state.global_step, state, metadata=metadata)
+        return state, {"framework": "transformers", "transformers_version": transformers.__version__}
 
     def _export_callback_states(self) -> None:
         """What ``Trainer._save_checkpoint`` does before it writes ``trainer_state.json``."""
