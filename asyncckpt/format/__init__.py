@@ -22,6 +22,7 @@ from .blobs import (
     verify_blobs,
     verify_crc,
     view_tensor,
+    view_tensors,
 )
 from .codec import count_objects, not_exact, pack, unpack
 from .crc import crc32c_combine
@@ -168,6 +169,7 @@ __all__ = [
     "verify_blobs",
     "verify_crc",
     "view_tensor",
+    "view_tensors",
     "write_all",
     "write_checkpoint",
     "write_file",
