@@ -27,7 +27,7 @@ from .candidates import Candidate, check_named_step, no_step, require_step, unop
 from .expect import Expected, fit, layout_index, state_index
 from .live import check_live, check_steps, layout_incoming, state_incoming
 from .options import Verify
-from .targets import direct_targets
+from .targets import direct_targets, loaded_in_place
 
 
 class Vanished(Exception):
@@ -105,7 +105,7 @@ def _load_v1(handle: ReadHandle, candidate: Candidate, request: Request) -> Load
     state = unflatten(layout.tree, tensors)
     if request.objects is not None:
         check_steps(request.objects, state, where)
-        apply(request.objects, state, where)
+        apply(request.objects, state, where, in_place=targets)
     metadata = unflatten(layout.metadata, [])
     return Loaded(
         state, layout.step, layout.version, metadata if isinstance(metadata, dict) else {}, notes, checksums
@@ -129,9 +129,15 @@ def _load_legacy(handle: ReadHandle, kind: FileKind, candidate: Candidate, reque
     return Loaded(legacy.state, step, LEGACY_VERSION, {}, notes, legacy.verified)
 
 
-def apply(objects: Mapping[str, Any], state: Any, where: str) -> None:
+def apply(
+    objects: Mapping[str, Any], state: Any, where: str, *, in_place: Mapping[int, torch.Tensor] | None = None
+) -> None:
     """``load_state_dict(state[name])`` on every object (``strict=True`` for modules); a refusal
-    is an :class:`IncompatibleCheckpointError`."""
+    is an :class:`IncompatibleCheckpointError`.
+
+    ``in_place``: the live tensors the reader read blobs straight into; a module that holds its
+    whole state that way is left alone (:func:`~.targets.loaded_in_place`).
+    """
     if not isinstance(state, Mapping):
         raise IncompatibleCheckpointError(f"the state is a {type(state).__name__}, not a dict", path=where)
     for name, obj in objects.items():
@@ -139,6 +145,8 @@ def apply(objects: Mapping[str, Any], state: Any, where: str) -> None:
             raise IncompatibleCheckpointError(f"missing {name!r}", path=where)
         try:
             if isinstance(obj, torch.nn.Module):
+                if in_place and loaded_in_place(obj, state[name], in_place):
+                    continue
                 obj.load_state_dict(state[name], strict=True)
             else:
                 obj.load_state_dict(state[name])

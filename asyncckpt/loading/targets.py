@@ -3,7 +3,10 @@
 A module's parameters and buffers, and an optimizer's existing state tensors (its moments survive
 ``load_state_dict``, which keeps tensors of the right dtype and device as they are), receive the
 bytes of a blob that holds exactly them (same dtype and shape, contiguous, the blob's only
-tensor), so no second copy is made.
+tensor), so no second copy is made. A module whose every tensor was read in place, and whose
+loading torch's defaults do (no hook, no override), already holds the checkpoint:
+:func:`loaded_in_place` says so, and ``restore`` skips its ``load_state_dict``, which would copy
+each tensor onto itself (and costs time quadratic in the number of submodules in torch 2.x).
 """
 
 from __future__ import annotations
@@ -37,6 +40,45 @@ def direct_targets(objects: Mapping[str, Any], layout: fmt.Layout) -> dict[int, 
             direct[entry.blob] = target
             used.add(memory)
     return direct
+
+
+def loaded_in_place(module: torch.nn.Module, saved: Any, direct: Mapping[int, torch.Tensor]) -> bool:
+    """Whether ``module.load_state_dict(saved, strict=True)`` would change nothing: ``saved`` has
+    exactly the keys of its state dict, each value the plain tensor that was read in place
+    (one of ``direct``'s) into the module's own tensor of that key, and loading is torch's
+    default all the way down (no load hook, no override of ``load_state_dict``,
+    ``_load_from_state_dict`` or ``set_extra_state``, no swapping of parameters)."""
+    if type(saved) is not dict or not _loads_by_default(module):
+        return False
+    live = module.state_dict()
+    if saved.keys() != live.keys():
+        return False
+    in_place = {id(tensor) for tensor in direct.values()}
+    for key, value in live.items():
+        read = saved[key]
+        if id(read) not in in_place or type(read) is not torch.Tensor or type(value) is not torch.Tensor:
+            return False
+        if read.data_ptr() != value.data_ptr() or read.shape != value.shape or read.dtype != value.dtype:
+            return False
+    return True
+
+
+def _loads_by_default(module: torch.nn.Module) -> bool:
+    base = torch.nn.Module
+    if type(module).load_state_dict is not base.load_state_dict:
+        return False
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False
+    for sub in module.modules():
+        kind = type(sub)
+        if (
+            kind._load_from_state_dict is not base._load_from_state_dict
+            or kind.set_extra_state is not base.set_extra_state
+            or sub._load_state_dict_pre_hooks
+            or sub._load_state_dict_post_hooks
+        ):
+            return False
+    return True
 
 
 def _live_tensors(objects: Mapping[str, Any]) -> dict[KeyPath, torch.Tensor]:
