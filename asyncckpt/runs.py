@@ -2,13 +2,15 @@
 C-level loop.
 
 A local read costs little per call; what costs per blob is Python. The blobs of a checked layout
-are cut into *runs*: consecutive blobs spanning at most ``run_bytes`` of the file, read with one
+are cut into *runs*: consecutive blobs spanning at most ``RUN_BYTES`` of the file, read with one
 :meth:`ReadHandle.read_pieces` (the padding between them lands in a scratch buffer and is
 dropped) and checksummed with ``map(crc32c, ...)``, whose loop runs in C, as the writer's
-:func:`asyncckpt.format.write_region` does. A blob larger than ``run_bytes`` is a run of its
-own, read in parts of ``run_bytes``, its checksum carried from part to part while the part is
-still in the cache. Runs are read by ``threads`` threads (``preadv`` and ``crc32c`` release the
-GIL); whatever their timing, the lowest broken blob of the file is the one reported.
+:func:`asyncckpt.format.write_region` does. A blob larger than that is read in *parts* of
+``RUN_BYTES``, each checksummed while it is still in the cache; the parts' checksums are
+combined (:func:`asyncckpt.format.crc32c_combine`) once all have landed, so parts of one big
+blob may be read by different threads. Runs and parts are read by ``threads`` threads
+(``preadv`` and ``crc32c`` release the GIL); whatever their timing, the lowest broken blob of
+the file is the one reported.
 """
 
 from __future__ import annotations
@@ -23,25 +25,29 @@ from . import format as fmt
 from .errors import CheckpointError
 from .storage import ReadHandle
 
-RUN_BYTES = 8 << 20  # one read_pieces call covers at most this much of the file
+RUN_BYTES = 8 << 20  # one read covers at most this much of the file
 
-Run = tuple[int, int]  # blob indices [first, stop)
+# Blobs [first, stop) of the file; ``part >= 0``: only bytes [part, part + RUN_BYTES) of the big
+# blob ``first`` (then ``stop == first + 1``); ``part == -1``: the whole blobs.
+Run = tuple[int, int, int]
 
 
 def plan_runs(blobs: Sequence[fmt.BlobEntry], run_bytes: int) -> list[Run]:
-    """``blobs`` (in file order) cut into runs that span at most ``run_bytes`` of the file each;
-    a blob larger than ``run_bytes`` is a run of its own."""
+    """``blobs`` (in file order) cut into runs that span at most ``run_bytes`` of the file each,
+    and a blob larger than ``run_bytes`` into parts of ``run_bytes`` (the last one shorter)."""
     runs: list[Run] = []
     first = 0
     begin = -1  # the file offset where the open run starts; -1: none is open
     for index, blob in enumerate(blobs):
         if begin >= 0 and blob.offset + blob.nbytes - begin > run_bytes:
-            runs.append((first, index))
+            runs.append((first, index, -1))
             begin = -1
-        if begin < 0:
+        if blob.nbytes > run_bytes:
+            runs += [(index, index + 1, start) for start in range(0, blob.nbytes, run_bytes)]
+        elif begin < 0:
             first, begin = index, blob.offset
     if begin >= 0:
-        runs.append((first, len(blobs)))
+        runs.append((first, len(blobs), -1))
     return runs
 
 
@@ -58,6 +64,7 @@ class RunReads:
         self.crcs = [blob.crc for blob in blobs]
         self.runs = plan_runs(blobs, self.run_bytes)
         self._lock = threading.Lock()
+        self._parts: dict[int, dict[int, int]] = {}  # big blob → part start → its CRC32C
         self._failures: list[tuple[int, int, CheckpointError]] = []
         self._failed_at = len(blobs)  # the lowest blob index known to be broken
 
@@ -68,16 +75,33 @@ class RunReads:
         the lowest truncated blob or, with ``checksums``, CRC32C mismatch; ``OSError`` when the
         storage fails.
         """
-        self._run(lambda run, scratch: self._read(run, views, checksums=checksums), threads)
+
+        def work(run: Run, scratch: _Scratch) -> None:
+            first, stop, part = run
+            if part >= 0:
+                self._part(first, part, views[first][part : part + self.run_bytes], checksums=checksums)
+            else:
+                self._read(first, stop, views[first:stop], checksums=checksums)
+
+        self._run(work, threads, checksums=checksums)
 
     def check(self, *, threads: int) -> None:
         """Read every blob through a scratch buffer per thread and check its CRC32C; keep nothing.
 
         Raises like :meth:`read`.
         """
-        self._run(self._check, threads)
 
-    def _run(self, work: _Work, threads: int) -> None:
+        def work(run: Run, scratch: _Scratch) -> None:
+            first, stop, part = run
+            if part >= 0:
+                size = min(self.run_bytes, self.layout.blobs[first].nbytes - part)
+                self._part(first, part, scratch.get(size), checksums=True)
+            else:
+                self._check(first, stop, scratch)
+
+        self._run(work, threads, checksums=True)
+
+    def _run(self, work: _Work, threads: int, *, checksums: bool) -> None:
         local = threading.local()
 
         def one(run: Run) -> None:
@@ -99,66 +123,57 @@ class RunReads:
             with ThreadPoolExecutor(threads, thread_name_prefix="asyncckpt-read") as pool:
                 for _ in pool.map(one, self.runs):
                     pass
+        if checksums:
+            self._check_parts()
         if self._failures:
             # lowest blob, then lowest offset: the answer must not depend on thread timing
             raise min(self._failures, key=lambda failure: failure[:2])[2]
 
-    def _read(self, run: Run, views: Sequence[memoryview], *, checksums: bool) -> None:
-        first, stop = run
-        blobs = self.layout.blobs
-        if stop - first == 1 and blobs[first].nbytes > self.run_bytes:
-            self._read_big(first, views[first], checksums=checksums)
-            return
-        mine = views[first:stop]
+    def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> None:
         begin = self.offsets[first]
-        length = self.offsets[stop - 1] + blobs[stop - 1].nbytes - begin
-        got = self.handle.read_pieces(begin, length, list(zip(self.offsets[first:stop], mine, strict=True)))
+        length = self.offsets[stop - 1] + self.layout.blobs[stop - 1].nbytes - begin
+        got = self.handle.read_pieces(begin, length, list(zip(self.offsets[first:stop], views, strict=True)))
         if got < length:
             raise self._short(first, stop, begin + got)
         if checksums:
-            self._check_crcs(first, list(map(crc32c.crc32c, mine)))
+            self._check_crcs(first, list(map(crc32c.crc32c, views)))
 
-    def _check(self, run: Run, scratch: _Scratch) -> None:
-        first, stop = run
+    def _check(self, first: int, stop: int, scratch: _Scratch) -> None:
         blobs = self.layout.blobs
-        if stop - first == 1 and blobs[first].nbytes > self.run_bytes:
-            self._check_big(first, scratch)
-            return
         begin = self.offsets[first]
         length = self.offsets[stop - 1] + blobs[stop - 1].nbytes - begin
         buffer = scratch.get(length)
         got = self.handle.read_at(begin, buffer)
         if got < length:
             raise self._short(first, stop, begin + got)
-        parts = [
-            buffer[o - begin : o - begin + blobs[i].nbytes]
-            for i, o in enumerate(self.offsets[first:stop], first)
-        ]
-        self._check_crcs(first, list(map(crc32c.crc32c, parts)))
+        starts = [offset - begin for offset in self.offsets[first:stop]]
+        views = [buffer[s : s + blobs[i].nbytes] for i, s in enumerate(starts, first)]
+        self._check_crcs(first, list(map(crc32c.crc32c, views)))
 
-    def _read_big(self, index: int, view: memoryview, *, checksums: bool) -> None:
-        offset = self.offsets[index]
-        crc = 0
-        for start in range(0, len(view), self.run_bytes):
-            part = view[start : start + self.run_bytes]
-            got = self.handle.read_at(offset + start, part)
-            if got < len(part):
-                raise fmt.truncated(self.layout, index, start + got, path=self.where)
-            if checksums:
-                crc = crc32c.crc32c(part, crc)
+    def _part(self, index: int, start: int, view: memoryview, *, checksums: bool) -> None:
+        """Bytes ``[start, start + len(view))`` of big blob ``index`` into ``view``; its CRC32C kept."""
+        got = self.handle.read_at(self.offsets[index] + start, view)
+        if got < len(view):
+            raise fmt.truncated(self.layout, index, start + got, path=self.where)
         if checksums:
-            fmt.check_crc(self.layout, index, crc, path=self.where)
+            crc = crc32c.crc32c(view)
+            with self._lock:
+                self._parts.setdefault(index, {})[start] = crc
 
-    def _check_big(self, index: int, scratch: _Scratch) -> None:
-        blob = self.layout.blobs[index]
-        crc = 0
-        for start in range(0, blob.nbytes, self.run_bytes):
-            part = scratch.get(min(self.run_bytes, blob.nbytes - start))
-            got = self.handle.read_at(blob.offset + start, part)
-            if got < len(part):
-                raise fmt.truncated(self.layout, index, start + got, path=self.where)
-            crc = crc32c.crc32c(part, crc)
-        fmt.check_crc(self.layout, index, crc, path=self.where)
+    def _check_parts(self) -> None:
+        """Each big blob's CRC32C from its parts' (a blob with a part missing failed already)."""
+        for index, parts in sorted(self._parts.items()):
+            nbytes = self.layout.blobs[index].nbytes
+            starts = sorted(parts)
+            if len(starts) * self.run_bytes < nbytes:
+                continue
+            crc = 0
+            for start in starts:
+                crc = fmt.crc32c_combine(crc, parts[start], min(self.run_bytes, nbytes - start))
+            try:
+                fmt.check_crc(self.layout, index, crc, path=self.where)
+            except CheckpointError as exc:
+                self._fail(index, exc)
 
     def _check_crcs(self, first: int, found: list[int]) -> None:
         """Raise the checksum mismatch of the first blob from ``first`` whose CRC32C is not in ``found``."""

@@ -29,10 +29,19 @@ def blobs(*spans: tuple[int, int]) -> tuple[fmt.BlobEntry, ...]:
     return tuple(fmt.BlobEntry(offset, nbytes, 0) for offset, nbytes in spans)
 
 
-def test_runs_hold_consecutive_blobs_up_to_the_run_size_and_big_blobs_alone() -> None:
+def test_runs_hold_consecutive_blobs_up_to_the_run_size_and_big_blobs_go_in_parts() -> None:
     layout = blobs((4096, 100), (8192, 100), (12288, 10_000), (28672, 0), (28672, 50), (32768, 10))
-    assert plan_runs(layout, 8192) == [(0, 2), (2, 3), (3, 6)]
-    assert plan_runs(layout, 1 << 20) == [(0, 6)]
+    assert plan_runs(layout, 4096) == [
+        (0, 1, -1),
+        (1, 2, -1),
+        (2, 3, 0),
+        (2, 3, 4096),
+        (2, 3, 8192),
+        (3, 5, -1),
+        (5, 6, -1),  # 4106 bytes from blob 3 on: a run more
+    ]
+    assert plan_runs(layout, 8192) == [(0, 2, -1), (2, 3, 0), (2, 3, 8192), (3, 6, -1)]
+    assert plan_runs(layout, 1 << 20) == [(0, 6, -1)]
     assert plan_runs((), 4096) == []
 
 
