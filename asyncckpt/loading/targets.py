@@ -75,15 +75,17 @@ def loaded_in_place(name: str, module: torch.nn.Module, saved: Any, targets: Tar
 
 def _loads_by_default(module: torch.nn.Module) -> bool:
     base = torch.nn.Module
-    if type(module).load_state_dict is not base.load_state_dict:
+    if type(module).load_state_dict is not base.load_state_dict or "load_state_dict" in vars(module):
         return False
     if torch.__future__.get_swap_module_params_on_conversion():
         return False
     for sub in module.modules():
-        kind = type(sub)
+        kind, own = type(sub), vars(sub)
         if (
             kind._load_from_state_dict is not base._load_from_state_dict
             or kind.set_extra_state is not base.set_extra_state
+            or "_load_from_state_dict" in own  # a method replaced on the instance
+            or "set_extra_state" in own
             or sub._load_state_dict_pre_hooks
             or sub._load_state_dict_post_hooks
         ):

@@ -111,6 +111,23 @@ def test_hooks_overrides_and_extra_state_still_load(tmp_path: Path, loads: list[
     assert_same_state(fresh["norm"].state_dict(), state["norm"])
 
 
+def test_a_method_replaced_on_an_instance_still_loads(tmp_path: Path, loads: list[str]) -> None:
+    model, optimizer = trained(seed=0)
+    save_objects(tmp_path, 4, model, optimizer)
+    fresh = trained(seed=1)[0]
+    seen: list[str] = []
+    plain = fresh[0]._load_from_state_dict
+
+    def patched(*args: Any) -> None:
+        seen.append("patched")
+        plain(*args)
+
+    fresh[0]._load_from_state_dict = patched  # type: ignore[method-assign]
+    restore(tmp_path, {"model": fresh})
+    assert loads == ["Sequential"] and seen == ["patched"]
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
 def test_a_dtype_conversion_still_loads(tmp_path: Path, loads: list[str]) -> None:
     model, optimizer = trained(seed=0)
     save_objects(tmp_path, 4, model, optimizer)
