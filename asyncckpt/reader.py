@@ -114,7 +114,7 @@ def _read_new_tensors(
     tensors share memory unless they shared it when saved."""
     empty, uint8 = torch.empty, torch.uint8
     buffers = [empty(blob.nbytes, dtype=uint8) for blob in layout.blobs]
-    views = list(map(fmt.tensor_bytes, buffers))
+    views = fmt.buffers_bytes(buffers)
     RunReads(handle, layout, where).read(views, checksums=checksums, threads=_threads(layout))
     return fmt.view_tensors(layout.tensors, buffers)
 

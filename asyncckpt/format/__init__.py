@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import codec, decode, encode, legacy, scan, spec, writing
 from .blobs import (
+    buffers_bytes,
     check_blob,
     check_crc,
     read_blob_into,
@@ -135,6 +136,7 @@ __all__ = [
     "TypedValue",
     "align_up",
     "blob_offsets",
+    "buffers_bytes",
     "check_blob",
     "check_crc",
     "check_prelude",
