@@ -139,7 +139,7 @@ def buffers_bytes(buffers: Sequence[torch.Tensor]) -> list[memoryview]:
     """:func:`tensor_bytes` of a reader's own buffers (new 1-D uint8 CPU tensors), in one loop."""
     if _HAVE_NUMPY:
         arrays: list[Any] = [buffer.numpy() for buffer in buffers]
-        return list(map(memoryview, arrays))
+        return [memoryview(array) for array in arrays]
     return [tensor_bytes(buffer) for buffer in buffers]
 
 
