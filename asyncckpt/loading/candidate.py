@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import format as fmt
+from .._gc import gc_paused
 from .._tree import unflatten
 from ..errors import IncompatibleCheckpointError
 from ..format import FileKind
@@ -109,7 +110,8 @@ def _load_v1(handle: ReadHandle, candidate: Candidate, request: Request) -> Load
         device=request.device,
         targets=targets.blobs if targets is not None else None,
     )
-    state = unflatten(layout.tree, tensors)
+    with gc_paused():  # a dict or list per container and a tensor per leaf: nothing cyclic
+        state = unflatten(layout.tree, tensors)
     if request.objects is not None:
         check_steps(request.objects, state, where)
         apply(request.objects, state, where, in_place=targets)
