@@ -18,6 +18,7 @@ import torch
 
 from . import format as fmt
 from . import reader
+from ._gc import gc_paused
 from ._tree import unflatten
 from .format import FileKind, TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step
@@ -179,6 +180,7 @@ def _load_v1(
     where = str(path)
     layout = reader.read_layout(handle, where)
     tensors = reader.read_tensors(handle, layout, where=where, checksums=checksums, device=device)
-    state = unflatten(layout.tree, tensors)
+    with gc_paused():  # a dict or list per container and a tensor per leaf: nothing cyclic
+        state = unflatten(layout.tree, tensors)
     metadata = unflatten(layout.metadata, [])
     return Checkpoint(state, layout.step, metadata, layout.version, path)

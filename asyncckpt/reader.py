@@ -24,13 +24,13 @@ from . import format as fmt
 from ._gc import gc_paused
 from .errors import CheckpointError, CorruptedCheckpointError
 from .format import FileKind
+from .runs import RunReads
 from .spans import Piece, SpanReads
 from .storage import ParallelReads, ReadHandle
 
 _TERMINAL_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_READ_THREADS = 8
 PARALLEL_READ_MIN_BYTES = 32 << 20  # smaller files are read by one thread
-LOCAL_SPAN_BYTES = 8 << 20  # one preadv reads at most this much of a local file
 
 Failure = tuple[int, CheckpointError]  # (blob index, what went wrong there)
 
@@ -86,6 +86,8 @@ def _read_tensors(
     device: torch.device,
     direct: Mapping[int, torch.Tensor],
 ) -> list[torch.Tensor]:
+    if device.type == "cpu" and not direct and handle.parallel_reads is None:
+        return _read_new_tensors(handle, layout, where, checksums)
     buffers: dict[int, torch.Tensor] = {}
     destinations = []
     for i, blob in enumerate(layout.blobs):
@@ -102,6 +104,19 @@ def _read_tensors(
         view(entry, buffers[entry.blob]) if entry.blob in buffers else direct[entry.blob]
         for entry in layout.tensors
     ]
+
+
+def _read_new_tensors(
+    handle: ReadHandle, layout: fmt.Layout, where: str, checksums: bool
+) -> list[torch.Tensor]:
+    """The common load: every blob of a local file into a new CPU buffer of its own, read in
+    runs (:mod:`asyncckpt.runs`); the tensors are views of their blob's buffer, so no two
+    tensors share memory unless they shared it when saved."""
+    empty, uint8 = torch.empty, torch.uint8
+    buffers = [empty(blob.nbytes, dtype=uint8) for blob in layout.blobs]
+    views = fmt.buffers_bytes(buffers)
+    RunReads(handle, layout, where).read(views, checksums=checksums, threads=_threads(layout))
+    return fmt.view_tensors(layout.tensors, buffers)
 
 
 def check_blobs(handle: ReadHandle, layout: fmt.Layout, *, where: str) -> None:
@@ -196,7 +211,11 @@ class _BlobReads:
     def read(self, destinations: list[torch.Tensor], *, checksums: bool) -> None:
         reads = self.handle.parallel_reads
         if reads is None and all(d.device.type == "cpu" for d in destinations):
-            reads = self._local_reads()  # CPU destinations: small blobs share one preadv
+            views = list(map(fmt.tensor_bytes, destinations))  # CPU destinations: in runs
+            RunReads(self.handle, self.layout, self.where).read(
+                views, checksums=checksums, threads=_threads(self.layout)
+            )
+            return
         if reads is not None:
             _read_spans(self.handle, self.layout, self.where, reads, destinations, checksums=checksums)
             return
@@ -211,25 +230,11 @@ class _BlobReads:
         self._run(group)
 
     def check(self) -> None:
-        reads = self.handle.parallel_reads or self._local_reads()
-        if reads is not None:
+        reads = self.handle.parallel_reads
+        if reads is None:
+            RunReads(self.handle, self.layout, self.where).check(threads=_threads(self.layout))
+        else:
             SpanReads(self.handle, self.layout, self.where, reads).run(None, lambda _: None, checksums=True)
-            return
-
-        def group(indices: list[int]) -> Failure | None:
-            reader = _file(self.handle)
-            scratch = memoryview(bytearray(fmt.CHUNK))
-            return self._each(
-                indices, lambda i: fmt.check_blob(reader, self.layout, i, path=self.where, scratch=scratch)
-            )
-
-        self._run(group)
-
-    def _local_reads(self) -> ParallelReads:
-        """Spans for a local file: a few MiB each (one ``preadv`` of many small blobs, or a part of
-        a big one), one reading thread per group of :func:`_groups`."""
-        threads = len(_groups([blob.nbytes for blob in self.layout.blobs]))
-        return ParallelReads(request_bytes=LOCAL_SPAN_BYTES, in_flight=threads)
 
     def _run(self, group: Callable[[list[int]], Failure | None]) -> None:
         groups = _groups([blob.nbytes for blob in self.layout.blobs])
@@ -330,6 +335,11 @@ def _read_spans(
             destinations[index].copy_(bounce)
 
     SpanReads(handle, layout, where, reads).run(destination, finish, checksums=checksums)
+
+
+def _threads(layout: fmt.Layout) -> int:
+    """Reading threads for a local file: one per group of :func:`_groups`."""
+    return len(_groups([blob.nbytes for blob in layout.blobs]))
 
 
 def _groups(sizes: list[int]) -> list[list[int]]:

@@ -181,3 +181,13 @@ def test_priority_share_benchmark_runs(tmp_path: Path) -> None:
     assert set(result["runs"]) == {"0", "5"}
     assert all(0.0 <= run["train_share"] <= 1.0 for runs in result["runs"].values() for run in runs)
     assert "background_nice" in out.with_suffix(".md").read_text()
+
+
+def test_load_ab_benchmark_has_help(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "load_ab.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--tree", "--size", "--tensors", "--what", "--rounds", "--out"):
+        assert option in done.stdout

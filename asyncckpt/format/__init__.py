@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from . import codec, decode, encode, legacy, scan, spec, writing
 from .blobs import (
+    buffers_bytes,
     check_blob,
     check_crc,
     read_blob_into,
@@ -22,6 +23,7 @@ from .blobs import (
     verify_blobs,
     verify_crc,
     view_tensor,
+    view_tensors,
 )
 from .codec import count_objects, not_exact, pack, unpack
 from .crc import crc32c_combine
@@ -134,6 +136,7 @@ __all__ = [
     "TypedValue",
     "align_up",
     "blob_offsets",
+    "buffers_bytes",
     "check_blob",
     "check_crc",
     "check_prelude",
@@ -168,6 +171,7 @@ __all__ = [
     "verify_blobs",
     "verify_crc",
     "view_tensor",
+    "view_tensors",
     "write_all",
     "write_checkpoint",
     "write_file",

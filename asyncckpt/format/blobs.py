@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import crc32c
 import torch
 
-from ..dtypes import itemsize
+from ..dtypes import DTYPE_BY_NAME, itemsize
 from ..errors import CorruptedCheckpointError, Where
 from .spec import CHUNK, Layout, TensorEntry
 
 _HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
+_ITEMSIZE = {dtype: itemsize(dtype) for dtype in DTYPE_BY_NAME.values()}
 
 
 def read_blob_into(
@@ -116,6 +118,29 @@ def view_tensor(entry: TensorEntry, blob: torch.Tensor) -> torch.Tensor:
     offset = (blob.storage_offset() + entry.offset) // size
     view.set_(blob.untyped_storage(), offset, entry.shape, entry.stride)
     return view
+
+
+def view_tensors(entries: Sequence[TensorEntry], blobs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor ``entries`` describe, as a view of its blob in ``blobs`` (1-D uint8 tensors
+    at storage offset 0, such as a reader's own buffers): :func:`view_tensor`, in one loop."""
+    empty = torch.empty
+    storages = [blob.untyped_storage() for blob in blobs]
+    views = []
+    for entry in entries:
+        dtype = entry.dtype
+        view = empty(0, dtype=dtype).set_(
+            storages[entry.blob], entry.offset // _ITEMSIZE[dtype], entry.shape, entry.stride
+        )
+        views.append(view)
+    return views
+
+
+def buffers_bytes(buffers: Sequence[torch.Tensor]) -> list[memoryview]:
+    """:func:`tensor_bytes` of a reader's own buffers (new 1-D uint8 CPU tensors), in one loop."""
+    if _HAVE_NUMPY:
+        arrays: list[Any] = [buffer.numpy() for buffer in buffers]
+        return [memoryview(array) for array in arrays]
+    return [tensor_bytes(buffer) for buffer in buffers]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

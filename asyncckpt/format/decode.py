@@ -19,6 +19,7 @@ from ..dtypes import DTYPE_BY_NAME, itemsize
 from ..errors import CorruptedCheckpointError, UnsupportedVersionError, Where
 from . import spec
 from .codec import unpack
+from .rows import usual_tensor
 from .spec import (
     ALIGN,
     DATA_OFFSET,
@@ -230,31 +231,58 @@ class _HeaderChecker:
             raise self.fail(f"{len(rows)} blobs exceed the limit of {spec.MAX_BLOBS}")
         entries = []
         end = DATA_OFFSET
+        limit, max_crc = self.header_offset, spec.MAX_CRC
         for i, row in enumerate(rows):
-            if not _int_list(row, 3):
-                raise self.fail(f"blob {i} is not [offset, nbytes, crc]", blob=i)
-            offset, nbytes, crc = row
-            if crc > spec.MAX_CRC:
-                raise self.fail(f"blob {i} has a crc32c of {crc}, more than 32 bits", blob=i)
-            if offset < end or offset % ALIGN or offset + nbytes > self.header_offset:
-                raise self.fail(
-                    f"blob {i} at offset {offset} (+{nbytes}) lies outside the data region "
-                    f"[{end}, {self.header_offset}) or is not {ALIGN}-byte aligned",
-                    blob=i,
-                )
-            end = offset + nbytes
-            entries.append(BlobEntry(offset, nbytes, crc))
+            # Runs once per blob of every file read: the usual row is accepted in one condition;
+            # anything else goes to blob(), which raises the precise error.
+            if type(row) is list and len(row) == 3:
+                offset, nbytes, crc = row
+                if (
+                    type(offset) is int
+                    and type(nbytes) is int
+                    and type(crc) is int
+                    and 0 <= crc <= max_crc
+                    and nbytes >= 0
+                    and end <= offset
+                    and not offset % ALIGN
+                    and offset + nbytes <= limit
+                ):
+                    end = offset + nbytes
+                    entries.append(BlobEntry(offset, nbytes, crc))
+                    continue
+            entry = self.blob(i, row, end)
+            end = entry.offset + entry.nbytes
+            entries.append(entry)
         return tuple(entries)
+
+    def blob(self, i: int, row: Any, end: int) -> BlobEntry:
+        """Blob ``i`` of the table, checked; ``end``: where the blob before it ends."""
+        if not _int_list(row, 3):
+            raise self.fail(f"blob {i} is not [offset, nbytes, crc]", blob=i)
+        offset, nbytes, crc = row
+        if crc > spec.MAX_CRC:
+            raise self.fail(f"blob {i} has a crc32c of {crc}, more than 32 bits", blob=i)
+        if offset < end or offset % ALIGN or offset + nbytes > self.header_offset:
+            raise self.fail(
+                f"blob {i} at offset {offset} (+{nbytes}) lies outside the data region "
+                f"[{end}, {self.header_offset}) or is not {ALIGN}-byte aligned",
+                blob=i,
+            )
+        return BlobEntry(offset, nbytes, crc)
 
     def tensors(self, blobs: tuple[BlobEntry, ...]) -> tuple[TensorEntry, ...]:
         rows = self.field("tensors", list)
         if len(rows) > spec.MAX_TENSORS:
             raise self.fail(f"{len(rows)} tensors exceed the limit of {spec.MAX_TENSORS}")
-        return tuple(self.tensor(i, row, blobs) for i, row in enumerate(rows))
+        sizes = [blob.nbytes for blob in blobs]
+        entries = []
+        for i, row in enumerate(rows):
+            entry = usual_tensor(row, sizes)
+            entries.append(entry if entry is not None else self.tensor(i, row, blobs))
+        return tuple(entries)
 
     def tensor(self, i: int, row: Any, blobs: tuple[BlobEntry, ...]) -> TensorEntry:
-        # Runs once per tensor of every file read: exact-type checks, the message built only on
-        # failure, the extent computed once.
+        """Tensor ``i`` of the table, checked field by field (a failure says which)."""
         if not (type(row) is list and len(row) == 6 and type(row[0]) is str and type(row[1]) is str):
             raise self.fail(f"tensor {i} is not [key, dtype, shape, stride, blob, offset]")
         key, dtype_text, shape, stride, blob, offset = row

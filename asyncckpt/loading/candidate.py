@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import format as fmt
+from .._gc import gc_paused
 from .._tree import unflatten
 from ..errors import IncompatibleCheckpointError
 from ..format import FileKind
@@ -24,10 +25,10 @@ from ..format.legacy import LEGACY_VERSION, legacy_step
 from ..reader import file_kind, read_layout, read_legacy, read_tensors
 from ..storage import ReadHandle, Storage
 from .candidates import Candidate, check_named_step, no_step, require_step, unopenable, unreadable
-from .expect import Expected, fit, layout_index, state_index
+from .expect import Expected, fit, layout_index, layout_refs, state_index
 from .live import check_live, check_steps, layout_incoming, state_incoming
 from .options import Verify
-from .targets import direct_targets
+from .targets import Targets, direct_targets, loaded_in_place
 
 
 class Vanished(Exception):
@@ -94,18 +95,26 @@ def load_candidate(storage: Storage, candidate: Candidate, request: Request) -> 
 def _load_v1(handle: ReadHandle, candidate: Candidate, request: Request) -> Loaded:
     where = candidate.where
     layout = layout_of(handle, candidate)
-    notes = fit(layout.tree, layout_index(layout), request.checks, where)
+    refs = layout_refs(layout)
+    notes = fit(layout.tree, layout_index(layout, refs), request.checks, where) if request.checks else []
+    targets = None
     if request.objects is not None:
-        check_live(request.objects, layout.tree, layout_incoming(layout), where)
-    targets = direct_targets(request.objects, layout) if request.objects is not None else {}
+        check_live(request.objects, layout.tree, layout_incoming(layout, refs), where)
+        targets = direct_targets(request.objects, layout, refs)
     checksums = request.verify == "full"
     tensors = read_tensors(
-        handle, layout, where=where, checksums=checksums, device=request.device, targets=targets
+        handle,
+        layout,
+        where=where,
+        checksums=checksums,
+        device=request.device,
+        targets=targets.blobs if targets is not None else None,
     )
-    state = unflatten(layout.tree, tensors)
+    with gc_paused():  # a dict or list per container and a tensor per leaf: nothing cyclic
+        state = unflatten(layout.tree, tensors)
     if request.objects is not None:
         check_steps(request.objects, state, where)
-        apply(request.objects, state, where)
+        apply(request.objects, state, where, in_place=targets)
     metadata = unflatten(layout.metadata, [])
     return Loaded(
         state, layout.step, layout.version, metadata if isinstance(metadata, dict) else {}, notes, checksums
@@ -129,9 +138,13 @@ def _load_legacy(handle: ReadHandle, kind: FileKind, candidate: Candidate, reque
     return Loaded(legacy.state, step, LEGACY_VERSION, {}, notes, legacy.verified)
 
 
-def apply(objects: Mapping[str, Any], state: Any, where: str) -> None:
+def apply(objects: Mapping[str, Any], state: Any, where: str, *, in_place: Targets | None = None) -> None:
     """``load_state_dict(state[name])`` on every object (``strict=True`` for modules); a refusal
-    is an :class:`IncompatibleCheckpointError`."""
+    is an :class:`IncompatibleCheckpointError`.
+
+    ``in_place``: where the reader read blobs straight into; a module that holds its whole
+    state that way is left alone (:func:`~.targets.loaded_in_place`).
+    """
     if not isinstance(state, Mapping):
         raise IncompatibleCheckpointError(f"the state is a {type(state).__name__}, not a dict", path=where)
     for name, obj in objects.items():
@@ -139,6 +152,8 @@ def apply(objects: Mapping[str, Any], state: Any, where: str) -> None:
             raise IncompatibleCheckpointError(f"missing {name!r}", path=where)
         try:
             if isinstance(obj, torch.nn.Module):
+                if in_place is not None and loaded_in_place(name, obj, state[name], in_place):
+                    continue
                 obj.load_state_dict(state[name], strict=True)
             else:
                 obj.load_state_dict(state[name])

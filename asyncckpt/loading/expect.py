@@ -91,16 +91,41 @@ def count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("ch") else f"{n} {noun}s"
 
 
-def layout_index(layout: fmt.Layout) -> dict[Path_, TensorShape]:
+Refs = list[tuple[Path_, fmt.TensorRef]]  # every tensor reference of a tree, with its key path
+
+
+def layout_refs(layout: fmt.Layout) -> Refs:
+    """Every tensor reference of a v1 file's tree with its key path, in document order (so the
+    first of two paths to one tensor comes first): one walk, shared by the loader's checks.
+
+    The tree is a checked header's (dicts, lists and tuples; no reference inside a typed value).
+    """
+    found: Refs = []
+    stack: list[tuple[Path_, Any]] = [((), layout.tree)]
+    ref = fmt.TensorRef
+    while stack:
+        path, node = stack.pop()
+        kind = type(node)
+        if kind is ref:
+            found.append((path, node))
+        elif kind is dict:
+            stack += [((*path, key), value) for key, value in reversed(node.items())]
+        elif kind is list or kind is tuple:
+            stack += [((*path, i), node[i]) for i in range(len(node) - 1, -1, -1)]
+    return found
+
+
+def layout_index(layout: fmt.Layout, refs: Refs) -> dict[Path_, TensorShape]:
     """Every tensor of a v1 file's header by key path (nothing is read but the header)."""
-
-    def shape(node: Any) -> TensorShape | None:
-        if not isinstance(node, fmt.TensorRef):
-            return None
+    shapes: dict[tuple[torch.dtype, tuple[int, ...]], TensorShape] = {}  # one each: many tensors share one
+    index: dict[Path_, TensorShape] = {}
+    for path, node in refs:
         entry = layout.tensors[node.index]
-        return TensorShape(entry.dtype, entry.shape)
-
-    return tensor_index(layout.tree, shape)
+        found = shapes.get((entry.dtype, entry.shape))
+        if found is None:
+            found = shapes[entry.dtype, entry.shape] = TensorShape(entry.dtype, entry.shape)
+        index[path] = found
+    return index
 
 
 def state_index(state: Any) -> dict[Path_, TensorShape]:

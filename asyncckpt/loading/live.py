@@ -37,7 +37,7 @@ from .. import format as fmt
 from .._tree import dotted_key, walk
 from ..dtypes import itemsize
 from ..errors import IncompatibleCheckpointError
-from .expect import count, layout_name
+from .expect import Refs, count, layout_name
 
 Path_ = tuple[Any, ...]
 
@@ -64,15 +64,16 @@ class Incoming:
         return math.prod(self.shape)
 
 
-def layout_incoming(layout: fmt.Layout) -> dict[Path_, Incoming]:
-    """Every tensor of a v1 file's header, by key path (nothing but the header is read)."""
+def layout_incoming(layout: fmt.Layout, refs: Refs) -> dict[Path_, Incoming]:
+    """Every tensor of a v1 file's header, by key path (``refs``: :func:`~.expect.layout_refs`;
+    nothing but the header is read)."""
     found: dict[Path_, Incoming] = {}
-    for path, node in walk(layout.tree):
-        if isinstance(node, fmt.TensorRef):
-            entry = layout.tensors[node.index]
-            span = _span(entry.shape, entry.stride)
-            memory = (entry.blob, entry.offset, entry.offset + span * itemsize(entry.dtype)) if span else None
-            found[path] = Incoming(entry.dtype, entry.shape, "strided", span, memory)
+    tensors = layout.tensors
+    for path, node in refs:
+        entry = tensors[node.index]
+        span = _span(entry.shape, entry.stride)
+        memory = (entry.blob, entry.offset, entry.offset + span * itemsize(entry.dtype)) if span else None
+        found[path] = Incoming(entry.dtype, entry.shape, "strided", span, memory)
     return found
 
 

@@ -3,48 +3,105 @@
 A module's parameters and buffers, and an optimizer's existing state tensors (its moments survive
 ``load_state_dict``, which keeps tensors of the right dtype and device as they are), receive the
 bytes of a blob that holds exactly them (same dtype and shape, contiguous, the blob's only
-tensor), so no second copy is made.
+tensor), so no second copy is made. A module whose every tensor was read in place, and whose
+loading torch's defaults do (no hook, no override), already holds the checkpoint:
+:func:`loaded_in_place` says so, and ``restore`` skips its ``load_state_dict``, which would copy
+each tensor onto itself (and costs time quadratic in the number of submodules in torch 2.x).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import format as fmt
 from ..dtypes import itemsize
+from .expect import Refs
 
 KeyPath = tuple[Any, ...]
 
 
-def direct_targets(objects: Mapping[str, Any], layout: fmt.Layout) -> dict[int, torch.Tensor]:
-    """Blob index → the live tensor its bytes go straight into."""
-    destinations = _live_tensors(objects)
+@dataclass(frozen=True)
+class Targets:
+    """Where ``restore`` reads blobs straight into, and the state dicts they were taken from."""
+
+    blobs: dict[int, torch.Tensor]  # blob index → the live tensor its bytes go straight into
+    modules: dict[str, dict[str, Any]]  # object name → the module's state_dict() of those tensors
+
+
+def direct_targets(objects: Mapping[str, Any], layout: fmt.Layout, refs: Refs) -> Targets:
+    """Blob index → the live tensor its bytes go straight into (``refs``: :func:`layout_refs`)."""
+    modules = {name: obj.state_dict() for name, obj in objects.items() if isinstance(obj, torch.nn.Module)}
+    destinations = _live_tensors(objects, modules)
     users: dict[int, int] = {}
     for entry in layout.tensors:
         users[entry.blob] = users.get(entry.blob, 0) + 1
     direct: dict[int, torch.Tensor] = {}
     used: set[tuple[str, int]] = set()
-    for path, node in _tensor_refs(layout.tree):
+    for path, node in refs:
         target = destinations.get(path)
+        if target is None:
+            continue
         entry = layout.tensors[node.index]
-        if target is None or entry.blob in direct or users[entry.blob] != 1:
+        if entry.blob in direct or users[entry.blob] != 1:
             continue
         memory = (str(target.device), target.untyped_storage().data_ptr())
         if memory not in used and _fits(layout, entry, target):
             direct[entry.blob] = target
             used.add(memory)
-    return direct
+    return Targets(direct, modules)
 
 
-def _live_tensors(objects: Mapping[str, Any]) -> dict[KeyPath, torch.Tensor]:
-    """Key path in the state → an existing tensor the checkpoint's bytes may be read into."""
+def loaded_in_place(name: str, module: torch.nn.Module, saved: Any, targets: Targets) -> bool:
+    """Whether ``module.load_state_dict(saved, strict=True)`` would change nothing: ``saved`` has
+    exactly the keys of its state dict, each value the plain tensor of that key that was read
+    in place (one of ``targets.blobs``), and loading is torch's default all the way down (no
+    load hook, no override of ``load_state_dict``, ``_load_from_state_dict`` or
+    ``set_extra_state``, no swapping of parameters)."""
+    live = targets.modules.get(name)
+    if live is None or type(saved) is not dict or not _loads_by_default(module):
+        return False
+    if saved.keys() != live.keys():
+        return False
+    in_place = {id(tensor) for tensor in targets.blobs.values()}
+    for key, value in live.items():
+        if saved[key] is not value or id(value) not in in_place or type(value) is not torch.Tensor:
+            return False
+    return True
+
+
+def _loads_by_default(module: torch.nn.Module) -> bool:
+    base = torch.nn.Module
+    if type(module).load_state_dict is not base.load_state_dict or "load_state_dict" in vars(module):
+        return False
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False
+    for sub in module.modules():
+        kind, own = type(sub), vars(sub)
+        if (
+            kind._load_from_state_dict is not base._load_from_state_dict
+            or kind.set_extra_state is not base.set_extra_state
+            or "_load_from_state_dict" in own  # a method replaced on the instance
+            or "set_extra_state" in own
+            or sub._load_state_dict_pre_hooks
+            or sub._load_state_dict_post_hooks
+        ):
+            return False
+    return True
+
+
+def _live_tensors(
+    objects: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]]
+) -> dict[KeyPath, torch.Tensor]:
+    """Key path in the state → an existing tensor the checkpoint's bytes may be read into
+    (``modules``: each module's ``state_dict()``)."""
     found: dict[KeyPath, torch.Tensor] = {}
     for name, obj in objects.items():
         if isinstance(obj, torch.nn.Module):
-            for key, value in obj.state_dict().items():
+            for key, value in modules[name].items():
                 if isinstance(value, torch.Tensor):
                     found[(name, key)] = value
         elif isinstance(obj, torch.optim.Optimizer):
@@ -67,21 +124,6 @@ def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> dict[KeyP
             for key, value in per_param.items():
                 if isinstance(value, torch.Tensor):
                     found[(name, "state", index, key)] = value
-    return found
-
-
-def _tensor_refs(tree: Any) -> list[tuple[KeyPath, fmt.TensorRef]]:
-    found = []
-    stack: list[tuple[KeyPath, Any]] = [((), tree)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, fmt.TensorRef):
-            found.append((path, node))
-        elif isinstance(node, dict):
-            stack.extend(((*path, k), v) for k, v in node.items())
-        elif isinstance(node, list | tuple):
-            stack.extend(((*path, i), v) for i, v in enumerate(node))
-    found.reverse()  # document order, so the first of two paths to one tensor wins
     return found
 
 

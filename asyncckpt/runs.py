@@ -1,0 +1,212 @@
+"""Blobs of a local file read in runs: one ``preadv`` for many small blobs, their CRC32Cs in one
+C-level loop.
+
+A local read costs little per call; what costs per blob is Python. The blobs of a checked layout
+are cut into *runs*: consecutive blobs spanning at most ``RUN_BYTES`` of the file, read with one
+:meth:`ReadHandle.read_pieces` (the padding between them lands in a scratch buffer and is
+dropped) and checksummed with ``map(crc32c, ...)``, whose loop runs in C, as the writer's
+:func:`asyncckpt.format.write_region` does. A blob larger than that is read in *parts* of
+``RUN_BYTES``, each checksummed while it is still in the cache; the parts' checksums are
+combined (:func:`asyncckpt.format.crc32c_combine`) once all have landed, so parts of one big
+blob may be read by different threads. Runs and parts are read by ``threads`` threads
+(``preadv`` and ``crc32c`` release the GIL); whatever their timing, the lowest broken blob of
+the file is the one reported.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import crc32c
+
+from . import format as fmt
+from .errors import CheckpointError
+from .storage import ReadHandle
+
+RUN_BYTES = 8 << 20  # one read covers at most this much of the file
+
+# Blobs [first, stop) of the file; ``part >= 0``: only bytes [part, part + RUN_BYTES) of the big
+# blob ``first`` (then ``stop == first + 1``); ``part == -1``: the whole blobs.
+Run = tuple[int, int, int]
+
+
+def plan_runs(blobs: Sequence[fmt.BlobEntry], run_bytes: int) -> list[Run]:
+    """``blobs`` (in file order) cut into runs that span at most ``run_bytes`` of the file each,
+    and a blob larger than ``run_bytes`` into parts of ``run_bytes`` (the last one shorter)."""
+    runs: list[Run] = []
+    first = 0
+    begin = -1  # the file offset where the open run starts; -1: none is open
+    for index, blob in enumerate(blobs):
+        if begin >= 0 and blob.offset + blob.nbytes - begin > run_bytes:
+            runs.append((first, index, -1))
+            begin = -1
+        if blob.nbytes > run_bytes:
+            runs += [(index, index + 1, start) for start in range(0, blob.nbytes, run_bytes)]
+        elif begin < 0:
+            first, begin = index, blob.offset
+    if begin >= 0:
+        runs.append((first, len(blobs), -1))
+    return runs
+
+
+class RunReads:
+    """Read (or only check) every blob of a checked layout in runs, through ``handle``."""
+
+    def __init__(self, handle: ReadHandle, layout: fmt.Layout, where: str) -> None:
+        self.handle = handle
+        self.layout = layout
+        self.where = where
+        self.run_bytes = RUN_BYTES
+        blobs = layout.blobs
+        self.offsets = [blob.offset for blob in blobs]
+        self.crcs = [blob.crc for blob in blobs]
+        self.runs = plan_runs(blobs, self.run_bytes)
+        self._lock = threading.Lock()
+        self._parts: dict[int, dict[int, int]] = {}  # big blob → part start → its CRC32C
+        self._failures: list[tuple[int, int, CheckpointError]] = []
+        self._failed_at = len(blobs)  # the lowest blob index known to be broken
+
+    def read(self, views: Sequence[memoryview], *, checksums: bool, threads: int) -> None:
+        """Read blob ``i`` into ``views[i]`` (its exact size) for every ``i``.
+
+        Raises :class:`CorruptedCheckpointError` (``path``, ``blob``, ``offset``, ``key``) for
+        the lowest truncated blob or, with ``checksums``, CRC32C mismatch; ``OSError`` when the
+        storage fails.
+        """
+
+        def work(run: Run, scratch: _Scratch) -> None:
+            first, stop, part = run
+            if part >= 0:
+                self._part(first, part, views[first][part : part + self.run_bytes], checksums=checksums)
+            else:
+                self._read(first, stop, views[first:stop], checksums=checksums)
+
+        self._run(work, threads, checksums=checksums)
+
+    def check(self, *, threads: int) -> None:
+        """Read every blob through a scratch buffer per thread and check its CRC32C; keep nothing.
+
+        Raises like :meth:`read`.
+        """
+
+        def work(run: Run, scratch: _Scratch) -> None:
+            first, stop, part = run
+            if part >= 0:
+                size = min(self.run_bytes, self.layout.blobs[first].nbytes - part)
+                self._part(first, part, scratch.get(size), checksums=True)
+            else:
+                self._check(first, stop, scratch)
+
+        self._run(work, threads, checksums=True)
+
+    def _run(self, work: _Work, threads: int, *, checksums: bool) -> None:
+        local = threading.local()
+
+        def one(run: Run) -> None:
+            if run[0] > self._failed_at:  # a lower blob is broken already: nothing to learn here
+                return
+            scratch = getattr(local, "scratch", None)
+            if scratch is None:
+                scratch = local.scratch = _Scratch()
+            try:
+                work(run, scratch)
+            except CheckpointError as exc:
+                self._fail(run[0], exc)
+
+        threads = min(threads, len(self.runs))
+        if threads <= 1:
+            for run in self.runs:
+                one(run)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="asyncckpt-read") as pool:
+                for _ in pool.map(one, self.runs):
+                    pass
+        if checksums:
+            self._check_parts()
+        if self._failures:
+            # lowest blob, then lowest offset: the answer must not depend on thread timing
+            raise min(self._failures, key=lambda failure: failure[:2])[2]
+
+    def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> None:
+        begin = self.offsets[first]
+        length = self.offsets[stop - 1] + self.layout.blobs[stop - 1].nbytes - begin
+        got = self.handle.read_pieces(begin, length, list(zip(self.offsets[first:stop], views, strict=True)))
+        if got < length:
+            raise self._short(first, stop, begin + got)
+        if checksums:
+            self._check_crcs(first, list(map(crc32c.crc32c, views)))
+
+    def _check(self, first: int, stop: int, scratch: _Scratch) -> None:
+        blobs = self.layout.blobs
+        begin = self.offsets[first]
+        length = self.offsets[stop - 1] + blobs[stop - 1].nbytes - begin
+        buffer = scratch.get(length)
+        got = self.handle.read_at(begin, buffer)
+        if got < length:
+            raise self._short(first, stop, begin + got)
+        starts = [offset - begin for offset in self.offsets[first:stop]]
+        views = [buffer[s : s + blobs[i].nbytes] for i, s in enumerate(starts, first)]
+        self._check_crcs(first, list(map(crc32c.crc32c, views)))
+
+    def _part(self, index: int, start: int, view: memoryview, *, checksums: bool) -> None:
+        """Bytes ``[start, start + len(view))`` of big blob ``index`` into ``view``; its CRC32C kept."""
+        got = self.handle.read_at(self.offsets[index] + start, view)
+        if got < len(view):
+            raise fmt.truncated(self.layout, index, start + got, path=self.where)
+        if checksums:
+            crc = crc32c.crc32c(view)
+            with self._lock:
+                self._parts.setdefault(index, {})[start] = crc
+
+    def _check_parts(self) -> None:
+        """Each big blob's CRC32C from its parts' (a blob with a part missing failed already)."""
+        for index, parts in sorted(self._parts.items()):
+            nbytes = self.layout.blobs[index].nbytes
+            starts = sorted(parts)
+            if len(starts) * self.run_bytes < nbytes:
+                continue
+            crc = 0
+            for start in starts:
+                crc = fmt.crc32c_combine(crc, parts[start], min(self.run_bytes, nbytes - start))
+            try:
+                fmt.check_crc(self.layout, index, crc, path=self.where)
+            except CheckpointError as exc:
+                self._fail(index, exc)
+
+    def _check_crcs(self, first: int, found: list[int]) -> None:
+        """Raise the checksum mismatch of the first blob from ``first`` whose CRC32C is not in ``found``."""
+        expected = self.crcs[first : first + len(found)]
+        if found == expected:  # one C-level comparison for the whole run
+            return
+        bad = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+        fmt.check_crc(self.layout, first + bad, found[bad], path=self.where)
+
+    def _short(self, first: int, stop: int, end: int) -> CheckpointError:
+        """The error for a run of blobs ``[first, stop)`` whose bytes ended at file offset ``end``."""
+        blobs = self.layout.blobs
+        index = next(i for i in range(first, stop) if blobs[i].offset + blobs[i].nbytes > end)
+        return fmt.truncated(self.layout, index, max(end - blobs[index].offset, 0), path=self.where)
+
+    def _fail(self, blob: int, exc: CheckpointError) -> None:
+        with self._lock:
+            found = exc.blob if isinstance(exc.blob, int) else blob
+            at = exc.offset if isinstance(exc.offset, int) else 0
+            self._failures.append((found, at, exc))
+            self._failed_at = min(self._failed_at, found)
+
+
+class _Scratch:
+    """One thread's scratch buffer for :meth:`RunReads.check`, grown as needed."""
+
+    def __init__(self) -> None:
+        self.buffer = memoryview(bytearray(0))
+
+    def get(self, nbytes: int) -> memoryview:
+        if len(self.buffer) < nbytes:
+            self.buffer = memoryview(bytearray(nbytes))
+        return self.buffer[:nbytes]
+
+
+_Work = Callable[[Run, _Scratch], None]  # one run, with the thread's scratch buffer

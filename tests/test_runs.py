@@ -1,0 +1,187 @@
+"""Local reads in runs: many small blobs per ``read_pieces`` call, their CRC32Cs in one C-level
+loop, big blobs in parts; the lowest broken blob reported whatever the threads' timing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+# The load side's test helpers (tests/loading/helpers.py; tests/ is on sys.path).
+from loading.helpers import assert_same_state, flip_blob_byte, truncate  # noqa: I001
+
+import asyncckpt
+from asyncckpt import format as fmt
+from asyncckpt import reader as reader_module
+from asyncckpt import runs as runs_module
+from asyncckpt.catalog import checkpoint_name
+from asyncckpt.errors import CorruptedCheckpointError
+from asyncckpt.runs import plan_runs
+from asyncckpt.storage import PosixStorage, ReadHandle
+
+CPU = torch.device("cpu")
+
+
+def blobs(*spans: tuple[int, int]) -> tuple[fmt.BlobEntry, ...]:
+    return tuple(fmt.BlobEntry(offset, nbytes, 0) for offset, nbytes in spans)
+
+
+def test_runs_hold_consecutive_blobs_up_to_the_run_size_and_big_blobs_go_in_parts() -> None:
+    layout = blobs((4096, 100), (8192, 100), (12288, 10_000), (28672, 0), (28672, 50), (32768, 10))
+    assert plan_runs(layout, 4096) == [
+        (0, 1, -1),
+        (1, 2, -1),
+        (2, 3, 0),
+        (2, 3, 4096),
+        (2, 3, 8192),
+        (3, 5, -1),
+        (5, 6, -1),  # 4106 bytes from blob 3 on: a run more
+    ]
+    assert plan_runs(layout, 8192) == [(0, 2, -1), (2, 3, 0), (2, 3, 8192), (3, 6, -1)]
+    assert plan_runs(layout, 1 << 20) == [(0, 6, -1)]
+    assert plan_runs((), 4096) == []
+
+
+class Counted(ReadHandle):
+    """A local file whose reads are counted (and may be made to see a shorter file)."""
+
+    def __init__(self, inner: ReadHandle) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.size = inner.size
+        self.calls: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def read_at(self, offset: int, buffer: memoryview) -> int:
+        with self.lock:
+            self.calls.append(("read_at", len(buffer)))
+        return self.inner.read_at(offset, buffer)
+
+    def read_pieces(self, offset: int, length: int, pieces: Sequence[tuple[int, memoryview]]) -> int:
+        with self.lock:
+            self.calls.append(("read_pieces", len(pieces)))
+        return self.inner.read_pieces(offset, length, pieces)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def counted(path: Path) -> tuple[Counted, fmt.Layout]:
+    handle = Counted(PosixStorage(path.parent).open(path.name))
+    return handle, reader_module.read_layout(handle, str(path))
+
+
+def many_small(count: int = 2000) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return {f"t{i}": torch.randn(i % 7 + 1, generator=generator) for i in range(count)}
+
+
+def test_many_small_blobs_are_read_with_one_call_per_run(tmp_path: Path) -> None:
+    state = many_small()
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), state, step=1)
+    handle, layout = counted(path)
+    handle.calls.clear()
+    tensors = reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert_same_state(dict(zip([t.key for t in layout.tensors], tensors, strict=True)), state)
+    runs = plan_runs(layout.blobs, runs_module.RUN_BYTES)
+    assert len(runs) == 1  # 2,000 blobs of 4 KiB each: one run
+    assert handle.calls == [("read_pieces", 2000)]
+    handle.calls.clear()
+    reader_module.check_blobs(handle, layout, where="w")
+    assert handle.calls == [("read_at", layout.blobs[-1].offset + layout.blobs[-1].nbytes - fmt.DATA_OFFSET)]
+
+
+def test_loaded_tensors_have_memory_of_their_own(tmp_path: Path) -> None:
+    """Tensors are never views of one shared buffer: a later save (or torch.save) of some of them
+    holds their own bytes only, and dropping some frees their memory."""
+    base = torch.arange(12.0)
+    state = {"a": torch.ones(3), "b": torch.zeros(5, dtype=torch.int64), "view": base[2:6], "whole": base}
+    loaded = asyncckpt.load(asyncckpt.save(tmp_path / "x.ckpt", state, step=1)).state
+    storages = {name: t.untyped_storage().data_ptr() for name, t in loaded.items()}
+    assert storages["view"] == storages["whole"]  # saved as views of one storage: so loaded
+    assert len({storages["a"], storages["b"], storages["whole"]}) == 3
+    assert loaded["a"].untyped_storage().nbytes() == 12
+    assert loaded["whole"].untyped_storage().nbytes() == 48
+
+
+@pytest.fixture
+def small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of at most 16 KiB and several reading threads, even for a small file."""
+    monkeypatch.setattr(runs_module, "RUN_BYTES", 16 << 10)
+    monkeypatch.setattr(reader_module, "PARALLEL_READ_MIN_BYTES", 0)
+    monkeypatch.setattr(reader_module.os, "cpu_count", lambda: 4)
+
+
+def wide_state() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    sizes = [3, 5000, 1, 0, 70_000, 12, 4096, 9000]
+    return {f"t{i}": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+
+
+@pytest.mark.usefixtures("small_runs")
+def test_big_blobs_are_read_in_parts_and_every_value_arrives(tmp_path: Path) -> None:
+    state = wide_state()
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), state, step=1)
+    handle, layout = counted(path)
+    handle.calls.clear()
+    tensors = reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert_same_state(dict(zip([t.key for t in layout.tensors], tensors, strict=True)), state)
+    run = 16 << 10
+    parts = sorted(n for kind, n in handle.calls if kind == "read_at")
+    big = [b.nbytes for b in layout.blobs if b.nbytes > run]
+    assert len(big) == 3  # t1, t4, t7: each read in parts of at most 16 KiB
+    assert parts == sorted(min(run, n - start) for n in big for start in range(0, n, run))
+
+
+@pytest.mark.usefixtures("small_runs")
+@pytest.mark.parametrize("checking", [False, True], ids=["read", "check"])
+def test_the_lowest_broken_blob_is_reported(tmp_path: Path, checking: bool) -> None:
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    flip_blob_byte(path, "t7", at=9)
+    flip_blob_byte(path, "t5", at=1)  # a small blob sharing a run with others
+    flip_blob_byte(path, "t4", at=70_000 * 4 - 3)  # in the last part of a big blob
+    for _ in range(3):
+        handle, layout = counted(path)
+        with pytest.raises(CorruptedCheckpointError) as caught:
+            if checking:
+                reader_module.check_blobs(handle, layout, where="w")
+            else:
+                reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+        assert caught.value.reason.startswith("checksum mismatch in t4 ")
+        assert (caught.value.path, caught.value.key, caught.value.blob) == ("w", "t4", 4)
+
+
+def test_a_mismatch_inside_a_run_names_its_blob(tmp_path: Path) -> None:
+    state = many_small(50)
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), state, step=1)
+    flip_blob_byte(path, "t31", at=2)
+    flip_blob_byte(path, "t40", at=0)
+    handle, layout = counted(path)
+    with pytest.raises(CorruptedCheckpointError) as caught:
+        reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert (caught.value.key, caught.value.blob) == ("t31", 31)
+    assert caught.value.offset == layout.blobs[31].offset
+    reader_module.read_tensors(handle, layout, where="w", checksums=False, device=CPU)  # not checked
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["run", "parts"])
+def test_a_file_that_shrank_after_its_header_was_read_is_truncated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big: bool
+) -> None:
+    if big:
+        monkeypatch.setattr(runs_module, "RUN_BYTES", 16 << 10)
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    handle, layout = counted(path)
+    blob = layout.blobs[4]
+    truncate(path, blob.offset + 5000)
+    for check in (False, True):
+        with pytest.raises(CorruptedCheckpointError) as caught:
+            if check:
+                reader_module.check_blobs(handle, layout, where="w")
+            else:
+                reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+        assert caught.value.reason.startswith("truncated inside t4 at offset ")
+        assert (caught.value.offset, caught.value.blob) == (blob.offset + 5000, 4)
