@@ -55,6 +55,7 @@ for _ in range(calls):
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     out.append((time.perf_counter() - wall, time.process_time() - cpu))
+print(asyncckpt.__file__)
 print(json.dumps(out))
 """
 
@@ -93,14 +94,20 @@ def main() -> None:
             for name, tree in trees.items():
                 command = [sys.executable, "-c", CHILD, str(parse_size(args.size)), str(args.tensors)]
                 command += [str(directory), what, str(HERE), str(args.calls)]
+                # In the tree: ``python -c`` puts the working directory first on the path, so a
+                # child started elsewhere would import that directory's asyncckpt.
                 done = subprocess.run(
                     command,
                     env={**os.environ, "PYTHONPATH": tree},
+                    cwd=tree,
                     capture_output=True,
                     text=True,
                     check=True,
                 )
-                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                *_, imported, result = done.stdout.strip().splitlines()
+                if not Path(imported).resolve().is_relative_to(Path(tree).resolve()):
+                    raise SystemExit(f"the child for {tree} imported asyncckpt from {imported}")
+                runs[name].append(json.loads(result))
         base = [statistics.median(w for w, _ in r) for r in runs[names[0]]]
         for name in names:
             walls = [statistics.median(w for w, _ in r) for r in runs[name]]
