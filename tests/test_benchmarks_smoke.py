@@ -191,3 +191,21 @@ def test_load_ab_benchmark_has_help(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--tree", "--size", "--tensors", "--what", "--rounds", "--out"):
         assert option in done.stdout
+
+
+def test_page_touch_benchmark_runs(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "page_touch.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--size", "4M", "--saves", "3", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line[:1].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["0", "1", "2"]
+    for row in rows:
+        write, touch = (cell.split(", ") for cell in row.split(" | ")[1:])
+        assert float(write[0]) >= 0.0 and float(touch[1]) >= 0.0
+    assert list(tmp_path.iterdir()) == []  # its files are gone
