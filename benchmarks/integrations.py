@@ -417,8 +417,14 @@ def run_child(spec: str, options: argparse.Namespace, argv: list[str], work: Pat
 
 def measure(options: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for framework in options.frameworks.split(","):
-        configs = options.configs.split(",") if options.configs else CONFIGS[framework]
+    frameworks = options.frameworks.split(",")
+    asked = options.configs.split(",") if options.configs else []
+    unknown = [c for c in asked if not any(c in CONFIGS[f] for f in frameworks)]
+    if unknown:
+        raise SystemExit(f"unknown configurations {unknown} for {frameworks}: choose from {CONFIGS}")
+    for framework in frameworks:
+        # a configuration of another framework (lightning-async, trainer) is that framework's only
+        configs = [c for c in asked if c in CONFIGS[framework]] if asked else list(CONFIGS[framework])
         runs[framework] = {config: [] for config in configs}
         for round_ in range(options.repeat):
             for config in configs:

@@ -137,6 +137,14 @@ def test_integrations_benchmark_has_help(tmp_path: Path) -> None:
         assert option in done.stdout
 
 
+def test_integrations_benchmark_refuses_an_unknown_configuration(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "integrations.py"
+    argv = [sys.executable, str(script), "--frameworks", "transformers", "--configs", "none,lightning-async"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "unknown configurations ['lightning-async']" in done.stderr
+
+
 def test_integrations_benchmark_names_the_writer_priority() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
