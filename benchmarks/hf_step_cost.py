@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from integrations import hf_gpt2
 from plain_writer import Copy, PlainWriter, state_tensors
 
 
@@ -136,33 +137,6 @@ def make_methods(trainer: Any, directory: Path, names: list[str]) -> dict[str, C
     return {name: methods[name] for name in names}
 
 
-def gpt2(options: argparse.Namespace) -> tuple[Any, Any]:
-    """integrations.py's GPT-2 (built from a config, seeded) and its endless random tokens."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    vocab = options.hf_vocab
-
-    class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-        def __len__(self) -> int:
-            return 100_000
-
-        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-            ids = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(index))
-            return {"input_ids": ids, "labels": ids}
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=options.hf_layers,
-        n_embd=options.hf_embd,
-        n_head=6,
-        vocab_size=vocab,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config), Tokens()
-
-
 def run(options: argparse.Namespace, directory: Path) -> dict[str, Any]:
     import transformers
     from transformers import TrainerCallback, TrainingArguments
@@ -170,7 +144,7 @@ def run(options: argparse.Namespace, directory: Path) -> dict[str, Any]:
     from asyncckpt.integrations.transformers import AsyncCheckpointTrainer
 
     transformers.logging.set_verbosity_error()
-    model, dataset = gpt2(options)
+    model, dataset = hf_gpt2(options)
     names = options.methods.split(",")
     total = options.every * (len(names) * options.rounds + 1) + options.window + 1
     args = TrainingArguments(

@@ -192,15 +192,11 @@ def run_lightning(config: str, options: argparse.Namespace, directory: Path) -> 
     return timer.result(params=params, files=checkpoint_bytes(directory), directory=directory, plain=plain)
 
 
-def run_transformers(config: str, options: argparse.Namespace, directory: Path) -> dict[str, Any]:
+def hf_gpt2(options: argparse.Namespace) -> tuple[Any, Any]:
+    """The Trainer's GPT-2 (built from a config, seeded) and its endless random tokens."""
     import torch
-    import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from asyncckpt.integrations.transformers import AsyncCheckpointTrainer
-
-    transformers.logging.set_verbosity_error()
-    config, nice = split_nice(config)
     vocab = options.hf_vocab
 
     class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -212,17 +208,27 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
             return {"input_ids": ids, "labels": ids}
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=options.hf_layers,
-            n_embd=options.hf_embd,
-            n_head=6,
-            vocab_size=vocab,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+    config = GPT2Config(
+        n_layer=options.hf_layers,
+        n_embd=options.hf_embd,
+        n_head=6,
+        vocab_size=vocab,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
     )
+    return GPT2LMHeadModel(config), Tokens()
+
+
+def run_transformers(config: str, options: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    from asyncckpt.integrations.transformers import AsyncCheckpointTrainer
+
+    transformers.logging.set_verbosity_error()
+    config, nice = split_nice(config)
+    model, dataset = hf_gpt2(options)
     timer = StepTimer()
     args = TrainingArguments(
         str(directory),
@@ -243,7 +249,7 @@ def run_transformers(config: str, options: argparse.Namespace, directory: Path) 
     callbacks = [timer.hf_callback()]
     if config.startswith("floor"):
         callbacks.append(plain_hf_callback(plain, options.every, copy=config == "floor-copy"))
-    trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks, **extra)
+    trainer = cls(model=model, args=args, train_dataset=dataset, callbacks=callbacks, **extra)
     original = cls._save_checkpoint
 
     def timed_save(self: Any, *args: Any, **kwargs: Any) -> Any:
