@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
 
 from . import format as fmt
+from ._parallel import Failures, run_each
 from .errors import CheckpointError
 from .storage import ReadHandle
 
@@ -65,8 +65,7 @@ class RunReads:
         self.runs = plan_runs(blobs, self.run_bytes)
         self._lock = threading.Lock()
         self._parts: dict[int, dict[int, int]] = {}  # big blob → part start → its CRC32C
-        self._failures: list[tuple[int, int, CheckpointError]] = []
-        self._failed_at = len(blobs)  # the lowest blob index known to be broken
+        self._failures = Failures(len(blobs))
 
     def read(self, views: Sequence[memoryview], *, checksums: bool, threads: int) -> None:
         """Read blob ``i`` into ``views[i]`` (its exact size) for every ``i``.
@@ -105,7 +104,7 @@ class RunReads:
         local = threading.local()
 
         def one(run: Run) -> None:
-            if run[0] > self._failed_at:  # a lower blob is broken already: nothing to learn here
+            if run[0] > self._failures.lowest:  # a lower blob is broken already: nothing to learn
                 return
             scratch = getattr(local, "scratch", None)
             if scratch is None:
@@ -113,21 +112,12 @@ class RunReads:
             try:
                 work(run, scratch)
             except CheckpointError as exc:
-                self._fail(run[0], exc)
+                self._failures.add(run[0], exc)
 
-        threads = min(threads, len(self.runs))
-        if threads <= 1:
-            for run in self.runs:
-                one(run)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="asyncckpt-read") as pool:
-                for _ in pool.map(one, self.runs):
-                    pass
+        run_each(one, self.runs, threads, "asyncckpt-read")
         if checksums:
             self._check_parts()
-        if self._failures:
-            # lowest blob, then lowest offset: the answer must not depend on thread timing
-            raise min(self._failures, key=lambda failure: failure[:2])[2]
+        self._failures.raise_lowest()
 
     def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> None:
         begin = self.offsets[first]
@@ -173,7 +163,7 @@ class RunReads:
             try:
                 fmt.check_crc(self.layout, index, crc, path=self.where)
             except CheckpointError as exc:
-                self._fail(index, exc)
+                self._failures.add(index, exc)
 
     def _check_crcs(self, first: int, found: list[int]) -> None:
         """Raise the checksum mismatch of the first blob from ``first`` whose CRC32C is not in ``found``."""
@@ -188,13 +178,6 @@ class RunReads:
         blobs = self.layout.blobs
         index = next(i for i in range(first, stop) if blobs[i].offset + blobs[i].nbytes > end)
         return fmt.truncated(self.layout, index, max(end - blobs[index].offset, 0), path=self.where)
-
-    def _fail(self, blob: int, exc: CheckpointError) -> None:
-        with self._lock:
-            found = exc.blob if isinstance(exc.blob, int) else blob
-            at = exc.offset if isinstance(exc.offset, int) else 0
-            self._failures.append((found, at, exc))
-            self._failed_at = min(self._failed_at, found)
 
 
 class _Scratch:

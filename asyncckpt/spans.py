@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import crc32c
 
 from . import format as fmt
+from ._parallel import Failures, run_each
 from .errors import CheckpointError
 from .storage import ParallelReads, ReadHandle
 
@@ -88,8 +88,7 @@ class SpanReads:
         for span in self.spans:
             for piece in span.pieces:
                 self._left[piece.blob] += 1
-        self._failures: list[tuple[int, int, CheckpointError]] = []
-        self._failed_at = len(layout.blobs)
+        self._failures = Failures(len(layout.blobs))
         self._stop = threading.Event()
 
     def run(self, destination: Destination | None, finish: Finish, *, checksums: bool) -> None:
@@ -100,30 +99,21 @@ class SpanReads:
                 try:
                     self._complete(index, finish, checksums=checksums)
                 except CheckpointError as exc:
-                    self._fail(index, exc)
+                    self._failures.add(index, exc)
 
         def work(span: Span) -> None:
-            if self._stop.is_set() or span.pieces[0].blob > self._failed_at:
+            if self._stop.is_set() or span.pieces[0].blob > self._failures.lowest:
                 return
             try:
                 self._read(span, destination, finish, checksums=checksums)
             except CheckpointError as exc:
-                self._fail(span.pieces[0].blob, exc)
+                self._failures.add(span.pieces[0].blob, exc)
             except BaseException:
                 self._stop.set()
                 raise
 
-        threads = min(self.reads.in_flight, len(self.spans))
-        if threads <= 1:
-            for span in self.spans:
-                work(span)
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="asyncckpt-get") as pool:
-                for _ in pool.map(work, self.spans):
-                    pass
-        if self._failures:
-            # lowest blob, then lowest offset: the answer must not depend on thread timing
-            raise min(self._failures, key=lambda failure: failure[:2])[2]
+        run_each(work, self.spans, self.reads.in_flight, "asyncckpt-get")
+        self._failures.raise_lowest()
 
     def _read(self, span: Span, destination: Destination | None, finish: Finish, *, checksums: bool) -> None:
         offsets = [self.layout.blobs[p.blob].offset + p.start for p in span.pieces]
@@ -161,10 +151,3 @@ class SpanReads:
                 crc = fmt.crc32c_combine(crc, piece_crc, nbytes)
             fmt.check_crc(self.layout, index, crc, path=self.where)
         finish(index)
-
-    def _fail(self, blob: int, exc: CheckpointError) -> None:
-        with self._lock:
-            found = exc.blob if isinstance(exc.blob, int) else blob
-            at = exc.offset if isinstance(exc.offset, int) else 0
-            self._failures.append((found, at, exc))
-            self._failed_at = min(self._failed_at, found)
