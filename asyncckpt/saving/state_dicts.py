@@ -23,7 +23,6 @@ _MODULE = torch.nn.Module
 _STATE_DICT = _MODULE.state_dict
 _SAVE_TO_STATE_DICT = _MODULE._save_to_state_dict
 _GET_EXTRA_STATE = _MODULE.get_extra_state
-_OWN_METHODS = ("state_dict", "_save_to_state_dict", "get_extra_state")
 _MAX_DEPTH = 500  # deeper trees (or a module inside itself) go to torch, which decides
 
 
@@ -79,7 +78,8 @@ def _plain_parts(module: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     attributes = getattr(module, "__dict__", None)
     if type(attributes) is not dict:
         return None
-    # The names of _OWN_METHODS, spelled out: a generator over them costs more than the walk.
+    # A method replaced on the instance (names spelled out: a generator over them costs more
+    # than the walk).
     if "state_dict" in attributes or "_save_to_state_dict" in attributes or "get_extra_state" in attributes:
         return None
     get = attributes.get
