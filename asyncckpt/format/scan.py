@@ -89,8 +89,7 @@ class _Scan:
         data = self.data
         end = len(data)
         lead = _LEAD
-        max_objects, max_frames = self.max_objects, self.max_frames
-        objects = self.objects  # counted here, in a local; ext() counts in self.objects
+        max_objects = self.max_objects
         # One frame per open container: [items left, where its bytes must stop, exact end?]
         frames: list[list[int]] = [[1, end, 0]]
         pos = 0
@@ -120,8 +119,8 @@ class _Scan:
             if kind == _SCALAR:
                 pos += n
             elif kind in (_ARRAY, _MAP):
-                objects += 1
-                if objects > max_objects:
+                self.objects += 1
+                if self.objects > max_objects:
                     raise self.too_many()
                 if kind == _MAP:
                     n *= 2
@@ -130,21 +129,16 @@ class _Scan:
                         raise ValueError(
                             f"a container at byte {pos} declares {n} values, more than the bytes left"
                         )
-                    if len(frames) >= max_frames:  # push(), inlined: once per container
-                        raise self.too_deep()
-                    frames.append([n, bound, 0])
+                    self.push(frames, [n, bound, 0])
             elif kind == _EXT:
-                self.objects = objects
                 pos = self.ext(frames, bound, pos, n)
-                objects = self.objects
             else:
                 raise ValueError(f"byte {pos - 1} is 0xc1, which msgpack never uses")
             if pos > bound:
                 raise ValueError(f"truncated: a value runs past byte {bound}")
         if pos != end:
             raise ValueError(f"{end - pos} bytes follow the header's value")
-        self.objects = objects
-        return objects
+        return self.objects
 
     def too_many(self) -> ValueError:
         return ValueError(
@@ -191,8 +185,5 @@ class _Scan:
 
     def push(self, frames: list[list[int]], frame: list[int]) -> None:
         if len(frames) >= self.max_frames:
-            raise self.too_deep()
+            raise ValueError(f"it nests deeper than {spec.MAX_DEPTH} levels")
         frames.append(frame)
-
-    def too_deep(self) -> ValueError:
-        return ValueError(f"it nests deeper than {spec.MAX_DEPTH} levels")
