@@ -96,23 +96,9 @@ Refs = list[tuple[Path_, fmt.TensorRef]]  # every tensor reference of a tree, wi
 
 def layout_refs(layout: fmt.Layout) -> Refs:
     """Every tensor reference of a v1 file's tree with its key path, in document order (so the
-    first of two paths to one tensor comes first): one walk, shared by the loader's checks.
-
-    The tree is a checked header's (dicts, lists and tuples; no reference inside a typed value).
-    """
-    found: Refs = []
-    stack: list[tuple[Path_, Any]] = [((), layout.tree)]
+    first of two paths to one tensor comes first): one walk, shared by the loader's checks."""
     ref = fmt.TensorRef
-    while stack:
-        path, node = stack.pop()
-        kind = type(node)
-        if kind is ref:
-            found.append((path, node))
-        elif kind is dict:
-            stack += [((*path, key), value) for key, value in reversed(node.items())]
-        elif kind is list or kind is tuple:
-            stack += [((*path, i), node[i]) for i in range(len(node) - 1, -1, -1)]
-    return found
+    return [(path, node) for path, node in walk(layout.tree) if type(node) is ref]
 
 
 def layout_index(layout: fmt.Layout, refs: Refs) -> dict[Path_, TensorShape]:
