@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ckptbench.state import parse_size
+from ckptbench.trees import run_in_tree
 
 CHILD = r"""
 import json, os, sys, time, tempfile
@@ -76,22 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for _ in range(args.rounds):
             for name, path in trees.items():
-                tree = Path(path).resolve()
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                # In the tree: ``python -c`` puts the working directory first on the path, so a
-                # child started elsewhere would import that directory's asyncckpt.
-                done = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(size), str(args.tensors), directory],
-                    env=env,
-                    cwd=tree,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                if not Path(result.pop("module")).resolve().is_relative_to(tree):
-                    raise SystemExit(f"the child for {tree} did not import its own asyncckpt")
-                results[name].append(result)
+                command = [sys.executable, "-c", CHILD, str(size), str(args.tensors), directory]
+                results[name].append(run_in_tree(command, path))
     lines = [
         f"- command: `python {' '.join(sys.argv)}`",
         f"- started: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, load average {os.getloadavg()}",

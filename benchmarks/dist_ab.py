@@ -113,8 +113,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    size = int(float(args.size[:-1]) * units[args.size[-1]]) if args.size[-1] in units else int(args.size)
+    from ckptbench.state import parse_size
+
+    size = parse_size(args.size)
     if args.child:
         child(args.world, args.layout, args.tensors, size, args.saves, args.restores, args.dir)
         return

@@ -13,16 +13,15 @@ median over rounds, which holds on a loaded machine far better than absolute tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ckptbench.state import parse_size
+from ckptbench.trees import run_in_tree
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,8 +54,7 @@ for _ in range(calls):
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     out.append((time.perf_counter() - wall, time.process_time() - cpu))
-print(asyncckpt.__file__)
-print(json.dumps(out))
+print(json.dumps({"runs": out, "module": asyncckpt.__file__}))
 """
 
 
@@ -94,20 +92,7 @@ def main() -> None:
             for name, tree in trees.items():
                 command = [sys.executable, "-c", CHILD, str(parse_size(args.size)), str(args.tensors)]
                 command += [str(directory), what, str(HERE), str(args.calls)]
-                # In the tree: ``python -c`` puts the working directory first on the path, so a
-                # child started elsewhere would import that directory's asyncckpt.
-                done = subprocess.run(
-                    command,
-                    env={**os.environ, "PYTHONPATH": tree},
-                    cwd=tree,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                *_, imported, result = done.stdout.strip().splitlines()
-                if not Path(imported).resolve().is_relative_to(Path(tree).resolve()):
-                    raise SystemExit(f"the child for {tree} imported asyncckpt from {imported}")
-                runs[name].append(json.loads(result))
+                runs[name].append(run_in_tree(command, tree)["runs"])
         base = [statistics.median(w for w, _ in r) for r in runs[names[0]]]
         for name in names:
             walls = [statistics.median(w for w, _ in r) for r in runs[name]]

@@ -18,14 +18,14 @@ in microseconds per tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ckptbench.trees import run_in_tree
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,16 +57,8 @@ print(json.dumps({"median": statistics.median(stalls), "cpu": statistics.median(
 
 def _child(tree: str, size: str, count: int, saves: int, root: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory(dir=root) as directory:
-        env = {**os.environ, "PYTHONPATH": tree}
         command = [sys.executable, "-c", CHILD, str(HERE), size, str(count), str(saves), directory]
-        # In the tree: ``python -c`` puts the working directory first on the path, so a child
-        # started in another checkout would import that checkout's asyncckpt.
-        out = subprocess.run(command, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
-    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
-    module = Path(str(result["module"])).resolve()
-    if not module.is_relative_to(Path(tree).resolve()):
-        raise SystemExit(f"the child for {tree} imported asyncckpt from {module}")
-    return result
+        return run_in_tree(command, tree)
 
 
 def main() -> None:
