@@ -59,7 +59,7 @@ class RingBuffers:
         self.layout = layout
         self.sizes = [entry[0] for entry in layout]
         self.half = max(capacity // 2 // fmt.ALIGN * fmt.ALIGN, fmt.ALIGN)
-        self.data = torch.empty(2 * self.half, dtype=torch.uint8, pin_memory=pin_memory)
+        self.data = aligned_zeros(2 * self.half, pin_memory=pin_memory)
         self.plan: Any = None
 
     @property
@@ -147,7 +147,7 @@ class StagingPool:
             self.allocations += 1
             return RingBuffers(layout, share, pin_memory=self.pin_memory)
         offsets = [o - fmt.DATA_OFFSET for o in file_offsets]
-        data = torch.zeros(end - fmt.DATA_OFFSET, dtype=torch.uint8, pin_memory=self.pin_memory)
+        data = aligned_zeros(end - fmt.DATA_OFFSET, pin_memory=self.pin_memory)
         destinations = [
             destination(data, offset, dtype, shape)
             for offset, (_, _, dtype, shape) in zip(offsets, layout, strict=True)
@@ -161,9 +161,19 @@ def _same(a: LayoutKey, b: LayoutKey) -> bool:
     return a is b or a == b
 
 
+def aligned_zeros(nbytes: int, *, pin_memory: bool) -> torch.Tensor:
+    """A zeroed 1-D uint8 host tensor of ``nbytes`` whose first byte is 4 KiB-aligned, as blobs
+    are in the file: the writer can then send long runs of it around the page cache
+    (:mod:`asyncckpt.storage.direct`). Torch aligns large host tensors to 64 bytes only."""
+    raw = torch.zeros(nbytes + fmt.ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
+    shift = -raw.data_ptr() % fmt.ALIGN
+    return raw[shift : shift + nbytes]
+
+
 def destination(data: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A contiguous ``dtype`` view of ``data`` at byte ``offset`` with ``shape`` (``offset`` a
-    multiple of the element size)."""
+    multiple of the element size, as is ``data``'s own offset in its storage)."""
     view = torch.empty(0, dtype=dtype)
-    view.set_(data.untyped_storage(), offset // itemsize(dtype), shape, contiguous_stride(shape))
+    start = data.storage_offset() + offset
+    view.set_(data.untyped_storage(), start // itemsize(dtype), shape, contiguous_stride(shape))
     return view

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointWriteError
 from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Unfinished, Written
+from .direct import HAVE_DIRECT, DirectWrites, direct_capable, direct_wanted
 from .localfile import IOV_MAX, PosixFile, open_regular
 from .temps import TEMP_MARK, is_temp_name, regular_temps, temp_files, temp_name
 
@@ -32,6 +33,22 @@ class FileOps:
 
     def write(self, fd: int, data: memoryview | bytes) -> int:
         return os.write(fd, data)
+
+    def open_direct(self, path: Path) -> int | None:
+        """Open the file just created at ``path`` again, for direct writes (``O_DIRECT``); None
+        when the filesystem or the platform refuses (every write then goes through the page
+        cache)."""
+        if not HAVE_DIRECT:
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def write_direct(self, fd: int, data: memoryview, offset: int) -> int:
+        """Write ``data`` (4 KiB-aligned memory and length) at ``offset`` of a descriptor from
+        :meth:`open_direct`; return the bytes written."""
+        return os.pwrite(fd, data, offset)
 
     def writev(self, fd: int, buffers: Sequence[memoryview | bytes]) -> int:
         """Write ``buffers`` in order with one call (at most ``IOV_MAX`` of them); return the
@@ -91,16 +108,26 @@ class FdSink:
     """A sink writing to a file descriptor; retries short writes.
 
     ``writev`` writes several buffers with one system call where ``ops`` can (its ``writev``
-    is the default or its own), else with one ``write`` each.
+    is the default or its own), else with one ``write`` each. Given ``direct_fd`` (the same
+    file opened by :meth:`FileOps.open_direct`), ``write`` sends the aligned middle of a long
+    run through it, around the page cache (see :mod:`asyncckpt.storage.direct`).
     """
 
-    def __init__(self, fd: int, ops: FileOps) -> None:
+    def __init__(self, fd: int, ops: FileOps, *, direct_fd: int | None = None) -> None:
         self.fd = fd
         self.ops = ops
         kind = type(ops)
         self._vectored = kind.writev is not FileOps.writev or kind.write is FileOps.write
+        self.direct = None if direct_fd is None else DirectWrites(self, direct_fd)
 
     def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        if self.direct is not None:
+            view = self.direct.write(view)
+        self.write_buffered(view)
+
+    def write_buffered(self, data: memoryview | bytes) -> None:
+        """Write ``data`` through the ordinary descriptor (the page cache)."""
         view = memoryview(data).cast("B")
         while view:
             written = self.ops.write(self.fd, view)
@@ -111,7 +138,7 @@ class FdSink:
     def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
         if not self._vectored:
             for data in buffers:
-                self.write(data)
+                self.write_buffered(data)
             return
         pending = list(buffers)
         while pending:
@@ -152,12 +179,18 @@ class PosixStorage(Storage):
     ``write`` creates ``.<name>.tmp-<random>`` with ``O_EXCL`` in the target's directory and
     fsyncs it; ``commit`` renames it over ``name`` and fsyncs the directory. A failed fsync is
     never retried: the kernel may have dropped the dirty pages, so the data is treated as lost.
+
+    ``direct`` (default: on unless ``ASYNCCKPT_DIRECT_IO=0``) writes long aligned runs around
+    the page cache where the filesystem allows (:mod:`asyncckpt.storage.direct`).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, ops: FileOps = OS) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, ops: FileOps = OS, direct: bool | None = None
+    ) -> None:
         self.root = Path(root)
         self.location = str(self.root)
         self.ops = ops
+        self.direct = (direct_wanted() if direct is None else direct) and direct_capable(ops)
 
     def path(self, name: str) -> Path:
         """The file that holds ``name``."""
@@ -177,14 +210,19 @@ class PosixStorage(Storage):
             raise CheckpointWriteError(
                 f"cannot create a temp file in {final.parent}: {exc}", path=final
             ) from exc
+        direct_fd = self.ops.open_direct(tmp) if self.direct else None
         try:
-            nbytes = body(FdSink(fd, self.ops))
+            nbytes = body(FdSink(fd, self.ops, direct_fd=direct_fd))
             written = time.perf_counter()
             self.ops.fsync(fd)
             synced = time.perf_counter()
         except BaseException as exc:
             _close_quietly(fd, self.ops)
             raise self._failed(exc, tmp, final) from exc
+        finally:
+            if direct_fd is not None:
+                with contextlib.suppress(OSError):  # not part of the protocol: the fsync was
+                    os.close(direct_fd)
         try:
             self.ops.close(fd)
         except OSError as exc:

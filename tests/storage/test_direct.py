@@ -1,0 +1,166 @@
+"""Direct writes (O_DIRECT) of long aligned runs: the bytes on disk are the bytes given, and every
+way the kernel can refuse or fail one ends in a correct file or the write error, never a torn one."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import asyncckpt
+from asyncckpt import CheckpointWriteError
+from asyncckpt.saving.buffers import aligned_zeros, destination
+from asyncckpt.storage.direct import ALIGN, DIRECT_MIN, HAVE_DIRECT, direct_capable
+from asyncckpt.storage.posix import FileOps, PosixStorage
+from asyncckpt.testing import RecordingOps
+
+pytestmark = pytest.mark.skipif(not HAVE_DIRECT, reason="no O_DIRECT on this platform")
+
+
+class CountingOps(FileOps):
+    """Real calls; direct writes counted, and the n-th one answered by ``answer`` when set."""
+
+    def __init__(self, *, answer: str | None = None, nth: int = 1) -> None:
+        self.direct_calls = 0
+        self.direct_bytes = 0
+        self.answer = answer
+        self.nth = nth
+
+    def write_direct(self, fd: int, data: memoryview, offset: int) -> int:
+        self.direct_calls += 1
+        if self.direct_calls == self.nth and self.answer == "einval":
+            raise OSError(errno.EINVAL, "injected EINVAL")
+        if self.direct_calls == self.nth and self.answer == "eio":
+            raise OSError(errno.EIO, "injected EIO")
+        if self.direct_calls == self.nth and self.answer == "short":
+            data = data[: len(data) // 2 + 100]  # a short, unaligned count
+        count = super().write_direct(fd, data, offset)
+        self.direct_bytes += count
+        return count
+
+
+def aligned_buffer(nbytes: int) -> memoryview:
+    """``nbytes`` of recognizable bytes in page-aligned memory (an anonymous map)."""
+    area = mmap.mmap(-1, nbytes)
+    pattern = bytes(range(251)) * (nbytes // 251 + 1)  # 251: prime, so offsets show
+    area[:] = pattern[:nbytes]
+    return memoryview(area)
+
+
+def written(storage: PosixStorage, pieces: list[memoryview | bytes]) -> bytes:
+    def body(sink: object) -> int:
+        for piece in pieces:
+            sink.write(piece)  # type: ignore[attr-defined]
+        return sum(len(p) for p in pieces)
+
+    done = storage.write("f", body)
+    storage.commit(done)
+    return (storage.root / "f").read_bytes()
+
+
+def test_long_aligned_runs_go_direct_and_the_file_holds_every_byte(tmp_path: Path) -> None:
+    ops = CountingOps()
+    data = aligned_buffer(3 * DIRECT_MIN + 5 * ALIGN)
+    pieces: list[memoryview | bytes] = [
+        b"prelude" * 10,
+        bytes(ALIGN - 70),
+        data[: 2 * DIRECT_MIN + 123],
+        data[-5000:],
+    ]
+    got = written(PosixStorage(tmp_path, ops=ops, direct=True), pieces)
+    assert got == b"".join(bytes(p) for p in pieces)
+    assert ops.direct_calls >= 1
+    assert ops.direct_bytes >= 2 * DIRECT_MIN - ALIGN  # the aligned middle of the long run
+
+
+def test_direct_off_writes_nothing_directly(tmp_path: Path) -> None:
+    ops = CountingOps()
+    data = aligned_buffer(2 * DIRECT_MIN)
+    assert written(PosixStorage(tmp_path, ops=ops, direct=False), [data]) == bytes(data)
+    assert ops.direct_calls == 0
+
+
+def test_environment_switch_turns_direct_writes_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNCCKPT_DIRECT_IO", "0")
+    assert not PosixStorage(tmp_path, ops=CountingOps()).direct
+    monkeypatch.setenv("ASYNCCKPT_DIRECT_IO", "1")
+    assert PosixStorage(tmp_path, ops=CountingOps()).direct
+
+
+def test_fault_injecting_ops_see_every_byte_through_write() -> None:
+    # RecordingOps overrides write (faults are injected there): direct writes would bypass it.
+    assert not direct_capable(RecordingOps())
+    assert direct_capable(FileOps())
+    assert direct_capable(CountingOps())
+
+
+@pytest.mark.parametrize("answer", ["einval", "short"])
+def test_a_refused_or_short_direct_write_falls_back_to_the_page_cache(tmp_path: Path, answer: str) -> None:
+    ops = CountingOps(answer=answer, nth=2)
+    data = aligned_buffer(4 * (8 << 20) + 3 * ALIGN + 17)[100:]  # several direct pieces, and
+    got = written(PosixStorage(tmp_path, ops=ops, direct=True), [b"x" * 100, data])  # aligned
+    assert got == b"x" * 100 + bytes(data)
+    assert ops.direct_calls == 2  # the second was refused or short: no more direct writes
+
+
+def test_an_io_error_in_a_direct_write_is_the_write_error_and_publishes_nothing(tmp_path: Path) -> None:
+    ops = CountingOps(answer="eio")
+    storage = PosixStorage(tmp_path, ops=ops, direct=True)
+    with pytest.raises(CheckpointWriteError, match="injected EIO"):
+        written(storage, [aligned_buffer(2 * DIRECT_MIN)])
+    assert list(tmp_path.iterdir()) == []  # no file, no temp file left
+
+
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path) -> None:
+    class NoDirect(CountingOps):
+        def open_direct(self, path: Path) -> int | None:
+            return None
+
+    ops = NoDirect()
+    data = aligned_buffer(2 * DIRECT_MIN)
+    assert written(PosixStorage(tmp_path, ops=ops, direct=True), [data]) == bytes(data)
+    assert ops.direct_calls == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3 * ALIGN), st.integers(0, 2 * DIRECT_MIN + 3 * ALIGN)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_any_sequence_of_runs_is_written_exactly(
+    tmp_path_factory: pytest.TempPathFactory, runs: list[tuple[int, int]]
+) -> None:
+    """Runs starting at any memory offset and file position, of any length: the file is their
+    concatenation (direct middles, buffered heads and tails, each at the right offset)."""
+    source = aligned_buffer(3 * ALIGN + 2 * DIRECT_MIN + 3 * ALIGN)
+    pieces: list[memoryview | bytes] = [source[start : start + length] for start, length in runs]
+    ops = CountingOps()
+    got = written(PosixStorage(tmp_path_factory.mktemp("d"), ops=ops, direct=True), pieces)
+    assert got == b"".join(bytes(p) for p in pieces)
+
+
+def test_staging_buffers_start_on_a_page_and_their_views_see_the_right_bytes() -> None:
+    data = aligned_zeros(3 * ALIGN + 10, pin_memory=False)
+    assert data.data_ptr() % ALIGN == 0 and data.numel() == 3 * ALIGN + 10
+    view = destination(data, ALIGN, torch.float32, (4,))
+    view.copy_(torch.arange(4, dtype=torch.float32))
+    assert data[ALIGN : ALIGN + 16].view(torch.float32).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert data[:ALIGN].count_nonzero() == 0
+
+
+def test_an_asynchronous_save_writes_its_staging_buffer_directly(tmp_path: Path) -> None:
+    ops = CountingOps()
+    state = {f"w{i}": torch.randn(300_000 + 13 * i) for i in range(8)}  # ~9.6 MB
+    with asyncckpt.AsyncCheckpointer(tmp_path, ops=ops) as ckpt:
+        ckpt.save(1, state).result()
+    assert ops.direct_bytes > 8 << 20
+    loaded = asyncckpt.load_latest(tmp_path).state
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
