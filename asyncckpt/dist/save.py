@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .. import catalog
 from .._gc import gc_paused
 from ..errors import CheckpointWriteError, CoordinationError, UsageError
+from ..saving.writer import VerifyMode
 from ..storage import Location
 from ._dcp import dcp_save
 from .group import CoordinationGroup, first_line
@@ -92,6 +93,7 @@ def write_step(
     plan_caching: bool = False,
     replicas: str | None = None,
     write_items: WriteItems | None = None,
+    verify: VerifyMode = "full",
 ) -> SavedStep:
     """The collective part of :func:`save_step`: agree on ``step``, run ``prepare`` on every
     rank (if it raises anywhere, every rank raises and nothing is written), let DCP plan, write
@@ -104,6 +106,7 @@ def write_step(
     ``prepare`` runs on the calling thread; the state it returns must not change until this
     returns (the background writer passes staged copies). ``write_items`` (the caller's, from
     one save to the next) keeps DCP's write items of the DTensors (see :mod:`.items`).
+    ``verify`` says what each rank reads back of its shard (see :class:`AsyncckptWriter`).
     """
     coordination = group
     catalog.step_folder_name(step)  # a bad step fails here, the same way on every rank
@@ -117,6 +120,7 @@ def write_step(
             metadata=prepared.metadata,
             check_shards=check_shards,
             share_metadata=False,  # only the commit record needs it
+            verify=verify,
         )
         return prepared.sharded, writer
 

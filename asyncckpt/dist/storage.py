@@ -40,6 +40,7 @@ from .. import format as fmt
 from ..dtypes import itemsize
 from ..errors import UnsupportedValueError, UsageError
 from ..saving.snapshot import Snapshot, flatten
+from ..saving.writer import VerifyMode
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value
@@ -110,8 +111,11 @@ class AsyncckptWriter(StorageWriter):
     locations (they are in the commit record): DCP then does not pickle an object of several
     hundred bytes per tensor to every rank after each save. Re-saving a committed step first
     removes its record, so the step never mixes two saves. ``metadata`` (user metadata, plain
-    values) goes into this rank's shard file. After the save, ``report`` holds this rank's
-    figures.
+    values) goes into this rank's shard file. ``verify`` says what each rank reads back of
+    its shard before reporting it durable: ``"full"`` (default) every blob's CRC32C as well as
+    the structure, ``"structure"`` the prelude, trailer, size and header CRC (what
+    ``AsyncCheckpointer`` reads back by default), ``"none"`` nothing but the header's digest.
+    After the save, ``report`` holds this rank's figures.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class AsyncckptWriter(StorageWriter):
         metadata: Any = None,
         check_shards: bool = True,
         share_metadata: bool = True,
+        verify: VerifyMode = "full",
         ops: FileOps = OS,
     ) -> None:
         self.storage = _storage_for(location, ops)
@@ -131,6 +136,7 @@ class AsyncckptWriter(StorageWriter):
         self.per_rank = None if per_rank is None else _flatten(per_rank)
         self.metadata = metadata
         self.check_shards = check_shards
+        self.verify: VerifyMode = verify
         self.is_coordinator = False
         self.rank = 0
         self.report: WriteReport | None = None
@@ -185,6 +191,7 @@ class AsyncckptWriter(StorageWriter):
             per_rank=self.per_rank,
             items=items,
             user_metadata=self.metadata,
+            verify=self.verify,
         )
         self.report = WriteReport(written.nbytes, written.write_s, written.fsync_s)
         # One result for the whole shard: DCP pickles every rank's results to the coordinator,

@@ -62,6 +62,7 @@ class StepWriter(Writer):
                 plan_caching=True,
                 replicas=job.replicas,
                 write_items=self.write_items,
+                verify=self.verify,
             )
         except CoordinationError as exc:  # steps differ, or a rank is gone: name it as a write failure
             error = CheckpointWriteError(

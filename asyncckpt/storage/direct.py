@@ -1,27 +1,30 @@
-"""Large aligned writes around the page cache (``O_DIRECT``), the rest through it.
+"""Writing checkpoint files around the page cache (``O_DIRECT``).
 
-A checkpoint's big blobs are written once and not read again soon: copying them into the page
-cache costs CPU on the writer's side (a copy per byte, and on some virtual machines a fault per
-fresh page: 2.8 ms of kernel time per MiB measured on our 2-core VM, see
-``benchmarks/page_touch.py``) and evicts the trainer's own cached data. :class:`DirectSink`
-writes every run of at least :data:`DIRECT_MIN` bytes whose memory and file offset are both
-4 KiB-aligned through a second descriptor opened with ``O_DIRECT`` (the staging buffers are
-laid out like the file on a 4 KiB-aligned base, so their runs are); the unaligned head and tail
-of a run, the prelude, padding and header go through the ordinary descriptor. The durable-write
-protocol is unchanged: the ordinary descriptor's ``fsync`` makes both kinds of write durable
-(one inode), and the file is published by rename as before.
+A checkpoint's bytes are written once and not read again soon: copying them into the page cache
+costs the writer CPU (a copy per byte, and on some virtual machines a fault per fresh page: 2.8
+ms of kernel time per MiB on our 2-core VM, ``benchmarks/page_touch.py``) and evicts the
+trainer's own cached data. :class:`DirectSink` writes a new file through a second descriptor
+opened with ``O_DIRECT``, in whole 4 KiB blocks from 4 KiB-aligned memory: long runs straight
+from the staging buffer (laid out like the file on a 4 KiB-aligned base), everything else
+gathered in a reused bounce buffer first; only the file's last partial block goes through the
+ordinary descriptor. The durable-write protocol is unchanged: the ordinary descriptor's
+``fsync`` makes every write of the file durable (one inode), then it is published by rename.
 
 A filesystem that refuses ``O_DIRECT`` (tmpfs, some FUSE and network filesystems) fails the
-second ``open``; every write then goes through the page cache as before. So does a write the
-kernel refuses with ``EINVAL`` (an alignment rule stricter than 4 KiB). Set
-``ASYNCCKPT_DIRECT_IO=0`` to write everything through the page cache.
+second ``open``: every write then goes through the page cache as before. So does the rest of a
+file after the kernel refuses a direct write with ``EINVAL`` (an alignment rule stricter than
+4 KiB) or writes part of one. ``ASYNCCKPT_DIRECT_IO=0`` turns direct writes off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import mmap
 import os
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 ALIGN = 4096  # memory and file-offset alignment of a direct write (the format's blob alignment)
 DIRECT_MIN = 1 << 20  # shorter runs go through the page cache (sync direct writes of less are slow)
 DIRECT_PIECE = 8 << 20  # bytes per direct write call
+BOUNCE = 8 << 20  # bytes gathered before a direct write of small pieces
+_MEMMOVE_MIN = 64 << 10  # copies at least this long release the GIL (ctypes.memmove)
 HAVE_DIRECT = hasattr(os, "O_DIRECT")
 
 
@@ -49,55 +54,128 @@ def address(view: memoryview) -> int | None:
         return None
 
 
-class DirectWrites:
-    """The direct half of a :class:`~asyncckpt.storage.posix.FdSink`: writes a run's aligned
-    middle through ``direct_fd`` at its file offset, then moves the ordinary descriptor past it.
+class BouncePool:
+    """Page-aligned bounce buffers of :data:`BOUNCE` bytes, lent one per write at a time and
+    kept for the next (a fresh buffer's pages cost a fault each on first touch)."""
 
-    Turns itself off (every later byte through the page cache) when the kernel refuses a direct
-    write with ``EINVAL`` or writes part of one.
+    def __init__(self) -> None:
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[memoryview]:
+        with self._lock:
+            bounce = self._free.pop() if self._free else memoryview(mmap.mmap(-1, BOUNCE))
+        try:
+            yield bounce
+        finally:
+            with self._lock:
+                self._free.append(bounce)
+
+
+class DirectSink:
+    """A sink writing a new file around the page cache, through ``direct_fd`` (``O_DIRECT``).
+
+    Bytes are written at their file offsets in whole 4 KiB blocks from 4 KiB-aligned memory: a
+    run of at least :data:`DIRECT_MIN` bytes whose memory is aligned like its file offset (a
+    staging buffer's) straight from where it lies; everything else (small blobs, padding, the
+    header, unaligned memory) gathered in ``bounce`` first. :meth:`finish` writes what is left
+    in the bounce buffer; its last partial block goes through ``plain`` (the ordinary descriptor).
+    When the kernel refuses a direct write (``EINVAL``) or writes part of one, the rest of the
+    file goes through ``plain``. Any other ``OSError`` is raised: the write failed.
     """
 
-    def __init__(self, sink: FdSink, direct_fd: int) -> None:
-        self.sink = sink
+    def __init__(self, plain: FdSink, direct_fd: int, bounce: memoryview) -> None:
+        self.plain = plain
         self.direct_fd = direct_fd
+        self.bounce = bounce
+        self.base = 0  # file offset of bounce[0]: every byte before it is written
+        self.pending = 0  # bytes gathered in the bounce buffer
         self.on = True
-        self.nbytes = 0  # written directly
+        self.direct_bytes = 0
 
-    def write(self, view: memoryview) -> memoryview:
-        """Write the aligned middle of ``view`` directly when it is long enough; return what is
-        left for the ordinary descriptor after the head (written here first) and the middle."""
-        if not self.on or len(view) < DIRECT_MIN + ALIGN:
-            return view
-        start = address(view)
-        if start is None:
-            return view
-        ops, fd = self.sink.ops, self.sink.fd
-        position = os.lseek(fd, 0, os.SEEK_CUR)
-        head = -position % ALIGN
-        if (start + head) % ALIGN:  # memory and file disagree: the whole run goes buffered
-            return view
-        body = (len(view) - head) // ALIGN * ALIGN
-        if body < DIRECT_MIN:
-            return view
-        self.sink.write_buffered(view[:head])
-        at = position + head
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view and self.on:
+            if not self.pending % ALIGN and (run := _aligned_run(view)):
+                self._drain()
+                if self.on:
+                    self._direct(view[:run])
+                view = view[run:]
+                continue
+            room = len(self.bounce) - self.pending
+            if self.pending % ALIGN:  # up to the block boundary first: a long run may follow
+                room = min(room, ALIGN - self.pending % ALIGN)
+            take = min(len(view), room)
+            _copy(self.bounce[self.pending : self.pending + take], view[:take])
+            self.pending += take
+            view = view[take:]
+            if self.pending == len(self.bounce):
+                self._drain()
+        if view:
+            self.plain.write(view)
+
+    def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
+        for data in buffers:
+            self.write(data)
+
+    def finish(self) -> None:
+        """Write what the bounce buffer holds (call once, after the last ``write``)."""
+        if not self.on:  # everything after the fallback went through plain already
+            return
+        tail = self.pending % ALIGN
+        whole = self.pending - tail
+        self.pending = whole
+        self._drain()
+        if tail:  # a partial block: through the page cache, at its offset
+            os.lseek(self.plain.fd, self.base, os.SEEK_SET)
+            self.plain.write(self.bounce[whole : whole + tail])
+
+    def _drain(self) -> None:
+        """Write the bounce buffer's whole blocks (``pending`` is a multiple of ALIGN)."""
+        if self.pending:
+            count, self.pending = self.pending, 0
+            self._direct(self.bounce[:count])
+
+    def _direct(self, view: memoryview) -> None:
+        """Write ``view`` (aligned memory and length) at ``base``; on a refusal or a short write,
+        write the rest through ``plain`` and stay there."""
         done = 0
-        while done < body:
-            piece = view[head + done : head + min(body, done + DIRECT_PIECE)]
+        while done < len(view):
+            piece = view[done : done + DIRECT_PIECE]
             try:
-                count = ops.write_direct(self.direct_fd, piece, at + done)
+                count = self.plain.ops.write_direct(self.direct_fd, piece, self.base + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 count = 0
-            if count != len(piece):  # refused or short: the rest through the page cache
-                self.on = False
-                done += max(count, 0)
-                break
+            count = max(count, 0)
             done += count
-        self.nbytes += done
-        os.lseek(fd, at + done, os.SEEK_SET)
-        return view[head + done :]
+            self.direct_bytes += count
+            if count != len(piece):
+                self.on = False
+                os.lseek(self.plain.fd, self.base + done, os.SEEK_SET)
+                self.plain.write(view[done:])
+                break
+        self.base += len(view)
+
+
+def _aligned_run(view: memoryview) -> int:
+    """How many leading bytes of ``view`` to write straight from it: its whole blocks when it
+    is long and starts on a page, else 0."""
+    if len(view) < DIRECT_MIN:
+        return 0
+    start = address(view)
+    return len(view) // ALIGN * ALIGN if start is not None and not start % ALIGN else 0
+
+
+def _copy(dest: memoryview, source: memoryview) -> None:
+    """``dest[:] = source``; long copies without the GIL (the trainer thread runs meanwhile)."""
+    target = address(dest)
+    if len(source) >= _MEMMOVE_MIN and target is not None and (start := address(source)) is not None:
+        ctypes.memmove(target, start, len(source))
+    else:
+        dest[:] = source
 
 
 def direct_capable(ops: FileOps) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointWriteError
 from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Unfinished, Written
-from .direct import HAVE_DIRECT, DirectWrites, direct_capable, direct_wanted
+from .direct import HAVE_DIRECT, BouncePool, DirectSink, direct_capable, direct_wanted
 from .localfile import IOV_MAX, PosixFile, open_regular
 from .temps import TEMP_MARK, is_temp_name, regular_temps, temp_files, temp_name
 
@@ -108,26 +108,16 @@ class FdSink:
     """A sink writing to a file descriptor; retries short writes.
 
     ``writev`` writes several buffers with one system call where ``ops`` can (its ``writev``
-    is the default or its own), else with one ``write`` each. Given ``direct_fd`` (the same
-    file opened by :meth:`FileOps.open_direct`), ``write`` sends the aligned middle of a long
-    run through it, around the page cache (see :mod:`asyncckpt.storage.direct`).
+    is the default or its own), else with one ``write`` each.
     """
 
-    def __init__(self, fd: int, ops: FileOps, *, direct_fd: int | None = None) -> None:
+    def __init__(self, fd: int, ops: FileOps) -> None:
         self.fd = fd
         self.ops = ops
         kind = type(ops)
         self._vectored = kind.writev is not FileOps.writev or kind.write is FileOps.write
-        self.direct = None if direct_fd is None else DirectWrites(self, direct_fd)
 
     def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        if self.direct is not None:
-            view = self.direct.write(view)
-        self.write_buffered(view)
-
-    def write_buffered(self, data: memoryview | bytes) -> None:
-        """Write ``data`` through the ordinary descriptor (the page cache)."""
         view = memoryview(data).cast("B")
         while view:
             written = self.ops.write(self.fd, view)
@@ -138,7 +128,7 @@ class FdSink:
     def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
         if not self._vectored:
             for data in buffers:
-                self.write_buffered(data)
+                self.write(data)
             return
         pending = list(buffers)
         while pending:
@@ -191,6 +181,7 @@ class PosixStorage(Storage):
         self.location = str(self.root)
         self.ops = ops
         self.direct = (direct_wanted() if direct is None else direct) and direct_capable(ops)
+        self._bounces = BouncePool()
 
     def path(self, name: str) -> Path:
         """The file that holds ``name``."""
@@ -212,7 +203,13 @@ class PosixStorage(Storage):
             ) from exc
         direct_fd = self.ops.open_direct(tmp) if self.direct else None
         try:
-            nbytes = body(FdSink(fd, self.ops, direct_fd=direct_fd))
+            if direct_fd is None:
+                nbytes = body(FdSink(fd, self.ops))
+            else:
+                with self._bounces.lend() as bounce:
+                    sink = DirectSink(FdSink(fd, self.ops), direct_fd, bounce)
+                    nbytes = body(sink)
+                    sink.finish()
             written = time.perf_counter()
             self.ops.fsync(fd)
             synced = time.perf_counter()

@@ -108,6 +108,17 @@ def test_a_refused_or_short_direct_write_falls_back_to_the_page_cache(tmp_path: 
     assert ops.direct_calls == 2  # the second was refused or short: no more direct writes
 
 
+@pytest.mark.parametrize("answer", [None, "einval", "short"])
+def test_many_small_pieces_are_gathered_into_whole_blocks(tmp_path: Path, answer: str | None) -> None:
+    # 3,000 pieces of 4,001 bytes (12 MB, the bounce buffer fills and drains; the last block is
+    # partial); a refusal in the second drain sends the rest, and the partial block, buffered.
+    ops = CountingOps(answer=answer, nth=2)
+    pieces: list[memoryview | bytes] = [bytes([i % 256]) * 4001 for i in range(3000)]
+    got = written(PosixStorage(tmp_path, ops=ops, direct=True), pieces)
+    assert got == b"".join(bytes(p) for p in pieces)
+    assert ops.direct_calls == 2 if answer else ops.direct_calls >= 1
+
+
 def test_an_io_error_in_a_direct_write_is_the_write_error_and_publishes_nothing(tmp_path: Path) -> None:
     ops = CountingOps(answer="eio")
     storage = PosixStorage(tmp_path, ops=ops, direct=True)
