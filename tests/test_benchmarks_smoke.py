@@ -94,9 +94,20 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
 
     load = result["load"]
     for temperature in ("cold", "warm"):
-        for method in ("read_floor", "asyncckpt_load", "asyncckpt_restore", "torch_load", "torch_restore"):
+        for method in (
+            "read_floor",
+            "read_crc_floor",
+            "asyncckpt_load",
+            "asyncckpt_restore",
+            "torch_load",
+            "torch_restore",
+        ):
             assert load[temperature][method]["seconds"]["median"] is not None, (temperature, method)
         assert "torch_load_over_this" in load[temperature]["asyncckpt_restore"]
+        for method in ("asyncckpt_load", "asyncckpt_restore"):
+            for floor in ("vs_read_floor", "vs_read_crc_floor"):
+                assert load[temperature][method][floor]["median"] is not None, (temperature, method, floor)
+    assert per_tensor["read_crc_floor_warm"] is not None
 
     assert "asyncckpt" in result["interference"]["methods"]
     assert "slowdown_pct" in result["interference"]["methods"]["asyncckpt"]
@@ -105,9 +116,33 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
     assert {t["target"] for t in result["targets"]} >= {
         "stall <= 1.2x plain copy",
         "time to durable <= 1.2x write+fsync",
-        "cold load <= 1.3x plain read",
+        "warm load <= 1.2x plain read",
+        "cold restore <= 1.1x plain read",
+        "(info) warm load <= 1.2x read + CRC32C",
     }
+    assert "x read+CRC" in done.stdout
     assert not list((tmp_path / "work").iterdir()), "the benchmark leaves no files behind"
+
+
+def test_read_crc_floor_reads_every_byte_once_in_parts() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ckptbench.loading import plan_parts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sizes = [3, 1, 10, 2, 4, 4]
+    views = [memoryview(bytearray(n)) for n in sizes]
+    parts = plan_parts(views, 4)
+    # small views share a part up to 4 bytes; the 10-byte view is cut into 4 + 4 + 2
+    assert [(offset, [len(v) for v in vs]) for offset, vs in parts] == [
+        (0, [3, 1]),
+        (4, [4]),
+        (8, [4]),
+        (12, [2]),
+        (14, [2]),
+        (16, [4]),
+        (20, [4]),
+    ]
 
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
