@@ -124,6 +124,20 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
     assert not list((tmp_path / "work").iterdir()), "the benchmark leaves no files behind"
 
 
+def test_loads_everywhere_gives_the_loader_per_tensor_at_every_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "loads.json"
+    argv = ["--parts", "load", "--base", "1M:20", "--sizes", "", "--tensors", "", "--extra", "1M:60"]
+    argv += ["--methods", "write_floor,asyncckpt", "--repeat", "1", "--scaling-repeat", "1", "--warmup", "0"]
+    done = _run(tmp_path, *argv, "--loads-everywhere", "--dir", str(tmp_path / "work"), "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [c["tensors"] for c in result["configs"]] == [20, 60]
+    for config in result["configs"]:
+        per_tensor = config["per_tensor_us"]
+        assert per_tensor["load_warm"] is not None and per_tensor["read_crc_floor_warm"] is not None
+    assert done.stdout.count(" tensors, cold (page cache dropped") == 2  # a load table for each
+
+
 def test_read_crc_floor_reads_every_byte_once_in_parts() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
