@@ -159,6 +159,30 @@ def test_read_crc_floor_reads_every_byte_once_in_parts() -> None:
     ]
 
 
+def test_issue_16_save_goals_are_judged_at_each_tensor_count_of_1_gib() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import write_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def config(nbytes: int, tensors: int, durable: float) -> dict[str, object]:
+        figure = {"median": durable}
+        ours = {"stall_vs_copy_floor": {"median": 0.1}, "durable_vs_write_floor": figure}
+        return {"bytes_requested": nbytes, "bytes": nbytes, "tensors": tensors, "save": {"asyncckpt": ours}}
+
+    result = {
+        "configs": [config(1 << 30, 1000, 1.15), config(1 << 30, 10_000, 1.15), config(32 << 20, 10_000, 9.0)]
+    }
+    judged = {t["target"]: t["met"] for t in write_overhead.save_table_targets(result)}
+    assert judged == {
+        "1G/1000: save() stall <= 0.2x copy": True,
+        "1G/1000: time to durable <= 1.1x write+fsync": False,
+        "1G/10000: save() stall <= 0.2x copy": True,
+        "1G/10000: time to durable <= 1.2x write+fsync": True,
+    }
+
+
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
     done = _run(tmp_path, "--methods", "asyncckpt,nope")
     assert done.returncode == 2
