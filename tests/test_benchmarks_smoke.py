@@ -169,7 +169,7 @@ def test_read_crc_floor_reads_every_byte_once_in_parts() -> None:
 def test_issue_16_save_goals_are_judged_at_each_tensor_count_of_1_gib() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import write_overhead
+        from ckptbench.targets import save_table_targets
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -181,7 +181,7 @@ def test_issue_16_save_goals_are_judged_at_each_tensor_count_of_1_gib() -> None:
     result = {
         "configs": [config(1 << 30, 1000, 1.15), config(1 << 30, 10_000, 1.15), config(32 << 20, 10_000, 9.0)]
     }
-    judged = {t["target"]: t["met"] for t in write_overhead.save_table_targets(result)}
+    judged = {t["target"]: t["met"] for t in save_table_targets(result)}
     assert judged == {
         "1G/1000: save() stall <= 0.2x copy": True,
         "1G/1000: time to durable <= 1.1x write+fsync": False,
