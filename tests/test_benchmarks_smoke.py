@@ -94,9 +94,27 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
 
     load = result["load"]
     for temperature in ("cold", "warm"):
-        for method in ("read_floor", "asyncckpt_load", "asyncckpt_restore", "torch_load", "torch_restore"):
+        for method in (
+            "read_floor",
+            "read_crc_parallel",
+            "read_crc_pipelined",
+            "read_crc_floor",
+            "asyncckpt_load",
+            "asyncckpt_restore",
+            "torch_load",
+            "torch_restore",
+        ):
             assert load[temperature][method]["seconds"]["median"] is not None, (temperature, method)
         assert "torch_load_over_this" in load[temperature]["asyncckpt_restore"]
+        for method in ("asyncckpt_load", "asyncckpt_restore"):
+            for floor in ("vs_read_floor", "vs_read_crc_floor"):
+                assert load[temperature][method][floor]["median"] is not None, (temperature, method, floor)
+        parallel, pipelined, floor = (
+            load[temperature][name]["seconds"]["runs"]
+            for name in ("read_crc_parallel", "read_crc_pipelined", "read_crc_floor")
+        )
+        assert floor == [min(a, b) for a, b in zip(parallel, pipelined, strict=True)]
+    assert per_tensor["read_crc_floor_warm"] is not None
 
     assert "asyncckpt" in result["interference"]["methods"]
     assert "slowdown_pct" in result["interference"]["methods"]["asyncckpt"]
@@ -105,9 +123,71 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
     assert {t["target"] for t in result["targets"]} >= {
         "stall <= 1.2x plain copy",
         "time to durable <= 1.2x write+fsync",
-        "cold load <= 1.3x plain read",
+        "warm load <= 1.2x plain read",
+        "cold restore <= 1.1x plain read",
+        "(info) warm load <= 1.2x read + CRC32C",
     }
+    assert "x read+CRC" in done.stdout
     assert not list((tmp_path / "work").iterdir()), "the benchmark leaves no files behind"
+
+
+def test_loads_everywhere_gives_the_loader_per_tensor_at_every_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "loads.json"
+    argv = ["--parts", "load", "--base", "1M:20", "--sizes", "", "--tensors", "", "--extra", "1M:60"]
+    argv += ["--methods", "write_floor,asyncckpt", "--repeat", "1", "--scaling-repeat", "1", "--warmup", "0"]
+    done = _run(tmp_path, *argv, "--loads-everywhere", "--dir", str(tmp_path / "work"), "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [c["tensors"] for c in result["configs"]] == [20, 60]
+    for config in result["configs"]:
+        per_tensor = config["per_tensor_us"]
+        assert per_tensor["load_warm"] is not None and per_tensor["read_crc_floor_warm"] is not None
+    assert done.stdout.count(" tensors, cold (page cache dropped") == 2  # a load table for each
+
+
+def test_read_crc_floor_reads_every_byte_once_in_parts() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ckptbench.loading import plan_parts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sizes = [3, 1, 10, 2, 4, 4]
+    views = [memoryview(bytearray(n)) for n in sizes]
+    parts = plan_parts(views, 4)
+    # small views share a part up to 4 bytes; the 10-byte view is cut into 4 + 4 + 2
+    assert [(offset, [len(v) for v in vs]) for offset, vs in parts] == [
+        (0, [3, 1]),
+        (4, [4]),
+        (8, [4]),
+        (12, [2]),
+        (14, [2]),
+        (16, [4]),
+        (20, [4]),
+    ]
+
+
+def test_issue_16_save_goals_are_judged_at_each_tensor_count_of_1_gib() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from ckptbench.targets import save_table_targets
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def config(nbytes: int, tensors: int, durable: float) -> dict[str, object]:
+        figure = {"median": durable}
+        ours = {"stall_vs_copy_floor": {"median": 0.1}, "durable_vs_write_floor": figure}
+        return {"bytes_requested": nbytes, "bytes": nbytes, "tensors": tensors, "save": {"asyncckpt": ours}}
+
+    result = {
+        "configs": [config(1 << 30, 1000, 1.15), config(1 << 30, 10_000, 1.15), config(32 << 20, 10_000, 9.0)]
+    }
+    judged = {t["target"]: t["met"] for t in save_table_targets(result)}
+    assert judged == {
+        "1G/1000: save() stall <= 0.2x copy": True,
+        "1G/1000: time to durable <= 1.1x write+fsync": False,
+        "1G/10000: save() stall <= 0.2x copy": True,
+        "1G/10000: time to durable <= 1.2x write+fsync": True,
+    }
 
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:

@@ -78,8 +78,18 @@ def per_tensor_table(configs: list[dict[str, Any]]) -> str:
         "torch.save+fsync",
         "warm load",
         "read floor",
+        "read+CRC floor",
     ]
-    keys = ["save", "copy_floor", "writer", "sync_save", "torch_save_fsync", "load_warm", "read_floor_warm"]
+    keys = [
+        "save",
+        "copy_floor",
+        "writer",
+        "sync_save",
+        "torch_save_fsync",
+        "load_warm",
+        "read_floor_warm",
+        "read_crc_floor_warm",
+    ]
 
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -99,8 +109,10 @@ def load_table(load: dict[str, Any]) -> str:
         "method",
         "cold s median [min-max]",
         "x read",
+        "x read+CRC",
         "warm s median [min-max]",
         "x read",
+        "x read+CRC",
         "vs torch.load",
         "peak RSS +MiB",
     ]
@@ -112,8 +124,10 @@ def load_table(load: dict[str, Any]) -> str:
                 name,
                 _s(cold["seconds"]),
                 _x(cold.get("vs_read_floor")),
+                _x(cold.get("vs_read_crc_floor")),
                 _s(warm["seconds"]),
                 _x(warm.get("vs_read_floor")),
+                _x(warm.get("vs_read_crc_floor")),
                 _x(cold.get("torch_load_over_this")) + " / " + _x(warm.get("torch_load_over_this")),
                 f"{load['peak_extra_rss_bytes'].get(name, 0) / (1 << 20):.0f}",
             ]
@@ -122,7 +136,11 @@ def load_table(load: dict[str, Any]) -> str:
         f"== load: {format_size(load['bytes'])} in {load['tensors']} tensors, cold (page cache "
         f"dropped via {load['page_cache_control']}) and warm =="
     )
-    note = "(vs torch.load: torch.load time / this method's, cold / warm; > 1 means faster)"
+    note = (
+        "(x read: / the plain read floor; x read+CRC: / the read + CRC32C floor, the least a loader "
+        "that checks every byte takes; vs torch.load: torch.load time / this method's, cold / warm; "
+        "> 1 means faster)"
+    )
     return title + "\n" + _table(headers, rows) + "\n" + note
 
 
