@@ -99,13 +99,16 @@ def test_fault_injecting_ops_see_every_byte_through_write() -> None:
     assert direct_capable(CountingOps())
 
 
+@pytest.mark.parametrize("nth", [1, 2])  # the bounce buffer's block before the run; the run
 @pytest.mark.parametrize("answer", ["einval", "short"])
-def test_a_refused_or_short_direct_write_falls_back_to_the_page_cache(tmp_path: Path, answer: str) -> None:
-    ops = CountingOps(answer=answer, nth=2)
+def test_a_refused_or_short_direct_write_falls_back_to_the_page_cache(
+    tmp_path: Path, answer: str, nth: int
+) -> None:
+    ops = CountingOps(answer=answer, nth=nth)
     data = aligned_buffer(4 * (8 << 20) + 3 * ALIGN + 17)[100:]  # several direct pieces, and
     got = written(PosixStorage(tmp_path, ops=ops, direct=True), [b"x" * 100, data])  # aligned
     assert got == b"x" * 100 + bytes(data)
-    assert ops.direct_calls == 2  # the second was refused or short: no more direct writes
+    assert ops.direct_calls == nth  # refused or short: no more direct writes
 
 
 @pytest.mark.parametrize("answer", [None, "einval", "short"])
@@ -156,6 +159,42 @@ def test_any_sequence_of_runs_is_written_exactly(
     ops = CountingOps()
     got = written(PosixStorage(tmp_path_factory.mktemp("d"), ops=ops, direct=True), pieces)
     assert got == b"".join(bytes(p) for p in pieces)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 3 * ALIGN), st.integers(0, 300_000), st.booleans()), max_size=30),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_any_batches_of_buffers_are_written_exactly(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[list[tuple[int, int, bool]]]
+) -> None:
+    """``writev`` batches of small and large buffers, bytes or memory views (some of float
+    format, whose ``len`` is not their size in bytes): the file is their concatenation."""
+    source = aligned_buffer(3 * ALIGN + 300_000)
+    floats = memoryview(bytes(source)).cast("f")
+    expected = b""
+
+    def body(sink: object) -> int:
+        nonlocal expected
+        for batch in batches:
+            buffers: list[memoryview | bytes] = []
+            for start, length, as_bytes in batch:
+                piece = source[start : start + length]
+                if as_bytes:
+                    buffers.append(bytes(piece) if length % 2 else floats[start // 4 : (start + length) // 4])
+                else:
+                    buffers.append(piece)
+            expected += b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+            sink.writev(buffers)  # type: ignore[attr-defined]
+        return len(expected)
+
+    storage = PosixStorage(tmp_path_factory.mktemp("v"), ops=CountingOps(), direct=True)
+    storage.commit(storage.write("f", body))
+    assert (storage.root / "f").read_bytes() == expected
 
 
 def test_staging_buffers_start_on_a_page_and_their_views_see_the_right_bytes() -> None:
