@@ -27,9 +27,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import transformers
-from transformers import Trainer
-from transformers.trainer_callback import ExportableState
+from ._optional import missing_framework
+
+try:
+    import transformers
+    from transformers import Trainer
+    from transformers.trainer_callback import ExportableState
+except ImportError as exc:  # the optional extra is not installed
+    raise missing_framework(exc, __name__, "pip install 'asyncckpt[transformers]'") from exc
 
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, UsageError
