@@ -119,7 +119,8 @@ class AsyncCheckpointMixin:
         """``Trainer.train``; an asyncckpt checkpoint to resume from is loaded first (see the class).
 
         Raises :class:`asyncckpt.NoValidCheckpointError` when ``resume_from_checkpoint=True``
-        and no checkpoint is usable (its ``diagnostics`` say why), and, when training ends,
+        and no checkpoint is usable (its ``diagnostics`` say why), ``FileNotFoundError`` for a
+        path that does not exist, and, when training ends,
         :class:`asyncckpt.CheckpointWriteError` for a save that failed in the background.
         """
         self._check_supported()
@@ -155,6 +156,8 @@ class AsyncCheckpointMixin:
             result = self._load(self.checkpoint_directory())
         elif os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
             return resume  # a Hugging Face checkpoint directory: the Trainer's own way
+        elif not os.path.exists(resume):
+            raise FileNotFoundError(f"Checkpoint not found: {resume}")
         else:
             result = self._load(Path(resume))
         state = result.state
