@@ -137,10 +137,10 @@ class AsyncCheckpointIOBase:
         return _as_dict(loaded.state, target)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Delete ``path`` once every save queued before this call is committed.
+        """Delete ``path`` once every save queued before this call is done.
 
-        If one of those saves fails, the file is kept (an older intact checkpoint is worth
-        more than the space); the writer logs the decision.
+        If the save queued just before it fails, the file is kept (an older intact checkpoint
+        is worth more than the space); the writer logs the decision and never raises for it.
         """
         target = Path(path)
         self._checkpointer(target.parent).delete(target.name)
