@@ -19,8 +19,8 @@ from ._optional import missing_framework
 try:
     from lightning_fabric.plugins import CheckpointIO
     from pytorch_lightning.callbacks import Callback
-except ImportError as exc:  # not installed (the `lightning` extra installs `lightning` instead)
-    raise missing_framework(exc, __name__, "pip install pytorch-lightning") from exc
+except ImportError as exc:  # the optional extra is not installed (`lightning` brings this package)
+    raise missing_framework(exc, __name__, "pip install 'asyncckpt[lightning]'") from exc
 
 from ._lightning import AsyncCheckpointIOBase, load_checkpoint, resume_path
 

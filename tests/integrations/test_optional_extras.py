@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 from helpers import ROOT
@@ -32,7 +33,7 @@ def test_importing_asyncckpt_imports_no_framework() -> None:
     ("module", "missing", "install"),
     [
         ("lightning", "lightning", "pip install 'asyncckpt[lightning]'"),
-        ("pytorch_lightning", "pytorch_lightning", "pip install pytorch-lightning"),
+        ("pytorch_lightning", "pytorch_lightning", "pip install 'asyncckpt[lightning]'"),
         ("transformers", "transformers", "pip install 'asyncckpt[transformers]'"),
     ],
 )
@@ -50,3 +51,13 @@ def test_a_missing_framework_says_how_to_install_it(module: str, missing: str, i
     assert name.split(".")[0] == missing
     assert message.startswith(f"asyncckpt.integrations.{module} needs"), message
     assert message.strip().endswith(install), message
+
+
+@pytest.mark.parametrize("extra", ["lightning", "transformers"])
+def test_ci_installs_what_the_extra_installs(extra: str) -> None:
+    # .ci/run installs the `dev` extra: it must hold each integration's extra, so that the
+    # integration tests run against the frameworks a user's `pip install 'asyncckpt[...]'` gets
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert set(extras[extra]) <= set(extras["dev"]), (extras[extra], extras["dev"])
