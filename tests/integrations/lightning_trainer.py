@@ -78,6 +78,7 @@ def trainer(
     attach: bool = True,
     save_top_k: int = 2,
     save_last: bool = True,
+    mode: str = "max",
 ) -> L.Trainer:
     """A Trainer with ``io`` as its plugin (and as a callback too, if ``attach``)."""
     checkpoints = ModelCheckpoint(
@@ -85,7 +86,7 @@ def trainer(
         every_n_epochs=1,
         save_top_k=save_top_k,
         monitor="step",
-        mode="max",
+        mode=mode,
         save_last=save_last,
     )
     return L.Trainer(
