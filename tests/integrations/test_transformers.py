@@ -39,6 +39,8 @@ def test_kill_9_then_resume_true_is_bitwise_an_uninterrupted_run(tmp_path: Path)
     kill_at = random.Random().randint(SAVE_STEPS + 1, MAX_STEPS - 1)  # after the first commit
     killed = launch(SCRIPT, tmp_path / "run", tmp_path / "unused.ckpt", "--kill-at", kill_at)
     straight = trainer(tmp_path / "straight")
+    # dropout draws from the RNGs and the sampler shuffles: equal weights need both restored
+    assert straight.model.config.resid_pdrop > 0 and straight.args.data_seed is not None
     train(straight)
     want = final_state(straight)
     finish(killed, expect=-9)
