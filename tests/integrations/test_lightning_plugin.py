@@ -16,7 +16,7 @@ import pytest
 L = pytest.importorskip("lightning")
 
 import torch  # noqa: E402
-from helpers import bitwise  # noqa: E402
+from helpers import bitwise, finish, launch  # noqa: E402
 from lightning_trainer import BATCHES, TinyModule, data, final_state, trainer  # noqa: E402
 
 import asyncckpt  # noqa: E402
@@ -204,3 +204,25 @@ def test_a_damaged_newer_last_ckpt_is_named_when_the_resume_goes_back(tmp_path: 
     fit(trainer(tmp_path, io, epochs=3, save_top_k=1, mode="min"), ckpt_path=tmp_path)
     assert io.last_load is not None and io.last_load.step == BATCHES
     assert [d.path for d in io.last_load.diagnostics] == [str(last)]
+
+
+SAVE_AFTER_FIT = """
+import sys, warnings
+from pathlib import Path
+sys.path.insert(0, {here!r})
+from lightning_trainer import TinyModule, data, trainer
+from asyncckpt.integrations.lightning import AsyncCheckpointIO
+warnings.simplefilter("ignore")
+directory = Path(sys.argv[1])
+run = trainer(directory, AsyncCheckpointIO(), epochs=1)
+run.fit(TinyModule(), data())
+run.save_checkpoint(directory / "final.ckpt")  # after fit: no teardown follows
+"""
+
+
+def test_a_save_after_fit_is_written_before_the_process_exits(tmp_path: Path) -> None:
+    script = tmp_path / "save_after_fit.py"
+    script.write_text(SAVE_AFTER_FIT.format(here=str(Path(__file__).parent)))
+    finish(launch(script, tmp_path / "run"))
+    loaded = asyncckpt.load(tmp_path / "run" / "final.ckpt")
+    assert loaded.step == BATCHES and loaded.metadata["framework"] == "lightning"
