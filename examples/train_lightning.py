@@ -2,9 +2,11 @@
 
     python examples/train_lightning.py --dir runs/lightning --epochs 5
 
-Three lines differ from the same script without asyncckpt (marked ``# asyncckpt``): the plugin
-(also passed as a callback, so that copies of parameters and optimizer state overlap training)
-and ``ckpt_path``, which resumes from the newest valid checkpoint of the directory.
+Five lines differ from the same script without asyncckpt (marked ``# asyncckpt``): the import,
+the plugin, passing it as the Trainer's plugin and as a callback (so that copies of parameters and
+optimizer state overlap training), and ``ckpt_path``, which resumes from the newest valid
+checkpoint of the directory. Three are enough: the import, ``plugins=[AsyncCheckpointIO()]`` and
+``ckpt_path``; the copies are then made inside each save.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,23 @@ def test_every_example_is_tested() -> None:
     # torchrun_fsdp2.py is run at world size 2 by tests/dist/test_example_torchrun.py
     tested = {"train_plain.py", "train_lightning.py", "train_hf_trainer.py", "torchrun_fsdp2.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+OWN_EXAMPLES = ["train_plain.py", "train_lightning.py", "train_hf_trainer.py"]
+
+
+@pytest.mark.parametrize("script", OWN_EXAMPLES)
+def test_the_readme_links_the_example(script: str) -> None:
+    assert f"](examples/{script})" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+NUMBERS = {"One": 1, "Two": 2, "Three": 3, "Four": 4, "Five": 5, "Six": 6}
+
+
+@pytest.mark.parametrize("script", OWN_EXAMPLES)
+def test_the_example_says_how_many_lines_asyncckpt_adds(script: str) -> None:
+    text = (EXAMPLES / script).read_text(encoding="utf-8")
+    claimed = re.search(r"\b(\w+) lines differ from the same", text)
+    assert claimed is not None and claimed.group(1) in NUMBERS, script
+    marked = [line for line in text.splitlines() if re.search(r"# asyncckpt(:|$)", line)]
+    assert len(marked) == NUMBERS[claimed.group(1)], marked

@@ -11,6 +11,7 @@ directory, with no retention of its own, and writes each checkpoint at the path 
 
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 import weakref
@@ -137,10 +138,10 @@ class AsyncCheckpointIOBase:
         return _as_dict(loaded.state, target)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Delete ``path`` once every save queued before this call is committed.
+        """Delete ``path`` once every save queued before this call is done.
 
-        If one of those saves fails, the file is kept (an older intact checkpoint is worth
-        more than the space); the writer logs the decision.
+        If the save queued just before it fails, the file is kept (an older intact checkpoint
+        is worth more than the space); the writer logs the decision and never raises for it.
         """
         target = Path(path)
         self._checkpointer(target.parent).delete(target.name)
@@ -191,6 +192,7 @@ class AsyncCheckpointIOBase:
             )
             checkpointer.__enter__()
             self._open[key] = checkpointer
+            _close_at_exit(self)
         return checkpointer
 
     def _flush(self, directory: Path) -> None:
@@ -220,6 +222,36 @@ class AsyncCheckpointIOBase:
         module = getattr(trainer, "lightning_module", None)
         optimizers = list(getattr(trainer, "optimizers", []) or [])
         return [*([module] if isinstance(module, torch.nn.Module) else []), *optimizers]
+
+
+_AT_EXIT: weakref.WeakSet[AsyncCheckpointIOBase] = weakref.WeakSet()
+
+
+def _close_at_exit(plugin: AsyncCheckpointIOBase) -> None:
+    """Have ``plugin``'s writers closed at the interpreter's exit, if still open then.
+
+    Lightning tears the plugin down at the end of ``fit``/``validate``/``test`` only: a
+    ``trainer.save_checkpoint()`` after that reopens a writer that nothing else would close,
+    and its pending save would be lost when the script ends. A failure then is printed by
+    ``atexit`` (never lost without a word).
+    """
+    atexit.unregister(_teardown_all)  # registered once, however many plugins
+    atexit.register(_teardown_all)
+    _AT_EXIT.add(plugin)
+
+
+def _teardown_all() -> None:
+    plugins = list(_AT_EXIT)
+    _AT_EXIT.clear()
+    atexit.unregister(_teardown_all)
+    first: BaseException | None = None
+    for plugin in plugins:
+        try:
+            plugin.teardown()
+        except BaseException as exc:  # close every plugin's writers; raise the first failure after
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def resume_path(directory: str | os.PathLike[str]) -> str | None:

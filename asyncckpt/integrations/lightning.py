@@ -14,8 +14,13 @@ chooses. See docs/integrations/lightning.md. Importing this module imports ``lig
 
 from __future__ import annotations
 
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback
+from ._optional import missing_framework
+
+try:
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # the optional extra is not installed
+    raise missing_framework(exc, __name__, "pip install 'asyncckpt[lightning]'") from exc
 
 from ._lightning import AsyncCheckpointIOBase, load_checkpoint, resume_path
 

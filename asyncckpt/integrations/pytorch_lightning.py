@@ -14,8 +14,13 @@ chooses. See docs/integrations/lightning.md. Importing this module imports ``pyt
 
 from __future__ import annotations
 
-from lightning_fabric.plugins import CheckpointIO
-from pytorch_lightning.callbacks import Callback
+from ._optional import missing_framework
+
+try:
+    from lightning_fabric.plugins import CheckpointIO
+    from pytorch_lightning.callbacks import Callback
+except ImportError as exc:  # the optional extra is not installed (`lightning` brings this package)
+    raise missing_framework(exc, __name__, "pip install 'asyncckpt[lightning]'") from exc
 
 from ._lightning import AsyncCheckpointIOBase, load_checkpoint, resume_path
 

@@ -27,9 +27,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import transformers
-from transformers import Trainer
-from transformers.trainer_callback import ExportableState
+from ._optional import missing_framework
+
+try:
+    import transformers
+    from transformers import Trainer
+    from transformers.trainer_callback import ExportableState
+except ImportError as exc:  # the optional extra is not installed
+    raise missing_framework(exc, __name__, "pip install 'asyncckpt[transformers]'") from exc
 
 from ..checkpointer import AsyncCheckpointer
 from ..errors import CheckpointError, UsageError
@@ -114,7 +119,8 @@ class AsyncCheckpointMixin:
         """``Trainer.train``; an asyncckpt checkpoint to resume from is loaded first (see the class).
 
         Raises :class:`asyncckpt.NoValidCheckpointError` when ``resume_from_checkpoint=True``
-        and no checkpoint is usable (its ``diagnostics`` say why), and, when training ends,
+        and no checkpoint is usable (its ``diagnostics`` say why), ``FileNotFoundError`` for a
+        path that does not exist, and, when training ends,
         :class:`asyncckpt.CheckpointWriteError` for a save that failed in the background.
         """
         self._check_supported()
@@ -150,6 +156,8 @@ class AsyncCheckpointMixin:
             result = self._load(self.checkpoint_directory())
         elif os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
             return resume  # a Hugging Face checkpoint directory: the Trainer's own way
+        elif not os.path.exists(resume):
+            raise FileNotFoundError(f"Checkpoint not found: {resume}")
         else:
             result = self._load(Path(resume))
         state = result.state

@@ -70,9 +70,24 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def trainer(directory: Path, io: AsyncCheckpointIO, *extra: L.Callback, epochs: int = EPOCHS) -> L.Trainer:
+def trainer(
+    directory: Path,
+    io: AsyncCheckpointIO,
+    *extra: L.Callback,
+    epochs: int = EPOCHS,
+    attach: bool = True,
+    save_top_k: int = 2,
+    save_last: bool = True,
+    mode: str = "max",
+) -> L.Trainer:
+    """A Trainer with ``io`` as its plugin (and as a callback too, if ``attach``)."""
     checkpoints = ModelCheckpoint(
-        dirpath=directory, every_n_epochs=1, save_top_k=2, monitor="step", mode="max", save_last=True
+        dirpath=directory,
+        every_n_epochs=1,
+        save_top_k=save_top_k,
+        monitor="step",
+        mode=mode,
+        save_last=save_last,
     )
     return L.Trainer(
         max_epochs=epochs,
@@ -80,19 +95,34 @@ def trainer(directory: Path, io: AsyncCheckpointIO, *extra: L.Callback, epochs: 
         enable_progress_bar=False,
         enable_model_summary=False,
         plugins=[io],
-        callbacks=[checkpoints, io, *extra],
+        callbacks=[checkpoints, *([io] if attach else []), *extra],
         accelerator="cpu",
     )
 
 
 def final_state(trainer: L.Trainer, module: TinyModule) -> dict[str, Any]:
+    """What an exact resume must reproduce: weights, optimizer, scheduler, the loops' counters
+    and the callbacks' states (their paths relative to the checkpoint directory)."""
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+    directory = str(trainer.checkpoint_callback.dirpath)  # type: ignore[union-attr]
     return {
         "model": module.state_dict(),
         "optimizer": trainer.optimizers[0].state_dict(),
         "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
+        "loops": checkpoint["loops"],
+        "callbacks": _relative(checkpoint["callbacks"], directory),
     }
+
+
+def _relative(value: Any, directory: str) -> Any:
+    """``value`` with ``directory`` cut from the start of every string (keys included)."""
+    if isinstance(value, str):
+        return value.removeprefix(directory)
+    if isinstance(value, dict):
+        return {_relative(k, directory): _relative(v, directory) for k, v in value.items()}
+    return value
 
 
 def main() -> None:

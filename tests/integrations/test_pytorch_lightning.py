@@ -58,3 +58,17 @@ def test_pytorch_lightning_checkpoints_through_asyncckpt_and_resumes(tmp_path: P
     trainer, io = fit(tmp_path, epochs=2, ckpt_path=tmp_path)
     assert io.last_load is not None and io.last_load.step == 2
     assert trainer.global_step == 4
+
+
+def test_pytorch_lightning_falls_back_past_a_corrupted_newest_checkpoint(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=1)  # epoch=0-step=2.ckpt, then last.ckpt: the newest, at the same step
+    last = tmp_path / "last.ckpt"
+    weight = asyncckpt.load(last).state["state_dict"]["net.weight"].numpy().tobytes()
+    data = bytearray(last.read_bytes())
+    data[data.index(weight)] ^= 0x01  # a flipped bit in a tensor: its checksum fails
+    last.write_bytes(bytes(data))
+    trainer, io = fit(tmp_path, epochs=2, ckpt_path=tmp_path)  # (the warning: test_lightning.py)
+    assert io.last_load is not None
+    assert (Path(io.last_load.path).name, io.last_load.source) == ("epoch=0-step=2.ckpt", "fallback")
+    assert [(d.path, d.kind) for d in io.last_load.diagnostics] == [(str(last), "corrupted")]
+    assert trainer.global_step == 4

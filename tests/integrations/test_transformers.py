@@ -16,7 +16,8 @@ pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
 from helpers import bitwise, finish, launch  # noqa: E402
-from hf_trainer import MAX_STEPS, SAVE_STEPS, final_state, trainer  # noqa: E402
+from hf_trainer import MAX_STEPS, SAVE_STEPS, Tokens, arguments, final_state, trainer  # noqa: E402
+from hf_trainer import model as straight_model  # noqa: E402
 
 import asyncckpt  # noqa: E402
 from asyncckpt.errors import UnsupportedValueError, UsageError  # noqa: E402
@@ -38,6 +39,8 @@ def test_kill_9_then_resume_true_is_bitwise_an_uninterrupted_run(tmp_path: Path)
     kill_at = random.Random().randint(SAVE_STEPS + 1, MAX_STEPS - 1)  # after the first commit
     killed = launch(SCRIPT, tmp_path / "run", tmp_path / "unused.ckpt", "--kill-at", kill_at)
     straight = trainer(tmp_path / "straight")
+    # dropout draws from the RNGs and the sampler shuffles: equal weights need both restored
+    assert straight.model.config.resid_pdrop > 0 and straight.args.data_seed is not None
     train(straight)
     want = final_state(straight)
     finish(killed, expect=-9)
@@ -142,3 +145,69 @@ def test_what_it_cannot_do_yet_is_refused_before_training(tmp_path: Path) -> Non
     run.args.load_best_model_at_end = True
     with pytest.raises(UsageError, match="load_best_model_at_end"):
         train(run)
+
+
+class StopAt(transformers.TrainerCallback):  # type: ignore[misc]
+    """Ends training after step ``step``, as a preemption would (its checkpoint still saved)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_one_file_or_the_directory_is_exact(tmp_path: Path) -> None:
+    straight = trainer(tmp_path / "straight", max_steps=3 * SAVE_STEPS)
+    train(straight)
+    want = bitwise(final_state(straight))
+    # the same run (max_steps sets the LR schedule), stopped after its second checkpoint
+    train(trainer(tmp_path / "run", StopAt(2 * SAVE_STEPS), max_steps=3 * SAVE_STEPS, save_total_limit=None))
+    first, _ = (info.path for info in asyncckpt.list_checkpoints(tmp_path / "run" / "asyncckpt"))
+    for target, step in ((first, SAVE_STEPS), (tmp_path / "run" / "asyncckpt", 2 * SAVE_STEPS)):
+        resumed = trainer(tmp_path / f"from-{step}", max_steps=3 * SAVE_STEPS)
+        train(resumed, resume_from_checkpoint=str(target))
+        assert resumed.last_load is not None and resumed.last_load.step == step
+        assert bitwise(final_state(resumed)) == want, target
+
+
+def test_a_broken_file_falls_back_within_its_directory(tmp_path: Path) -> None:
+    train(trainer(tmp_path, max_steps=2 * SAVE_STEPS, save_total_limit=None))
+    newest = asyncckpt.list_checkpoints(tmp_path / "asyncckpt")[-1].path
+    with open(newest, "r+b") as file:
+        file.truncate(os.path.getsize(newest) // 2)
+    resumed = trainer(tmp_path, max_steps=3 * SAVE_STEPS, save_total_limit=None)
+    with pytest.warns(RuntimeWarning, match="is not usable"):
+        train(resumed, resume_from_checkpoint=str(newest))
+    assert resumed.last_load is not None
+    assert (resumed.last_load.step, resumed.last_load.source) == (SAVE_STEPS, "fallback")
+    assert resumed.state.global_step == 3 * SAVE_STEPS
+
+
+def plain_trainer(output_dir: Path, **overrides: Any) -> Any:
+    args = arguments(output_dir, **overrides)
+    return transformers.Trainer(model=straight_model(), args=args, train_dataset=Tokens())
+
+
+def test_a_hugging_face_checkpoint_folder_resumes_the_trainers_own_way(tmp_path: Path) -> None:
+    # A run switches to asyncckpt between two restarts: its last checkpoint is the Trainer's own.
+    train(plain_trainer(tmp_path / "run", max_steps=SAVE_STEPS))
+    folder = str(tmp_path / "run" / f"checkpoint-{SAVE_STEPS}")
+    own = plain_trainer(tmp_path / "own", max_steps=2 * SAVE_STEPS)
+    train(own, resume_from_checkpoint=folder)
+    resumed = trainer(tmp_path / "run", max_steps=2 * SAVE_STEPS)
+    train(resumed, resume_from_checkpoint=folder)
+    assert resumed.last_load is None  # nothing of asyncckpt's was loaded
+    assert resumed.state.global_step == 2 * SAVE_STEPS
+    assert bitwise(final_state(resumed)) == bitwise(final_state(own))
+    steps = [info.step for info in asyncckpt.list_checkpoints(tmp_path / "run" / "asyncckpt")]
+    assert steps == [2 * SAVE_STEPS]
+
+
+def test_resume_from_a_missing_path_says_it_is_missing(tmp_path: Path) -> None:
+    run = trainer(tmp_path)
+    missing = tmp_path / "asyncckpt" / "step-0000000004.ckpt"
+    with pytest.raises(FileNotFoundError, match="step-0000000004.ckpt"):
+        train(run, resume_from_checkpoint=str(missing))
+    assert not (tmp_path / "asyncckpt").exists()  # nothing was trained or written
