@@ -196,6 +196,20 @@ class _Rollback:
                     raise
         return None
 
+    def _newer_unreadable(self, candidates: list[Candidate], chosen: Candidate) -> list[Failure]:
+        """Damaged candidates with no step, written after ``chosen``: their step cannot be read,
+        so they sort last and are never tried, yet they are most likely newer (a damaged
+        ``last.ckpt``). Named, so that the resume does not go back silently."""
+        tried = {failure.candidate.name for failure in self.failures}
+        return [
+            Failure(candidate, diagnose(candidate, candidate.error))
+            for candidate in candidates
+            if candidate.error is not None
+            and candidate.step is None
+            and candidate.name not in tried
+            and candidate.modified > chosen.modified
+        ]
+
     def _nothing_to_load(self) -> LoadResult:
         text = f"no checkpoints in {self.storage.location}"
         emit(self.log, text, None, failed=False)
@@ -205,6 +219,8 @@ class _Rollback:
         if chosen is None and not self.failures:  # every candidate vanished
             return self._nothing_to_load()
         candidates = [candidate for candidate in candidates if candidate.name not in self.vanished]
+        if chosen is not None:
+            self.failures += self._newer_unreadable(candidates, chosen[0])
         text = report(self.storage, candidates, self.failures, chosen, self.log)
         diagnostics = [failure.diagnostic for failure in self.failures]
         if chosen is None:

@@ -189,11 +189,6 @@ def test_the_plugin_alone_copies_inside_the_save(tmp_path: Path, monkeypatch: py
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loading: a damaged file whose name holds no step (last.ckpt) is ordered last and never "
-    "diagnosed, so the resume silently goes back to an older step (asyncckpt/loading, not this slice)",
-)
 def test_a_damaged_newer_last_ckpt_is_named_when_the_resume_goes_back(tmp_path: Path) -> None:
     # save_top_k=1 keeping the lowest step: epoch=0 stays, last.ckpt moves on to step 8
     fit(trainer(tmp_path, AsyncCheckpointIO(), epochs=2, save_top_k=1, mode="min"))

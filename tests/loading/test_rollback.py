@@ -450,3 +450,23 @@ def test_loads_racing_a_trainer_with_keep_last_1_always_find_a_committed_step(tm
     assert not reader.is_alive() and errors == []
     assert loaded and loaded == sorted(loaded)  # each load: the newest committed step at some instant
     assert not (tmp_path / FAILED_LOG_NAME).exists()
+
+
+@pytest.mark.parametrize("written_after", [True, False])
+def test_a_damaged_file_without_a_step_is_named_only_when_written_after_the_one_loaded(
+    tmp_path: Path, written_after: bool
+) -> None:
+    write_steps(tmp_path, 100, 200)
+    damaged = tmp_path / "last.ckpt"
+    damaged.write_bytes((tmp_path / checkpoint_name(200)).read_bytes()[:-100])  # no readable step
+    loaded_at = os.stat(tmp_path / checkpoint_name(200)).st_mtime
+    when = loaded_at + 60 if written_after else loaded_at - 60
+    os.utime(damaged, (when, when))
+    result = load_latest(tmp_path)
+    assert result.step == 200
+    if written_after:  # most likely the newest: the resume goes back past it, and says so
+        assert result.source == "fallback"
+        assert [d.path for d in result.diagnostics] == [str(damaged)]
+        assert str(damaged) in (tmp_path / FAILED_LOG_NAME).read_text()
+    else:  # older than what loaded: not in the way
+        assert (result.source, result.diagnostics) == ("primary", [])
