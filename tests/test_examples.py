@@ -65,7 +65,7 @@ def test_every_example_is_tested() -> None:
 OWN_EXAMPLES = ["train_plain.py", "train_lightning.py", "train_hf_trainer.py"]
 
 
-@pytest.mark.parametrize("script", OWN_EXAMPLES)
+@pytest.mark.parametrize("script", [*OWN_EXAMPLES, "torchrun_fsdp2.py"])
 def test_the_readme_links_the_example(script: str) -> None:
     assert f"](examples/{script})" in (ROOT / "README.md").read_text(encoding="utf-8")
 
