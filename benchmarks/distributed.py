@@ -53,6 +53,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from ckptbench.direct import aligned_copy, write_direct  # noqa: E402
 from ckptbench.state import parse_size  # noqa: E402
 
 METHODS = ("floor", "floor_direct", "asyncckpt", "dcp_async")
@@ -122,7 +123,8 @@ def measure(rank: int, world: int, layout: str, tensors: int, options: dict[str,
             note("dcp_async.commit", time.perf_counter() - started)
 
     state = {"model": model, "optimizer": optimizer}
-    aligned = aligned_copy(floor_share(model, optimizer, rank, world))
+    share = floor_share(model, optimizer, rank, world)
+    aligned = aligned_copy(memoryview(t.detach().contiguous().numpy()).cast("B") for t in share)
     group_option = {"process_group": dist.group.WORLD} if world == 1 else {}
     dcp_paths = []
     with asyncckpt.AsyncCheckpointer(
@@ -224,49 +226,23 @@ def floor_write(tensors: list[Any], path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    directory = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def aligned_copy(tensors: list[Any]) -> memoryview:
-    """The tensors' bytes, one after another, in page-aligned memory (an anonymous map) padded
-    to whole 4 KiB blocks."""
-    import mmap
-
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    area = memoryview(mmap.mmap(-1, max(-(-total // 4096) * 4096, 4096)))
-    at = 0
-    for tensor in tensors:
-        raw = memoryview(tensor.detach().contiguous().numpy()).cast("B")
-        area[at : at + len(raw)] = raw
-        at += len(raw)
-    return area
-
-
-def floor_write_direct(area: memoryview, path: Path) -> None:
-    """Write ``area`` to a new ``path`` with ``O_DIRECT`` (8 MiB per call), fsync it and its
-    directory; through the page cache where the filesystem refuses ``O_DIRECT``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        fd = os.open(path, flags | os.O_DIRECT, 0o644)
-    except OSError:
-        fd = os.open(path, flags, 0o644)
-    try:
-        for start in range(0, len(area), 8 << 20):
-            os.pwrite(fd, area[start : start + (8 << 20)], start)
         os.fsync(fd)
     finally:
         os.close(fd)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+
+
+def floor_write_direct(area: memoryview, path: Path) -> None:
+    """Write ``area`` to a new ``path`` around the page cache, fsync it and its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    write_direct(area, path)
+    fsync_directory(path.parent)
 
 
 def coordination(ckpt: Any, root: Path, step: int, note: Any) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import system
+from .direct import aligned_copy, write_direct
 from .state import BenchState, flat_tensors
 
 
@@ -168,29 +169,11 @@ class DirectWriteFloor(SaveMethod):
     is_floor = True
 
     def setup(self) -> None:
-        import mmap
-
-        views = _host_views(self.state.tensors())
-        total = sum(len(v) for v in views)
-        self.area = memoryview(mmap.mmap(-1, max(-(-total // 4096) * 4096, 4096)))
-        at = 0
-        for view in views:
-            self.area[at : at + len(view)] = view.cast("B")
-            at += len(view)
+        self.area = aligned_copy(_host_views(self.state.tensors()))
 
     def begin(self, step: int) -> Pending:
         path = self.directory / f"floor-direct-{step}.bin"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
-        except OSError:
-            fd = os.open(path, flags, 0o644)
-        try:
-            for start in range(0, len(self.area), 8 << 20):
-                os.pwrite(fd, self.area[start : start + (8 << 20)], start)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_direct(self.area, path)
         self.last_path = path
         return DONE
 
