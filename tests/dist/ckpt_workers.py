@@ -295,3 +295,20 @@ def async_saves(rank: int, world: int, root: str) -> dict[str, Any]:
         return {"path": str(path), "restored": None if restored is None else restored.step}
 
     return anyio.run(main)
+
+
+def restore_against_save(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Rank 0 restores while rank 1 saves step 1 in the background: what each one raised."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    error = None
+    started = time.monotonic()
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        try:
+            if rank == 0:
+                ckpt.restore({"model": model, "optimizer": optimizer})
+            else:
+                ckpt.save(1, state_of(model, optimizer))
+                ckpt.flush()
+        except asyncckpt.CheckpointError as exc:
+            error = outcome(exc)
+    return {"error": error, "seconds": time.monotonic() - started}

@@ -389,3 +389,15 @@ def write_items_kept(rank: int, world: int, root: str) -> dict[str, Any]:
     restored = adist.restore_latest(root, {"model": fresh, "optimizer": fresh_optimizer}, group=group)
     assert restored is not None and restored.step == 3
     return {"counts": counts, "saved": saved, "restored": full_state(fresh, fresh_optimizer)}
+
+
+def restore_against_save(rank: int, world: int, root: str) -> str:
+    """Rank 0 restores while the others save step 1 (not the same collective call)."""
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model, optimizer = fsdp_trained(1, 1)
+    state = {"model": model, "optimizer": optimizer}
+    if rank == 0:
+        adist.restore_latest(root, state, group=group)
+        return "restored"
+    adist.save_step(root, 1, state, group=group)
+    return "saved"

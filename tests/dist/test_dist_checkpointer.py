@@ -167,6 +167,18 @@ def test_mismatched_steps_fail_on_every_rank_without_a_hang(tmp_path: Path) -> N
     assert committed(tmp_path) == []
 
 
+def test_a_restore_against_a_save_fails_on_every_rank_without_a_hang(tmp_path: Path) -> None:
+    restoring, saving = all_ok(run_world(cw.restore_against_save, 2, str(tmp_path), deadline=60))
+
+    assert restoring["error"] is not None and restoring["error"]["classes"][0] == "CoordinationError"
+    assert saving["error"] is not None and "CheckpointWriteError" in saving["error"]["classes"]
+    assert saving["error"]["cause"] == "CoordinationError"
+    for result in (restoring, saving):
+        assert "rank 0: restore, rank 1: save step 1" in result["error"]["message"], result
+        assert result["seconds"] < cw.TIMEOUT_S  # found at once, not by a timeout
+    assert committed(tmp_path) == []
+
+
 def test_a_rank_that_does_not_save_ends_in_an_error_within_the_timeout(tmp_path: Path) -> None:
     results = all_ok(run_world(cw.one_rank_skips, 2, str(tmp_path), deadline=60))
 

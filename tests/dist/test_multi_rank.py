@@ -205,6 +205,15 @@ def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path) -
     assert catalog.committed_steps(PosixStorage(tmp_path)) == []
 
 
+def test_a_restore_against_a_save_fails_on_every_rank(tmp_path: Path) -> None:
+    results = run_world(workers.restore_against_save, 2, str(tmp_path), deadline=30)
+
+    for result in results:  # the call check, not an error of unpacking each other's messages
+        assert result.raised("CoordinationError"), f"{result.error}: {result.message}"
+        assert "rank 0: restore, rank 1: save step 1" in result.message
+    assert catalog.committed_steps(PosixStorage(tmp_path)) == []
+
+
 @pytest.mark.parametrize("planners", ["asyncckpt", "dcp-default"])
 def test_dcp_save_and_load_with_asyncckpt_writer_and_reader(tmp_path: Path, planners: str) -> None:
     results = all_ok(run_world(workers.dcp_round_trip, 2, str(tmp_path), planners == "asyncckpt"))
