@@ -118,6 +118,7 @@ def restore_only(rank: int, world: int, root: str) -> dict[str, Any]:
         "step": restored.step,
         "per_rank_restored": restored.per_rank_restored,  # type: ignore[attr-defined]
         "rng": restored.state.get("rng"),
+        "summary": restored.summary,
         "diagnostics": [(d.path, d.kind, d.reason) for d in restored.diagnostics],
         "full": w.full_state(model, optimizer),
         "listing": sorted(os.listdir(root)),

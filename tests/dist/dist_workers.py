@@ -401,3 +401,21 @@ def restore_against_save(rank: int, world: int, root: str) -> str:
         return "restored"
     adist.save_step(root, 1, state, group=group)
     return "saved"
+
+
+def save_replicate_placed(rank: int, world: int, root: str) -> dict[str, int]:
+    """A module whose parameters are DTensors placed ``Replicate()`` on a 1-D mesh (tensor
+    parallelism's replicated parameters), saved through the checkpointer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)  # the same values on every rank, as a replicated placement holds
+    module = torch.nn.Module()
+    for name in ("a", "b"):
+        whole = torch.randn(256, 256)
+        module.register_parameter(name, torch.nn.Parameter(distribute_tensor(whole, mesh, [Replicate()])))
+    options = {"process_group": dist.group.WORLD} if world == 1 else {}
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, **options) as ckpt:
+        ckpt.save(1, {"model": module, "rng": asyncckpt.rng_state()})
+    return {"param_bytes": sum(p.numel() * p.element_size() for p in module.parameters())}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,20 @@ def test_resharding_through_the_checkpointer(tmp_path: Path, saved_by: int, rest
             "optimizer": get_optimizer_state_dict(model, optimizer),
         }
         per_rank_restored = restored.per_rank_restored  # type: ignore[attr-defined]
+        summaries, rngs = [restored.summary], [restored.state.get("rng")]
     else:
         results = all_ok(run_world(cw.restore_only, restored_by, str(tmp_path)))
         assert {r["step"] for r in results} == {3}
         got, per_rank_restored = results[0]["full"], results[0]["per_rank_restored"]
+        summaries, rngs = [r["summary"] for r in results], [r["rng"] for r in results]
     assert states_equal(got, saved)
-    assert not per_rank_restored  # reported, not silently mixed up
+    # per-rank values (the RNG states) are reported, not silently dropped or mixed up
+    assert not per_rank_restored and rngs == [None] * restored_by
+    dropped = "per-rank values are not restored at another world size"
+    assert all(dropped in summary for summary in summaries), summaries
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    logged = [e for e in events if e["event"] == "checkpoint.dist.restore.summary" and e["step"] == 3]
+    assert len(logged) == restored_by and all(dropped in e["summary"] for e in logged)
 
 
 def test_a_plain_process_reads_a_multi_rank_directory(tmp_path: Path) -> None:

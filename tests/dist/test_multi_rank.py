@@ -188,6 +188,20 @@ def test_replicated_state_is_written_once_in_total(tmp_path: Path) -> None:
     assert param_bytes <= on_disk < 1.1 * param_bytes  # about one copy, not two
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensors_placed_replicate_are_written_once_in_total(tmp_path: Path, world: int) -> None:
+    param_bytes = all_ok(run_world(workers.save_replicate_placed, world, str(tmp_path)))[0]["param_bytes"]
+
+    record = record_of(tmp_path, 1)
+    locations = record.metadata.storage_data
+    assert sorted(i.fqn for i in locations) == ["model.a", "model.b"]  # each tensor once
+    on_disk = sum(digest.nbytes for digest in record.shards)
+    # one copy and each shard's header, alignment and RNG state (~17 KiB); a second copy is 2x
+    assert param_bytes <= on_disk < 1.5 * param_bytes
+    full = adist.load_full(tmp_path)
+    assert [tuple(full.state["model"][k].shape) for k in ("a", "b")] == [(256, 256)] * 2
+
+
 def test_mismatched_steps_fail_on_every_rank(tmp_path: Path) -> None:
     results = run_world(workers.mismatched_steps, 2, str(tmp_path), deadline=30)
 
