@@ -313,3 +313,59 @@ def restore_against_save(rank: int, world: int, root: str) -> dict[str, Any]:
         except asyncckpt.CheckpointError as exc:
             error = outcome(exc)
     return {"error": error, "seconds": time.monotonic() - started}
+
+
+def storage_fault_seen_at(rank: int, world: int, root: str, faulty_rank: int, where: str) -> dict[str, Any]:
+    """Save step 1; step 2 with ``faulty_rank``'s writes failing (ENOSPC), no flush: the error
+    seen ``where`` (``"save"``: the next save(), once step 2's handle is done; ``"exit"``: the
+    context exit), and where it was raised."""
+    ops = FaultyOps("write", err=ENOSPC)
+    ops.enabled = False
+    model, optimizer = w.fsdp_trained(1, 1)
+    raised_at, error = None, None
+    try:
+        with asyncckpt.AsyncCheckpointer(root, ops=ops, coordination_timeout=TIMEOUT_S) as ckpt:
+            ckpt.save(1, state_of(model, optimizer))
+            ckpt.flush()
+            ops.enabled = rank == faulty_rank
+            handle = ckpt.save(2, state_of(model, optimizer))
+            if where == "save":
+                assert handle.wait(4 * TIMEOUT_S)  # done (failed) on this rank: the box holds it
+                raised_at = "save"
+                ckpt.save(3, state_of(model, optimizer))
+                raised_at = None
+            raised_at = "exit"
+    except asyncckpt.CheckpointWriteError as exc:
+        error = outcome(exc)
+    return {"error": error, "raised_at": raised_at if error is not None else None}
+
+
+def trainer_collectives_during_saves(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Background saves while the trainer runs its own all-reduces on the default group: which
+    group asyncckpt coordinates on, and every all-reduce's result (each must be exact)."""
+    from asyncckpt.modes import Distributed
+
+    model, optimizer = w.fsdp_trained(1, 1)
+    wrong = 0
+    options: dict[str, Any] = {"max_pending": 2, "keep_last": 10, "coordination_timeout": TIMEOUT_S}
+    with asyncckpt.AsyncCheckpointer(root, **options) as ckpt:
+        mode = ckpt._mode
+        assert isinstance(mode, Distributed)
+        group = mode.multirank.group().group  # the seam: asyncckpt's own process group
+        own = group is not None and group is not dist.group.WORLD
+        backend = dist.get_backend(group) if group is not None else None
+        for step in range(1, 6):
+            w.train(model, optimizer, step)  # FSDP2's own collectives on the default group
+            ckpt.save(step, state_of(model, optimizer))
+            for i in range(40):  # while the writer runs its gathers in the background
+                value = torch.full((64,), float(step * 1000 + i * world + rank))
+                dist.all_reduce(value)
+                expected = world * (step * 1000 + i * world) + world * (world - 1) / 2
+                wrong += int(not torch.equal(value, torch.full((64,), expected)))
+        ckpt.flush()
+    return {
+        "own": own,
+        "backend": backend,
+        "wrong": wrong,
+        "committed": [c.step for c in asyncckpt.list_checkpoints(root)],
+    }

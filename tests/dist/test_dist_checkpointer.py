@@ -155,6 +155,31 @@ def test_storage_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path: Path
     assert adist.check_step(tmp_path, 1) == [] and adist.check_step(tmp_path, 3) == []
 
 
+@pytest.mark.parametrize("where", ["save", "exit"])
+def test_a_write_failure_on_one_rank_reaches_every_rank_at_the_next_save_or_exit(
+    tmp_path: Path, where: str
+) -> None:
+    results = all_ok(run_world(cw.storage_fault_seen_at, 2, str(tmp_path), 1, where))
+
+    for result in results:
+        error = result["error"]
+        assert error is not None and result["raised_at"] == where, result
+        assert "CheckpointWriteError" in error["classes"] and error["step"] == 2
+        assert error["rank"] == 1 and "rank 1" in error["message"] and "injected" in error["message"]
+    assert committed(tmp_path) == [1]  # nothing of step 2, and the failed save() queued nothing
+    assert adist.check_step(tmp_path, 1) == []
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_background_coordination_runs_on_its_own_gloo_group(tmp_path: Path, world: int) -> None:
+    results = all_ok(run_world(cw.trainer_collectives_during_saves, world, str(tmp_path), deadline=120))
+
+    for result in results:
+        assert result["own"] and result["backend"] == "gloo", result
+        assert result["wrong"] == 0  # the trainer's all-reduces never met the writer's gathers
+        assert result["committed"] == [1, 2, 3, 4, 5]
+
+
 def test_replicated_state_is_written_once(tmp_path: Path) -> None:
     param_bytes = all_ok(run_world(cw.save_replicated, 2, str(tmp_path)))[0]["param_bytes"]
 

@@ -211,8 +211,9 @@ def test_mismatched_steps_fail_on_every_rank(tmp_path: Path) -> None:
     assert catalog.committed_steps(PosixStorage(tmp_path)) == []
 
 
-def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path) -> None:
-    results = run_world(workers.one_rank_absent, 2, str(tmp_path), deadline=30)
+@pytest.mark.parametrize("call", ["save", "restore"])
+def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path, call: str) -> None:
+    results = run_world(workers.one_rank_absent, 2, str(tmp_path), call, deadline=30)
 
     assert results[0].raised("CoordinationError") and "2 s" in results[0].message
     assert results[1].ok
