@@ -63,15 +63,25 @@ def test_exact_resume_after_one_rank_is_killed_mid_save(tmp_path: Path, world: i
 def test_retention_prunes_whole_steps_on_one_rank(tmp_path: Path) -> None:
     (tmp_path / "step-0000000009").mkdir(parents=True)  # left by a save that never committed
     (tmp_path / "step-0000000009" / "rank-00000.ckpt").write_bytes(b"partial")
+    (tmp_path / ".step-0000000008.ckpt.tmp-00000000").write_bytes(b"partial")  # a dead writer's
 
     all_ok(run_world(cw.train_with_retention, 2, str(tmp_path)))
 
     assert committed(tmp_path) == [2, 4, 5]  # keep_last=1, keep_every=2
-    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert folders == ["step-0000000002", "step-0000000004", "step-0000000005"]
-    events = (tmp_path / "events.jsonl").read_text().splitlines()
-    pruned = [line for line in events if '"checkpoint.pruned"' in line]
-    assert len(pruned) == 2 and all('"rank": 0' in line for line in pruned)  # by rank 0 only
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".step", "step"))) == [
+        "step-0000000002",
+        "step-0000000004",
+        "step-0000000005",
+    ]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    pruned = [e for e in events if e["event"] == "checkpoint.pruned"]
+    assert [(e["step"], e["rank"]) for e in pruned] == [(1, 0), (3, 0)]  # whole steps, by rank 0 only
+    removed = [e for e in events if e["event"] == "checkpoint.tmp_removed"]
+    assert sorted(Path(e["path"]).name for e in removed) == [
+        ".step-0000000008.ckpt.tmp-00000000",
+        "step-0000000009",
+    ]
+    assert {e["rank"] for e in removed} == {0}  # cleaned up by one rank, once
 
 
 @pytest.mark.parametrize(("saved_by", "restored_by"), [(2, 1), (2, 4), (4, 2)])
