@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import asyncckpt
 from asyncckpt.errors import UsageError
-from asyncckpt.saving.staging import Copier
+from asyncckpt.saving.staging import Copier, StagedCopy
 from asyncckpt.storage import FileOps
 from asyncckpt.testing import FaultyOps
 
@@ -226,6 +226,11 @@ class GatedCopier(Copier):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.staged: list[StagedCopy] = []
+
+    def submit(self, staged: StagedCopy, destinations: Any, sources: Any) -> None:
+        self.staged.append(staged)
+        super().submit(staged, destinations, sources)
 
     def run(self, staged: Any, destinations: Any, sources: Any) -> None:
         self.gate.wait(TIMEOUT_S)
@@ -368,4 +373,37 @@ def trainer_collectives_during_saves(rank: int, world: int, root: str) -> dict[s
         "backend": backend,
         "wrong": wrong,
         "committed": [c.step for c in asyncckpt.list_checkpoints(root)],
+    }
+
+
+def step_waits_for_the_copy(rank: int, world: int, root: str) -> dict[str, Any]:
+    """save() of an FSDP2 MLP + Adam returns before its DTensor local shards are copied; the
+    next training step (forward, backward, optimizer step) runs at once. Only the optimizer
+    step's wait (the step hook) lets the copy run, so the step must find it done."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    copier = GatedCopier()
+    guard = StagedCopy.guard
+
+    def open_then_guard(staged: StagedCopy) -> None:
+        copier.gate.set()
+        guard(staged)
+
+    StagedCopy.guard = open_then_guard  # type: ignore[method-assign]  # this process only
+    expected = w.full_state(model, optimizer)
+    seen: list[bool] = []
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        ckpt._stager.copier = copier  # the seam: the test decides when background copies run
+        handle = ckpt.save(1, state_of(model, optimizer))
+        staged = copier.staged[-1]
+        deferred, done_at_return = len(staged.deferred), staged.background_done()
+        hook = optimizer.register_step_pre_hook(lambda *_: seen.append(staged.background_done()))
+        w.train(model, optimizer, 2)  # changes every local shard and moment
+        hook.remove()
+        handle.result(timeout=4 * TIMEOUT_S)
+    return {
+        "deferred": deferred,
+        "done_at_return": done_at_return,
+        "seen": seen,
+        "expected": expected,
+        "after": w.full_state(model, optimizer),
     }

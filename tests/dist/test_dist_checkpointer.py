@@ -254,6 +254,18 @@ def test_a_source_changed_before_its_copy_fails_the_step_everywhere(tmp_path: Pa
     assert "rank 1" in results[0]["errors"][1]["message"]
 
 
+def test_the_step_after_a_save_waits_for_the_copy_of_dtensor_shards(tmp_path: Path) -> None:
+    results = all_ok(run_world(cw.step_waits_for_the_copy, 2, str(tmp_path)))
+
+    for result in results:  # the local shards went to the background copy, the step waited
+        assert result["deferred"] > 0 and not result["done_at_return"]
+        assert result["seen"] == [True]
+    saved = adist.load_full(tmp_path).state
+    expected, after = results[0]["expected"], results[0]["after"]
+    assert states_equal(saved["model"], expected["model"])  # the state at save()...
+    assert not states_equal(saved["model"], after["model"])  # ...not after the step
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     [refused] = all_ok(run_world(cw.usage_errors, 1, str(tmp_path)))
 
