@@ -422,3 +422,9 @@ def save_replicate_placed(rank: int, world: int, root: str) -> dict[str, int]:
     with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, **options) as ckpt:
         ckpt.save(1, {"model": module, "rng": asyncckpt.rng_state()})
     return {"param_bytes": sum(p.numel() * p.element_size() for p in module.parameters())}
+
+
+def restore_each_from(rank: int, world: int, roots: list[str]) -> dict[str, Any]:
+    """``restore_fsdp`` with each rank reading its own copy of the run (``roots[rank]``), as
+    ranks on several nodes see their node's view of a shared directory."""
+    return restore_fsdp(rank, world, roots[rank])

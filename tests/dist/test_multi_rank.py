@@ -3,6 +3,7 @@ DDP-replicated model, at world sizes 1, 2 and 4; every world runs under a deadli
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,20 @@ def test_corrupted_shard_of_one_rank_makes_every_rank_fall_back(tmp_path: Path) 
     assert path == str(shard) and kind == "corrupted" and "checksum mismatch" in reason
     lines = (tmp_path / "failed_checkpoints.txt").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{shard}|")  # written once
+
+
+def test_a_step_one_rank_does_not_see_committed_makes_every_rank_fall_back(tmp_path: Path) -> None:
+    all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "a"), [1, 2]))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / catalog.commit_record_name(2)).unlink()  # rank 1's view lags
+
+    results = all_ok(run_world(workers.restore_each_from, 2, [str(tmp_path / "a"), str(tmp_path / "b")]))
+
+    assert [r["step"] for r in results] == [1, 1]
+    for result, view in zip(results, ("a", "b"), strict=True):  # each rank names its own view
+        [(path, kind, reason)] = result["diagnostics"]
+        assert path == str(tmp_path / view / catalog.commit_record_name(2)) and kind == "incompatible"
+        assert "ranks [1] do not see its commit record" in reason
 
 
 def test_storage_failure_on_one_rank_fails_every_rank_and_commits_nothing(tmp_path: Path) -> None:
