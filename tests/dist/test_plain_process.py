@@ -28,7 +28,7 @@ from asyncckpt.errors import (
     UsageError,
 )
 from asyncckpt.storage import PosixStorage
-from asyncckpt.testing import FaultyOps, states_equal
+from asyncckpt.testing import FaultyOps, RecordingOps, states_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -363,3 +363,34 @@ def test_the_collector_pauses_while_a_step_is_written_and_resumes_even_on_failur
     with pytest.raises(UnsupportedValueError):
         adist.save_step(tmp_path, 2, {"model": torch.nn.Linear(2, 2), "bad": object()})
     assert gc.isenabled()
+
+
+def test_the_commit_record_is_made_durable_last_after_the_shard(tmp_path: Path) -> None:
+    ops = RecordingOps()
+    model, optimizer = plain_model_and_optimizer()
+
+    adist.save_step(PosixStorage(tmp_path, ops=ops), 1, {"model": model, "optimizer": optimizer})
+
+    folder = tmp_path / catalog.step_folder_name(1)
+    seen = []
+    for name, target in ops.calls:
+        if name in ("write", "close"):
+            continue
+        if name == "rename":  # temp name in the same folder -> final name
+            source, target = target
+            assert source.parent == target.parent == folder and source.name.startswith(f".{target.name}.tmp-")
+        elif name == "open_exclusive":
+            target = target.name.partition(".tmp-")[0]
+        seen.append((name, target if name != "fsync" else None))
+    assert seen == [
+        ("mkdir", folder),
+        ("fsync_dir", tmp_path),  # the folder is durable before any file in it
+        ("open_exclusive", ".rank-00000.ckpt"),
+        ("fsync", None),
+        ("rename", folder / "rank-00000.ckpt"),
+        ("fsync_dir", folder),  # the shard is durable (data and name)...
+        ("open_exclusive", ".commit.record"),  # ...before the record is begun
+        ("fsync", None),
+        ("rename", folder / "commit.record"),  # the commit
+        ("fsync_dir", folder),
+    ]
