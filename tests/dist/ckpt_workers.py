@@ -407,3 +407,27 @@ def step_waits_for_the_copy(rank: int, world: int, root: str) -> dict[str, Any]:
         "expected": expected,
         "after": w.full_state(model, optimizer),
     }
+
+
+def pairs_save_apart(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Four ranks as two pairs ({0, 1} and {2, 3}), each pair checkpointing into its own folder
+    through ``process_group=`` its subgroup, then restoring: the step and this rank's values."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
+    mine = pairs[rank // 2]
+    torch.manual_seed(rank // 2)  # the same weights within a pair (replicated in its group)
+    model = torch.nn.Linear(4, 4)
+    folder = os.path.join(root, f"pair-{rank // 2}")
+    options: dict[str, Any] = {"process_group": mine, "coordination_timeout": TIMEOUT_S}
+    with asyncckpt.AsyncCheckpointer(folder, **options) as ckpt:
+        ckpt.save(3 + rank // 2, {"model": model, "rank": {"global": rank}})
+        ckpt.flush()
+        fresh = torch.nn.Linear(4, 4)
+        restored = ckpt.restore({"model": fresh})
+    assert restored is not None
+    return {
+        "step": restored.step,
+        "state": restored.state,
+        "equal": all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+        ),
+    }

@@ -243,6 +243,18 @@ def test_a_checkpointer_opened_on_one_rank_only_ends_in_a_clear_error(tmp_path: 
     assert record.world_size == 1 and committed(tmp_path) == [2]
 
 
+def test_process_group_picks_the_ranks_of_a_checkpointer(tmp_path: Path) -> None:
+    results = all_ok(run_world(cw.pairs_save_apart, 4, str(tmp_path), deadline=90))
+
+    assert [r["step"] for r in results] == [3, 3, 4, 4]
+    assert [r["state"] for r in results] == [{"rank": {"global": g}} for g in range(4)]
+    assert all(r["equal"] for r in results)
+    for pair, step in ((0, 3), (1, 4)):
+        record = adist.read_record(PosixStorage(tmp_path / f"pair-{pair}"), step)
+        assert record.world_size == 2 and [s.rank for s in record.shards] == [0, 1]  # ranks in the group
+        assert committed(tmp_path / f"pair-{pair}") == [step]
+
+
 def test_a_source_changed_before_its_copy_fails_the_step_everywhere(tmp_path: Path) -> None:
     results = all_ok(run_world(cw.overlap_race, 2, str(tmp_path)))
 

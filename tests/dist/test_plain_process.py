@@ -23,6 +23,7 @@ from asyncckpt import format as fmt
 from asyncckpt.errors import (
     CheckpointError,
     CheckpointWriteError,
+    CorruptedCheckpointError,
     NoValidCheckpointError,
     UnsupportedValueError,
     UsageError,
@@ -151,6 +152,25 @@ def test_a_corrupted_shard_falls_back_with_a_diagnostic(tmp_path: Path) -> None:
     assert (tmp_path / catalog.FAILED_LOG_NAME).read_text().startswith(f"{shard}|")
     full = adist.load_full(tmp_path)
     assert full.step == 1 and [d.path for d in full.diagnostics] == [str(shard)]
+
+
+def test_on_corrupt_fail_raises_for_the_newest_step_and_loads_nothing(tmp_path: Path) -> None:
+    save_two_steps(tmp_path)
+    shard = tmp_path / catalog.shard_name(2, 0)
+    with open(shard, "rb") as file:
+        layout = fmt.read_layout(file, str(shard))
+    data = bytearray(shard.read_bytes())
+    data[layout.blobs[0].offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    model, optimizer = plain_model_and_optimizer(seed=9)
+    before = _clone(get_model_state_dict(model))
+
+    with pytest.raises(CorruptedCheckpointError) as caught:
+        adist.restore_latest(tmp_path, {"model": model, "optimizer": optimizer}, on_corrupt="fail")
+
+    assert caught.value.path == str(shard) and caught.value.step == 2
+    assert states_equal(get_model_state_dict(model), before)  # step 1 was not loaded either
+    assert (tmp_path / catalog.FAILED_LOG_NAME).read_text().startswith(f"{shard}|")
 
 
 def test_no_valid_step_raises_with_every_diagnostic(tmp_path: Path) -> None:
