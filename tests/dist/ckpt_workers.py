@@ -431,3 +431,20 @@ def pairs_save_apart(rank: int, world: int, root: str) -> dict[str, Any]:
             torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
         ),
     }
+
+
+def mismatch_then_agree(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Each rank saves another step (every flush raises), then every rank saves step 12."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    error = None
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        ckpt.save(10 + rank, state_of(model, optimizer))
+        try:
+            ckpt.flush()
+        except asyncckpt.CheckpointWriteError as exc:
+            error = outcome(exc)
+        w.train(model, optimizer, 12)
+        ckpt.save(12, state_of(model, optimizer))
+        ckpt.flush()
+        restored = ckpt.restore({"model": model, "optimizer": optimizer})
+    return {"error": error, "restored": None if restored is None else restored.step}

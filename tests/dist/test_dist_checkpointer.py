@@ -223,6 +223,27 @@ def test_a_restore_against_a_save_fails_on_every_rank_without_a_hang(tmp_path: P
     assert committed(tmp_path) == []
 
 
+def test_after_mismatched_steps_the_next_agreed_step_commits(tmp_path: Path) -> None:
+    results = all_ok(run_world(cw.mismatch_then_agree, 2, str(tmp_path), deadline=60))
+
+    for result in results:
+        assert result["error"] is not None and result["error"]["cause"] == "CoordinationError"
+        assert result["restored"] == 12
+    assert committed(tmp_path) == [12]
+
+
+def test_a_directory_of_single_files_is_not_a_fresh_start_for_several_ranks(tmp_path: Path) -> None:
+    with asyncckpt.AsyncCheckpointer(tmp_path) as ckpt:  # this plain process: single files
+        ckpt.save(5, {"model": workers.mlp(1)})
+
+    results = run_world(cw.restore_only, 2, str(tmp_path))
+
+    for result in results:  # on every rank, naming the file, rather than a silent fresh start
+        assert result.raised("NoValidCheckpointError"), f"{result.error}: {result.message}"
+        assert "single-process checkpoints and no multi-rank step" in result.message
+    assert [info.step for info in asyncckpt.list_checkpoints(tmp_path)] == [5]  # left as it was
+
+
 def test_a_rank_that_does_not_save_ends_in_an_error_within_the_timeout(tmp_path: Path) -> None:
     results = all_ok(run_world(cw.one_rank_skips, 2, str(tmp_path), deadline=60))
 
