@@ -448,3 +448,32 @@ def mismatch_then_agree(rank: int, world: int, root: str) -> dict[str, Any]:
         ckpt.flush()
         restored = ckpt.restore({"model": model, "optimizer": optimizer})
     return {"error": error, "restored": None if restored is None else restored.step}
+
+
+class Loader:
+    """A per-rank data loader's position: an object with state_dict() / load_state_dict()."""
+
+    def __init__(self, position: int = -1) -> None:
+        self.position = position
+        self.loaded = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = state["position"]
+        self.loaded += 1
+
+
+def loader_per_rank(rank: int, world: int, root: str, save: bool) -> dict[str, Any]:
+    """Save (``save``) step 1 with a data loader at position 100 + rank on each rank; restore
+    into a fresh loader: its position afterwards and how often it was loaded."""
+    model, optimizer = w.fsdp_trained(1, 1)
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S) as ckpt:
+        if save:
+            ckpt.save(1, {"model": model, "optimizer": optimizer, "loader": Loader(100 + rank)})
+            ckpt.flush()
+        loader = Loader()
+        restored = ckpt.restore({"model": model, "optimizer": optimizer, "loader": loader})
+    assert restored is not None
+    return {"position": loader.position, "loaded": loader.loaded, "state": restored.state}

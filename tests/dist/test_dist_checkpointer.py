@@ -114,6 +114,17 @@ def test_resharding_through_the_checkpointer(tmp_path: Path, saved_by: int, rest
     assert len(logged) == restored_by and all(dropped in e["summary"] for e in logged)
 
 
+def test_a_per_rank_object_is_restored_to_its_rank_and_left_alone_at_another_world_size(
+    tmp_path: Path,
+) -> None:
+    same = all_ok(run_world(cw.loader_per_rank, 2, str(tmp_path), True))
+    other = all_ok(run_world(cw.loader_per_rank, 4, str(tmp_path), False))
+
+    assert [(r["position"], r["loaded"]) for r in same] == [(100, 1), (101, 1)]
+    assert [r["state"] for r in same] == [{"loader": {"position": 100 + rank}} for rank in range(2)]
+    assert [(r["position"], r["loaded"], r["state"]) for r in other] == [(-1, 0, {})] * 4
+
+
 def test_a_plain_process_reads_a_multi_rank_directory(tmp_path: Path) -> None:
     saved = all_ok(run_world(cw.train_and_save, 2, str(tmp_path), [2, 3], 3))[0]["full"]
 
