@@ -428,3 +428,24 @@ def restore_each_from(rank: int, world: int, roots: list[str]) -> dict[str, Any]
     """``restore_fsdp`` with each rank reading its own copy of the run (``roots[rank]``), as
     ranks on several nodes see their node's view of a shared directory."""
     return restore_fsdp(rank, world, roots[rank])
+
+
+def dcp_async_round_trip(rank: int, world: int, root: str) -> bool:
+    """``dcp.async_save`` with AsyncckptWriter (its future awaited), then ``dcp.load`` with
+    AsyncckptReader into a fresh FSDP2 MLP + Adam: whether it holds the state saved (rank 0)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model, optimizer = fsdp_trained(1, 2)
+    saved = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    expected = full_state(model, optimizer)
+    future = dcp.async_save(saved, storage_writer=adist.AsyncckptWriter(root, step=8))
+    future.result(timeout=4 * TIMEOUT_S)
+    model2 = fsdp_mlp(3)
+    optimizer2 = torch.optim.Adam(model2.parameters(), lr=0.5)
+    target = {"model": get_model_state_dict(model2), "optimizer": get_optimizer_state_dict(model2, optimizer2)}
+    dcp.load(target, storage_reader=adist.AsyncckptReader(root))
+    set_model_state_dict(model2, target["model"])
+    set_optimizer_state_dict(model2, optimizer2, target["optimizer"])
+    got = full_state(model2, optimizer2)
+    return rank != 0 or asyncckpt.testing.states_equal(expected, got)

@@ -251,3 +251,11 @@ def test_dcp_save_and_load_with_asyncckpt_writer_and_reader(tmp_path: Path, plan
     assert results == [True, True]
     record = record_of(tmp_path, 7)
     assert record.world_size == 2 and catalog.committed_steps(PosixStorage(tmp_path))[0].step == 7
+
+
+def test_dcp_async_save_with_asyncckpt_writer_then_dcp_load(tmp_path: Path) -> None:
+    results = all_ok(run_world(workers.dcp_async_round_trip, 2, str(tmp_path)))
+
+    assert results == [True, True]
+    assert [info.step for info in catalog.committed_steps(PosixStorage(tmp_path))] == [8]
+    assert adist.check_step(tmp_path, 8) == []
