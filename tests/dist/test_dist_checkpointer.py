@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import ckpt_workers as cw
+import contract_workers as ct
 import dist_workers as workers
 import pytest
 import torch
@@ -117,8 +118,8 @@ def test_resharding_through_the_checkpointer(tmp_path: Path, saved_by: int, rest
 def test_a_per_rank_object_is_restored_to_its_rank_and_left_alone_at_another_world_size(
     tmp_path: Path,
 ) -> None:
-    same = all_ok(run_world(cw.loader_per_rank, 2, str(tmp_path), True))
-    other = all_ok(run_world(cw.loader_per_rank, 4, str(tmp_path), False))
+    same = all_ok(run_world(ct.loader_per_rank, 2, str(tmp_path), True))
+    other = all_ok(run_world(ct.loader_per_rank, 4, str(tmp_path), False))
 
     assert [(r["position"], r["loaded"]) for r in same] == [(100, 1), (101, 1)]
     assert [r["state"] for r in same] == [{"loader": {"position": 100 + rank}} for rank in range(2)]
@@ -180,7 +181,7 @@ def test_storage_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path: Path
 def test_a_write_failure_on_one_rank_reaches_every_rank_at_the_next_save_or_exit(
     tmp_path: Path, where: str
 ) -> None:
-    results = all_ok(run_world(cw.storage_fault_seen_at, 2, str(tmp_path), 1, where))
+    results = all_ok(run_world(ct.storage_fault_seen_at, 2, str(tmp_path), 1, where))
 
     for result in results:
         error = result["error"]
@@ -193,7 +194,7 @@ def test_a_write_failure_on_one_rank_reaches_every_rank_at_the_next_save_or_exit
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_background_coordination_runs_on_its_own_gloo_group(tmp_path: Path, world: int) -> None:
-    results = all_ok(run_world(cw.trainer_collectives_during_saves, world, str(tmp_path), deadline=120))
+    results = all_ok(run_world(ct.trainer_collectives_during_saves, world, str(tmp_path), deadline=120))
 
     for result in results:
         assert result["own"] and result["backend"] == "gloo", result
@@ -223,7 +224,7 @@ def test_mismatched_steps_fail_on_every_rank_without_a_hang(tmp_path: Path) -> N
 
 
 def test_a_restore_against_a_save_fails_on_every_rank_without_a_hang(tmp_path: Path) -> None:
-    restoring, saving = all_ok(run_world(cw.restore_against_save, 2, str(tmp_path), deadline=60))
+    restoring, saving = all_ok(run_world(ct.restore_against_background_save, 2, str(tmp_path), deadline=60))
 
     assert restoring["error"] is not None and restoring["error"]["classes"][0] == "CoordinationError"
     assert saving["error"] is not None and "CheckpointWriteError" in saving["error"]["classes"]
@@ -235,7 +236,7 @@ def test_a_restore_against_a_save_fails_on_every_rank_without_a_hang(tmp_path: P
 
 
 def test_after_mismatched_steps_the_next_agreed_step_commits(tmp_path: Path) -> None:
-    results = all_ok(run_world(cw.mismatch_then_agree, 2, str(tmp_path), deadline=60))
+    results = all_ok(run_world(ct.mismatch_then_agree, 2, str(tmp_path), deadline=60))
 
     for result in results:
         assert result["error"] is not None and result["error"]["cause"] == "CoordinationError"
@@ -276,7 +277,7 @@ def test_a_checkpointer_opened_on_one_rank_only_ends_in_a_clear_error(tmp_path: 
 
 
 def test_process_group_picks_the_ranks_of_a_checkpointer(tmp_path: Path) -> None:
-    results = all_ok(run_world(cw.pairs_save_apart, 4, str(tmp_path), deadline=90))
+    results = all_ok(run_world(ct.pairs_save_apart, 4, str(tmp_path), deadline=90))
 
     assert [r["step"] for r in results] == [3, 3, 4, 4]
     assert [r["state"] for r in results] == [{"rank": {"global": g}} for g in range(4)]
@@ -299,7 +300,7 @@ def test_a_source_changed_before_its_copy_fails_the_step_everywhere(tmp_path: Pa
 
 
 def test_the_step_after_a_save_waits_for_the_copy_of_dtensor_shards(tmp_path: Path) -> None:
-    results = all_ok(run_world(cw.step_waits_for_the_copy, 2, str(tmp_path)))
+    results = all_ok(run_world(ct.step_waits_for_the_copy, 2, str(tmp_path)))
 
     for result in results:  # the local shards went to the background copy, the step waited
         assert result["deferred"] > 0 and not result["done_at_return"]

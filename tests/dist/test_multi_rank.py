@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import contract_workers as ct
 import dist_workers as workers
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_a_step_one_rank_does_not_see_committed_makes_every_rank_fall_back(tmp_p
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / catalog.commit_record_name(2)).unlink()  # rank 1's view lags
 
-    results = all_ok(run_world(workers.restore_each_from, 2, [str(tmp_path / "a"), str(tmp_path / "b")]))
+    results = all_ok(run_world(ct.restore_each_from, 2, [str(tmp_path / "a"), str(tmp_path / "b")]))
 
     assert [r["step"] for r in results] == [1, 1]
     for result, view in zip(results, ("a", "b"), strict=True):  # each rank names its own view
@@ -205,7 +206,7 @@ def test_replicated_state_is_written_once_in_total(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dtensors_placed_replicate_are_written_once_in_total(tmp_path: Path, world: int) -> None:
-    param_bytes = all_ok(run_world(workers.save_replicate_placed, world, str(tmp_path)))[0]["param_bytes"]
+    param_bytes = all_ok(run_world(ct.save_replicate_placed, world, str(tmp_path)))[0]["param_bytes"]
 
     record = record_of(tmp_path, 1)
     locations = record.metadata.storage_data
@@ -236,7 +237,7 @@ def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path, c
 
 
 def test_a_restore_against_a_save_fails_on_every_rank(tmp_path: Path) -> None:
-    results = run_world(workers.restore_against_save, 2, str(tmp_path), deadline=30)
+    results = run_world(ct.restore_against_save_step, 2, str(tmp_path), deadline=30)
 
     for result in results:  # the call check, not an error of unpacking each other's messages
         assert result.raised("CoordinationError"), f"{result.error}: {result.message}"
@@ -254,7 +255,7 @@ def test_dcp_save_and_load_with_asyncckpt_writer_and_reader(tmp_path: Path, plan
 
 
 def test_dcp_async_save_with_asyncckpt_writer_then_dcp_load(tmp_path: Path) -> None:
-    results = all_ok(run_world(workers.dcp_async_round_trip, 2, str(tmp_path)))
+    results = all_ok(run_world(ct.dcp_async_round_trip, 2, str(tmp_path)))
 
     assert results == [True, True]
     assert [info.step for info in catalog.committed_steps(PosixStorage(tmp_path))] == [8]
