@@ -140,12 +140,13 @@ class CoordinationGroup:
 
         Raises :class:`CoordinationError` on every rank, listing each rank's call, when they differ.
         """
-        calls = self.all_gather((operation, step), what=f"{operation} (step {step})")
-        self._same_calls(calls, (operation, step))
+        # The shape of gather_outcomes' exchange, so that a rank here and one there compare calls.
+        gathered = self.all_gather(((operation, step), None, None), what=f"{operation} (step {step})")
+        self._same_calls([c for c, _, _ in gathered], (operation, step))
 
     def _same_calls(self, calls: list[Any], mine: tuple[str, int | None]) -> None:
         if len(set(calls)) > 1:
-            listing = ", ".join(f"rank {rank}: {op} step {s}" for rank, (op, s) in enumerate(calls))
+            listing = ", ".join(f"rank {rank}: {_call_text(call)}" for rank, call in enumerate(calls))
             raise CoordinationError(
                 f"the ranks did not make the same call ({listing}); every rank must call {mine[0]} "
                 "with the same step, in the same order",
@@ -177,6 +178,14 @@ class CoordinationGroup:
             dist.destroy_process_group(self.group)
             self.group = None
         self._broken = "the group was closed"
+
+
+def _call_text(call: Any) -> str:
+    """``save step 3``, ``restore``; what a rank in another kind of exchange sent is not a call."""
+    if not (isinstance(call, tuple) and len(call) == 2):
+        return "another exchange"
+    operation, step = call
+    return str(operation) if step is None else f"{operation} step {step}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import asyncckpt
 from asyncckpt.errors import UsageError
-from asyncckpt.saving.staging import Copier
+from asyncckpt.saving.staging import Copier, StagedCopy
 from asyncckpt.storage import FileOps
 from asyncckpt.testing import FaultyOps
 
@@ -118,6 +118,7 @@ def restore_only(rank: int, world: int, root: str) -> dict[str, Any]:
         "step": restored.step,
         "per_rank_restored": restored.per_rank_restored,  # type: ignore[attr-defined]
         "rng": restored.state.get("rng"),
+        "summary": restored.summary,
         "diagnostics": [(d.path, d.kind, d.reason) for d in restored.diagnostics],
         "full": w.full_state(model, optimizer),
         "listing": sorted(os.listdir(root)),
@@ -225,6 +226,11 @@ class GatedCopier(Copier):
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
+        self.staged: list[StagedCopy] = []
+
+    def submit(self, staged: StagedCopy, destinations: Any, sources: Any) -> None:
+        self.staged.append(staged)
+        super().submit(staged, destinations, sources)
 
     def run(self, staged: Any, destinations: Any, sources: Any) -> None:
         self.gate.wait(TIMEOUT_S)

@@ -31,6 +31,7 @@ _CONTEXT.set_forkserver_preload(
         "asyncckpt.dist",
         "dist_workers",
         "ckpt_workers",
+        "contract_workers",
         "share_workers",
         "remote_workers",
         "dicts_workers",

@@ -170,13 +170,16 @@ def mismatched_steps(rank: int, world: int, root: str) -> str:
     return "saved"
 
 
-def one_rank_absent(rank: int, world: int, root: str) -> str:
-    """Rank 0 saves; the others wait on the trainer's group until rank 0 has given up."""
+def one_rank_absent(rank: int, world: int, root: str, call: str = "save") -> str:
+    """Rank 0 saves (or restores: ``call``); the others wait on the trainer's group until rank 0
+    has given up."""
     group = adist.CoordinationGroup(timeout=2.0)
     model = torch.nn.Linear(4, 4)
     try:
-        if rank == 0:
+        if rank == 0 and call == "save":
             adist.save_step(root, 1, {"model": model}, group=group)
+        elif rank == 0:
+            adist.restore_latest(root, {"model": model}, group=group)
     finally:
         dist.barrier()  # the trainer's own group: never blocked by asyncckpt's
     return "saved"

@@ -3,9 +3,11 @@ DDP-replicated model, at world sizes 1, 2 and 4; every world runs under a deadli
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import contract_workers as ct
 import dist_workers as workers
 import pytest
 import torch
@@ -151,6 +153,20 @@ def test_corrupted_shard_of_one_rank_makes_every_rank_fall_back(tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith(f"{shard}|")  # written once
 
 
+def test_a_step_one_rank_does_not_see_committed_makes_every_rank_fall_back(tmp_path: Path) -> None:
+    all_ok(run_world(workers.save_fsdp, 2, str(tmp_path / "a"), [1, 2]))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / catalog.commit_record_name(2)).unlink()  # rank 1's view lags
+
+    results = all_ok(run_world(ct.restore_each_from, 2, [str(tmp_path / "a"), str(tmp_path / "b")]))
+
+    assert [r["step"] for r in results] == [1, 1]
+    for result, view in zip(results, ("a", "b"), strict=True):  # each rank names its own view
+        [(path, kind, reason)] = result["diagnostics"]
+        assert path == str(tmp_path / view / catalog.commit_record_name(2)) and kind == "incompatible"
+        assert "ranks [1] do not see its commit record" in reason
+
+
 def test_storage_failure_on_one_rank_fails_every_rank_and_commits_nothing(tmp_path: Path) -> None:
     results = all_ok(run_world(workers.save_then_fail, 2, str(tmp_path), 1))
 
@@ -188,6 +204,20 @@ def test_replicated_state_is_written_once_in_total(tmp_path: Path) -> None:
     assert param_bytes <= on_disk < 1.1 * param_bytes  # about one copy, not two
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensors_placed_replicate_are_written_once_in_total(tmp_path: Path, world: int) -> None:
+    param_bytes = all_ok(run_world(ct.save_replicate_placed, world, str(tmp_path)))[0]["param_bytes"]
+
+    record = record_of(tmp_path, 1)
+    locations = record.metadata.storage_data
+    assert sorted(i.fqn for i in locations) == ["model.a", "model.b"]  # each tensor once
+    on_disk = sum(digest.nbytes for digest in record.shards)
+    # one copy and each shard's header, alignment and RNG state (~17 KiB); a second copy is 2x
+    assert param_bytes <= on_disk < 1.5 * param_bytes
+    full = adist.load_full(tmp_path)
+    assert [tuple(full.state["model"][k].shape) for k in ("a", "b")] == [(256, 256)] * 2
+
+
 def test_mismatched_steps_fail_on_every_rank(tmp_path: Path) -> None:
     results = run_world(workers.mismatched_steps, 2, str(tmp_path), deadline=30)
 
@@ -197,11 +227,21 @@ def test_mismatched_steps_fail_on_every_rank(tmp_path: Path) -> None:
     assert catalog.committed_steps(PosixStorage(tmp_path)) == []
 
 
-def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path) -> None:
-    results = run_world(workers.one_rank_absent, 2, str(tmp_path), deadline=30)
+@pytest.mark.parametrize("call", ["save", "restore"])
+def test_a_rank_that_does_not_call_ends_in_an_error_not_a_hang(tmp_path: Path, call: str) -> None:
+    results = run_world(workers.one_rank_absent, 2, str(tmp_path), call, deadline=30)
 
     assert results[0].raised("CoordinationError") and "2 s" in results[0].message
     assert results[1].ok
+    assert catalog.committed_steps(PosixStorage(tmp_path)) == []
+
+
+def test_a_restore_against_a_save_fails_on_every_rank(tmp_path: Path) -> None:
+    results = run_world(ct.restore_against_save_step, 2, str(tmp_path), deadline=30)
+
+    for result in results:  # the call check, not an error of unpacking each other's messages
+        assert result.raised("CoordinationError"), f"{result.error}: {result.message}"
+        assert "rank 0: restore, rank 1: save step 1" in result.message
     assert catalog.committed_steps(PosixStorage(tmp_path)) == []
 
 
@@ -212,3 +252,11 @@ def test_dcp_save_and_load_with_asyncckpt_writer_and_reader(tmp_path: Path, plan
     assert results == [True, True]
     record = record_of(tmp_path, 7)
     assert record.world_size == 2 and catalog.committed_steps(PosixStorage(tmp_path))[0].step == 7
+
+
+def test_dcp_async_save_with_asyncckpt_writer_then_dcp_load(tmp_path: Path) -> None:
+    results = all_ok(run_world(ct.dcp_async_round_trip, 2, str(tmp_path)))
+
+    assert results == [True, True]
+    assert [info.step for info in catalog.committed_steps(PosixStorage(tmp_path))] == [8]
+    assert adist.check_step(tmp_path, 8) == []

@@ -23,12 +23,13 @@ from asyncckpt import format as fmt
 from asyncckpt.errors import (
     CheckpointError,
     CheckpointWriteError,
+    CorruptedCheckpointError,
     NoValidCheckpointError,
     UnsupportedValueError,
     UsageError,
 )
 from asyncckpt.storage import PosixStorage
-from asyncckpt.testing import FaultyOps, states_equal
+from asyncckpt.testing import FaultyOps, RecordingOps, states_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -151,6 +152,25 @@ def test_a_corrupted_shard_falls_back_with_a_diagnostic(tmp_path: Path) -> None:
     assert (tmp_path / catalog.FAILED_LOG_NAME).read_text().startswith(f"{shard}|")
     full = adist.load_full(tmp_path)
     assert full.step == 1 and [d.path for d in full.diagnostics] == [str(shard)]
+
+
+def test_on_corrupt_fail_raises_for_the_newest_step_and_loads_nothing(tmp_path: Path) -> None:
+    save_two_steps(tmp_path)
+    shard = tmp_path / catalog.shard_name(2, 0)
+    with open(shard, "rb") as file:
+        layout = fmt.read_layout(file, str(shard))
+    data = bytearray(shard.read_bytes())
+    data[layout.blobs[0].offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    model, optimizer = plain_model_and_optimizer(seed=9)
+    before = _clone(get_model_state_dict(model))
+
+    with pytest.raises(CorruptedCheckpointError) as caught:
+        adist.restore_latest(tmp_path, {"model": model, "optimizer": optimizer}, on_corrupt="fail")
+
+    assert caught.value.path == str(shard) and caught.value.step == 2
+    assert states_equal(get_model_state_dict(model), before)  # step 1 was not loaded either
+    assert (tmp_path / catalog.FAILED_LOG_NAME).read_text().startswith(f"{shard}|")
 
 
 def test_no_valid_step_raises_with_every_diagnostic(tmp_path: Path) -> None:
@@ -363,3 +383,34 @@ def test_the_collector_pauses_while_a_step_is_written_and_resumes_even_on_failur
     with pytest.raises(UnsupportedValueError):
         adist.save_step(tmp_path, 2, {"model": torch.nn.Linear(2, 2), "bad": object()})
     assert gc.isenabled()
+
+
+def test_the_commit_record_is_made_durable_last_after_the_shard(tmp_path: Path) -> None:
+    ops = RecordingOps()
+    model, optimizer = plain_model_and_optimizer()
+
+    adist.save_step(PosixStorage(tmp_path, ops=ops), 1, {"model": model, "optimizer": optimizer})
+
+    folder = tmp_path / catalog.step_folder_name(1)
+    seen = []
+    for name, target in ops.calls:
+        if name in ("write", "close"):
+            continue
+        if name == "rename":  # temp name in the same folder -> final name
+            source, target = target
+            assert source.parent == target.parent == folder and source.name.startswith(f".{target.name}.tmp-")
+        elif name == "open_exclusive":
+            target = target.name.partition(".tmp-")[0]
+        seen.append((name, target if name != "fsync" else None))
+    assert seen == [
+        ("mkdir", folder),
+        ("fsync_dir", tmp_path),  # the folder is durable before any file in it
+        ("open_exclusive", ".rank-00000.ckpt"),
+        ("fsync", None),
+        ("rename", folder / "rank-00000.ckpt"),
+        ("fsync_dir", folder),  # the shard is durable (data and name)...
+        ("open_exclusive", ".commit.record"),  # ...before the record is begun
+        ("fsync", None),
+        ("rename", folder / "commit.record"),  # the commit
+        ("fsync_dir", folder),
+    ]
