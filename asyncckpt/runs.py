@@ -11,12 +11,20 @@ combined (:func:`asyncckpt.format.crc32c_combine`) once all have landed, so part
 blob may be read by different threads. Runs and parts are read by ``threads`` threads
 (``preadv`` and ``crc32c`` release the GIL); whatever their timing, the lowest broken blob of
 the file is the one reported.
+
+A file that is not in the page cache (a probe read with ``RWF_NOWAIT`` would block) is read
+differently: in file order by one thread, each run checksummed on a second thread while the
+next is read. Readers at several offsets at once defeat the kernel's readahead, which then
+reads the disk in small requests; one reader in file order gets whole readahead windows, and
+the checksums cost no time on the read path.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import crc32c
 
@@ -26,6 +34,7 @@ from .errors import CheckpointError
 from .storage import ReadHandle
 
 RUN_BYTES = 8 << 20  # one read covers at most this much of the file
+_PROBES = 4  # places of a file probed for being in the page cache
 
 # Blobs [first, stop) of the file; ``part >= 0``: only bytes [part, part + RUN_BYTES) of the big
 # blob ``first`` (then ``stop == first + 1``); ``part == -1``: the whole blobs.
@@ -75,12 +84,12 @@ class RunReads:
         storage fails.
         """
 
-        def work(run: Run, scratch: _Scratch) -> None:
+        def work(run: Run, scratch: _Scratch) -> _Finish:
             first, stop, part = run
             if part >= 0:
-                self._part(first, part, views[first][part : part + self.run_bytes], checksums=checksums)
-            else:
-                self._read(first, stop, views[first:stop], checksums=checksums)
+                view = views[first][part : part + self.run_bytes]
+                return self._part(first, part, view, checksums=checksums)
+            return self._read(first, stop, views[first:stop], checksums=checksums)
 
         self._run(work, threads, checksums=checksums)
 
@@ -90,17 +99,26 @@ class RunReads:
         Raises like :meth:`read`.
         """
 
-        def work(run: Run, scratch: _Scratch) -> None:
+        def work(run: Run, scratch: _Scratch) -> _Finish:
             first, stop, part = run
             if part >= 0:
                 size = min(self.run_bytes, self.layout.blobs[first].nbytes - part)
-                self._part(first, part, scratch.get(size), checksums=True)
-            else:
-                self._check(first, stop, scratch)
+                return self._part(first, part, scratch.get(size), checksums=True)
+            return self._check(first, stop, scratch)
 
         self._run(work, threads, checksums=True)
 
     def _run(self, work: _Work, threads: int, *, checksums: bool) -> None:
+        if threads > 1 and checksums and len(self.runs) > 1 and not self.cached():
+            self._in_order(work)
+        else:
+            self._on_threads(work, threads)
+        if checksums:
+            self._check_parts()
+        self._failures.raise_lowest()
+
+    def _on_threads(self, work: _Work, threads: int) -> None:
+        """Runs on ``threads`` threads, each read and checksummed by one of them."""
         local = threading.local()
 
         def one(run: Run) -> None:
@@ -110,25 +128,71 @@ class RunReads:
             if scratch is None:
                 scratch = local.scratch = _Scratch()
             try:
-                work(run, scratch)
+                finish = work(run, scratch)
+                if finish is not None:
+                    finish()
             except CheckpointError as exc:
                 self._failures.add(run[0], exc)
 
         run_each(one, self.runs, threads, "asyncckpt-read")
-        if checksums:
-            self._check_parts()
-        self._failures.raise_lowest()
 
-    def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> None:
+    def _in_order(self, work: _Work) -> None:
+        """Runs read in file order by this thread, each checksummed on a second thread while the
+        next is read (two scratch buffers take turns: one is read into, one is checksummed)."""
+        scratches = (_Scratch(), _Scratch())
+        checking: tuple[Run, Future[None]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-crc") as pool:
+            for index, run in enumerate(self.runs):
+                if run[0] > self._failures.lowest:
+                    break
+                try:
+                    finish = work(run, scratches[index % 2])
+                except CheckpointError as exc:
+                    self._failures.add(run[0], exc)
+                    finish = None
+                if checking is not None:  # its scratch buffer is the next run's
+                    self._settle(*checking)
+                checking = None if finish is None else (run, pool.submit(finish))
+            if checking is not None:
+                self._settle(*checking)
+
+    def _settle(self, run: Run, checked: Future[None]) -> None:
+        try:
+            checked.result()
+        except CheckpointError as exc:
+            self._failures.add(run[0], exc)
+
+    def cached(self) -> bool:
+        """Whether the file's blobs look to be in the page cache: a one-byte read with
+        ``RWF_NOWAIT`` at a few places of the data region does not block (True where that
+        cannot be asked: then threads read as before)."""
+        fileno = getattr(self.handle, "fileno", None)
+        nowait = getattr(os, "RWF_NOWAIT", None)
+        if fileno is None or nowait is None or not self.offsets:
+            return True
+        begin, end = self.offsets[0], self.offsets[-1] + self.layout.blobs[-1].nbytes
+        probe = bytearray(1)
+        try:
+            fd = fileno()
+            for i in range(_PROBES):
+                os.preadv(fd, [probe], begin + (end - begin - 1) * i // max(_PROBES - 1, 1), nowait)
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # not a plain file, or a kernel without RWF_NOWAIT
+            return True
+        return True
+
+    def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> _Finish:
         begin = self.offsets[first]
         length = self.offsets[stop - 1] + self.layout.blobs[stop - 1].nbytes - begin
         got = self.handle.read_pieces(begin, length, list(zip(self.offsets[first:stop], views, strict=True)))
         if got < length:
             raise self._short(first, stop, begin + got)
-        if checksums:
-            self._check_crcs(first, list(map(crc32c.crc32c, views)))
+        if not checksums:
+            return None
+        return lambda: self._check_crcs(first, list(map(crc32c.crc32c, views)))
 
-    def _check(self, first: int, stop: int, scratch: _Scratch) -> None:
+    def _check(self, first: int, stop: int, scratch: _Scratch) -> _Finish:
         blobs = self.layout.blobs
         begin = self.offsets[first]
         length = self.offsets[stop - 1] + blobs[stop - 1].nbytes - begin
@@ -138,17 +202,23 @@ class RunReads:
             raise self._short(first, stop, begin + got)
         starts = [offset - begin for offset in self.offsets[first:stop]]
         views = [buffer[s : s + blobs[i].nbytes] for i, s in enumerate(starts, first)]
-        self._check_crcs(first, list(map(crc32c.crc32c, views)))
+        return lambda: self._check_crcs(first, list(map(crc32c.crc32c, views)))
 
-    def _part(self, index: int, start: int, view: memoryview, *, checksums: bool) -> None:
-        """Bytes ``[start, start + len(view))`` of big blob ``index`` into ``view``; its CRC32C kept."""
+    def _part(self, index: int, start: int, view: memoryview, *, checksums: bool) -> _Finish:
+        """Bytes ``[start, start + len(view))`` of big blob ``index`` into ``view``; then (the
+        returned step) its CRC32C kept."""
         got = self.handle.read_at(self.offsets[index] + start, view)
         if got < len(view):
             raise fmt.truncated(self.layout, index, start + got, path=self.where)
-        if checksums:
+        if not checksums:
+            return None
+
+        def keep() -> None:
             crc = crc32c.crc32c(view)
             with self._lock:
                 self._parts.setdefault(index, {})[start] = crc
+
+        return keep
 
     def _check_parts(self) -> None:
         """Each big blob's CRC32C from its parts' (a blob with a part missing failed already)."""
@@ -192,4 +262,5 @@ class _Scratch:
         return self.buffer[:nbytes]
 
 
-_Work = Callable[[Run, _Scratch], None]  # one run, with the thread's scratch buffer
+_Finish = Callable[[], None] | None  # what is left of a run once its bytes are read: its checksums
+_Work = Callable[[Run, _Scratch], _Finish]  # read one run (into a scratch buffer when checking)

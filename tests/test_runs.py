@@ -23,6 +23,16 @@ from asyncckpt.runs import plan_runs
 from asyncckpt.storage import PosixStorage, ReadHandle
 
 CPU = torch.device("cpu")
+PROBE = runs_module.RunReads.cached  # the real page-cache probe (the fixture below replaces it)
+
+
+@pytest.fixture(autouse=True, params=["threads", "in_order"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the file taken as in the page cache (runs on several threads) and as
+    not (runs in file order, each checksummed on a second thread while the next is read)."""
+    cached = request.param == "threads"
+    monkeypatch.setattr(runs_module.RunReads, "cached", lambda self: cached)
+    return str(request.param)
 
 
 def blobs(*spans: tuple[int, int]) -> tuple[fmt.BlobEntry, ...]:
@@ -185,3 +195,44 @@ def test_a_file_that_shrank_after_its_header_was_read_is_truncated(
                 reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
         assert caught.value.reason.startswith("truncated inside t4 at offset ")
         assert (caught.value.offset, caught.value.blob) == (blob.offset + 5000, 4)
+
+
+@pytest.mark.usefixtures("small_runs")
+def test_a_file_not_in_the_page_cache_is_read_in_file_order(tmp_path: Path, reading: str) -> None:
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    handle = PosixStorage(path.parent).open(path.name)
+    layout = reader_module.read_layout(handle, str(path))
+    offsets: list[int] = []
+    real_at, real_pieces = handle.read_at, handle.read_pieces
+
+    def read_at(offset: int, buffer: memoryview) -> int:
+        offsets.append(offset)
+        return real_at(offset, buffer)
+
+    def read_pieces(offset: int, length: int, pieces: Sequence[tuple[int, memoryview]]) -> int:
+        offsets.append(offset)
+        return real_pieces(offset, length, pieces)
+
+    handle.read_at, handle.read_pieces = read_at, read_pieces  # type: ignore[method-assign]
+    tensors = reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert_same_state(dict(zip([t.key for t in layout.tensors], tensors, strict=True)), wide_state())
+    runs = plan_runs(layout.blobs, runs_module.RUN_BYTES)
+    assert len(offsets) == len(runs) > 2
+    if reading == "in_order":
+        assert offsets == sorted(offsets)
+    handle.close()
+
+
+def test_the_page_cache_probe_tells_a_dropped_file_from_a_read_one(tmp_path: Path) -> None:
+    import os
+
+    if not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"):
+        pytest.skip("no RWF_NOWAIT or posix_fadvise here")
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)  # fsynced: clean pages
+    handle = PosixStorage(path.parent).open(path.name)
+    layout = reader_module.read_layout(handle, str(path))
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert PROBE(runs_module.RunReads(handle, layout, "w")) is False
+    reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert PROBE(runs_module.RunReads(handle, layout, "w")) is True
+    handle.close()
