@@ -1,7 +1,8 @@
 """A/B of the load side across checkouts: ``asyncckpt.load``, ``load_latest`` and ``restore``.
 
 Each round runs one child process per checkout, in turn (A B, A B, ...), on the same checkpoint
-of the benchmark's model + Adam state (``ckptbench.state``), warm page cache. A child times
+of the benchmark's model + Adam state (``ckptbench.state``), warm page cache (``--cold``: the
+file's pages dropped with ``posix_fadvise(DONTNEED)`` before every call). A child times
 ``--calls`` calls after one untimed call and reports wall and CPU seconds (``process_time``: all
 threads) per call; ratios are taken per round (median of the child's calls, B over A), then the
 median over rounds, which holds on a loaded machine far better than absolute times.
@@ -34,7 +35,7 @@ import asyncckpt
 from ckptbench.state import build_state
 from ckptbench.loading import restore_function
 size, count, directory, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-calls = int(sys.argv[6])
+calls, cold = int(sys.argv[6]), sys.argv[7] == "cold"
 path = os.path.join(directory, "step-00000001.ckpt")
 state = build_state(size, count)
 if not os.path.exists(path):
@@ -47,10 +48,17 @@ run = {
     "latest": lambda: asyncckpt.load_latest(directory, log=quiet),
     "restore": lambda: restore(directory, objects),
 }[what]
+def drop():
+    if cold:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+drop()
 run()
 out = []
 for _ in range(calls):
     gc.collect()
+    drop()
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     out.append((time.perf_counter() - wall, time.process_time() - cpu))
@@ -67,6 +75,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per child")
     parser.add_argument("--dir", type=Path, default=None, help="checkpoint folder (default: temp)")
+    parser.add_argument("--cold", action="store_true", help="drop the file's cached pages before each call")
     parser.add_argument("--out", type=Path, default=None, help="a Markdown file for the results")
     args = parser.parse_args()
     trees = dict(tree.split("=", 1) for tree in args.tree)
@@ -79,7 +88,8 @@ def main() -> None:
         "",
         f"- command: `python benchmarks/load_ab.py {' '.join(sys.argv[1:])}`",
         f"- started: {started}, load average {load_start}",
-        f"- state: {args.size} in {args.tensors} tensors (model + Adam, ckptbench.state), warm page cache",
+        f"- state: {args.size} in {args.tensors} tensors (model + Adam, ckptbench.state), "
+        + ("cold: the file's pages dropped before each call" if args.cold else "warm page cache"),
         "",
         "| what | tree | wall ms (median) | CPU ms (median) | wall / first tree (median of rounds) "
         "| per round |",
@@ -91,7 +101,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, tree in trees.items():
                 command = [sys.executable, "-c", CHILD, str(parse_size(args.size)), str(args.tensors)]
-                command += [str(directory), what, str(HERE), str(args.calls)]
+                command += [str(directory), what, str(HERE), str(args.calls), "cold" if args.cold else "warm"]
                 runs[name].append(run_in_tree(command, tree)["runs"])
         base = [statistics.median(w for w, _ in r) for r in runs[names[0]]]
         for name in names:
