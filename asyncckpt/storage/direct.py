@@ -25,6 +25,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 ALIGN = 4096  # memory and file-offset alignment of a direct write (the format's blob alignment)
 DIRECT_MIN = 1 << 20  # shorter runs go through the page cache (sync direct writes of less are slow)
 DIRECT_PIECE = 8 << 20  # bytes per direct write call
-BOUNCE = 8 << 20  # bytes gathered before a direct write of small pieces
+BOUNCE = 8 << 20  # two halves: one is written while small pieces are gathered in the other
 _MEMMOVE_MIN = 64 << 10  # copies at least this long release the GIL (ctypes.memmove)
 HAVE_DIRECT = hasattr(os, "O_DIRECT")
 
@@ -78,31 +79,53 @@ class DirectSink:
 
     Bytes are written at their file offsets in whole 4 KiB blocks from 4 KiB-aligned memory: a
     run of at least :data:`DIRECT_MIN` bytes whose memory is aligned like its file offset (a
-    staging buffer's) straight from where it lies; everything else (small blobs, padding, the
-    header, unaligned memory) gathered in ``bounce`` first. :meth:`finish` writes what is left
-    in the bounce buffer; its last partial block goes through ``plain`` (the ordinary descriptor).
-    When the kernel refuses a direct write (``EINVAL``) or writes part of one, the rest of the
-    file goes through ``plain``. Any other ``OSError`` is raised: the write failed.
+    staging buffer's) straight from where it lies, on the caller's thread; everything else
+    (small blobs, padding, the header, unaligned memory) gathered in one half of ``bounce``,
+    which a thread of the sink writes while the caller fills the other half. :meth:`finish`
+    writes what is left; the file's last partial block goes through ``plain`` (the ordinary
+    descriptor). When the kernel refuses a direct write (``EINVAL``) or writes part of one, the
+    rest of the file goes through ``plain``. Any other ``OSError`` is raised: the write failed.
+    Use it in a ``with`` block: leaving it waits for the write in flight (before the
+    descriptors may be closed).
     """
 
     def __init__(self, plain: FdSink, direct_fd: int, bounce: memoryview) -> None:
+        half = len(bounce) // 2 // ALIGN * ALIGN
         self.plain = plain
         self.direct_fd = direct_fd
-        self.bounce = bounce
-        self.base = 0  # file offset of bounce[0]: every byte before it is written
+        self.halves = (bounce[:half], bounce[half : 2 * half])
+        self.bounce = self.halves[0]  # the half being filled
+        self.base = 0  # file offset of bounce[0]: every byte before it is written or in flight
         self.pending = 0  # bytes gathered in the bounce buffer
-        self.on = True
+        self.on = True  # False once a direct write was refused: the rest goes through plain
         self.direct_bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-direct")
+        self._flying: Future[None] | None = None
+
+    def __enter__(self) -> DirectSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        flying, self._flying = self._flying, None
+        if flying is not None:
+            with contextlib.suppress(BaseException):  # the write failed already: that is reported
+                flying.result()
+        self._pool.shutdown(wait=True)
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
-        while view and self.on:
+        while view:
+            if not self.on:
+                self._settle_plain()
+                self.plain.write(view)
+                return
             if not self.pending % ALIGN and (run := _aligned_run(view)):
                 self._drain()
-                if not self.on:  # the drain fell back: the run goes through plain below
-                    break
-                self._direct(view[:run])
-                view = view[run:]
+                self._wait()  # every byte before the run is written (or the fallback known)
+                if self.on:
+                    self._direct(view[:run], self.base)  # the caller's memory: written now
+                    self.base += run
+                    view = view[run:]
                 continue
             room = len(self.bounce) - self.pending
             if self.pending % ALIGN:  # up to the block boundary first: a long run may follow
@@ -113,48 +136,69 @@ class DirectSink:
             view = view[take:]
             if self.pending == len(self.bounce):
                 self._drain()
-        if view:
-            self.plain.write(view)
 
     def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
-        bounce = self.bounce
         for data in buffers:
             size = len(data)
             end = self.pending + size
             # The common case, kept cheap (a shard of 10,000 small tensors is 20,000 buffers):
             # a small piece of bytes that fits in the bounce buffer.
-            if size < _MEMMOVE_MIN and end < len(bounce) and self.on and _plain_bytes(data):
-                bounce[self.pending : end] = data
+            if size < _MEMMOVE_MIN and end < len(self.bounce) and self.on and _plain_bytes(data):
+                self.bounce[self.pending : end] = data
                 self.pending = end
             else:
                 self.write(data)
 
     def finish(self) -> None:
-        """Write what the bounce buffer holds (call once, after the last ``write``)."""
-        if not self.on:  # everything after the fallback went through plain already
+        """Write what the bounce buffer holds and wait for every write (call once, last)."""
+        self._wait()
+        if not self.on:
+            self._settle_plain()
             return
         tail = self.pending % ALIGN
-        whole = self.pending - tail
-        self.pending = whole
+        rest = self.bounce[self.pending - tail : self.pending]
+        self.pending -= tail
         self._drain()
+        self._wait()
         if tail:  # a partial block: through the page cache, at its offset
             os.lseek(self.plain.fd, self.base, os.SEEK_SET)
-            self.plain.write(self.bounce[whole : whole + tail])
+            self.plain.write(rest)
+            self.base += tail
 
     def _drain(self) -> None:
-        """Write the bounce buffer's whole blocks (``pending`` is a multiple of ALIGN)."""
-        if self.pending:
-            count, self.pending = self.pending, 0
-            self._direct(self.bounce[:count])
+        """Hand the filled half's bytes (whole blocks) to the sink's thread; fill the other."""
+        if not self.pending:
+            return
+        view, at = self.bounce[: self.pending], self.base
+        self.base += self.pending
+        self.pending = 0
+        self._wait()  # at most one write in flight: the other half is free once it is done
+        self._flying = self._pool.submit(self._direct, view, at)
+        self.bounce = self.halves[1] if self.bounce is self.halves[0] else self.halves[0]
 
-    def _direct(self, view: memoryview) -> None:
-        """Write ``view`` (aligned memory and length) at ``base``; on a refusal or a short write,
-        write the rest through ``plain`` and stay there."""
+    def _wait(self) -> None:
+        """Wait for the write in flight; raise its error."""
+        flying, self._flying = self._flying, None
+        if flying is not None:
+            flying.result()
+
+    def _settle_plain(self) -> None:
+        """After a fallback: the bounce buffer's bytes through plain, which then stands at ``base``."""
+        self._wait()
+        os.lseek(self.plain.fd, self.base, os.SEEK_SET)
+        if self.pending:
+            self.plain.write(self.bounce[: self.pending])
+            self.base += self.pending
+            self.pending = 0
+
+    def _direct(self, view: memoryview, at: int) -> None:
+        """Write ``view`` (aligned memory and length) at file offset ``at``; once a direct write
+        is refused or short, the rest through ``plain``, at its offset (one write at a time)."""
         done = 0
-        while done < len(view):
+        while done < len(view) and self.on:
             piece = view[done : done + DIRECT_PIECE]
             try:
-                count = self.plain.ops.write_direct(self.direct_fd, piece, self.base + done)
+                count = self.plain.ops.write_direct(self.direct_fd, piece, at + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -164,10 +208,9 @@ class DirectSink:
             self.direct_bytes += count
             if count != len(piece):
                 self.on = False
-                os.lseek(self.plain.fd, self.base + done, os.SEEK_SET)
-                self.plain.write(view[done:])
-                break
-        self.base += len(view)
+        if done < len(view):
+            os.lseek(self.plain.fd, at + done, os.SEEK_SET)
+            self.plain.write(view[done:])
 
 
 def _aligned_run(view: memoryview) -> int:

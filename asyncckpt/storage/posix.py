@@ -206,8 +206,10 @@ class PosixStorage(Storage):
             if direct_fd is None:
                 nbytes = body(FdSink(fd, self.ops))
             else:
-                with self._bounces.lend() as bounce:
-                    sink = DirectSink(FdSink(fd, self.ops), direct_fd, bounce)
+                with (
+                    self._bounces.lend() as bounce,
+                    DirectSink(FdSink(fd, self.ops), direct_fd, bounce) as sink,
+                ):
                     nbytes = body(sink)
                     sink.finish()
             written = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import threading
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,20 @@ def test_an_io_error_in_a_direct_write_is_the_write_error_and_publishes_nothing(
     with pytest.raises(CheckpointWriteError, match="injected EIO"):
         written(storage, [aligned_buffer(2 * DIRECT_MIN)])
     assert list(tmp_path.iterdir()) == []  # no file, no temp file left
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3])
+def test_an_io_error_in_a_background_drain_fails_the_write_and_leaves_no_thread(
+    tmp_path: Path, nth: int
+) -> None:
+    # 12 MB of small pieces: the bounce buffer's halves are written by the sink's thread while
+    # the caller fills the other; the error of the nth such write reaches the caller.
+    ops = CountingOps(answer="eio", nth=nth)
+    storage = PosixStorage(tmp_path, ops=ops, direct=True)
+    with pytest.raises(CheckpointWriteError, match="injected EIO"):
+        written(storage, [bytes([i % 256]) * 4001 for i in range(3000)])
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("asyncckpt-direct")]
 
 
 def test_a_filesystem_refusing_o_direct_gets_buffered_writes(tmp_path: Path) -> None:
