@@ -173,7 +173,10 @@ class DirectSink:
         self.base += self.pending
         self.pending = 0
         self._wait()  # at most one write in flight: the other half is free once it is done
-        self._flying = self._pool.submit(self._direct, view, at)
+        try:
+            self._flying = self._pool.submit(self._direct, view, at)
+        except RuntimeError:  # the interpreter is exiting (a save from an atexit hook): no new
+            self._direct(view, at)  # thread may start, so this thread writes it
         self.bounce = self.halves[1] if self.bounce is self.halves[0] else self.halves[0]
 
     def _wait(self) -> None:

@@ -229,3 +229,27 @@ def test_an_asynchronous_save_writes_its_staging_buffer_directly(tmp_path: Path)
     assert ops.direct_bytes > 8 << 20
     loaded = asyncckpt.load_latest(tmp_path).state
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+AT_EXIT = """
+import atexit, sys
+from asyncckpt.storage.posix import PosixStorage
+
+def save() -> None:  # at exit no new thread may start: the drains are written on this thread
+    pieces = [bytes([i % 256]) * 4001 for i in range(3000)]
+    storage = PosixStorage(sys.argv[1], direct=True)
+    done = storage.write("f", lambda sink: (sink.writev(pieces), sum(map(len, pieces)))[1])
+    storage.commit(done)
+
+atexit.register(save)
+"""
+
+
+def test_a_write_from_an_atexit_hook_completes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "at_exit.py"
+    script.write_text(AT_EXIT)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=60)
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes([i % 256]) * 4001 for i in range(3000))
