@@ -147,12 +147,16 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+MAX_VIEWS = 1024  # buffers per preadv (Linux refuses more: EINVAL)
+
+
 def plan_parts(views: list[memoryview], part_bytes: int) -> list[Part]:
-    """``views``, laid back to back in a file, cut into parts of at most ``part_bytes`` each."""
+    """``views``, laid back to back in a file, cut into parts of at most ``part_bytes`` and
+    :data:`MAX_VIEWS` buffers each."""
     parts: list[Part] = []
     offset, run, run_bytes = 0, [], 0
     for view in views:
-        if run and run_bytes + len(view) > part_bytes:
+        if run and (run_bytes + len(view) > part_bytes or len(run) >= MAX_VIEWS):
             parts.append((offset - run_bytes, run))
             run, run_bytes = [], 0
         if len(view) > part_bytes:
