@@ -109,6 +109,7 @@ def write_region(
     sink.write(encode_prelude() + bytes(DATA_OFFSET - PRELUDE_SIZE))
     crcs: list[int] = []
     pending: list[tuple[int, Future[int]]] = []
+    batches: list[tuple[int, Future[list[int]]]] = []
     written = 0
     index = 0
     while index < count:
@@ -120,13 +121,25 @@ def write_region(
         for large in plan.large[bisect.bisect_left(plan.large, index) : bisect.bisect_left(plan.large, upto)]:
             assert checksum_pool is not None
             pending.append((large, checksum_pool.submit(crc32c.crc32c, region[plan.slices_all[large]])))
-        crcs += map(crc32c.crc32c, map(region.__getitem__, plan.slices[index:upto]))
+        small = [region[s] for s in plan.slices[index:upto]]
+        if checksum_pool is None:
+            crcs += map(crc32c.crc32c, small)
+        else:  # the small blobs' checksums too run beside the write (which may wait on the disk)
+            batches.append((index, checksum_pool.submit(_checksums, small)))
+            crcs += [0] * len(small)
         stop = header.offsets[upto - 1] + header.sizes[upto - 1] - DATA_OFFSET
         write_all(sink, region[written:stop])
         written, index = stop, upto
+    for first, batch in batches:
+        found = batch.result()
+        crcs[first : first + len(found)] = found
     for large, future in pending:
         crcs[large] = future.result()
     return _finish(_Batch(sink), header, crcs, DATA_OFFSET + end)
+
+
+def _checksums(views: list[memoryview]) -> list[int]:
+    return list(map(crc32c.crc32c, views))
 
 
 Part = tuple[int, memoryview, Callable[[], None] | None]

@@ -376,8 +376,11 @@ def test_the_three_writers_write_the_same_bytes(sizes: list[int], cut: int) -> N
         start = offset - fmt.DATA_OFFSET
         staged[start : start + payload.numel()] = bytes(payload.numpy())
     fmt.write_region(region, header, memoryview(staged), ready=lambda i: i + 1)
+    pooled = io.BytesIO()  # checksums (small blobs' in batches, large ones' alone) in a pool
+    with ThreadPoolExecutor(1) as pool:
+        fmt.write_region(pooled, header, memoryview(staged), ready=lambda i: i + 2, checksum_pool=pool)
 
-    assert whole.getvalue() == parts.getvalue() == region.getvalue()
+    assert whole.getvalue() == parts.getvalue() == region.getvalue() == pooled.getvalue()
     assert len(released) == sum(-(-n // cut) for n in sizes)  # every part released once written
 
 
