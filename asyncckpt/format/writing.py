@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, TypeVar
 
 import crc32c
 
@@ -27,6 +27,7 @@ from .encode import (
 from .spec import ALIGN, CHUNK, DATA_OFFSET, PARALLEL_CRC_MIN, PRELUDE_SIZE, TRAILER_SIZE, TensorEntry
 
 Buffer = memoryview | bytes
+T = TypeVar("T")
 _ZEROS = memoryview(bytes(ALIGN))  # padding between blobs is shorter than ALIGN
 _BATCH_BUFFERS = 512  # buffers per writev (Linux allows 1024)
 
@@ -73,7 +74,7 @@ def write_file(
         out.pad(offset - position)
         if size >= PARALLEL_CRC_MIN:
             crcs.append(
-                crc32c.crc32c(data) if checksum_pool is None else checksum_pool.submit(crc32c.crc32c, data)
+                crc32c.crc32c(data) if checksum_pool is None else _in_pool(checksum_pool, crc32c.crc32c, data)
             )
             out.flush()
             write_all(sink, data)
@@ -120,12 +121,12 @@ def write_region(
         upto = count if ready is None else min(ready(index), count)
         for large in plan.large[bisect.bisect_left(plan.large, index) : bisect.bisect_left(plan.large, upto)]:
             assert checksum_pool is not None
-            pending.append((large, checksum_pool.submit(crc32c.crc32c, region[plan.slices_all[large]])))
+            pending.append((large, _in_pool(checksum_pool, crc32c.crc32c, region[plan.slices_all[large]])))
         small = [region[s] for s in plan.slices[index:upto]]
         if checksum_pool is None:
             crcs += map(crc32c.crc32c, small)
         else:  # the small blobs' checksums too run beside the write (which may wait on the disk)
-            batches.append((index, checksum_pool.submit(_checksums, small)))
+            batches.append((index, _in_pool(checksum_pool, _checksums, small)))
             crcs += [0] * len(small)
         stop = header.offsets[upto - 1] + header.sizes[upto - 1] - DATA_OFFSET
         write_all(sink, region[written:stop])
@@ -140,6 +141,17 @@ def write_region(
 
 def _checksums(views: list[memoryview]) -> list[int]:
     return list(map(crc32c.crc32c, views))
+
+
+def _in_pool(pool: Executor, work: Callable[..., T], *args: Any) -> Future[T]:
+    """``pool.submit(work, *args)``; run here when the pool takes no more work because the
+    interpreter is exiting (a save from an ``atexit`` hook: no new thread may start)."""
+    try:
+        return pool.submit(work, *args)
+    except RuntimeError:
+        done: Future[T] = Future()
+        done.set_result(work(*args))
+        return done
 
 
 Part = tuple[int, memoryview, Callable[[], None] | None]

@@ -415,3 +415,21 @@ def test_an_encoded_layout_is_the_same_header(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(fmt.spec, "MAX_BLOBS", 0)  # limits are read at call time, also when reused
     with pytest.raises(StateTooLargeError, match="blobs"):
         fmt.prepare_header(layout=layout, **fields)
+
+
+def test_a_pool_that_takes_no_more_work_checksums_on_the_writers_thread() -> None:
+    # At interpreter exit (a save from an atexit hook) a pool refuses new work with RuntimeError,
+    # as a shut-down one does: the checksums are then computed by the writer itself.
+    header, payloads = _parts_state([10, 5000, 3 * fmt.ALIGN])
+    staged = bytearray(header.offsets[-1] + header.sizes[-1] - fmt.DATA_OFFSET)
+    for offset, payload in zip(header.offsets, payloads, strict=True):
+        staged[offset - fmt.DATA_OFFSET : offset - fmt.DATA_OFFSET + payload.numel()] = bytes(payload.numpy())
+    plain, refused = io.BytesIO(), io.BytesIO()
+    fmt.write_region(plain, header, memoryview(staged))
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    fmt.write_region(refused, header, memoryview(staged), checksum_pool=pool)
+    assert refused.getvalue() == plain.getvalue()
+    whole = io.BytesIO()
+    fmt.write_file(whole, header, [fmt.tensor_bytes(p) for p in payloads], checksum_pool=pool)
+    assert whole.getvalue() == plain.getvalue()
