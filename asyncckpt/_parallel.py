@@ -1,17 +1,32 @@
-"""Reading one file's blobs on several threads: work items run on a pool, and of the failures
-the lowest broken blob is reported, whatever the threads' timing (the local runs of
-:mod:`asyncckpt.runs` and the object-store spans of :mod:`asyncckpt.spans`)."""
+"""Work on pools of threads. Reading one file's blobs on several threads: work items run on a
+pool, and of the failures the lowest broken blob is reported, whatever the threads' timing (the
+local runs of :mod:`asyncckpt.runs` and the object-store spans of :mod:`asyncckpt.spans`).
+Handing work to a pool that may refuse it because the interpreter is exiting
+(:func:`submit_or_run`: the writer's checksums and direct writes)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from .errors import CheckpointError
 
 Item = TypeVar("Item")
+T = TypeVar("T")
+
+
+def submit_or_run(pool: Executor, work: Callable[..., T], *args: Any) -> Future[T]:
+    """``pool.submit(work, *args)``; run here when the pool takes no more work because the
+    interpreter is exiting (a save from an ``atexit`` hook: no new thread may start). What
+    ``work`` raises then is raised here."""
+    try:
+        return pool.submit(work, *args)
+    except RuntimeError:
+        done: Future[T] = Future()
+        done.set_result(work(*args))
+        return done
 
 
 def run_each(work: Callable[[Item], None], items: Sequence[Item], threads: int, name: str) -> None:

@@ -63,3 +63,14 @@ def test_run_each_raises_what_work_raised() -> None:
 
     with pytest.raises(OSError, match="disk gone"):
         run_each(work, [0, 1, 2, 3], 2, "test-pool")
+
+
+def test_submit_or_run_runs_the_work_here_when_the_pool_takes_no_more() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asyncckpt._parallel import submit_or_run
+
+    pool = ThreadPoolExecutor(1)
+    assert submit_or_run(pool, pow, 2, 10).result() == 1024
+    pool.shutdown()  # as at interpreter exit: submit raises RuntimeError
+    assert submit_or_run(pool, pow, 3, 3).result() == 27

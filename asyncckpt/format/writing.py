@@ -13,10 +13,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import Any
 
 import crc32c
 
+from .._parallel import submit_or_run
 from .encode import (
     PreparedHeader,
     Sink,
@@ -27,7 +28,6 @@ from .encode import (
 from .spec import ALIGN, CHUNK, DATA_OFFSET, PARALLEL_CRC_MIN, PRELUDE_SIZE, TRAILER_SIZE, TensorEntry
 
 Buffer = memoryview | bytes
-T = TypeVar("T")
 _ZEROS = memoryview(bytes(ALIGN))  # padding between blobs is shorter than ALIGN
 _BATCH_BUFFERS = 512  # buffers per writev (Linux allows 1024)
 
@@ -73,9 +73,8 @@ def write_file(
             raise ValueError(f"blob at {offset} has {len(data)} bytes, expected {size}")
         out.pad(offset - position)
         if size >= PARALLEL_CRC_MIN:
-            crcs.append(
-                crc32c.crc32c(data) if checksum_pool is None else _in_pool(checksum_pool, crc32c.crc32c, data)
-            )
+            pool = checksum_pool
+            crcs.append(crc32c.crc32c(data) if pool is None else submit_or_run(pool, crc32c.crc32c, data))
             out.flush()
             write_all(sink, data)
         else:
@@ -121,12 +120,13 @@ def write_region(
         upto = count if ready is None else min(ready(index), count)
         for large in plan.large[bisect.bisect_left(plan.large, index) : bisect.bisect_left(plan.large, upto)]:
             assert checksum_pool is not None
-            pending.append((large, _in_pool(checksum_pool, crc32c.crc32c, region[plan.slices_all[large]])))
+            whole = region[plan.slices_all[large]]
+            pending.append((large, submit_or_run(checksum_pool, crc32c.crc32c, whole)))
         small = [region[s] for s in plan.slices[index:upto]]
         if checksum_pool is None:
             crcs += map(crc32c.crc32c, small)
         else:  # the small blobs' checksums too run beside the write (which may wait on the disk)
-            batches.append((index, _in_pool(checksum_pool, _checksums, small)))
+            batches.append((index, submit_or_run(checksum_pool, _checksums, small)))
             crcs += [0] * len(small)
         stop = header.offsets[upto - 1] + header.sizes[upto - 1] - DATA_OFFSET
         write_all(sink, region[written:stop])
@@ -141,17 +141,6 @@ def write_region(
 
 def _checksums(views: list[memoryview]) -> list[int]:
     return list(map(crc32c.crc32c, views))
-
-
-def _in_pool(pool: Executor, work: Callable[..., T], *args: Any) -> Future[T]:
-    """``pool.submit(work, *args)``; run here when the pool takes no more work because the
-    interpreter is exiting (a save from an ``atexit`` hook: no new thread may start)."""
-    try:
-        return pool.submit(work, *args)
-    except RuntimeError:
-        done: Future[T] = Future()
-        done.set_result(work(*args))
-        return done
 
 
 Part = tuple[int, memoryview, Callable[[], None] | None]

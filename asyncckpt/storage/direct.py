@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from .._parallel import submit_or_run
+
 if TYPE_CHECKING:
     from .posix import FdSink, FileOps
 
@@ -156,13 +158,13 @@ class DirectSink:
             self._settle_plain()
             return
         tail = self.pending % ALIGN
-        rest = self.bounce[self.pending - tail : self.pending]
-        self.pending -= tail
-        self._drain()
-        self._wait()
+        whole, self.pending = self.pending - tail, 0
+        if whole:  # written here: nothing is left to overlap it with (and no thread to start)
+            self._direct(self.bounce[:whole], self.base)
+            self.base += whole
         if tail:  # a partial block: through the page cache, at its offset
             os.lseek(self.plain.fd, self.base, os.SEEK_SET)
-            self.plain.write(rest)
+            self.plain.write(self.bounce[whole : whole + tail])
             self.base += tail
 
     def _drain(self) -> None:
@@ -173,10 +175,7 @@ class DirectSink:
         self.base += self.pending
         self.pending = 0
         self._wait()  # at most one write in flight: the other half is free once it is done
-        try:
-            self._flying = self._pool.submit(self._direct, view, at)
-        except RuntimeError:  # the interpreter is exiting (a save from an atexit hook): no new
-            self._direct(view, at)  # thread may start, so this thread writes it
+        self._flying = submit_or_run(self._pool, self._direct, view, at)
         self.bounce = self.halves[1] if self.bounce is self.halves[0] else self.halves[0]
 
     def _wait(self) -> None:

@@ -253,3 +253,22 @@ def test_a_write_from_an_atexit_hook_completes(tmp_path: Path) -> None:
     script.write_text(AT_EXIT)
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=60)
     assert (tmp_path / "f").read_bytes() == b"".join(bytes([i % 256]) * 4001 for i in range(3000))
+
+
+def test_a_file_smaller_than_half_the_bounce_buffer_hands_nothing_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncckpt.storage import direct
+
+    handed: list[int] = []
+    real = direct.submit_or_run
+
+    def counting(*args: object) -> object:
+        handed.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(direct, "submit_or_run", counting)
+    ops = CountingOps()
+    pieces: list[memoryview | bytes] = [bytes([i]) * 4001 for i in range(100)]  # 400 KB
+    assert written(PosixStorage(tmp_path, ops=ops, direct=True), pieces) == b"".join(pieces)
+    assert handed == [] and ops.direct_calls == 1  # the whole blocks, written at finish, here
