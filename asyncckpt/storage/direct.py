@@ -100,7 +100,6 @@ class DirectSink:
         self.base = 0  # file offset of bounce[0]: every byte before it is written or in flight
         self.pending = 0  # bytes gathered in the bounce buffer
         self.on = True  # False once a direct write was refused: the rest goes through plain
-        self.direct_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-direct")
         self._flying: Future[None] | None = None
 
@@ -207,7 +206,6 @@ class DirectSink:
                 count = 0
             count = max(count, 0)
             done += count
-            self.direct_bytes += count
             if count != len(piece):
                 self.on = False
         if done < len(view):
