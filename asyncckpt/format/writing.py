@@ -30,6 +30,9 @@ from .spec import ALIGN, CHUNK, DATA_OFFSET, PARALLEL_CRC_MIN, PRELUDE_SIZE, TRA
 Buffer = memoryview | bytes
 _ZEROS = memoryview(bytes(ALIGN))  # padding between blobs is shorter than ALIGN
 _BATCH_BUFFERS = 512  # buffers per writev (Linux allows 1024)
+# Small blobs are checksummed in a pool in batches of about this many bytes or blobs.
+_CRC_BATCH_BYTES = 4 << 20
+_CRC_BATCH_BLOBS = 1024
 
 
 def write_checkpoint(
@@ -67,21 +70,69 @@ def write_file(
     out = _Batch(sink)
     out.add(encode_prelude())
     position = PRELUDE_SIZE
-    crcs: list[Future[int] | int] = []
+    crcs: list[int] = []
+    pending: list[tuple[int, Future[int]]] = []
+    small = _SmallChecksums(crcs, checksum_pool)
     for offset, size, data in zip(header.offsets, header.sizes, blobs, strict=True):
         if len(data) != size:
             raise ValueError(f"blob at {offset} has {len(data)} bytes, expected {size}")
         out.pad(offset - position)
         if size >= PARALLEL_CRC_MIN:
-            pool = checksum_pool
-            crcs.append(crc32c.crc32c(data) if pool is None else submit_or_run(pool, crc32c.crc32c, data))
+            small.submit()  # a batch holds consecutive blobs
+            if checksum_pool is None:
+                crcs.append(crc32c.crc32c(data))
+            else:
+                pending.append((len(crcs), submit_or_run(checksum_pool, crc32c.crc32c, data)))
+                crcs.append(0)
             out.flush()
             write_all(sink, data)
         else:
-            crcs.append(crc32c.crc32c(data))
+            small.add(data)
             out.add(data)
         position = offset + size
-    return _finish(out, header, [c if isinstance(c, int) else c.result() for c in crcs], position)
+    small.collect()
+    for index, future in pending:
+        crcs[index] = future.result()
+    return _finish(out, header, crcs, position)
+
+
+class _SmallChecksums:
+    """The CRC32Cs of small blobs, in ``crcs`` at their places: computed here without a pool,
+    else in the pool in batches (the caller's thread copies and writes meanwhile)."""
+
+    def __init__(self, crcs: list[int], pool: Executor | None) -> None:
+        self.crcs = crcs
+        self.pool = pool
+        self.views: list[memoryview] = []
+        self.nbytes = 0
+        self.batches: list[tuple[int, Future[list[int]]]] = []
+
+    def add(self, data: memoryview) -> None:
+        if self.pool is None:
+            self.crcs.append(crc32c.crc32c(data))
+            return
+        self.views.append(data)
+        self.crcs.append(0)
+        self.nbytes += len(data)
+        if self.nbytes >= _CRC_BATCH_BYTES or len(self.views) >= _CRC_BATCH_BLOBS:
+            self.submit()
+
+    def collect(self) -> None:
+        """Wait for every batch and put its checksums in place."""
+        self.submit()
+        for first, batch in self.batches:
+            found = batch.result()
+            self.crcs[first : first + len(found)] = found
+        self.batches.clear()
+
+    def submit(self) -> None:
+        """Hand the blobs gathered since the last batch (the latest of ``crcs``) to the pool."""
+        if not self.views:
+            return
+        assert self.pool is not None
+        first = len(self.crcs) - len(self.views)
+        self.batches.append((first, submit_or_run(self.pool, _checksums, self.views)))
+        self.views, self.nbytes = [], 0
 
 
 def write_region(
@@ -122,12 +173,12 @@ def write_region(
             assert checksum_pool is not None
             whole = region[plan.slices_all[large]]
             pending.append((large, submit_or_run(checksum_pool, crc32c.crc32c, whole)))
-        small = [region[s] for s in plan.slices[index:upto]]
+        slices = plan.slices[index:upto]
         if checksum_pool is None:
-            crcs += map(crc32c.crc32c, small)
+            crcs += _region_checksums(region, slices)
         else:  # the small blobs' checksums too run beside the write (which may wait on the disk)
-            batches.append((index, submit_or_run(checksum_pool, _checksums, small)))
-            crcs += [0] * len(small)
+            batches.append((index, submit_or_run(checksum_pool, _region_checksums, region, slices)))
+            crcs += [0] * len(slices)
         stop = header.offsets[upto - 1] + header.sizes[upto - 1] - DATA_OFFSET
         write_all(sink, region[written:stop])
         written, index = stop, upto
@@ -141,6 +192,13 @@ def write_region(
 
 def _checksums(views: list[memoryview]) -> list[int]:
     return list(map(crc32c.crc32c, views))
+
+
+def _region_checksums(region: memoryview, slices: list[slice]) -> list[int]:
+    # Each view is dropped as soon as it is checksummed: 10,000 views held at once would count
+    # towards a collection of the trainer's many objects, which holds the GIL for ~0.1 s.
+    crc = crc32c.crc32c
+    return [crc(region[s]) for s in slices]
 
 
 Part = tuple[int, memoryview, Callable[[], None] | None]

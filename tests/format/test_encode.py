@@ -7,6 +7,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import crc32c
 import pytest
@@ -18,7 +19,7 @@ from spec_files import spec_prelude, spec_trailer
 import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.errors import StateTooLargeError, UnsupportedValueError, UsageError
-from asyncckpt.format import TensorRef
+from asyncckpt.format import TensorRef, writing
 from asyncckpt.testing import RecordingOps
 
 
@@ -324,6 +325,36 @@ def test_checksum_pool_writes_the_same_bytes(sizes: list[int], seed: int) -> Non
     layout = fmt.read_layout(io.BytesIO(pooled.getvalue()), "mem")
     fmt.verify_blobs(io.BytesIO(pooled.getvalue()), layout, path="mem")
     assert [b.nbytes for b in layout.blobs] == sizes
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300) | st.integers(1 << 20, (1 << 20) + 300), max_size=24),
+    batch_blobs=st.integers(1, 5),
+    batch_bytes=st.integers(1, 1000),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_small_blob_checksums_in_batches_land_at_their_blobs(
+    sizes: list[int], batch_blobs: int, batch_bytes: int, seed: int
+) -> None:
+    """Small blobs' checksums go to the pool in batches (cut by count or by bytes), between
+    large blobs checksummed alone: each lands in the header row of its own blob."""
+    generator = torch.Generator().manual_seed(seed)
+    payloads = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator) for n in sizes]
+    tensors = [fmt.TensorEntry(f"t{i}", torch.uint8, (n,), (1,), i, 0) for i, n in enumerate(sizes)]
+    tree = [TensorRef(i) for i in range(len(sizes))]
+    header = fmt.prepare_header(step=3, metadata={}, tree=tree, tensors=tensors, sizes=sizes)
+    pooled = io.BytesIO()
+    with (
+        patch.object(writing, "_CRC_BATCH_BLOBS", batch_blobs),
+        patch.object(writing, "_CRC_BATCH_BYTES", batch_bytes),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        fmt.write_file(pooled, header, [fmt.tensor_bytes(p) for p in payloads], checksum_pool=pool)
+
+    layout = fmt.read_layout(io.BytesIO(pooled.getvalue()), "mem")
+    expected = [crc32c.crc32c(p.numpy().tobytes()) for p in payloads]
+    assert [b.crc for b in layout.blobs] == expected
 
 
 def test_save_refuses_a_too_large_header_before_any_file_operation(
