@@ -8,6 +8,7 @@ same way.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from ._tree import unflatten
 from .format import FileKind, TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step
 from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
-from .saving.snapshot import BlobSource, Snapshot, flatten, flatten_metadata
+from .saving.fingerprint import StructureCache
+from .saving.snapshot import BlobSource, Snapshot, encoded_layout, flatten_metadata
 from .storage import (
     OS,
     Body,
@@ -93,12 +95,9 @@ def _save(
     storage_options: dict[str, Any] | None,
     ops: FileOps,
 ) -> CheckpointPath:
-    snapshot = flatten(state)
+    snapshot = _flatten(state)
     meta = flatten_metadata(metadata)
-    sizes = [blob.nbytes for blob in snapshot.blobs]
-    header = fmt.prepare_header(
-        step=step, metadata=meta, tree=snapshot.tree, tensors=snapshot.tensors, sizes=sizes
-    )
+    header = fmt.prepare_header(step=step, metadata=meta, layout=_encoded_layout(snapshot))
     body = _body(header, _host_bytes(snapshot))
     if not is_url(text):
         final = Path(local_path(text))
@@ -139,9 +138,30 @@ def _folder_of(url: str, storage_options: dict[str, Any] | None, ops: FileOps = 
     return open_storage(folder, storage_options=storage_options, ops=ops), name
 
 
+# Per thread, the structure of the last state it saved: a trainer saving the same model every
+# N steps has it laid out once (see saving.fingerprint). Holds no tensor.
+_structures = threading.local()
+
+
+def _flatten(state: Any) -> Snapshot:
+    """``flatten(state)``, reusing this thread's last structure while the state keeps its shape."""
+    cache: StructureCache | None = getattr(_structures, "cache", None)
+    if cache is None:
+        cache = _structures.cache = StructureCache()
+    return cache.snapshot(state)[0]
+
+
+def _encoded_layout(snapshot: Snapshot) -> fmt.EncodedLayout:
+    structure = snapshot.structure
+    return encoded_layout(structure, snapshot.tree, structure.sizes)
+
+
 def _host_bytes(snapshot: Snapshot) -> Iterator[memoryview]:
     for blob in snapshot.blobs:
-        yield fmt.tensor_bytes(_host_contiguous(blob))
+        tensor = blob.tensor
+        if not (tensor.is_cpu and tensor.is_contiguous()):
+            tensor = _host_contiguous(blob)
+        yield fmt.tensor_bytes(tensor)
 
 
 def _host_contiguous(blob: BlobSource) -> torch.Tensor:

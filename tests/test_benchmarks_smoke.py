@@ -300,3 +300,20 @@ def test_page_touch_benchmark_runs(tmp_path: Path) -> None:
         write, touch = (cell.split(", ") for cell in row.split(" | ")[1:])
         assert float(write[0]) >= 0.0 and float(touch[1]) >= 0.0
     assert list(tmp_path.iterdir()) == []  # its files are gone
+
+
+def test_changing_numbers_benchmark_runs_a_checkout(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "changing_numbers.py"
+    out = tmp_path / "changing.md"
+    command = [sys.executable, str(script), "--tree", f"here={ROOT}", "--size", "1M", "--tensors", "40"]
+    done = subprocess.run(
+        [*command, "--saves", "2", "--rounds", "1", "--dir", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| here |"))
+    figures = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
+    assert len(figures) == 4 and all(figure > 0 for figure in figures)

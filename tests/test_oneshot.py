@@ -4,10 +4,14 @@ the durable write protocol of storage.atomic_write as ``save`` uses it."""
 from __future__ import annotations
 
 import errno
+import gc
 import math
 import os
 import pickle
+import threading
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,64 @@ def test_save_returns_the_path_and_load_reads_it_back(tmp_dir: Path, assert_same
     assert loaded.metadata == {"run": "x", 1: (2, 3)} and type(loaded.metadata[1]) is tuple
     assert_same_state(state, loaded.state)
     assert os.listdir(tmp_dir) == ["a.ckpt"]
+
+
+def test_saves_of_one_state_reuse_its_layout_and_write_each_saves_values(
+    tmp_dir: Path, assert_same_state: SameState
+) -> None:
+    """A thread's repeated saves of a state reuse its layout (laid out once) and still write the
+    values, tensors and plain values of that save; a changed structure is laid out again."""
+    model = torch.nn.Linear(3, 2)
+    state = {"model": model, "epoch": 1, "extra": torch.zeros(2)}
+    misses = asyncckpt.oneshot._structures.__dict__.get("cache")
+    before = (misses.hits, misses.misses) if misses is not None else (0, 0)
+
+    for epoch in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        state["epoch"] = epoch
+        path = asyncckpt.save(tmp_dir / f"e{epoch}.ckpt", state, step=epoch)
+        loaded = asyncckpt.load(path).state
+        assert loaded["epoch"] == epoch
+        assert torch.equal(loaded["model"]["weight"], model.weight.detach())
+
+    cache = asyncckpt.oneshot._structures.cache
+    assert (cache.hits - before[0], cache.misses - before[1]) == (2, 1)  # the epoch is a value, not shape
+
+    state["extra"] = torch.ones(5, dtype=torch.float64)  # another shape and dtype at the same key
+    state["new"] = [torch.arange(4)]
+    path = asyncckpt.save(tmp_dir / "changed.ckpt", state, step=9)
+    assert_same_state({**state, "model": model.state_dict()}, asyncckpt.load(path).state)
+
+
+def test_a_threads_saves_keep_no_tensor_alive(tmp_dir: Path) -> None:
+    """The layout kept for the next save holds no tensor of the state."""
+    tensor = torch.randn(16)
+    ref = weakref.ref(tensor)
+    asyncckpt.save(tmp_dir / "a.ckpt", {"t": tensor}, step=1)
+    del tensor
+    gc.collect()
+    assert ref() is None
+
+
+def test_threads_saving_different_states_at_once_each_write_their_own(
+    tmp_dir: Path, assert_same_state: SameState
+) -> None:
+    states = [
+        {"w": torch.full((64, 64), float(i)), "i": i, f"only{i}": torch.arange(i + 1)} for i in range(4)
+    ]
+    start = threading.Barrier(len(states))
+
+    def saves(i: int) -> None:
+        start.wait()
+        for round_ in range(5):
+            asyncckpt.save(tmp_dir / f"t{i}-{round_}.ckpt", states[i], step=round_)
+
+    with ThreadPoolExecutor(len(states)) as pool:
+        list(pool.map(saves, range(len(states))))
+    for i, state in enumerate(states):
+        for round_ in range(5):
+            assert_same_state(state, asyncckpt.load(tmp_dir / f"t{i}-{round_}.ckpt").state)
 
 
 def test_save_replaces_an_existing_file(tmp_dir: Path) -> None:

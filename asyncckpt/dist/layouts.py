@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..saving.fingerprint import Scan, _fields, _Scanner, _Unscannable, reusable
+from ..saving.fingerprint import Scan, _fields, _Scanner, _Token, _Unscannable, reusable
 from ..saving.snapshot import Snapshot, Structure
 from ..saving.walker import StateDicts
 from .share import ShareStats
@@ -168,7 +168,11 @@ def scan_split(tree: Any) -> Scan | None:
 
 class _SplitScanner(_Scanner):
     """The single-process save's scanner, with a DTensor fingerprinted by its local tensor's
-    fields, its type and its spec (a DTensor has no storage of its own: its data pointer is 0)."""
+    fields, its type and its spec (a DTensor has no storage of its own: its data pointer is 0).
+    Numbers stay in the signature: a reused layout holds its state's values."""
+
+    def number(self, kind: _Token, value: int | bytes) -> None:
+        self.signature += (kind, value)
 
     def finish(self) -> Scan:
         """The fingerprint with the tensors' fields appended (the base scanner leaves them out:
@@ -179,7 +183,7 @@ class _SplitScanner(_Scanner):
         except Exception:  # a tensor without strides or storage (sparse, a wrapper subclass)
             raise _Unscannable from None
         self.signature.append(fields)
-        return Scan(self.signature, found, self.objects)
+        return Scan(self.signature, found, self.objects, [])
 
 
 def _tensor_fields(tensor: torch.Tensor) -> tuple[Any, ...]:

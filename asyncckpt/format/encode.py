@@ -113,6 +113,27 @@ class EncodedLayout:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     tree_objects: int  # what a reader counts in the tree (see codec.count_objects)
+    tree_at: int = 0  # where the "tree" entry starts in ``tail``
+
+    def with_tree(self, tree: Any) -> EncodedLayout:
+        """This layout for another tree over the same tensors (a state whose plain values
+        changed: a learning rate, an epoch): the tensor table is reused, only the tree encoded.
+
+        Raises :class:`UnsupportedValueError` for a value msgpack cannot hold.
+        """
+        encoder = _TreeEncoder()
+        tail = self.tail[: self.tree_at] + encoder.pack("tree") + encoder.pack(tree)
+        layout = EncodedLayout(
+            tail,
+            encoder.tuple_bytes,
+            self.tensor_count,
+            self.offsets,
+            self.sizes,
+            count_objects(tree),
+            self.tree_at,
+        )
+        layout.__dict__["_region_plans"] = self._region_plans  # the blobs are the same
+        return layout
 
     def table_bound(self) -> int:
         """A bound on the packed blob table: at most 24 bytes a row (array tag, two uint64, a
@@ -164,10 +185,11 @@ def encode_layout(*, tree: Any, tensors: Sequence[TensorEntry], sizes: Sequence[
     _check_count(len(sizes), spec.MAX_BLOBS, "blobs")
     encoder = _TreeEncoder()
     rows = [_tensor_row(t) for t in tensors]
-    tail = encoder.pack("tensors") + encoder.pack(rows) + encoder.pack("tree") + encoder.pack(tree)
+    table = encoder.pack("tensors") + encoder.pack(rows)
+    tail = table + encoder.pack("tree") + encoder.pack(tree)
     offsets, _ = blob_offsets(sizes)
     return EncodedLayout(
-        tail, encoder.tuple_bytes, len(tensors), tuple(offsets), tuple(sizes), count_objects(tree)
+        tail, encoder.tuple_bytes, len(tensors), tuple(offsets), tuple(sizes), count_objects(tree), len(table)
     )
 
 
@@ -294,9 +316,12 @@ def encode_header(
     """
     encoder = Encoder()
     rows = [_tensor_row(t) for t in tensors]
-    tail = encoder.pack("tensors") + encoder.pack(rows) + encoder.pack("tree") + encoder.pack(tree)
+    table = encoder.pack("tensors") + encoder.pack(rows)
+    tail = table + encoder.pack("tree") + encoder.pack(tree)
     offsets, sizes = tuple(b.offset for b in blobs), tuple(b.nbytes for b in blobs)
-    layout = EncodedLayout(tail, encoder.tuple_bytes, len(tensors), offsets, sizes, count_objects(tree))
+    layout = EncodedLayout(
+        tail, encoder.tuple_bytes, len(tensors), offsets, sizes, count_objects(tree), len(table)
+    )
     header = _prepare(step, metadata, created, layout).finish([b.crc for b in blobs])
     _check_header_size(len(header))
     return header

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 
 from .._values import NotSafeError, container_items, container_kind
+from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH
 from .snapshot import Snapshot, Structure, flatten
 from .tensors_check import TensorsCheck
-from .walker import StateDicts
+from .walker import INT64_MIN, UINT64_MAX, StateDicts, walk_state
 
 
 class _Token:
@@ -108,6 +109,7 @@ class Scan:
     signature: list[Any]
     found: list[torch.Tensor]
     objects: list[Any]
+    values: list[int | bytes]  # the numbers (floats by their bits), apart from the signature
 
 
 def scan(state: Any, state_dicts: StateDicts) -> Scan | None:
@@ -119,7 +121,7 @@ def scan(state: Any, state_dicts: StateDicts) -> Scan | None:
     fields = fields_of(scanned.found)
     if fields is None:
         return None
-    scanned = Scan([*scanned.signature, fields], scanned.found, scanned.objects)
+    scanned = Scan([*scanned.signature, fields], scanned.found, scanned.objects, scanned.values)
     return scanned if reusable(scanned) else None
 
 
@@ -163,13 +165,23 @@ class _Scanner:
 
     def __init__(self, state_dicts: StateDicts) -> None:
         self.signature: list[Any] = []
+        self.values: list[int | bytes] = []  # the numbers, in order (see number())
         self.found: list[torch.Tensor] = []
         self.objects: list[Any] = []
         self.state_dict_of = state_dicts.reader()
 
     def finish(self) -> Scan:
         """The tree's fingerprint, the tensors found and the objects met."""
-        return Scan(self.signature, self.found, self.objects)
+        return Scan(self.signature, self.found, self.objects, self.values)
+
+    def number(self, kind: _Token, value: int | bytes) -> None:
+        """A number: its kind in the signature, its value (a float by its bits) among the
+        values. An int beyond 64 bits is stored differently (a big int): kept in the signature."""
+        if kind is _INT and not INT64_MIN <= value <= UINT64_MAX:  # type: ignore[operator]
+            self.signature += (kind, value)
+            return
+        self.signature.append(kind)
+        self.values.append(value)
 
     def items(self, values: Any, depth: int, inside: bool) -> None:
         """The values of one container: all tensors, all ints or all dicts of tensors at
@@ -186,18 +198,17 @@ class _Scanner:
         if kinds == _JUST_DICT and self.tensor_dicts(values, depth + 1):
             return
         put = self.signature.append
-        put_all = self.signature.extend
         for value in values:
             kind = type(value)
             if kind is str or kind is bool or value is None:
                 put(value)
             elif kind is int:
-                put_all((_INT, value))
+                self.number(_INT, value)
             elif kind in _TENSOR_TYPES:
                 put(_TENSOR)
                 self.found.append(value)
             elif kind is float:
-                put_all((_FLOAT, _DOUBLE(value)))
+                self.number(_FLOAT, _DOUBLE(value))
             else:
                 self.visit(value, depth + 1, inside)
 
@@ -249,9 +260,9 @@ class _Scanner:
         elif isinstance(value, bytes):
             self.signature += (_BYTES, bytes(value))
         elif isinstance(value, int):
-            self.signature += (_INT, int(value))
+            self.number(_INT, int(value))
         elif isinstance(value, float):
-            self.signature += (_FLOAT, _DOUBLE(float(value)))
+            self.number(_FLOAT, _DOUBLE(float(value)))
         elif isinstance(value, Mapping | list | tuple):
             self.typed_container(value, depth, inside)
         elif callable(getattr(value, "state_dict", None)):
@@ -284,9 +295,21 @@ class _Cached:
     fields apart) and the check of its tensors' fields."""
 
     signature: list[Any]
+    values: list[int | bytes]  # the numbers of the state the structure's tree was made from
     fields: list[tuple[Any, ...]]
     structure: Structure
     check: TensorsCheck | None
+
+
+def _tree_of(state: Any, state_dicts: StateDicts, structure: Structure) -> Any:
+    """The skeleton of ``state``, whose fingerprint equals that of ``structure``'s state but
+    for its numbers: walked again (the tensor table and the blobs stay); False when the walk
+    does not find the structure's tensors (flattening then lays it out afresh)."""
+    try:
+        walked = walk_state(state, state_dicts)  # replays the state dicts the scan took
+    except UnsupportedValueError:
+        return False
+    return walked.tree if len(walked.tensors) == structure.found else False
 
 
 class StructureCache:
@@ -310,14 +333,17 @@ class StructureCache:
         fields = None
         if scanned is not None and last is not None and scanned.signature == last.signature:
             versions = None if last.check is None else last.check.versions(scanned.found)
+            if versions is None:
+                fields = fields_of(scanned.found)
+                if fields is not None and fields == last.fields:
+                    last.check = TensorsCheck.of(scanned.found)  # made under this thread's modes
+                    versions = []
             if versions is not None:
-                self.hits += 1
-                return Snapshot(last.structure, scanned.found, versions=versions), scanned.objects
-            fields = fields_of(scanned.found)
-            if fields is not None and fields == last.fields:
-                self.hits += 1
-                last.check = TensorsCheck.of(scanned.found)  # made under this thread's modes
-                return Snapshot(last.structure, scanned.found), scanned.objects
+                tree = None if scanned.values == last.values else _tree_of(state, state_dicts, last.structure)
+                if tree is not False:
+                    self.hits += 1
+                    snapshot = Snapshot(last.structure, scanned.found, versions=versions or None, tree=tree)
+                    return snapshot, scanned.objects
         self.misses += 1
         snapshot = flatten(state, state_dicts)  # replays the state dicts the scan took
         self._last = None
@@ -325,5 +351,5 @@ class StructureCache:
             fields = fields if fields is not None else fields_of(scanned.found)
             if fields is not None and _reusable_fields(fields):
                 check = TensorsCheck.of(scanned.found)
-                self._last = _Cached(scanned.signature, fields, snapshot.structure, check)
+                self._last = _Cached(scanned.signature, scanned.values, fields, snapshot.structure, check)
         return snapshot, None if scanned is None else scanned.objects

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from .._gc import gc_paused
 from .._tree import renumber_refs
 from ..dtypes import itemsize
 from ..errors import StateTooLargeError, UnsupportedValueError
-from ..format import MAX_INDEX, TensorEntry, tensor_size_problem
+from ..format import MAX_INDEX, EncodedLayout, TensorEntry, encode_layout, tensor_size_problem
 from .walker import INT64_MIN, UINT64_MAX, StateDicts, Walked, walk_state
 
 __all__ = [
@@ -127,10 +128,14 @@ class Snapshot:
         watching: dict[int, tuple[torch.Tensor, ...]] | None = None,
         *,
         versions: list[int] | None = None,
+        tree: Any = None,
     ) -> None:
         assert len(found) == structure.found
         self.structure = structure
         self.found = found
+        # This save's skeleton where its plain values differ from the structure's (same shape,
+        # same tensors: a learning rate or an epoch changed); None: the structure's own.
+        self._tree = tree
         # Blobs whose changes show on other tensors than their sources' (a DTensor's local
         # shard: an in-place op counts on the DTensor's version counter, not the shard's).
         self.watching = watching or {}
@@ -140,7 +145,7 @@ class Snapshot:
 
     @property
     def tree(self) -> Any:
-        return self.structure.tree
+        return self.structure.tree if self._tree is None else self._tree
 
     @property
     def tensors(self) -> list[TensorEntry]:
@@ -191,6 +196,20 @@ class Snapshot:
                 zip(self.sources, structure.sizes, structure.storages, strict=True)
             )
         ]
+
+
+def encoded_layout(structure: Structure, tree: Any, sizes: Sequence[int]) -> EncodedLayout:
+    """The header's tensor table and tree for a save of ``structure`` whose skeleton is
+    ``tree`` and blobs have ``sizes``: the structure's own encoded once (kept in its memo),
+    another tree (changed plain values) encoded against the kept tensor table.
+
+    Raises what :func:`asyncckpt.format.encode_layout` raises.
+    """
+    layout: EncodedLayout | None = structure.memo.get("encoded_layout")
+    if layout is None:
+        layout = encode_layout(tree=structure.tree, tensors=structure.tensors, sizes=sizes)
+        structure.memo["encoded_layout"] = layout
+    return layout if tree is structure.tree else layout.with_tree(tree)
 
 
 def flatten(state: Any, state_dicts: StateDicts | None = None) -> Snapshot:

@@ -28,6 +28,7 @@ from .abandon import AbandonableStorage
 from .errorbox import ErrorBox
 from .job import Deletion, Job
 from .retention import prunable
+from .snapshot import encoded_layout
 from .staging import StagingPool, StagingRaceError
 from .stats import SaveStats
 
@@ -244,14 +245,11 @@ def _encoder(job: Job) -> Body:
 
 
 def _encoded_layout(job: Job) -> fmt.EncodedLayout:
-    """The header's tensor table and tree, encoded once per structure (kept in its memo)."""
-    structure = job.structure
-    layout = None if structure is None else structure.memo.get("encoded_layout")
-    if layout is None:
-        layout = fmt.encode_layout(tree=job.tree, tensors=job.tensors, sizes=job.staged.buffers.sizes)
-        if structure is not None:
-            structure.memo["encoded_layout"] = layout
-    return layout
+    """The header's tensor table and tree, the table encoded once per structure (in its memo)."""
+    sizes = job.staged.buffers.sizes
+    if job.structure is None:
+        return fmt.encode_layout(tree=job.tree, tensors=job.tensors, sizes=sizes)
+    return encoded_layout(job.structure, job.tree, sizes)
 
 
 def _as_write_error(job: Job, exc: BaseException) -> CheckpointWriteError:

@@ -20,9 +20,11 @@ import torch
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
+from asyncckpt.catalog import checkpoint_name
 from asyncckpt.saving import fingerprint as fingerprint_module
-from asyncckpt.saving.fingerprint import StructureCache, _fields, scan
+from asyncckpt.saving.fingerprint import _DOUBLE, StructureCache, _fields, scan
 from asyncckpt.saving.plan import Planner
+from asyncckpt.saving.snapshot import flatten
 from asyncckpt.saving.staging import Copier, StagingPool, StagingRaceError, stage
 from asyncckpt.saving.tensors_check import TensorsCheck
 from asyncckpt.saving.walker import StateDicts
@@ -34,7 +36,7 @@ SameState = Callable[[Any, Any], None]
 def fingerprint(state: Any) -> list[Any]:
     scanned = scan(state, StateDicts())
     assert scanned is not None
-    return scanned.signature
+    return [scanned.signature, scanned.values]
 
 
 def saved_copy(state: Any) -> Any:
@@ -482,7 +484,12 @@ def tensors_state() -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("change", [*CHANGES, *IN_PLACE_CHANGES], ids=lambda c: c.__name__)
+NUMBER_CHANGES = [change_a_plain_value, zero_becomes_negative_zero]
+
+
+@pytest.mark.parametrize(
+    "change", [c for c in [*CHANGES, *IN_PLACE_CHANGES] if c not in NUMBER_CHANGES], ids=lambda c: c.__name__
+)
 def test_a_cached_structure_is_laid_out_again_after_any_change(
     change: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
@@ -496,6 +503,51 @@ def test_a_cached_structure_is_laid_out_again_after_any_change(
     second, _ = cache.snapshot(state)
     assert (cache.hits, cache.misses) == (1, 2)
     assert second.structure is not first.structure
+
+
+@pytest.mark.parametrize("change", NUMBER_CHANGES, ids=lambda c: c.__name__)
+def test_changed_numbers_keep_the_structure_and_come_with_a_tree_of_their_own(
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    """A learning rate or an epoch that changes between saves does not lay the state out again:
+    the structure (tensor table, blobs, copy plans) stays, the snapshot carries the new tree."""
+    state = simple_state()
+    cache = StructureCache()
+    first, _ = cache.snapshot(state)
+    state = change(state)
+    second, _ = cache.snapshot(state)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert second.structure is first.structure
+    assert second.tree is not first.structure.tree
+    assert second.tree == flatten(state).tree
+    assert _DOUBLE(second.tree["lr"]) == _DOUBLE(state["lr"])  # -0.0 is not 0.0
+    third, _ = cache.snapshot(change(state))  # changed again: the structure stays
+    assert third.structure is first.structure and (cache.hits, cache.misses) == (2, 1)
+
+
+def test_a_state_whose_numbers_change_every_save_is_saved_with_each_saves_numbers(
+    tmp_path: Path, assert_same_state: SameState
+) -> None:
+    """The scheduler case: the optimizer's learning rate and the epoch change at every save."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    expected = []
+    with AsyncCheckpointer(tmp_path, keep_last=10) as ckpt:
+        for epoch in range(4):
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+            scheduler.step()
+            state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": epoch}
+            expected.append(saved_copy(state))
+            ckpt.save(epoch, state).result(timeout=30)
+        structures = ckpt._mode._planner.structures
+        assert structures.misses <= 2  # momentum buffers appear after the first step
+    for epoch, want in enumerate(expected):
+        loaded = asyncckpt.load(tmp_path / checkpoint_name(epoch)).state
+        assert loaded["epoch"] == epoch
+        assert loaded["optimizer"]["param_groups"][0]["lr"] == 0.1 * 0.5 ** (epoch + 1)
+        assert_same_state(want, loaded)
 
 
 @pytest.mark.parametrize("change", IN_PLACE_CHANGES, ids=lambda c: c.__name__)
