@@ -38,7 +38,7 @@ import torch
 from .._values import NotSafeError, container_items, container_kind
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH
-from .snapshot import Snapshot, Structure, flatten
+from .snapshot import Snapshot, Structure, flatten, skeleton_of
 from .tensors_check import TensorsCheck
 from .walker import INT64_MIN, UINT64_MAX, StateDicts, walk_state
 
@@ -309,7 +309,7 @@ def _tree_of(state: Any, state_dicts: StateDicts, structure: Structure) -> Any:
         walked = walk_state(state, state_dicts)  # replays the state dicts the scan took
     except UnsupportedValueError:
         return False
-    return walked.tree if len(walked.tensors) == structure.found else False
+    return skeleton_of(walked, structure) if len(walked.tensors) == structure.found else False
 
 
 class StructureCache:

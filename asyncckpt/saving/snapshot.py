@@ -198,6 +198,14 @@ class Snapshot:
         ]
 
 
+def skeleton_of(walked: Walked, structure: Structure) -> Any:
+    """The skeleton of a walked state laid out as ``structure`` (the same shape and tensors,
+    other numbers): its refs numbered by ``structure``'s tensor table, which gives aliases of
+    one tensor one entry."""
+    index: list[int] | None = structure.memo.get("ref_index")
+    return walked.tree if index is None else renumber_refs(walked.tree, index)
+
+
 def encoded_layout(structure: Structure, tree: Any, sizes: Sequence[int]) -> EncodedLayout:
     """The header's tensor table and tree for a save of ``structure`` whose skeleton is
     ``tree`` and blobs have ``sizes``: the structure's own encoded once (kept in its memo),
@@ -380,9 +388,11 @@ class _LayOut:
             if storage is not None:
                 table_by_view[view] = table_index[-1]
         tree = self.walked.tree
+        memo: dict[str, Any] = {}
         if table_index != list(range(len(table_index))):  # some tensors were aliases: renumber
             tree = renumber_refs(tree, table_index)
-        return Structure(tree, tensors, sizes, sources, spans, blob_storages, tuple(layout), len(found))
+            memo["ref_index"] = table_index  # for a skeleton walked again (skeleton_of)
+        return Structure(tree, tensors, sizes, sources, spans, blob_storages, tuple(layout), len(found), memo)
 
 
 def _view_key(tensor: torch.Tensor) -> tuple[Any, ...]:

@@ -550,6 +550,38 @@ def test_a_state_whose_numbers_change_every_save_is_saved_with_each_saves_number
         assert_same_state(want, loaded)
 
 
+@pytest.mark.parametrize("how", ["checkpointer", "oneshot"])
+def test_changed_numbers_in_a_state_with_tied_weights_and_views_keep_them(tmp_path: Path, how: str) -> None:
+    """A reused structure whose tensor table merged aliases (tied weights) numbers the new
+    skeleton's refs by that table, as a fresh layout does."""
+    embedding = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = embedding.weight
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": head})
+    extra = torch.arange(4.0)
+
+    def state(epoch: int) -> dict[str, Any]:
+        return {"model": model, "epoch": epoch, "lr": 0.1 / (epoch + 1), "views": [extra, extra[1:], extra]}
+
+    if how == "checkpointer":
+        with AsyncCheckpointer(tmp_path, keep_last=10) as ckpt:
+            for epoch in range(3):
+                ckpt.save(epoch, state(epoch)).result(timeout=30)
+            assert ckpt._mode._planner.structures.misses == 1  # type: ignore[union-attr]
+    else:
+        for epoch in range(3):
+            asyncckpt.save(tmp_path / checkpoint_name(epoch), state(epoch), step=epoch)
+    for epoch in range(3):
+        loaded = asyncckpt.load(tmp_path / checkpoint_name(epoch)).state
+        assert (loaded["epoch"], loaded["lr"]) == (epoch, 0.1 / (epoch + 1))
+        weights = loaded["model"]
+        assert weights["embedding.weight"] is weights["head.weight"]
+        assert torch.equal(weights["head.weight"], embedding.weight.detach())
+        whole, tail, again = loaded["views"]
+        assert whole is again and torch.equal(tail, extra[1:])
+        assert tail.data_ptr() == whole.data_ptr() + 4
+
+
 @pytest.mark.parametrize("change", IN_PLACE_CHANGES, ids=lambda c: c.__name__)
 def test_the_tensors_check_sees_every_field(change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     state = tensors_state()
