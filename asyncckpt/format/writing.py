@@ -79,12 +79,12 @@ def write_file(
         out.pad(offset - position)
         if size >= PARALLEL_CRC_MIN:
             small.submit()  # a batch holds consecutive blobs
+            out.flush()
             if checksum_pool is None:
                 crcs.append(crc32c.crc32c(data))
             else:
                 pending.append((len(crcs), submit_or_run(checksum_pool, crc32c.crc32c, data)))
                 crcs.append(0)
-            out.flush()
             write_all(sink, data)
         else:
             small.add(data)

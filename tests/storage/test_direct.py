@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import asyncckpt
 from asyncckpt import CheckpointWriteError
 from asyncckpt.saving.buffers import aligned_zeros, destination
-from asyncckpt.storage.direct import ALIGN, DIRECT_MIN, HAVE_DIRECT, direct_capable
+from asyncckpt.storage.direct import ALIGN, BOUNCE, DIRECT_MIN, HAVE_DIRECT, direct_capable
 from asyncckpt.storage.posix import FileOps, PosixStorage
 from asyncckpt.testing import RecordingOps
 
@@ -114,10 +114,12 @@ def test_a_refused_or_short_direct_write_falls_back_to_the_page_cache(
 
 @pytest.mark.parametrize("answer", [None, "einval", "short"])
 def test_many_small_pieces_are_gathered_into_whole_blocks(tmp_path: Path, answer: str | None) -> None:
-    # 3,000 pieces of 4,001 bytes (12 MB, the bounce buffer fills and drains; the last block is
-    # partial); a refusal in the second drain sends the rest, and the partial block, buffered.
+    # Pieces of 4,001 bytes filling three halves of the bounce buffer and some (it fills and
+    # drains; the last block is partial); a refusal in the second drain sends the rest, and the
+    # partial block, buffered.
     ops = CountingOps(answer=answer, nth=2)
-    pieces: list[memoryview | bytes] = [bytes([i % 256]) * 4001 for i in range(3000)]
+    count = (BOUNCE // 2 * 3 + 12345) // 4001
+    pieces: list[memoryview | bytes] = [bytes([i % 256]) * 4001 for i in range(count)]
     got = written(PosixStorage(tmp_path, ops=ops, direct=True), pieces)
     assert got == b"".join(bytes(p) for p in pieces)
     assert ops.direct_calls == 2 if answer else ops.direct_calls >= 1
@@ -135,12 +137,14 @@ def test_an_io_error_in_a_direct_write_is_the_write_error_and_publishes_nothing(
 def test_an_io_error_in_a_background_drain_fails_the_write_and_leaves_no_thread(
     tmp_path: Path, nth: int
 ) -> None:
-    # 12 MB of small pieces: the bounce buffer's halves are written by the sink's thread while
-    # the caller fills the other; the error of the nth such write reaches the caller.
+    # Three and a half halves' worth of small pieces: the bounce buffer's halves are written by
+    # the sink's thread while the caller fills the other; the error of the nth such write
+    # reaches the caller.
     ops = CountingOps(answer="eio", nth=nth)
     storage = PosixStorage(tmp_path, ops=ops, direct=True)
+    pieces = (BOUNCE // 2 * 7 // 2) // 4001
     with pytest.raises(CheckpointWriteError, match="injected EIO"):
-        written(storage, [bytes([i % 256]) * 4001 for i in range(3000)])
+        written(storage, [bytes([i % 256]) * 4001 for i in range(pieces)])
     assert list(tmp_path.iterdir()) == []
     assert not [t for t in threading.enumerate() if t.name.startswith("asyncckpt-direct")]
 
