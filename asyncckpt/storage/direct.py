@@ -119,6 +119,7 @@ class DirectSink:
             if not self.on:
                 self._settle_plain()
                 self.plain.write(view)
+                self.base += len(view)  # the next write seeks here
                 return
             if not self.pending % ALIGN and (run := _aligned_run(view)):
                 self._drain()

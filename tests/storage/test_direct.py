@@ -225,6 +225,28 @@ def test_staging_buffers_start_on_a_page_and_their_views_see_the_right_bytes() -
     assert data[:ALIGN].count_nonzero() == 0
 
 
+@pytest.mark.parametrize("answer", ["einval", "short"])
+def test_every_write_after_a_fallback_lands_at_its_own_offset(tmp_path: Path, answer: str) -> None:
+    """Once a direct write is refused, each later write goes through the page cache after the
+    one before it (they once all landed at the offset of the first)."""
+    ops = CountingOps(answer=answer, nth=1)
+    big = aligned_buffer(2 * DIRECT_MIN + 3 * ALIGN)
+    pieces: list[memoryview | bytes] = [bytes([i % 251]) * (1000 + 37 * i) for i in range(300)]
+    # First a page-aligned run: its direct write is made (and refused) on the caller's thread.
+    pieces[:0] = [big[: DIRECT_MIN + ALIGN], b"x" * 77, big[ALIGN:]]
+
+    def body(sink: object) -> int:
+        sink.writev(pieces[:150])  # type: ignore[attr-defined]
+        for piece in pieces[150:]:
+            sink.write(piece)  # type: ignore[attr-defined]
+        return sum(len(p) for p in pieces)
+
+    storage = PosixStorage(tmp_path, ops=ops, direct=True)
+    storage.commit(storage.write("f", body))
+    assert (tmp_path / "f").read_bytes() == b"".join(bytes(p) for p in pieces)
+    assert ops.direct_calls == 1  # the refused one
+
+
 def test_an_asynchronous_save_writes_its_staging_buffer_directly(tmp_path: Path) -> None:
     ops = CountingOps()
     state = {f"w{i}": torch.randn(300_000 + 13 * i) for i in range(8)}  # ~9.6 MB
