@@ -31,9 +31,9 @@ from .saving.handles import SaveHandle
 from .saving.job import Deletion
 from .saving.options import DEFAULT_BACKGROUND_NICE, check_background_nice, check_options
 from .saving.options import WhenBusy as WhenBusy
+from .saving.readback import VerifyMode
 from .saving.runner import AsyncRunner, Runner, SyncRunner
 from .saving.stats import CheckpointerStats
-from .saving.writer import VerifyMode
 from .storage import OS, CheckpointPath, FileOps, Storage, path_of
 from .storage.localcopy import open_run_storage
 

@@ -25,12 +25,14 @@ from .format import FileKind, TensorEntry
 from .format.legacy import LEGACY_VERSION, legacy_step
 from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
 from .saving.fingerprint import StructureCache
+from .saving.readback import VerifyMode, verify_written
 from .saving.snapshot import BlobSource, Snapshot, encoded_layout, flatten_metadata
 from .storage import (
     OS,
     Body,
     CheckpointPath,
     FileOps,
+    PosixStorage,
     ReadHandle,
     Sink,
     Storage,
@@ -65,26 +67,31 @@ def save(
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     ops: FileOps = OS,
+    verify: VerifyMode = "structure",
 ) -> CheckpointPath:
     """Write ``state`` to ``path`` durably and atomically; return the path.
 
     After a crash at any instant ``path`` holds either its previous complete content or the new
     complete file. Tensor bytes are written straight from tensor memory (CUDA tensors are copied to
-    the host one at a time). Raises ``TypeError`` naming the key path of a value that cannot be
-    stored, and ``TypeError`` / ``ValueError`` for a step that is not an int in
-    ``[0, 2**63 - 1]``, before anything is written; :class:`CheckpointWriteError` when the
-    write fails.
+    the host one at a time). Before it is published the durable file is read back as ``verify``
+    says, as the checkpointer does: ``"structure"`` (default: prelude, trailer, size and header
+    checksum), ``"full"`` (also every blob's checksum) or ``"none"``. Raises ``TypeError``
+    naming the key path of a value that cannot be stored, ``TypeError`` / ``ValueError`` for a
+    step that is not an int in ``[0, 2**63 - 1]`` and :class:`UsageError` for another
+    ``verify``, before anything is written; :class:`CheckpointWriteError` when the write fails
+    or the file does not read back (nothing is published then).
 
     ``path`` may be a URL (``s3://bucket/run/model.ckpt``; ``storage_options`` go to fsspec):
     the bytes are uploaded, then a commit object makes them visible (docs/REMOTE.md), and a
     :class:`~asyncckpt.storage.RemotePath` is returned.
     """
     fmt.check_step(step)
+    mode = one_of("verify", verify, VERIFY_MODES)
     # Several small objects per tensor, none cyclic: with a trainer's many live objects, the
     # collections they would trigger cost more than the save (a third of it at 10,000 tensors).
     # They are all gone when _save returns, before the collector resumes.
     with gc_paused():
-        return _save(os.fspath(path), state, step, metadata, storage_options, ops)
+        return _save(os.fspath(path), state, step, metadata, storage_options, ops, mode)
 
 
 def _save(
@@ -94,18 +101,26 @@ def _save(
     metadata: dict[str, Any] | None,
     storage_options: dict[str, Any] | None,
     ops: FileOps,
+    verify: VerifyMode,
 ) -> CheckpointPath:
     snapshot = _flatten(state)
     meta = flatten_metadata(metadata)
     header = fmt.prepare_header(step=step, metadata=meta, layout=_encoded_layout(snapshot))
     body = _body(header, _host_bytes(snapshot))
-    if not is_url(text):
-        final = Path(local_path(text))
-        atomic_write(final, body, ops=ops)
-        return final
-    storage, name = _folder_of(text, storage_options, ops)
-    storage.commit(storage.write(name, body))
-    return path_of(text)
+    if is_url(text):
+        storage, name = _folder_of(text, storage_options, ops)
+        path: CheckpointPath = path_of(text)
+    else:
+        path = Path(local_path(text))
+        storage, name = PosixStorage(path.parent, ops=ops), path.name
+    written = storage.write(name, body)
+    try:
+        verify_written(storage, written, mode=verify, step=step, path=path)
+    except BaseException:
+        storage.discard(written)
+        raise
+    storage.commit(written)
+    return path
 
 
 def write_snapshot(

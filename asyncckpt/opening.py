@@ -19,8 +19,8 @@ from typing import TypeVar
 from . import events as ev
 from ._priority import background_level
 from .pipeline import FirstSave, SavePipeline
+from .saving.readback import VerifyMode
 from .saving.runner import Runner
-from .saving.writer import VerifyMode
 from .storage import CheckpointPath, FileOps, Storage
 from .storage.posix import make_directory_durably
 

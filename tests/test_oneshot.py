@@ -24,7 +24,7 @@ import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.dtypes import DTYPE_BY_NAME
 from asyncckpt.errors import UsageError
-from asyncckpt.storage import FdSink, atomic_write, is_temp_name
+from asyncckpt.storage import FdSink, FileOps, atomic_write, is_temp_name
 from asyncckpt.testing import RecordingOps
 
 SameState = Callable[[Any, Any], None]
@@ -344,6 +344,58 @@ def assert_previous_intact(previous: Path) -> None:
     assert os.listdir(previous.parent) == [previous.name]  # no temp file left behind
     loaded = asyncckpt.load(previous)
     assert loaded.state["v"] == "old" and loaded.step == 1
+
+
+class CorruptingOps(FileOps):
+    """Writes ``data`` with the byte at ``where`` of the file flipped: a disk or driver that
+    returns success for bytes it did not store."""
+
+    def __init__(self, where: Callable[[int], int]) -> None:
+        self.where = where  # file size -> the offset to flip
+        self.offset = 0
+        self.chunks: list[bytes] = []
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        count = super().write(fd, data)
+        self.chunks.append(bytes(data[:count]))
+        return count
+
+    def fsync(self, fd: int) -> None:
+        whole = b"".join(self.chunks)
+        at = self.where(len(whole))
+        os.pwrite(fd, bytes([whole[at] ^ 0x10]), at)
+        super().fsync(fd)
+
+
+@pytest.mark.parametrize(
+    ("verify", "where", "caught"),
+    [
+        ("structure", lambda size: size - 3, True),  # the trailer
+        ("structure", lambda size: 5, True),  # the prelude
+        ("full", lambda size: fmt.DATA_OFFSET + 10, True),  # a blob
+        ("structure", lambda size: fmt.DATA_OFFSET + 10, False),  # blobs: only "full" reads them
+        ("none", lambda size: size - 3, False),
+    ],
+)
+def test_a_file_that_does_not_read_back_is_never_published(
+    previous: Path, verify: Any, where: Callable[[int], int], caught: bool
+) -> None:
+    ops = CorruptingOps(where)
+    if not caught:
+        asyncckpt.save(previous, NEW_STATE, step=2, ops=ops, verify=verify)
+        assert os.listdir(previous.parent) == [previous.name]
+        return
+    with pytest.raises(asyncckpt.CheckpointWriteError, match="verification after write failed") as raised:
+        asyncckpt.save(previous, NEW_STATE, step=2, ops=ops, verify=verify)
+    assert isinstance(raised.value.__cause__, asyncckpt.CorruptedCheckpointError)
+    assert (raised.value.path, raised.value.step) == (str(previous), 2)
+    assert_previous_intact(previous)
+
+
+def test_an_unknown_verify_mode_is_refused_before_anything_is_written(tmp_dir: Path) -> None:
+    with pytest.raises(UsageError, match="verify"):
+        asyncckpt.save(tmp_dir / "a.ckpt", NEW_STATE, step=1, verify="quick")  # type: ignore[arg-type]
+    assert os.listdir(tmp_dir) == []
 
 
 def test_failed_fsync_is_not_retried_and_the_temp_file_is_removed(previous: Path) -> None:

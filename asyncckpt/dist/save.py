@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from .. import catalog
 from .._gc import gc_paused
 from ..errors import CheckpointWriteError, CoordinationError, UsageError
-from ..saving.writer import VerifyMode
+from ..saving.readback import VerifyMode
 from ..storage import Location
 from ._dcp import dcp_save
 from .group import CoordinationGroup, first_line

@@ -28,7 +28,7 @@ from .._tree import unflatten
 from ..errors import CheckpointError, CheckpointWriteError, CorruptedCheckpointError
 from ..format import TensorEntry
 from ..saving.snapshot import Snapshot, contiguous_stride
-from ..saving.writer import VerifyMode
+from ..saving.readback import VerifyMode
 from ..storage import ReadHandle, Storage, Written
 from .record import SHARD_KIND, CommitRecord, ItemLocation, ShardDigest
 

@@ -40,7 +40,7 @@ from .. import format as fmt
 from ..dtypes import itemsize
 from ..errors import UnsupportedValueError, UsageError
 from ..saving.snapshot import Snapshot, flatten
-from ..saving.writer import VerifyMode
+from ..saving.readback import VerifyMode
 from ..storage import OS, FileOps, Location, Storage, open_storage
 from .commit import check_shards_durable, read_record, write_record
 from .planner import LoadPlanner, SavePlanner, encode_value

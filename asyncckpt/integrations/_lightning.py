@@ -27,7 +27,7 @@ from ..errors import CheckpointError, UnsupportedValueError
 from ..loading import LoadResult, load_latest
 from ..oneshot import load
 from ..saving.options import DEFAULT_BACKGROUND_NICE
-from ..saving.writer import VerifyMode
+from ..saving.readback import VerifyMode
 
 HPARAMS_KEY = "hyper_parameters"
 _PLAIN = (str, int, float, bool, bytes, type(None))

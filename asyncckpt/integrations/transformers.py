@@ -42,7 +42,7 @@ from ..loading import LoadResult, load_latest
 from ..oneshot import load
 from ..rng import rng_state, set_rng_state
 from ..saving.options import DEFAULT_BACKGROUND_NICE
-from ..saving.writer import VerifyMode
+from ..saving.readback import VerifyMode
 
 __all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "CHECKPOINT_SUBDIR"]
 

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import BinaryIO, Literal, cast
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -22,17 +21,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from .. import events as ev
 from .. import format as fmt
 from ..catalog import checkpoint_name, committed
-from ..errors import CheckpointError, CheckpointWriteError
+from ..errors import CheckpointWriteError
 from ..storage import Body, Sink, Storage, Written, path_of
 from .abandon import AbandonableStorage
 from .errorbox import ErrorBox
 from .job import Deletion, Job
+from .readback import VerifyMode, verify_written
 from .retention import prunable
 from .snapshot import encoded_layout
 from .staging import StagingPool, StagingRaceError
 from .stats import SaveStats
 
-VerifyMode = Literal["full", "structure", "none"]
 Offload = Callable[[Callable[[], None]], Awaitable[object]]  # runs blocking work off the event loop
 
 
@@ -181,28 +180,7 @@ class Writer:
         self._retain(job.name)
 
     def _verify(self, job: Job, written: Written) -> None:
-        if self.verify == "none":
-            return
-        where = str(job.path)
-        try:
-            with self.storage.open_written(written) as handle:
-                file = cast(BinaryIO, handle.cursor())
-                if self.verify == "structure":
-                    # Prelude, trailer, size and header CRC: the bytes on disk are the ones
-                    # written. Decoding the header again would only re-check our own encoder
-                    # and hold the GIL against the trainer for ~20 us a tensor.
-                    fmt.read_header_bytes(file, where)
-                    return
-                layout = fmt.read_layout(file, where)
-                if layout.step != job.step:
-                    raise CheckpointWriteError(
-                        f"reads back step {layout.step}, wrote {job.step}", path=job.path, step=job.step
-                    )
-                fmt.verify_blobs(file, layout, path=where)
-        except CheckpointError as exc:
-            raise CheckpointWriteError(
-                f"verification after write failed, nothing was published: {exc}", path=job.path, step=job.step
-            ) from exc
+        verify_written(self.storage, written, mode=self.verify, step=job.step, path=job.path)
 
     def _retain(self, protect: str) -> None:
         if self.keep_last is None:  # the caller owns retention (it deletes through delete())
