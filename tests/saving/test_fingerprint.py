@@ -759,3 +759,31 @@ def test_each_save_of_a_state_whose_numbers_change_encodes_as_a_fresh_layout(
         assert structure.tensors == fresh.tensors and structure.layout == fresh.structure.layout
         path = asyncckpt.save(tmp_path / f"{step}.ckpt", current, step=step)
         assert states_equal({**current, "holder": holder.state_dict()}, asyncckpt.load(path).state)
+
+
+@pytest.mark.parametrize("budget", [None, 3 * (64 << 10)], ids=["whole", "streamed"])
+def test_saves_piling_up_while_numbers_change_each_write_their_own(
+    tmp_path: Path, budget: int | None
+) -> None:
+    """The trainer plans the next saves (walking new skeletons, some back at the first save's
+    numbers) while the writer encodes earlier ones: each file holds its own save's numbers."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 128)).sum().backward()
+    optimizer.step()
+    numbers = [(1, 0.1), (2, 0.2), (1, 0.1), (3, -0.0), (3, 0.0), (1, 0.1)]
+    with AsyncCheckpointer(
+        tmp_path, keep_last=None, max_pending=3, staging_budget=budget, verify="none"
+    ) as ckpt:
+        futures = []
+        for step, (epoch, lr) in enumerate(numbers):
+            optimizer.param_groups[0]["lr"] = lr
+            state = {"model": model, "optimizer": optimizer, "epoch": epoch, "lrs": [lr, epoch]}
+            futures.append(ckpt.save(step, state))
+        for future in futures:
+            future.result(timeout=30)
+        assert ckpt._mode._planner.structures.misses == 1  # type: ignore[union-attr]
+    for step, (epoch, lr) in enumerate(numbers):
+        loaded = asyncckpt.load(tmp_path / checkpoint_name(step)).state
+        assert loaded["epoch"] == epoch and _DOUBLE(loaded["lrs"][0]) == _DOUBLE(lr)
+        assert _DOUBLE(loaded["optimizer"]["param_groups"][0]["lr"]) == _DOUBLE(lr)
