@@ -738,7 +738,7 @@ def test_each_save_of_a_state_whose_numbers_change_encodes_as_a_fresh_layout(
             "point": Point(n[3], torch.Size([2, 3])),
             "bag": Bag(x=n[4], y="ü"),
             "t": shared,
-            "views": [shared[1:4], shared, tied, tied],
+            "views": [shared[1:4], shared, tied, tied, shared[:1].expand(4)],
             "opt": {"step": n[5], "nested": (n[6], {"k": n[7], 3: "x"})},
             "holder": holder,
         }
