@@ -52,6 +52,7 @@ class Layout:
     template: Any
     replicas: str | None
     stats: ShareStats | None
+    tree: Any  # the skeleton of the save it was planned from (its numbers, not the structure's)
 
 
 REST = 7  # saves planned without a fingerprint after the state changed on two saves in a row
@@ -99,7 +100,7 @@ class LayoutCache:
             local = cast(DTensor, tensors[index])._local_tensor
             tensors[index] = local.detach() if local.requires_grad else local
         watching = {blob: tuple(map(found.__getitem__, ps)) for blob, ps in last.watching.items()}
-        return Snapshot(last.structure, tensors, watching), last
+        return Snapshot(last.structure, tensors, watching, tree=last.tree), last
 
     def keep(
         self,
@@ -139,7 +140,15 @@ class LayoutCache:
         shards = [i for i, tensor in enumerate(planned.found) if id(tensor) not in position]
         template, replicas, stats = decided
         self._last = Layout(
-            scanned.signature, planned.structure, positions, shards, watching, template, replicas, stats
+            scanned.signature,
+            planned.structure,
+            positions,
+            shards,
+            watching,
+            template,
+            replicas,
+            stats,
+            planned.tree,
         )
 
 

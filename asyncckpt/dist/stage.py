@@ -128,7 +128,7 @@ class StepPlanner:
         if rescanned is None or len(rescanned.found) != snapshot.structure.found:
             return snapshot, template, replicas  # (a layout kept before is compared, never trusted)
         # The same layout over the scan's own tensors (the snapshot's may be detached copies).
-        planned = _watch_dtensors(Snapshot(snapshot.structure, rescanned.found), shards)
+        planned = _watch_dtensors(Snapshot(snapshot.structure, rescanned.found, tree=snapshot.tree), shards)
         stats = self.share.stats if self.share is not None else None
         self.layouts.keep(scanned, planned, lambda t: shards.get(_view_key(t)), (template, replicas, stats))
         return snapshot, template, replicas
@@ -245,7 +245,7 @@ def _watch_dtensors(snapshot: Snapshot, shards: dict[_ViewKey, DTensor]) -> Snap
         found = [shards.get(_view_key(view)) for view in views]
         if any(dt is not None for dt in found):
             watching[blob] = tuple(dt if dt is not None else v for dt, v in zip(found, views, strict=True))
-    return Snapshot(snapshot.structure, snapshot.found, watching)
+    return Snapshot(snapshot.structure, snapshot.found, watching, tree=snapshot.tree)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

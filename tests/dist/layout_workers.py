@@ -169,3 +169,23 @@ def rng_every_save(rank: int, world: int, root: str) -> dict[str, Any]:
         "step": None if restored is None else restored.step,
         "differences": _differences(fresh, module),
     }
+
+
+def changing_numbers(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Saves of a module and an epoch that changes, then stays: each save restored at once.
+    Per save: the epoch saved and the epoch restored, and what the restore got wrong."""
+    torch.manual_seed(0)
+    module = _module(torch.randn(4, 3), Shard(0), torch.randn(5))
+    options = {"process_group": dist.group.WORLD} if world == 1 else {}
+    saves = []
+    with asyncckpt.AsyncCheckpointer(root, coordination_timeout=TIMEOUT_S, keep_last=2, **options) as ckpt:
+        for step, epoch in enumerate([1, 2, 2, 3, 3, 3], start=1):
+            ckpt.save(step, {"model": module, "epoch": epoch, "lr": 0.1 * epoch})
+            ckpt.flush()
+            fresh = _zeros_like(module)
+            restored = ckpt.restore({"model": fresh})
+            assert restored is not None
+            saved = {"epoch": epoch, "lr": 0.1 * epoch}
+            got = {"epoch": restored.state.get("epoch"), "lr": restored.state.get("lr")}
+            saves.append({"saved": saved, "restored": got, "differences": _differences(fresh, module)})
+    return {"saves": saves}

@@ -59,3 +59,14 @@ def test_a_state_that_changes_on_every_save_rests_the_fingerprint(tmp_path: Path
         # fingerprint, step 11 tries again (and differs), step 12 rests.
         assert rank["counts"] == (0, 4, 8)
         assert rank["step"] == 12 and rank["differences"] == []
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_state_whose_numbers_change_restores_each_save(tmp_path: Path, world: int) -> None:
+    # The single-process structure cache keeps a structure whose tree holds the numbers of the
+    # save it was laid out from; the multi-rank layout (keyed on this save's numbers) must not
+    # reuse that tree, nor the DTensors' watch drop this save's own.
+    for rank in values(run_world(lw.changing_numbers, world, str(tmp_path), deadline=150)):
+        for save in rank["saves"]:
+            assert save["restored"] == save["saved"], rank["saves"]
+            assert save["differences"] == [], save

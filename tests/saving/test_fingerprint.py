@@ -10,21 +10,24 @@ from __future__ import annotations
 import enum
 import math
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import checkpoint_name
+from asyncckpt.format import encode_layout
 from asyncckpt.saving import fingerprint as fingerprint_module
 from asyncckpt.saving.fingerprint import _DOUBLE, StructureCache, _fields, scan
 from asyncckpt.saving.plan import Planner
-from asyncckpt.saving.snapshot import flatten
+from asyncckpt.saving.snapshot import encoded_layout, flatten
 from asyncckpt.saving.staging import Copier, StagingPool, StagingRaceError, stage
 from asyncckpt.saving.tensors_check import TensorsCheck
 from asyncckpt.saving.walker import StateDicts
@@ -683,3 +686,104 @@ def test_a_tensor_listed_twice_is_checked_once_and_must_stay_the_same_object() -
     assert check.versions([tied, other, tied]) == [1, 0, 1]
     assert check.versions([tied, other, torch.ones(4)]) is None  # no longer one object
     assert check.versions([tied, tied, tied]) is None
+
+
+# --------------------------------------------------------------------------- numbers that change
+
+Point = namedtuple("Point", "x y")  # noqa: PYI024 - stored as a typed value
+
+
+class Bag(dict):  # type: ignore[type-arg]
+    """A dict subclass: stored as a typed value."""
+
+
+class Holder:
+    """An object with state_dict(): its state dict is taken once a save and replayed."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.lr: Any = 0.1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "weight": self.weight}
+
+
+_NUMBERS = {  # a slot keeps its kind between saves (mostly): only its value changes
+    "int": st.integers(-3, 3) | st.integers(-(2**63), 2**64 - 1),
+    "wide": st.sampled_from([2**64 - 1, 2**64, -(2**63), -(2**63) - 1]),  # beyond: a big int
+    "float": st.one_of(
+        st.sampled_from([0.0, -0.0, math.nan, -math.nan, math.inf, 0.5]), st.floats(allow_nan=True)
+    ),
+    "bool": st.booleans(),  # bool is not an int
+}
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_each_save_of_a_state_whose_numbers_change_encodes_as_a_fresh_layout(
+    data: st.DataObject, tmp_path: Path
+) -> None:
+    """Every save through a structure cache (numbers changed or not, back and forth) has the
+    header a fresh layout of that state has, byte for byte, and loads equal to that state: with
+    shared views, tied tensors, typed values, non-ASCII strings and a replayed state dict."""
+    shared = torch.arange(6.0)
+    tied = torch.nn.Parameter(torch.randn(3))
+    holder = Holder(torch.ones(2, dtype=torch.int64))
+
+    def state(n: list[Any]) -> dict[str, Any]:
+        holder.lr = n[8]
+        return {
+            "epoch": n[0],
+            "lrs": [n[1], "é", n[2], None, True],
+            "point": Point(n[3], torch.Size([2, 3])),
+            "bag": Bag(x=n[4], y="ü"),
+            "t": shared,
+            "views": [shared[1:4], shared, tied, tied, shared[:1].expand(4)],
+            "opt": {"step": n[5], "nested": (n[6], {"k": n[7], 3: "x"})},
+            "holder": holder,
+        }
+
+    common = st.sampled_from(["int", "float"])
+    kinds = data.draw(st.lists(common | st.sampled_from(list(_NUMBERS)), min_size=9, max_size=9))
+    cache = StructureCache()
+    for step in range(data.draw(st.integers(2, 5))):
+        if data.draw(st.integers(0, 9)) == 0:  # now and then a slot changes its kind
+            kinds[data.draw(st.integers(0, 8))] = data.draw(st.sampled_from(list(_NUMBERS)))
+        current = state([data.draw(_NUMBERS[kind]) for kind in kinds])
+        snapshot, _ = cache.snapshot(current)
+        fresh = flatten(current)
+        structure = snapshot.structure
+        reused = encoded_layout(structure, snapshot.tree, structure.sizes)
+        expected = encode_layout(tree=fresh.tree, tensors=fresh.tensors, sizes=fresh.structure.sizes)
+        assert reused == expected
+        assert structure.tensors == fresh.tensors and structure.layout == fresh.structure.layout
+        path = asyncckpt.save(tmp_path / f"{step}.ckpt", current, step=step)
+        assert states_equal({**current, "holder": holder.state_dict()}, asyncckpt.load(path).state)
+
+
+@pytest.mark.parametrize("budget", [None, 3 * (64 << 10)], ids=["whole", "streamed"])
+def test_saves_piling_up_while_numbers_change_each_write_their_own(
+    tmp_path: Path, budget: int | None
+) -> None:
+    """The trainer plans the next saves (walking new skeletons, some back at the first save's
+    numbers) while the writer encodes earlier ones: each file holds its own save's numbers."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 128)).sum().backward()
+    optimizer.step()
+    numbers = [(1, 0.1), (2, 0.2), (1, 0.1), (3, -0.0), (3, 0.0), (1, 0.1)]
+    with AsyncCheckpointer(
+        tmp_path, keep_last=None, max_pending=3, staging_budget=budget, verify="none"
+    ) as ckpt:
+        futures = []
+        for step, (epoch, lr) in enumerate(numbers):
+            optimizer.param_groups[0]["lr"] = lr
+            state = {"model": model, "optimizer": optimizer, "epoch": epoch, "lrs": [lr, epoch]}
+            futures.append(ckpt.save(step, state))
+        for future in futures:
+            future.result(timeout=30)
+        assert ckpt._mode._planner.structures.misses == 1  # type: ignore[union-attr]
+    for step, (epoch, lr) in enumerate(numbers):
+        loaded = asyncckpt.load(tmp_path / checkpoint_name(step)).state
+        assert loaded["epoch"] == epoch and _DOUBLE(loaded["lrs"][0]) == _DOUBLE(lr)
+        assert _DOUBLE(loaded["optimizer"]["param_groups"][0]["lr"]) == _DOUBLE(lr)
