@@ -35,12 +35,19 @@ import asyncckpt
 from ckptbench.state import build_state
 from ckptbench.loading import restore_function
 size, count, directory, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-calls, cold = int(sys.argv[6]), sys.argv[7] == "cold"
+calls, cold, kind = int(sys.argv[6]), sys.argv[7] == "cold", sys.argv[8]
 path = os.path.join(directory, "step-00000001.ckpt")
-state = build_state(size, count)
-if not os.path.exists(path):
-    asyncckpt.save(path, state.state_dict(), step=1)
-objects = state.objects()
+if kind == "large":  # equal float32 tensors of size / count bytes each (an embedding, a head)
+    torch.manual_seed(0)
+    flat = {f"t{i}": torch.randn(size // count // 4) for i in range(count)}
+    if not os.path.exists(path):
+        asyncckpt.save(path, flat, step=1)
+    objects = None
+else:
+    state = build_state(size, count)
+    if not os.path.exists(path):
+        asyncckpt.save(path, state.state_dict(), step=1)
+    objects = state.objects()
 restore = restore_function()
 quiet = lambda *args, **kwargs: None
 run = {
@@ -76,8 +83,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3, help="timed calls per child")
     parser.add_argument("--dir", type=Path, default=None, help="checkpoint folder (default: temp)")
     parser.add_argument("--cold", action="store_true", help="drop the file's cached pages before each call")
+    parser.add_argument(
+        "--state",
+        choices=("model", "large"),
+        default="model",
+        help="model: the benchmark's model + Adam (ckptbench.state); large: --tensors equal float32 "
+        "tensors of --size in all (load and latest only)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="a Markdown file for the results")
     args = parser.parse_args()
+    if args.state == "large" and "restore" in args.what.split(","):
+        parser.error("--state large has no model to restore into: use --what load,latest")
     trees = dict(tree.split("=", 1) for tree in args.tree)
     directory = Path(args.dir or tempfile.mkdtemp(prefix="load-ab-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,7 +104,8 @@ def main() -> None:
         "",
         f"- command: `python benchmarks/load_ab.py {' '.join(sys.argv[1:])}`",
         f"- started: {started}, load average {load_start}",
-        f"- state: {args.size} in {args.tensors} tensors (model + Adam, ckptbench.state), "
+        f"- state: {args.size} in {args.tensors} tensors "
+        + ("(equal float32 tensors), " if args.state == "large" else "(model + Adam, ckptbench.state), ")
         + ("cold: the file's pages dropped before each call" if args.cold else "warm page cache"),
         "",
         "| what | tree | wall ms (median) | CPU ms (median) | wall / first tree (median of rounds) "
@@ -102,6 +119,7 @@ def main() -> None:
             for name, tree in trees.items():
                 command = [sys.executable, "-c", CHILD, str(parse_size(args.size)), str(args.tensors)]
                 command += [str(directory), what, str(HERE), str(args.calls), "cold" if args.cold else "warm"]
+                command.append(args.state)
                 runs[name].append(run_in_tree(command, tree)["runs"])
         base = [statistics.median(w for w, _ in r) for r in runs[names[0]]]
         for name in names:

@@ -280,7 +280,7 @@ def test_load_ab_benchmark_has_help(tmp_path: Path) -> None:
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    for option in ("--tree", "--size", "--tensors", "--what", "--rounds", "--out"):
+    for option in ("--tree", "--size", "--tensors", "--what", "--rounds", "--state", "--out"):
         assert option in done.stdout
 
 
@@ -317,3 +317,20 @@ def test_changing_numbers_benchmark_runs_a_checkout(tmp_path: Path) -> None:
     row = next(line for line in out.read_text().splitlines() if line.startswith("| here |"))
     figures = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
     assert len(figures) == 4 and all(figure > 0 for figure in figures)
+
+
+def test_load_ab_loads_a_state_of_large_tensors_in_a_checkout(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "load_ab.py"
+    out = tmp_path / "ab.md"
+    command = [sys.executable, str(script), "--tree", f"here={ROOT}", "--state", "large", "--size", "2M"]
+    command += ["--tensors", "2", "--what", "load", "--rounds", "1", "--calls", "1", "--dir", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| load | here |"))
+    assert float(row.split(" | ")[2]) > 0  # wall ms
+    refused = subprocess.run(
+        [*command[:-4], "--what", "restore"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "no model to restore into" in refused.stderr
