@@ -381,6 +381,9 @@ class AsyncCheckpointer:
         not_done = self._pending.wait(timeout)
         if not_done:
             raise TimeoutError(f"{not_done} checkpoint saves still pending after {timeout} s")
+        runner = self._runner
+        if runner is not None and not runner.writer.wait_pruned(timeout):  # retention after a commit
+            raise TimeoutError(f"retention of older checkpoints still running after {timeout} s")
         self._errors.raise_first()
 
     async def aflush(self) -> None:

@@ -107,6 +107,10 @@ class StepWriter(Writer):
         for name in [*folders, *temps]:
             self.log.warning(ev.TMP_REMOVED, path=self.storage.where(name))
 
+    def _prune_after(self, job: Job) -> None:
+        """Nothing: a step's retention is collective, inside :meth:`_commit` (rank 0 prunes
+        once every rank has voted)."""
+
     def _retain_steps(self, protect: int) -> None:
         if self.keep_last is None:  # the caller owns retention
             return

@@ -174,6 +174,7 @@ class SyncRunner(Runner):
 
     async def drain(self) -> None:
         await anyio.to_thread.run_sync(self.pending.wait)
+        await anyio.to_thread.run_sync(self.writer.wait_pruned)
 
     def close(self, body_error: BaseException | None) -> None:
         """Wait for the pending saves (at most ``close_timeout``), stop the writer and the thread.
@@ -270,6 +271,7 @@ class AsyncRunner(Runner):
     async def drain(self) -> None:
         while len(self.pending):
             await self._slot_freed.wait()
+        await anyio.to_thread.run_sync(self.writer.wait_pruned)
 
     async def aclose(self, body_error: BaseException | None) -> None:
         """:meth:`SyncRunner.close` for async use. Shielded: cancelling the caller does not

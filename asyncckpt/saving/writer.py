@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -56,6 +57,7 @@ class Writer:
     ) -> None:
         self.storage = AbandonableStorage(storage)
         self.pool = pool
+        self._pruning = threading.Lock()  # held while a committed save's retention runs
         self.verify = verify
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -123,8 +125,15 @@ class Writer:
         self.log.info(ev.DELETED, path=where)
 
     def process(self, job: Job) -> None:
-        """Make one job durable (in a worker thread); settle its future either way."""
+        """Make one job durable (in a worker thread); settle its future either way.
+
+        Retention comes after: the handle resolves, and the staging buffers are free, once the
+        checkpoint is committed; deleting older ones (a fraction of a second per GiB on a
+        filesystem that discards freed blocks) is not part of this one's durability.
+        :meth:`wait_pruned` (``flush()``, ``close()``) waits for it.
+        """
         self._last_save_failed = True  # until it commits
+        committed = False
         try:
             self._commit(job)
         except BaseException as exc:
@@ -138,14 +147,33 @@ class Writer:
                 raise
         else:
             self._last_save_failed = False
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                job.future.set_result(job.path)
+            committed = True
         finally:
             job.staged.settle()  # no copy may still be filling the buffers when they are reused
             self.pool.release(job.staged.buffers)
+        if committed:
+            with self._pruning:  # taken before the handle resolves: a flush() after it waits
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    job.future.set_result(job.path)
+                self._prune_after(job)
+
+    def wait_pruned(self, timeout: float | None = None) -> bool:
+        """Wait until no retention of a committed save is running; False after ``timeout``."""
+        if not self._pruning.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return False
+        self._pruning.release()
+        return True
+
+    def _prune_after(self, job: Job) -> None:
+        """Retention after ``job`` committed; a failure is logged, never raised (the save is
+        committed already, and a file left over is retried at the next commit)."""
+        try:
+            self._retain(job.name)
+        except Exception as exc:
+            self.log.warning(ev.PRUNE_FAILED, steps=[], error=str(exc))
 
     def _commit(self, job: Job) -> None:
-        """Write → fsync → verify the durable bytes → commit (rename) → retention.
+        """Write → fsync → verify the durable bytes → commit (rename).
 
         Verifying before the commit means a file that does not read back never replaces a
         committed checkpoint of the same step (nor becomes the newest one).
@@ -177,7 +205,6 @@ class Writer:
             total_ms=round(total_ms, 3),
             mb_s=round(mb_s, 1),
         )
-        self._retain(job.name)
 
     def _verify(self, job: Job, written: Written) -> None:
         verify_written(self.storage, written, mode=self.verify, step=job.step, path=job.path)

@@ -372,3 +372,55 @@ def test_aflush_also_works_in_sync_use(tmp_path: Path) -> None:
         handle = ckpt.save(1, deterministic_state(1))
         anyio.run(ckpt.aflush)
         assert handle.done()
+
+
+class _SlowDelete(asyncckpt.storage.FileOps):
+    """Holds every unlink of a committed checkpoint until ``release``: a filesystem that
+    discards freed blocks takes a fraction of a second per GiB there."""
+
+    def __init__(self) -> None:
+        self.deleting = threading.Event()
+        self.release = threading.Event()
+
+    def unlink(self, path: Path) -> None:
+        if path.name.startswith("step-"):
+            self.deleting.set()
+            assert self.release.wait(30)
+        super().unlink(path)
+
+
+def test_the_handle_resolves_before_older_checkpoints_are_deleted_and_flush_waits_for_them(
+    tmp_path: Path,
+) -> None:
+    ops = _SlowDelete()
+    with AsyncCheckpointer(tmp_path, keep_last=1, ops=ops) as ckpt:
+        ckpt.save(1, deterministic_state(1)).result(timeout=30)
+        second = ckpt.save(2, deterministic_state(2))
+        assert second.result(timeout=30) == tmp_path / "step-0000000002.ckpt"  # while step 1 is held
+        assert ops.deleting.wait(30)
+        with pytest.raises(TimeoutError, match="retention"):
+            ckpt.flush(timeout=0.05)
+        assert (tmp_path / "step-0000000001.ckpt").exists()
+        ops.release.set()
+        ckpt.flush()
+        assert not (tmp_path / "step-0000000001.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000000002.ckpt"]
+
+
+def test_a_retention_that_fails_after_the_commit_is_logged_and_the_save_stands(tmp_path: Path) -> None:
+    class BrokenListing(asyncckpt.storage.FileOps):
+        listings = 0
+
+        def scandir(self, folder: Path) -> Any:
+            BrokenListing.listings += 1
+            if BrokenListing.listings > 2:  # the first start and first save list fine
+                raise OSError(errno.EIO, "injected EIO")
+            return super().scandir(folder)
+
+    with AsyncCheckpointer(tmp_path, keep_last=1, ops=BrokenListing()) as ckpt:
+        ckpt.save(1, deterministic_state(1)).result(timeout=30)
+        assert ckpt.save(2, deterministic_state(2)).result(timeout=30) == tmp_path / "step-0000000002.ckpt"
+        ckpt.flush()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "checkpoint.prune_failed" and "injected EIO" in e["error"] for e in events)
+    assert (tmp_path / "step-0000000002.ckpt").exists()

@@ -6,8 +6,9 @@ stage. Steps 1 and 2 are committed ("saved 1", "saved 2"); then, during step 3:
 
 - ``upload``: parts are going up (the multipart upload exists): prints ``uploading``;
 - ``durable``: the data object is complete, its commit object not written: prints ``durable``;
-- ``prune``: step 3 is committed and retention (``keep_last=2``) has removed step 1's commit
-  object but not its data object: prints ``pruning``.
+- ``prune``: step 3 is committed (its handle resolved: ``saved 3``) and retention
+  (``keep_last=2``, after the handle) has removed step 1's commit object but not its data
+  object: prints ``pruning``.
 
 Each then blocks on stdin, where the parent kills it.
 """
