@@ -334,3 +334,23 @@ def test_load_ab_loads_a_state_of_large_tensors_in_a_checkout(tmp_path: Path) ->
         [*command[:-4], "--what", "restore"], capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "no model to restore into" in refused.stderr
+
+
+def test_unlink_cost_benchmark_runs(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "unlink_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--sizes", "1M,2M", "--rounds", "2", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [
+        line.split(" | ")
+        for line in done.stdout.splitlines()
+        if line.startswith("| 1M") or line.startswith("| 2M")
+    ]
+    assert [row[0] for row in rows] == ["| 1M", "| 2M"]
+    assert all(float(row[1]) >= 0 and float(row[2].rstrip(" |")) >= 0 for row in rows)
+    assert list(tmp_path.iterdir()) == []  # its files and folder are gone

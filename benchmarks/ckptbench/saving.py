@@ -194,6 +194,7 @@ class AsyncCheckpointerSave(SaveMethod):
     description = "asyncckpt.AsyncCheckpointer.save (background writer, overlapped staging)"
     overlap = True
     background_nice: int | None = None  # None: the library's default
+    keep_last = 1 << 30  # retention off: files are removed between runs by the driver
 
     def options(self) -> dict[str, Any]:
         """The checkpointer's options that make this method."""
@@ -203,8 +204,7 @@ class AsyncCheckpointerSave(SaveMethod):
     def setup(self) -> None:
         import asyncckpt
 
-        # Retention off (files are removed between runs by the driver, like every method's).
-        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=1 << 30, **self.options())
+        self.ckpt = asyncckpt.AsyncCheckpointer(self.directory, keep_last=self.keep_last, **self.options())
         self.ckpt.__enter__()
         self.ckpt.save(0, self.state.objects()).result()  # sizes the staging pool once
         self.step_wait_s = 0.0
@@ -265,6 +265,18 @@ class AsyncCheckpointerEagerNice10Save(AsyncCheckpointerEagerSave):
     name = "asyncckpt_eager_nice10"
     description = "asyncckpt.AsyncCheckpointer(overlap=False, background_nice=10).save"
     background_nice = 10
+
+
+class AsyncCheckpointerKeep1Save(AsyncCheckpointerSave):
+    """``AsyncCheckpointer(keep_last=1).save``: each commit deletes the checkpoint before it
+    (after the handle resolves; the driver's rounds leave time for the deletion)."""
+
+    name = "asyncckpt_keep1"
+    description = "asyncckpt.AsyncCheckpointer(keep_last=1).save (retention deletes the previous file)"
+    keep_last = 1
+
+    def cleanup(self, keep: Path | None = None) -> None:
+        """Nothing: retention deletes each previous checkpoint (what this method measures)."""
 
 
 class AsyncCheckpointerBudgetSave(AsyncCheckpointerSave):
@@ -411,6 +423,7 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         AsyncCheckpointerEagerSave,
         AsyncCheckpointerNice10Save,
         AsyncCheckpointerEagerNice10Save,
+        AsyncCheckpointerKeep1Save,
         AsyncCheckpointerBudgetSave,
         AsyncCheckpointerBudget16Save,
         SyncSave,
