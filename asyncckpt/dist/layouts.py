@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..saving.fingerprint import Scan, _fields, _Scanner, _Token, _Unscannable, reusable
+from ..saving.fingerprint import _INTS, Scan, _fields, _Scanner, _Token, _Unscannable, reusable
 from ..saving.snapshot import Snapshot, Structure
 from ..saving.walker import StateDicts
 from .share import ShareStats
@@ -182,6 +182,9 @@ class _SplitScanner(_Scanner):
 
     def number(self, kind: _Token, value: int | bytes) -> None:
         self.signature += (kind, value)
+
+    def ints(self, values: tuple[int, ...]) -> None:
+        self.signature += (_INTS, values)
 
     def finish(self) -> Scan:
         """The fingerprint with the tensors' fields appended (the base scanner leaves them out:

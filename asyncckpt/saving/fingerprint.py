@@ -109,7 +109,7 @@ class Scan:
     signature: list[Any]
     found: list[torch.Tensor]
     objects: list[Any]
-    values: list[int | bytes]  # the numbers (floats by their bits), apart from the signature
+    values: list[int | bytes | tuple[int, ...]]  # the numbers (floats by bits), apart from the signature
 
 
 def scan(state: Any, state_dicts: StateDicts) -> Scan | None:
@@ -165,7 +165,7 @@ class _Scanner:
 
     def __init__(self, state_dicts: StateDicts) -> None:
         self.signature: list[Any] = []
-        self.values: list[int | bytes] = []  # the numbers, in order (see number())
+        self.values: list[int | bytes | tuple[int, ...]] = []  # the numbers, in order (see number())
         self.found: list[torch.Tensor] = []
         self.objects: list[Any] = []
         self.state_dict_of = state_dicts.reader()
@@ -183,6 +183,16 @@ class _Scanner:
         self.signature.append(kind)
         self.values.append(value)
 
+    def ints(self, values: tuple[int, ...]) -> None:
+        """A container of ints (a parameter group's ids, ``{"epoch": e, "step": s}``): its
+        length in the signature and the ints among the values, as :meth:`number` does; with an
+        int beyond 64 bits (stored as a big int), the ints in the signature."""
+        if all(INT64_MIN <= value <= UINT64_MAX for value in values):
+            self.signature += (_INTS, len(values))
+            self.values.append(values)
+        else:
+            self.signature += (_INTS, values)
+
     def items(self, values: Any, depth: int, inside: bool) -> None:
         """The values of one container: all tensors, all ints or all dicts of tensors at
         once; otherwise one by one."""
@@ -193,7 +203,7 @@ class _Scanner:
             self.found += values
             return
         if kinds == _JUST_INT:
-            self.signature += (_INTS, tuple(values))  # a copy: the caller's list may change
+            self.ints(tuple(values))  # a copy: the caller's list may change
             return
         if kinds == _JUST_DICT and self.tensor_dicts(values, depth + 1):
             return
@@ -295,7 +305,7 @@ class _Cached:
     fields apart) and the check of its tensors' fields."""
 
     signature: list[Any]
-    values: list[int | bytes]  # the numbers of the state the structure's tree was made from
+    values: list[int | bytes | tuple[int, ...]]  # the numbers of the state the structure's tree holds
     fields: list[tuple[Any, ...]]
     structure: Structure
     check: TensorsCheck | None

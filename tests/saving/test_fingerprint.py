@@ -553,6 +553,28 @@ def test_a_state_whose_numbers_change_every_save_is_saved_with_each_saves_number
         assert_same_state(want, loaded)
 
 
+def test_a_container_of_ints_that_change_keeps_the_structure(tmp_path: Path) -> None:
+    """``{"epoch": e, "step": s}`` and a list of ints are values too; a big int among them is
+    stored differently (a big int), so such a container stays in the shape."""
+    weights = torch.arange(6.0)
+    cache = StructureCache()
+    snapshots = []
+    for epoch in range(3):
+        state = {"w": weights, "progress": {"epoch": epoch, "step": 100 * epoch}, "seen": [epoch, 7]}
+        snapshots.append(cache.snapshot(state)[0])
+        path = asyncckpt.save(tmp_path / f"e{epoch}.ckpt", state, step=epoch)
+        assert states_equal(asyncckpt.load(path).state, state)
+    assert (cache.hits, cache.misses) == (2, 1)
+    assert all(s.structure is snapshots[0].structure for s in snapshots)
+    assert [s.tree["progress"]["step"] for s in snapshots] == [0, 100, 200]
+
+    big = {"w": weights, "ids": [1, 2**70]}
+    cache.snapshot(big)
+    big["ids"] = [1, 2**71]
+    changed, _ = cache.snapshot(big)
+    assert cache.misses == 3 and changed.tree == flatten(big).tree
+
+
 @pytest.mark.parametrize("how", ["checkpointer", "oneshot"])
 def test_changed_numbers_in_a_state_with_tied_weights_and_views_keep_them(tmp_path: Path, how: str) -> None:
     """A reused structure whose tensor table merged aliases (tied weights) numbers the new
