@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,17 +45,21 @@ def _madvise() -> Any:
 _madvise_call = _madvise()
 
 
-def prefault(buffer: torch.Tensor) -> None:
-    """Back ``buffer`` (a new CPU tensor about to be read into) with populated huge pages where
-    it spans whole ones; nothing for a small buffer, another device, or a kernel that refuses."""
+def prefault(buffers: Iterable[torch.Tensor]) -> None:
+    """Back each of ``buffers`` (new CPU tensors about to be read into) that is larger than
+    :data:`PREFAULT_MIN` with populated huge pages where it spans whole ones; nothing for a
+    smaller buffer, another device, or a kernel that refuses."""
     madvise = _madvise_call
-    nbytes = buffer.numel() * buffer.element_size()
-    if madvise is None or nbytes < PREFAULT_MIN or buffer.device.type != "cpu":
+    if madvise is None:
         return
-    address = buffer.data_ptr()
-    start = -(-address // HUGE_PAGE) * HUGE_PAGE
-    end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
-        return
-    madvise(start, end - start, _MADV_HUGEPAGE)  # refused where huge pages are off: 4 KiB pages
-    madvise(start, end - start, _MADV_POPULATE_WRITE)  # refused before Linux 5.14: faults as read
+    for buffer in buffers:
+        nbytes = buffer.numel() * buffer.element_size()
+        if nbytes < PREFAULT_MIN or buffer.device.type != "cpu":
+            continue
+        address = buffer.data_ptr()
+        start = -(-address // HUGE_PAGE) * HUGE_PAGE
+        end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
+        if end <= start:
+            continue
+        madvise(start, end - start, _MADV_HUGEPAGE)  # refused where huge pages are off: 4 KiB pages
+        madvise(start, end - start, _MADV_POPULATE_WRITE)  # refused before Linux 5.14: faults as read

@@ -22,7 +22,7 @@ import torch
 
 from . import format as fmt
 from ._gc import gc_paused
-from ._memory import PREFAULT_MIN, prefault
+from ._memory import prefault
 from .errors import CheckpointError, CorruptedCheckpointError
 from .format import FileKind
 from .runs import RunReads
@@ -95,10 +95,10 @@ def _read_tensors(
         target = direct.get(i)
         if target is None:
             buffer = buffers[i] = torch.empty(blob.nbytes, dtype=torch.uint8, device=device)
-            prefault(buffer)
             destinations.append(buffer)
         else:
             destinations.append(_bytes_of(target))
+    prefault(buffers.values())
     _BlobReads(handle, layout, where).read(destinations, checksums=checksums)
     view = fmt.view_tensor
     return [
@@ -115,9 +115,7 @@ def _read_new_tensors(
     tensors share memory unless they shared it when saved."""
     empty, uint8 = torch.empty, torch.uint8
     buffers = [empty(blob.nbytes, dtype=uint8) for blob in layout.blobs]
-    for buffer in buffers:
-        if buffer.numel() >= PREFAULT_MIN:
-            prefault(buffer)
+    prefault(buffers)
     views = fmt.buffers_bytes(buffers)
     RunReads(handle, layout, where).read(views, checksums=checksums, threads=_threads(layout))
     return fmt.view_tensors(layout.tensors, buffers)

@@ -36,13 +36,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, *args: str, script: Path = SCRIPT, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=tmp_path,
         env=env,
         check=False,
@@ -303,15 +305,13 @@ def test_page_touch_benchmark_runs(tmp_path: Path) -> None:
 
 
 def test_changing_numbers_benchmark_runs_a_checkout(tmp_path: Path) -> None:
-    script = ROOT / "benchmarks" / "changing_numbers.py"
     out = tmp_path / "changing.md"
-    command = [sys.executable, str(script), "--tree", f"here={ROOT}", "--size", "1M", "--tensors", "40"]
-    done = subprocess.run(
-        [*command, "--saves", "2", "--rounds", "1", "--dir", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
+    done = _run(
+        tmp_path,
+        *("--tree", f"here={ROOT}", "--size", "1M", "--tensors", "40", "--saves", "2", "--rounds", "1"),
+        *("--dir", str(tmp_path), "--out", str(out)),
+        script=ROOT / "benchmarks" / "changing_numbers.py",
         timeout=180,
-        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     row = next(line for line in out.read_text().splitlines() if line.startswith("| here |"))
@@ -322,28 +322,20 @@ def test_changing_numbers_benchmark_runs_a_checkout(tmp_path: Path) -> None:
 def test_load_ab_loads_a_state_of_large_tensors_in_a_checkout(tmp_path: Path) -> None:
     script = ROOT / "benchmarks" / "load_ab.py"
     out = tmp_path / "ab.md"
-    command = [sys.executable, str(script), "--tree", f"here={ROOT}", "--state", "large", "--size", "2M"]
-    command += ["--tensors", "2", "--what", "load", "--rounds", "1", "--calls", "1", "--dir", str(tmp_path)]
-    done = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp_path
-    )
+    state = ("--tree", f"here={ROOT}", "--state", "large", "--size", "2M", "--tensors", "2")
+    runs = ("--rounds", "1", "--calls", "1", "--dir", str(tmp_path))
+    done = _run(tmp_path, *state, "--what", "load", *runs, "--out", str(out), script=script, timeout=180)
     assert done.returncode == 0, done.stderr
     row = next(line for line in out.read_text().splitlines() if line.startswith("| load | here |"))
     assert float(row.split(" | ")[2]) > 0  # wall ms
-    refused = subprocess.run(
-        [*command[:-4], "--what", "restore"], capture_output=True, text=True, timeout=120
-    )
+    refused = _run(tmp_path, *state, "--what", "restore", *runs, script=script, timeout=120)
     assert refused.returncode == 2 and "no model to restore into" in refused.stderr
 
 
 def test_unlink_cost_benchmark_runs(tmp_path: Path) -> None:
     script = ROOT / "benchmarks" / "unlink_cost.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--sizes", "1M,2M", "--rounds", "2", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
+    done = _run(
+        tmp_path, "--sizes", "1M,2M", "--rounds", "2", "--dir", str(tmp_path), script=script, timeout=120
     )
     assert done.returncode == 0, done.stderr
     rows = [

@@ -21,7 +21,7 @@ def test_advice_covers_only_the_whole_huge_pages_inside_a_large_buffer(
     )
     buffer = torch.empty(_memory.PREFAULT_MIN + 12345, dtype=torch.uint8)
 
-    _memory.prefault(buffer)
+    _memory.prefault([buffer])
 
     assert [advice for _, _, advice in calls] == [_memory._MADV_HUGEPAGE, _memory._MADV_POPULATE_WRITE]
     start, length, _ = calls[0]
@@ -43,14 +43,14 @@ def test_advice_covers_only_the_whole_huge_pages_inside_a_large_buffer(
 def test_small_empty_or_non_cpu_buffers_get_no_advice(monkeypatch: pytest.MonkeyPatch, make: Any) -> None:
     calls: list[Any] = []
     monkeypatch.setattr(_memory, "_madvise_call", lambda *args: calls.append(args) or 0)
-    _memory.prefault(make())
+    _memory.prefault([make()])
     assert calls == []
 
 
 def test_a_kernel_that_refuses_the_advice_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_memory, "_madvise_call", lambda *args: -1)
     buffer = torch.zeros(_memory.PREFAULT_MIN + 1, dtype=torch.uint8)
-    _memory.prefault(buffer)
+    _memory.prefault([buffer])
     assert not buffer.any()
 
 

@@ -120,9 +120,7 @@ class _SmallChecksums:
     def collect(self) -> None:
         """Wait for every batch and put its checksums in place."""
         self.submit()
-        for first, batch in self.batches:
-            found = batch.result()
-            self.crcs[first : first + len(found)] = found
+        _place(self.crcs, self.batches)
         self.batches.clear()
 
     def submit(self) -> None:
@@ -182,12 +180,17 @@ def write_region(
         stop = header.offsets[upto - 1] + header.sizes[upto - 1] - DATA_OFFSET
         write_all(sink, region[written:stop])
         written, index = stop, upto
-    for first, batch in batches:
-        found = batch.result()
-        crcs[first : first + len(found)] = found
+    _place(crcs, batches)
     for large, future in pending:
         crcs[large] = future.result()
     return _finish(_Batch(sink), header, crcs, DATA_OFFSET + end)
+
+
+def _place(crcs: list[int], batches: list[tuple[int, Future[list[int]]]]) -> None:
+    """Wait for each batch of checksums and put them in ``crcs`` from the index it starts at."""
+    for first, batch in batches:
+        found = batch.result()
+        crcs[first : first + len(found)] = found
 
 
 def _checksums(views: list[memoryview]) -> list[int]:
