@@ -107,7 +107,7 @@ class StepWriter(Writer):
         for name in [*folders, *temps]:
             self.log.warning(ev.TMP_REMOVED, path=self.storage.where(name))
 
-    def _prune_after(self, job: Job) -> None:
+    def _retain(self, protect: str) -> None:
         """Nothing: a step's retention is collective, inside :meth:`_commit` (rank 0 prunes
         once every rank has voted)."""
 

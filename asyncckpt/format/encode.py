@@ -113,7 +113,7 @@ class EncodedLayout:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     tree_objects: int  # what a reader counts in the tree (see codec.count_objects)
-    tree_at: int = 0  # where the "tree" entry starts in ``tail``
+    tree_at: int  # where the "tree" entry starts in ``tail`` (after the tensor table)
 
     def with_tree(self, tree: Any) -> EncodedLayout:
         """This layout for another tree over the same tensors (a state whose plain values

@@ -343,16 +343,17 @@ class StructureCache:
         fields = None
         if scanned is not None and last is not None and scanned.signature == last.signature:
             versions = None if last.check is None else last.check.versions(scanned.found)
-            if versions is None:
+            same_tensors = versions is not None
+            if not same_tensors:
                 fields = fields_of(scanned.found)
-                if fields is not None and fields == last.fields:
+                same_tensors = fields is not None and fields == last.fields
+                if same_tensors:
                     last.check = TensorsCheck.of(scanned.found)  # made under this thread's modes
-                    versions = []
-            if versions is not None:
+            if same_tensors:
                 tree = None if scanned.values == last.values else _tree_of(state, state_dicts, last.structure)
                 if tree is not False:
                     self.hits += 1
-                    snapshot = Snapshot(last.structure, scanned.found, versions=versions or None, tree=tree)
+                    snapshot = Snapshot(last.structure, scanned.found, versions=versions, tree=tree)
                     return snapshot, scanned.objects
         self.misses += 1
         snapshot = flatten(state, state_dicts)  # replays the state dicts the scan took

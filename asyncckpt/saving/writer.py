@@ -155,7 +155,7 @@ class Writer:
             with self._pruning:  # taken before the handle resolves: a flush() after it waits
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     job.future.set_result(job.path)
-                self._prune_after(job)
+                self._retain(job.name)
 
     def wait_pruned(self, timeout: float | None = None) -> bool:
         """Wait until no retention of a committed save is running; False after ``timeout``."""
@@ -163,14 +163,6 @@ class Writer:
             return False
         self._pruning.release()
         return True
-
-    def _prune_after(self, job: Job) -> None:
-        """Retention after ``job`` committed; a failure is logged, never raised (the save is
-        committed already, and a file left over is retried at the next commit)."""
-        try:
-            self._retain(job.name)
-        except Exception as exc:
-            self.log.warning(ev.PRUNE_FAILED, steps=[], error=str(exc))
 
     def _commit(self, job: Job) -> None:
         """Write → fsync → verify the durable bytes → commit (rename).
@@ -210,21 +202,22 @@ class Writer:
         verify_written(self.storage, written, mode=self.verify, step=job.step, path=job.path)
 
     def _retain(self, protect: str) -> None:
+        """Retention after the save named ``protect`` committed. A failure (listing or deleting)
+        is logged, never raised: the save is committed already, and a file left over (or back
+        after a power loss) is retried at the next commit."""
         if self.keep_last is None:  # the caller owns retention (it deletes through delete())
             return
-        doomed = prunable(
-            committed(self.storage),
-            keep_last=self.keep_last,
-            keep_every=self.keep_every,
-            protect=path_of(self.storage.where(protect)),
-        )
-        if not doomed:
-            return
+        doomed = []
         try:
-            self.storage.delete([checkpoint_name(info.step) for info in doomed])
-        except OSError as exc:
-            # The new checkpoint is already committed: a file left over (or back after a power
-            # loss) is retried at the next commit and must not turn this save into a failure.
+            doomed = prunable(
+                committed(self.storage),
+                keep_last=self.keep_last,
+                keep_every=self.keep_every,
+                protect=path_of(self.storage.where(protect)),
+            )
+            if doomed:
+                self.storage.delete([checkpoint_name(info.step) for info in doomed])
+        except Exception as exc:
             self.log.warning(ev.PRUNE_FAILED, steps=[c.step for c in doomed], error=str(exc))
             return
         for info in doomed:
