@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from . import format as fmt
 from . import reader
 from ._gc import gc_paused
 from ._tree import unflatten
-from .format import FileKind, TensorEntry
+from .format import FileKind
 from .format.legacy import LEGACY_VERSION, legacy_step
 from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
 from .saving.fingerprint import StructureCache
@@ -36,15 +36,13 @@ from .storage import (
     ReadHandle,
     Sink,
     Storage,
-    WriteTimings,
-    atomic_write,
     is_url,
     local_path,
     open_storage,
     path_of,
 )
 
-__all__ = ["Checkpoint", "MapLocation", "load", "save", "write_snapshot"]
+__all__ = ["Checkpoint", "MapLocation", "load", "save"]
 
 
 @dataclass(frozen=True)
@@ -120,23 +118,43 @@ def _save(
         storage.discard(written)
         raise
     storage.commit(written)
+    _drop_replaced_later(storage)
     return path
 
 
-def write_snapshot(
-    final: Path,
-    *,
-    tree: Any,
-    tensors: Sequence[TensorEntry],
-    sizes: Sequence[int],
-    step: int,
-    metadata: Any,
-    blobs: Iterator[memoryview],
-    ops: FileOps = OS,
-) -> WriteTimings:
-    """Atomically write a flattened state whose blob bytes ``blobs`` yields, in order."""
-    header = fmt.prepare_header(step=step, metadata=metadata, tree=tree, tensors=tensors, sizes=sizes)
-    return atomic_write(final, _body(header, blobs), ops=ops)
+# The threads deleting what one-shot saves replaced (see _drop_replaced_later).
+_dropping: set[threading.Thread] = set()
+_dropping_lock = threading.Lock()
+
+
+def _drop_replaced_later(storage: Storage) -> None:
+    """Delete the file a save replaced (kept aside by the commit) on a thread of its own, after
+    the save returned: on a filesystem that discards freed blocks that takes a fraction of a
+    second per GiB, which is no part of the new file's durability. The thread is not a daemon:
+    the interpreter waits for it at exit, so the process leaves no hidden file behind."""
+    if not isinstance(storage, PosixStorage) or not storage.has_replaced:
+        return
+    thread = threading.Thread(target=_drop, args=(storage,), name="asyncckpt-drop-replaced")
+    with _dropping_lock:
+        _dropping.add(thread)
+    thread.start()
+
+
+def _drop(storage: PosixStorage) -> None:
+    try:
+        storage.drop_replaced()
+    finally:
+        with _dropping_lock:
+            _dropping.discard(threading.current_thread())
+
+
+def wait_replaced_dropped() -> None:
+    """Wait until the files that this process's one-shot saves replaced are deleted (they are
+    deleted in the background after each save returns; the interpreter waits for them at exit)."""
+    with _dropping_lock:
+        threads = list(_dropping)
+    for thread in threads:
+        thread.join()
 
 
 def _body(header: fmt.PreparedHeader, blobs: Iterator[memoryview]) -> Body:

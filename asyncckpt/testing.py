@@ -21,7 +21,8 @@ import torch
 
 from .storage import FileOps, PosixStorage
 
-# "open_exclusive" | "write" | "fsync" | "close" | "rename" | "unlink" | "fsync_dir" | "mkdir" | "rmdir"
+# "open_exclusive" | "write" | "fsync" | "close" | "rename" | "link" | "unlink" | "fsync_dir" | "mkdir"
+# | "rmdir"
 OpName = str
 
 
@@ -59,6 +60,10 @@ class RecordingOps(FileOps):
     def rename(self, src: Path, dst: Path) -> None:
         self.record("rename", (src, dst))
         super().rename(src, dst)
+
+    def link(self, src: Path, dst: Path) -> None:
+        self.record("link", (src, dst))
+        super().link(src, dst)
 
     def unlink(self, path: Path) -> None:
         self.record("unlink", path)
@@ -212,7 +217,7 @@ class CrashState:
 
 @dataclass(frozen=True)
 class _Call:
-    kind: str  # create, write, fsync, rename, unlink, fsync_dir, mark
+    kind: str  # create, write, fsync, rename, link, unlink, fsync_dir, mark
     name: str = ""
     inode: int = -1
     offset: int = 0
@@ -226,7 +231,7 @@ class PowerLossOps(FileOps):
     Every successful call is recorded in order. A crash after the first ``point`` calls keeps:
 
     - a file's data only up to the last successful ``fsync`` of that file;
-    - directory entries (creates, renames, unlinks) only up to the last ``fsync_dir``.
+    - directory entries (creates, renames, links, unlinks) only up to the last ``fsync_dir``.
 
     :meth:`crash_states` also yields the weaker outcomes real file systems allow: metadata that
     reached the journal in order (every prefix of the entries changed since the last
@@ -313,6 +318,11 @@ class PowerLossOps(FileOps):
         self.inner.rename(src, dst)
         self._record(_Call("rename", name=source, target=target))
 
+    def link(self, src: Path, dst: Path) -> None:
+        source, target = self._name(src), self._name(dst)
+        self.inner.link(src, dst)
+        self._record(_Call("link", name=source, target=target))
+
     def unlink(self, path: Path) -> None:
         name = self._name(path)
         self.inner.unlink(path)
@@ -355,12 +365,14 @@ class PowerLossOps(FileOps):
                 synced[call.inode] = bytes(data[call.inode])
             elif call.kind == "rename":
                 names[call.target] = names.pop(call.name)
+            elif call.kind == "link":
+                names[call.target] = names[call.name]
             elif call.kind == "unlink":
                 names.pop(call.name)
             elif call.kind == "fsync_dir":
                 durable_names = dict(names)
                 since_sync = []
-            if call.kind in ("create", "rename", "unlink"):
+            if call.kind in ("create", "rename", "link", "unlink"):
                 since_sync.append(dict(names))
         written = {inode: bytes(content) for inode, content in data.items()}
         zeroed = {

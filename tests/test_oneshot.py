@@ -1,5 +1,5 @@
 """oneshot.py: synchronous durable ``save`` and checked ``load``; legacy and hostile pickles;
-the durable write protocol of storage.atomic_write as ``save`` uses it."""
+the durable write protocol of PosixStorage (write, then commit) as ``save`` uses it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.dtypes import DTYPE_BY_NAME
 from asyncckpt.errors import UsageError
-from asyncckpt.storage import FdSink, FileOps, atomic_write, is_temp_name
+from asyncckpt.storage import Body, FdSink, FileOps, PosixStorage, is_temp_name
 from asyncckpt.testing import RecordingOps
 
 SameState = Callable[[Any, Any], None]
@@ -109,6 +109,7 @@ def test_save_replaces_an_existing_file(tmp_dir: Path) -> None:
     loaded = asyncckpt.load(path)
 
     assert (loaded.state, loaded.step) == ({"v": 2}, 2)
+    asyncckpt.oneshot.wait_replaced_dropped()  # the old file is deleted after save() returns
     assert os.listdir(tmp_dir) == ["a.ckpt"]
 
 
@@ -302,7 +303,16 @@ def test_save_calls_follow_the_durable_protocol(tmp_dir: Path) -> None:
     assert os.listdir(tmp_dir) == [final.name]
 
 
-def test_atomic_write_order_and_result(tmp_dir: Path) -> None:
+def write_and_commit(final: Path, body: Body, *, ops: FileOps | None = None) -> tuple[int, float, float, float]:
+    """Write ``body`` durably and publish it as ``final``: bytes, write, fsync and publish seconds."""
+    storage = PosixStorage(final.parent) if ops is None else PosixStorage(final.parent, ops=ops)
+    written = storage.write(final.name, body)
+    publish_s = storage.commit(written)
+    storage.drop_replaced()
+    return written.nbytes, written.write_s, written.fsync_s, publish_s
+
+
+def test_write_and_commit_order_and_result(tmp_dir: Path) -> None:
     ops = RecordingOps()
     final = tmp_dir / "out.bin"
 
@@ -311,11 +321,11 @@ def test_atomic_write_order_and_result(tmp_dir: Path) -> None:
         sink.write(memoryview(b"world"))
         return 11
 
-    timings = atomic_write(final, body, ops=ops)
+    nbytes, write_s, fsync_s, publish_s = write_and_commit(final, body, ops=ops)
 
     assert ops.names() == ["open_exclusive", "write", "write", "fsync", "close", "rename", "fsync_dir"]
-    assert final.read_bytes() == b"hello world" and timings.nbytes == 11
-    assert min(timings.write_s, timings.fsync_s, timings.publish_s) >= 0
+    assert final.read_bytes() == b"hello world" and nbytes == 11
+    assert min(write_s, fsync_s, publish_s) >= 0
 
 
 class FailingOps(RecordingOps):
@@ -383,6 +393,7 @@ def test_a_file_that_does_not_read_back_is_never_published(
     ops = CorruptingOps(where)
     if not caught:
         asyncckpt.save(previous, NEW_STATE, step=2, ops=ops, verify=verify)
+        asyncckpt.oneshot.wait_replaced_dropped()  # the old file is deleted after save() returns
         assert os.listdir(previous.parent) == [previous.name]
         return
     with pytest.raises(asyncckpt.CheckpointWriteError, match="verification after write failed") as raised:
@@ -464,7 +475,7 @@ def test_failure_that_is_not_an_os_error_cleans_up_and_propagates(previous: Path
         raise Cancelled
 
     with pytest.raises(Cancelled):
-        atomic_write(previous, body)
+        write_and_commit(previous, body)
 
     assert_previous_intact(previous)
 

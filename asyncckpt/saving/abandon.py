@@ -49,6 +49,9 @@ class AbandonableStorage(Storage):
             raise CheckpointWriteError(f"not published: {exc}", path=self.where(written.name)) from exc
         return self.inner.commit(written)
 
+    def drop_replaced(self) -> None:
+        self.inner.drop_replaced()  # clean-up: allowed after abandon too
+
     def discard(self, written: Written) -> None:
         self.inner.discard(written)
 

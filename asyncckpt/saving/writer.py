@@ -129,7 +129,8 @@ class Writer:
 
         Retention comes after: the handle resolves, and the staging buffers are free, once the
         checkpoint is committed; deleting older ones (a fraction of a second per GiB on a
-        filesystem that discards freed blocks) is not part of this one's durability.
+        filesystem that discards freed blocks), and the file this one replaced under the same
+        name (kept aside by the commit), is not part of this one's durability.
         :meth:`wait_pruned` (``flush()``, ``close()``) waits for it.
         """
         self._last_save_failed = True  # until it commits
@@ -155,6 +156,7 @@ class Writer:
             with self._pruning:  # taken before the handle resolves: a flush() after it waits
                 with contextlib.suppress(concurrent.futures.InvalidStateError):
                     job.future.set_result(job.path)
+                self.storage.drop_replaced()  # the file this save replaced, if any
                 self._retain(job.name)
 
     def wait_pruned(self, timeout: float | None = None) -> bool:

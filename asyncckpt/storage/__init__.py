@@ -13,9 +13,10 @@ from typing import Any
 
 from ..errors import UsageError
 from .base import Body, Cursor, ParallelReads, ReadHandle, Sink, Storage, StoredObject, Unfinished, Written
+from .fileops import OS, FdSink, FileOps
 from .localfile import PosixFile
 from .paths import CheckpointPath, RemotePath, is_url, local_path, path_of
-from .posix import OS, FdSink, FileOps, PosixStorage, WriteTimings, atomic_write
+from .posix import PosixStorage
 from .temps import is_temp_name
 
 Location = str | os.PathLike[str] | Storage
@@ -37,9 +38,7 @@ __all__ = [
     "Storage",
     "StoredObject",
     "Unfinished",
-    "WriteTimings",
     "Written",
-    "atomic_write",
     "is_temp_name",
     "is_url",
     "local_path",

@@ -203,6 +203,12 @@ class Storage(abc.ABC):
         fully published or not at all.
         """
 
+    def drop_replaced(self) -> None:
+        """Delete the objects that commits replaced but kept aside (hidden) so that publishing
+        did not pay for their deletion; call it once the commit's guarantee is given. Never
+        raises. This default has none to delete."""
+        return
+
     @abc.abstractmethod
     def discard(self, written: Written) -> None:
         """Drop durable bytes that will not be committed. Never raises for a missing object."""

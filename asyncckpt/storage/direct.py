@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from .._parallel import submit_or_run
 
 if TYPE_CHECKING:
-    from .posix import FdSink, FileOps
+    from .fileops import FdSink, FileOps
 
 ALIGN = 4096  # memory and file-offset alignment of a direct write (the format's blob alignment)
 DIRECT_MIN = 1 << 20  # shorter runs go through the page cache (sync direct writes of less are slow)
@@ -241,7 +241,7 @@ def _plain_bytes(data: memoryview | bytes) -> bool:
 def direct_capable(ops: FileOps) -> bool:
     """Whether ``ops`` may write directly: it has its own ``write_direct`` or does not override
     ``write`` (a fault-injecting ``write`` must see every byte)."""
-    from .posix import FileOps
+    from .fileops import FileOps
 
     kind = type(ops)
     return kind.write_direct is not FileOps.write_direct or kind.write is FileOps.write

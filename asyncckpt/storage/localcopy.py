@@ -155,6 +155,9 @@ class LocalCopyStorage(Storage):
         except (OSError, CheckpointWriteError) as exc:
             self._copy_failed(written.name, exc)
 
+    def drop_replaced(self) -> None:
+        self.local.drop_replaced()  # a remote commit replaces nothing it keeps
+
     def discard(self, written: Written) -> None:
         pair: _Pair = written.token
         self.remote.discard(pair.remote)

@@ -1,7 +1,7 @@
 """POSIX storage: the durable-write protocol of DESIGN.md on a local directory.
 
-Every OS call the write path makes goes through a :class:`FileOps` object so that tests (and
-users, via :mod:`asyncckpt.testing`) can inject faults or record the call order.
+Every OS call the write path makes goes through a :class:`FileOps` object (:mod:`.fileops`) so
+that tests (and users, via :mod:`asyncckpt.testing`) can inject faults or record the call order.
 """
 
 from __future__ import annotations
@@ -9,142 +9,28 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import CheckpointWriteError
 from .base import Body, ObjectKind, ReadHandle, Storage, StoredObject, Unfinished, Written
-from .direct import HAVE_DIRECT, BouncePool, DirectSink, direct_capable, direct_wanted
-from .localfile import IOV_MAX, PosixFile, open_regular
-from .temps import TEMP_MARK, is_temp_name, regular_temps, temp_files, temp_name
+from .direct import BouncePool, DirectSink, direct_capable, direct_wanted
+from .fileops import OS, FdSink, FileOps
+from .localfile import PosixFile
+from .temps import (
+    TEMP_MARK,
+    is_replaced_name,
+    is_temp_name,
+    regular_temps,
+    replaced_name,
+    temp_files,
+    temp_name,
+)
 
-
-class FileOps:
-    """The OS calls of the write path, and the listing and log opening of a run directory.
-
-    Subclass to inject faults; the defaults call ``os``.
-    """
-
-    def open_exclusive(self, path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-
-    def write(self, fd: int, data: memoryview | bytes) -> int:
-        return os.write(fd, data)
-
-    def open_direct(self, path: Path) -> int | None:
-        """Open the file just created at ``path`` again, for direct writes (``O_DIRECT``); None
-        when the filesystem or the platform refuses (every write then goes through the page
-        cache)."""
-        if not HAVE_DIRECT:
-            return None
-        try:
-            return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:
-            return None
-
-    def write_direct(self, fd: int, data: memoryview, offset: int) -> int:
-        """Write ``data`` (4 KiB-aligned memory and length) at ``offset`` of a descriptor from
-        :meth:`open_direct`; return the bytes written."""
-        return os.pwrite(fd, data, offset)
-
-    def writev(self, fd: int, buffers: Sequence[memoryview | bytes]) -> int:
-        """Write ``buffers`` in order with one call (at most ``IOV_MAX`` of them); return the
-        bytes written, which may be fewer than all. A subclass that overrides only ``write``
-        gets one ``write`` per buffer instead (see :class:`FdSink`), so its faults still apply."""
-        return os.writev(fd, buffers)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        os.rename(src, dst)
-
-    def mkdir(self, path: Path) -> None:
-        os.mkdir(path, 0o755)
-
-    def rmdir(self, path: Path) -> None:
-        os.rmdir(path)
-
-    def unlink(self, path: Path) -> None:
-        os.unlink(path)
-
-    def fsync_dir(self, directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def scandir(self, folder: Path) -> list[os.DirEntry[str]]:
-        """The entries of ``folder`` (``FileNotFoundError`` when it is missing)."""
-        with os.scandir(folder) as entries:
-            return list(entries)
-
-    def open_append(self, path: Path) -> int:
-        """Open (create) a log file for appending: a regular file only (see :func:`open_regular`)."""
-        return open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-
-
-OS = FileOps()
-
-
-@dataclass(frozen=True)
-class WriteTimings:
-    """What one atomic write took, in seconds, and how many bytes it wrote."""
-
-    nbytes: int
-    write_s: float
-    fsync_s: float
-    publish_s: float  # rename + directory fsync
-
-
-class FdSink:
-    """A sink writing to a file descriptor; retries short writes.
-
-    ``writev`` writes several buffers with one system call where ``ops`` can (its ``writev``
-    is the default or its own), else with one ``write`` each.
-    """
-
-    def __init__(self, fd: int, ops: FileOps) -> None:
-        self.fd = fd
-        self.ops = ops
-        kind = type(ops)
-        self._vectored = kind.writev is not FileOps.writev or kind.write is FileOps.write
-
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = self.ops.write(self.fd, view)
-            if written <= 0:
-                raise OSError(f"write returned {written}")
-            view = view[written:]
-
-    def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
-        if not self._vectored:
-            for data in buffers:
-                self.write(data)
-            return
-        pending = list(buffers)
-        while pending:
-            batch = pending[:IOV_MAX]
-            written = self.ops.writev(self.fd, batch)
-            if written <= 0:
-                raise OSError(f"writev returned {written}")
-            done = 0
-            for data in batch:  # drop what was written; a buffer written in part goes on
-                if written < len(data):
-                    break
-                written -= len(data)
-                done += 1
-            pending = pending[done:]
-            if written:
-                pending[0] = memoryview(pending[0]).cast("B")[written:]
+__all__ = ["OS", "FdSink", "FileOps", "PosixStorage", "make_directory_durably"]  # re-exported
 
 
 def make_directory_durably(directory: Path) -> None:
@@ -169,6 +55,8 @@ class PosixStorage(Storage):
     ``write`` creates ``.<name>.tmp-<random>`` with ``O_EXCL`` in the target's directory and
     fsyncs it; ``commit`` renames it over ``name`` and fsyncs the directory. A failed fsync is
     never retried: the kernel may have dropped the dirty pages, so the data is treated as lost.
+    A file that ``commit`` replaces keeps a hidden name until :meth:`drop_replaced` deletes it,
+    so the commit does not pay for freeing its blocks.
 
     ``direct`` (default: on unless ``ASYNCCKPT_DIRECT_IO=0``) writes long aligned runs around
     the page cache where the filesystem allows (:mod:`asyncckpt.storage.direct`).
@@ -182,6 +70,8 @@ class PosixStorage(Storage):
         self.ops = ops
         self.direct = (direct_wanted() if direct is None else direct) and direct_capable(ops)
         self._bounces = BouncePool()
+        self._replaced: list[Path] = []  # old files commits kept aside, for drop_replaced
+        self._replaced_lock = threading.Lock()
 
     def path(self, name: str) -> Path:
         """The file that holds ``name``."""
@@ -193,6 +83,8 @@ class PosixStorage(Storage):
     def write(self, name: str, body: Body) -> Written:
         final = self.path(name)
         tmp = temp_name(final)
+        if self._replaced:  # a caller that never dropped them: not past this write
+            self.drop_replaced()
         started = time.perf_counter()
         try:
             self._make_folders(final.parent)
@@ -256,15 +148,28 @@ class PosixStorage(Storage):
         return PosixFile(written.token, written.name)
 
     def commit(self, written: Written) -> float:
+        """Rename the temp file over ``written.name``, then fsync the directory.
+
+        A file already there first gets a hidden second name (:func:`replaced_name`), so the
+        rename does not drop its last link: on a filesystem that discards freed blocks, freeing
+        a file takes a fraction of a second per GiB, which :meth:`drop_replaced` pays after the
+        commit. Where hard links are refused, the rename replaces the file as before.
+        """
         final = self.path(written.name)
         started = time.perf_counter()
+        kept = self._keep_replaced(final)
         try:
             self.ops.rename(written.token, final)
         except OSError as exc:
+            if kept is not None:
+                _unlink_if_possible(kept, self.ops)
             left = _discard_temp(written.token, self.ops)
             raise CheckpointWriteError(
                 f"publishing the checkpoint failed ({exc}); {left}", path=final
             ) from exc
+        if kept is not None:
+            with self._replaced_lock:
+                self._replaced.append(kept)
         try:
             self.ops.fsync_dir(final.parent)
         except OSError as exc:
@@ -274,6 +179,37 @@ class PosixStorage(Storage):
                 path=final,
             ) from exc
         return time.perf_counter() - started
+
+    def _keep_replaced(self, final: Path) -> Path | None:
+        """Link the regular file at ``final`` (if any) to a hidden name; return that name. None
+        when there is none, or the filesystem refuses hard links (EPERM, EXDEV, ENOTSUP, EMLINK):
+        the link only saves time, so any failure falls back to the plain rename."""
+        try:
+            if not stat.S_ISREG(os.lstat(final).st_mode):
+                return None
+            kept = replaced_name(final)
+            self.ops.link(final, kept)
+        except OSError:
+            return None
+        return kept
+
+    @property
+    def has_replaced(self) -> bool:
+        """Whether a commit kept an old file that :meth:`drop_replaced` has not deleted yet."""
+        with self._replaced_lock:
+            return bool(self._replaced)
+
+    def drop_replaced(self) -> None:
+        """Delete the old files that commits kept under hidden names (see :meth:`commit`).
+
+        Never raises: one that cannot be deleted now is a temp file the next start removes (as
+        it does after a crash before this ran). No directory fsync: a name back after a power
+        loss is such a leftover too.
+        """
+        with self._replaced_lock:
+            doomed, self._replaced = self._replaced, []
+        for path in doomed:
+            _unlink_if_possible(path, self.ops)
 
     def discard(self, written: Written) -> None:
         _unlink_quietly(written.token, self.ops)
@@ -328,7 +264,8 @@ class PosixStorage(Storage):
 
     def leftovers(self) -> list[str]:
         """Temp files no live writer owns (see :func:`temp_is_abandoned`), in the root and in its
-        folders one level down (multi-rank step folders)."""
+        folders one level down (multi-rank step folders). Old files this storage's commits kept
+        for :meth:`drop_replaced` are not leftovers."""
         found = temp_files(self.root, "", scandir=self.ops.scandir)
         try:
             folders = [e.name for e in self.ops.scandir(self.root) if e.is_dir(follow_symlinks=False)]
@@ -336,12 +273,18 @@ class PosixStorage(Storage):
             return []
         for folder in folders:
             found += temp_files(self.root / folder, f"{folder}/", scandir=self.ops.scandir)
-        return sorted(found)
+        return self._not_kept(found)
+
+    def _not_kept(self, names: list[str]) -> list[str]:
+        """``names`` (sorted) without the hidden names of old files waiting for drop_replaced."""
+        with self._replaced_lock:
+            kept = {self.root / name for name in names} & set(self._replaced)
+        return sorted(name for name in names if self.root / name not in kept)
 
     def leftovers_in(self, folder: str) -> list[str]:
         """:meth:`leftovers` directly inside ``folder`` (one directory scanned)."""
         folder = folder.strip("/")
-        return sorted(temp_files(self.path(folder), f"{folder}/", scandir=self.ops.scandir))
+        return self._not_kept(temp_files(self.path(folder), f"{folder}/", scandir=self.ops.scandir))
 
     def remove_leftovers(self, names: Sequence[str]) -> None:
         self.delete(names)
@@ -352,6 +295,8 @@ class PosixStorage(Storage):
         prefix = f"{under.rstrip('/')}/" if under else ""
         found = []
         for entry, info in regular_temps(folder, self.ops.scandir):
+            if is_replaced_name(entry.name):  # a committed file's old content, not a write
+                continue
             name = prefix + entry.name[1:].partition(TEMP_MARK)[0]
             modified = datetime.fromtimestamp(info.st_mtime, UTC)
             found.append(Unfinished(name, prefix + entry.name, info.st_size, modified))
@@ -364,18 +309,6 @@ class PosixStorage(Storage):
             os.write(fd, text.encode("utf-8", "backslashreplace"))
         finally:
             os.close(fd)
-
-
-def atomic_write(final: Path, body: Body, *, ops: FileOps = OS) -> WriteTimings:
-    """Write a file durably and publish it atomically under ``final`` (write, then commit).
-
-    After a crash at any instant ``final`` holds its previous content or the new complete file.
-    Raises :class:`CheckpointWriteError` with the OS error as its cause.
-    """
-    storage = PosixStorage(final.parent, ops=ops)
-    written = storage.write(final.name, body)
-    publish_s = storage.commit(written)
-    return WriteTimings(written.nbytes, written.write_s, written.fsync_s, publish_s)
 
 
 def _close_quietly(fd: int, ops: FileOps) -> None:
@@ -397,4 +330,10 @@ def _discard_temp(tmp: Path, ops: FileOps) -> str:
 
 def _unlink_quietly(path: Path, ops: FileOps) -> None:
     with contextlib.suppress(FileNotFoundError):
+        ops.unlink(path)
+
+
+def _unlink_if_possible(path: Path, ops: FileOps) -> None:
+    """Unlink a replaced file's hidden name; one that stays is a leftover clean-up removes."""
+    with contextlib.suppress(OSError):
         ops.unlink(path)

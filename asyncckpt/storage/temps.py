@@ -2,6 +2,9 @@
 
 A temp file is ``.<final name>.tmp-<host>-<pid>-<random>``: hidden, and it names its writer, so
 start-up clean-up removes only files whose writer is gone (see :func:`temp_is_abandoned`).
+A commit that replaces a file keeps the old one under such a name for a moment
+(``.<final name>.replaced.tmp-<host>-<pid>-<random>``, :func:`replaced_name`), so the same
+clean-up removes it when its writer died before deleting it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+REPLACED_MARK = ".replaced" + TEMP_MARK  # the old file a commit replaced, not a write
 STALE_TEMP_S = 3600.0  # another host's temp file untouched this long belongs to a dead writer
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
 _OWNED_TEMP = re.compile(r"\.tmp-([A-Za-z0-9]+)-(\d+)-[0-9a-f]+$")
@@ -24,6 +28,18 @@ _OWNED_TEMP = re.compile(r"\.tmp-([A-Za-z0-9]+)-(\d+)-[0-9a-f]+$")
 def temp_name(final: Path) -> Path:
     """``.step-0000000300.ckpt.tmp-<host>-<pid>-<random>``: hidden, and it names its writer."""
     return final.with_name(f".{final.name}{TEMP_MARK}{writer_id()}-{secrets.token_hex(4)}")
+
+
+def replaced_name(final: Path) -> Path:
+    """``.last.ckpt.replaced.tmp-<host>-<pid>-<random>``: a hidden second name for the file a
+    commit is about to replace, so the rename does not drop its last link (and pay for freeing
+    its blocks); a temp name, so clean-up removes it once its writer is gone."""
+    return final.with_name(f".{final.name}{REPLACED_MARK}{writer_id()}-{secrets.token_hex(4)}")
+
+
+def is_replaced_name(name: str) -> bool:
+    """Whether ``name`` is an old file kept by a commit (:func:`replaced_name`), not a write."""
+    return is_temp_name(name) and REPLACED_MARK in name
 
 
 def temp_is_abandoned(name: str, modified: float, *, now: float) -> bool:
