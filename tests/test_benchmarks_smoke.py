@@ -346,3 +346,21 @@ def test_unlink_cost_benchmark_runs(tmp_path: Path) -> None:
     assert [row[0] for row in rows] == ["| 1M", "| 2M"]
     assert all(float(row[1]) >= 0 and float(row[2].rstrip(" |")) >= 0 for row in rows)
     assert list(tmp_path.iterdir()) == []  # its files and folder are gone
+
+
+def test_overwrite_cost_benchmark_runs_a_checkout(tmp_path: Path) -> None:
+    out = tmp_path / "overwrite.md"
+    done = _run(
+        tmp_path,
+        *("--tree", f"here={ROOT}", "--sizes", "1M", "--tensors", "4", "--rounds", "2"),
+        *("--dir", str(tmp_path), "--out", str(out)),
+        script=ROOT / "benchmarks" / "overwrite_cost.py",
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| 1M | here |"))
+    fresh, overwrite, ratio, dropped = row.strip("| ").split(" | ")[2:]
+    assert float(fresh) > 0 and float(overwrite) > 0 and float(ratio.rstrip("x")) > 0
+    assert float(dropped) >= 0
+    # its files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overwrite.json", "overwrite.md"]

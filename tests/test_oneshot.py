@@ -24,7 +24,7 @@ import asyncckpt
 from asyncckpt import format as fmt
 from asyncckpt.dtypes import DTYPE_BY_NAME
 from asyncckpt.errors import UsageError
-from asyncckpt.storage import Body, FdSink, FileOps, PosixStorage, is_temp_name
+from asyncckpt.storage import OS, Body, FdSink, FileOps, PosixStorage, is_temp_name
 from asyncckpt.testing import RecordingOps
 
 SameState = Callable[[Any, Any], None]
@@ -303,9 +303,9 @@ def test_save_calls_follow_the_durable_protocol(tmp_dir: Path) -> None:
     assert os.listdir(tmp_dir) == [final.name]
 
 
-def write_and_commit(final: Path, body: Body, *, ops: FileOps | None = None) -> tuple[int, float, float, float]:
+def write_and_commit(final: Path, body: Body, *, ops: FileOps = OS) -> tuple[int, float, float, float]:
     """Write ``body`` durably and publish it as ``final``: bytes, write, fsync and publish seconds."""
-    storage = PosixStorage(final.parent) if ops is None else PosixStorage(final.parent, ops=ops)
+    storage = PosixStorage(final.parent, ops=ops)
     written = storage.write(final.name, body)
     publish_s = storage.commit(written)
     storage.drop_replaced()
