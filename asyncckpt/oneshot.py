@@ -42,7 +42,7 @@ from .storage import (
     path_of,
 )
 
-__all__ = ["Checkpoint", "MapLocation", "load", "save"]
+__all__ = ["Checkpoint", "MapLocation", "load", "save", "wait_replaced_dropped"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,11 @@ def save(
     """Write ``state`` to ``path`` durably and atomically; return the path.
 
     After a crash at any instant ``path`` holds either its previous complete content or the new
-    complete file. Tensor bytes are written straight from tensor memory (CUDA tensors are copied to
-    the host one at a time). Before it is published the durable file is read back as ``verify``
-    says, as the checkpointer does: ``"structure"`` (default: prelude, trailer, size and header
+    complete file. A file it replaces is deleted after it returns, on a thread of its own (the
+    interpreter waits for it at exit; :func:`wait_replaced_dropped` waits now). Tensor bytes are
+    written straight from tensor memory (CUDA tensors are copied to the host one at a time).
+    Before it is published the durable file is read back as ``verify`` says, as the checkpointer
+    does: ``"structure"`` (default: prelude, trailer, size and header
     checksum), ``"full"`` (also every blob's checksum) or ``"none"``. Raises ``TypeError``
     naming the key path of a value that cannot be stored, ``TypeError`` / ``ValueError`` for a
     step that is not an int in ``[0, 2**63 - 1]`` and :class:`UsageError` for another
