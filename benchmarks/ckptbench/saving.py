@@ -29,15 +29,22 @@ from .state import BenchState, flat_tensors
 
 
 class Pending:
-    """A started save; ``wait()`` returns once it is durable."""
+    """A started save; ``wait()`` returns once it is durable, ``done()`` says whether it is
+    (without ``poll``, a save is in flight until it is waited for)."""
 
-    def __init__(self, wait: Callable[[], Any] | None = None) -> None:
+    def __init__(self, wait: Callable[[], Any] | None = None, poll: Callable[[], bool] | None = None) -> None:
         self._wait = wait
+        self._poll = poll
 
     def wait(self) -> None:
         if self._wait is not None:
             self._wait()
             self._wait = None
+
+    def done(self) -> bool:
+        if self._wait is None:
+            return True
+        return self._poll is not None and self._poll()
 
 
 DONE = Pending()
@@ -212,7 +219,7 @@ class AsyncCheckpointerSave(SaveMethod):
     def begin(self, step: int) -> Pending:
         handle = self.ckpt.save(step, self.state.objects())
         self.last_path = handle.path
-        return Pending(handle.result)
+        return Pending(handle.result, handle.done)
 
     def save(self, step: int) -> tuple[float, float]:
         started = time.perf_counter()
@@ -341,7 +348,7 @@ class TorchSaveThread(SaveMethod):
         thread = threading.Thread(target=_save_and_fsync, args=(snapshot, path))
         thread.start()
         self.last_path = path
-        return Pending(thread.join)
+        return Pending(thread.join, lambda: not thread.is_alive())
 
 
 def _save_and_fsync(state: Any, path: Path) -> None:
@@ -369,7 +376,7 @@ class DcpAsyncSave(SaveMethod):
         writer = dcp.FileSystemWriter(str(path), sync_files=True)
         future = dcp.async_save(self.state.state_dict(), storage_writer=writer)
         self.last_path = path
-        return Pending(future.result)
+        return Pending(future.result, future.done)
 
 
 def ensure_process_group() -> None:
