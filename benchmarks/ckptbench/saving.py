@@ -188,6 +188,51 @@ class DirectWriteFloor(SaveMethod):
         self.area = memoryview(b"")
 
 
+class ThreadFloor(SaveMethod):
+    """The floor of a background checkpoint: the tensors copied on the trainer's thread into
+    page-aligned memory allocated once (a consistent snapshot; the copy floor as stall), then a
+    plain thread computes each tensor's CRC32C and writes the bytes with ``O_DIRECT`` (as
+    ``write_floor_direct``) and fsyncs them. No encoding, no header, no read-back, no rename: the
+    least work a consistent, checksummed, durable background save does, so its training
+    interference is the least any such save can cause here."""
+
+    name = "thread_floor"
+    description = (
+        "copy on the trainer thread, then CRC32C + O_DIRECT write + fsync in a thread (background floor)"
+    )
+
+    def setup(self) -> None:
+        tensors = self.state.tensors()
+        self.area = aligned_copy(_host_views(tensors))
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        flat = torch.frombuffer(self.area, dtype=torch.uint8)[: sum(sizes)]
+        self.copies = [
+            part.view(t.dtype).view(t.shape) for part, t in zip(flat.split(sizes), tensors, strict=True)
+        ]
+        self.saves = 0
+
+    def begin(self, step: int) -> Pending:
+        with torch.no_grad():
+            torch._foreach_copy_(self.copies, [t.detach() for t in self.state.tensors()])
+        self.saves += 1
+        path = self.directory / f"thread-floor-{step}-{self.saves}.bin"
+        thread = threading.Thread(target=self._write, args=(path,), name="thread-floor")
+        thread.start()
+        self.last_path = path
+        return Pending(thread.join, lambda: not thread.is_alive())
+
+    def _write(self, path: Path) -> None:
+        import crc32c
+
+        for view in _host_views(self.copies):
+            crc32c.crc32c(view)
+        write_direct(self.area, path)
+
+    def close(self) -> None:
+        self.copies = []
+        self.area = memoryview(b"")
+
+
 class AsyncCheckpointerSave(SaveMethod):
     """``AsyncCheckpointer.save``: stall = ``save()`` returns; durable = ``handle.result()`` returns.
 
@@ -426,6 +471,7 @@ SAVE_METHODS: dict[str, type[SaveMethod]] = {
         CopyFloor,
         WriteFloor,
         DirectWriteFloor,
+        ThreadFloor,
         AsyncCheckpointerSave,
         AsyncCheckpointerEagerSave,
         AsyncCheckpointerNice10Save,
