@@ -340,14 +340,20 @@ def _read_spans(
 
 
 def _threads(layout: fmt.Layout) -> int:
-    """Reading threads for a local file: one per group of :func:`_groups`."""
-    return len(_groups([blob.nbytes for blob in layout.blobs]))
+    """Reading threads for a local file: one per group of :func:`_groups` (counted without
+    making the groups: each of the ``count`` groups gets a blob)."""
+    return _thread_count([blob.nbytes for blob in layout.blobs])
+
+
+def _thread_count(sizes: list[int]) -> int:
+    count = min(MAX_READ_THREADS, os.cpu_count() or 1, len(sizes))
+    return 1 if sum(sizes) < PARALLEL_READ_MIN_BYTES or count < 2 else count
 
 
 def _groups(sizes: list[int]) -> list[list[int]]:
     """Blob indices split into groups of about equal bytes, one per reading thread, each in file order."""
-    count = min(MAX_READ_THREADS, os.cpu_count() or 1, len(sizes))
-    if sum(sizes) < PARALLEL_READ_MIN_BYTES or count < 2:
+    count = _thread_count(sizes)
+    if count == 1:
         return [list(range(len(sizes)))]
     groups: list[list[int]] = [[] for _ in range(count)]
     loads = [0] * count

@@ -322,6 +322,10 @@ def summarize_loads(runs: dict[str, list[Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- interference
 
 
+def _last(values: list[float]) -> str:
+    return f"{values[-1]:+.1f}%" if values else "-"
+
+
 def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     shape = {"width": args.mlp_width, "depth": args.mlp_depth}
     if args.mlp_batch:
@@ -340,6 +344,7 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
     baseline: list[float] = []
     rates: dict[str, list[float]] = {m.name: [] for m in methods}
     slowdown: dict[str, list[float]] = {m.name: [] for m in methods}
+    in_run: dict[str, list[float]] = {m.name: [] for m in methods}
     stalls: dict[str, list[float]] = {m.name: [] for m in methods}
     writer: dict[str, list[float]] = {m.name: [] for m in methods}
     for round_ in range(args.interference_repeat):
@@ -351,12 +356,14 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
             run = interference.train(trainer, args.steps, args.every, method)
             rates[method.name].append(run.steps_per_s)
             slowdown[method.name].append(100.0 * (1.0 - run.steps_per_s / base))
+            if run.in_run_slowdown_pct is not None:
+                in_run[method.name].append(run.in_run_slowdown_pct)
             stalls[method.name] += run.stall_s
             writer[method.name] += [ms / 1000.0 for ms in run.writer_ms]
             method.cleanup()
         log(
             f"   round {round_ + 1}/{args.interference_repeat}: none {base:.2f} steps/s, "
-            + ", ".join(f"{n} {slowdown[n][-1]:+.1f}%" for n in rates)
+            + ", ".join(f"{n} {slowdown[n][-1]:+.1f}% (in run {_last(in_run[n])})" for n in rates)
         )
     for method in methods:
         method.close()
@@ -373,6 +380,7 @@ def run_interference(args: argparse.Namespace, directory: Path) -> dict[str, Any
             name: {
                 "steps_per_s": summary(rates[name]),
                 "slowdown_pct": summary(slowdown[name]),
+                "in_run_slowdown_pct": summary(in_run[name]) if in_run[name] else None,
                 "stall_s": summary(stalls[name]),
                 "writer_s": summary(writer[name]),
             }

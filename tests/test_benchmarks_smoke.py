@@ -120,6 +120,7 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
 
     assert "asyncckpt" in result["interference"]["methods"]
     assert "slowdown_pct" in result["interference"]["methods"]["asyncckpt"]
+    assert "in_run_slowdown_pct" in result["interference"]["methods"]["asyncckpt"]
     assert result["memory"]["saves"] == 3
     assert result["memory"]["staging_allocations"] == 1
     assert {t["target"] for t in result["targets"]} >= {

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # The load side's test helpers (tests/loading/helpers.py; tests/ is on sys.path).
 from loading.helpers import Recorder, assert_same_state, flip_blob_byte, make_state  # noqa: I001
@@ -232,3 +234,17 @@ def test_cuda_loads_go_through_pinned_bounce_buffers(tmp_path: Path) -> None:
     flip_blob_byte(path, "model.3.weight", at=2)
     with pytest.raises(CorruptedCheckpointError, match="checksum mismatch in model.3.weight"):
         asyncckpt.load(path, map_location="cuda")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 16 << 20), max_size=40),
+    cpus=st.integers(1, 12),
+)
+def test_the_reading_thread_count_is_the_number_of_groups(sizes: list[int], cpus: int) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reader_module.os, "cpu_count", lambda: cpus)
+        groups = reader_module._groups(sizes)
+        assert reader_module._thread_count(sizes) == len(groups)
+    assert sorted(i for group in groups for i in group) == list(range(len(sizes)))
+    assert all(group == sorted(group) for group in groups)

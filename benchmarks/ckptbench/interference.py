@@ -5,6 +5,13 @@ model and its Adam state every K steps; before starting a save it waits for its 
 one (what a trainer must do to bound memory; asyncckpt does it inside ``save()``). Rounds
 interleave the methods, each round starting with a run without checkpoints, and the slowdown of
 a method is taken against the baseline of its own round.
+
+On a shared VM the baseline itself drifts between runs (by 10% and more over a few seconds), so
+each run also gives an in-run figure: every iteration (a step, and the save started after it) is
+timed, and the iterations during which no save was started or in flight are the run's own
+baseline. The in-run slowdown is the run's time against its step count at that baseline's mean
+step: it holds the save's whole cost (stall, and every step slowed while the writer ran) and
+none of the drift between runs.
 """
 
 from __future__ import annotations
@@ -81,10 +88,21 @@ class InterferenceRun:
     saves: int
     stall_s: list[float]
     writer_ms: list[float]  # asyncckpt: each save's writer time, first write to commit
+    clean_step_s: float  # mean time of the iterations with no save started or in flight
+    clean_steps: int
 
     @property
     def steps_per_s(self) -> float:
         return self.steps / self.seconds
+
+    @property
+    def in_run_slowdown_pct(self) -> float | None:
+        """The run's time against ``steps`` iterations at its own clean mean, in percent; None
+        when fewer than a quarter of the iterations were clean (a save that cannot say it is done
+        is in flight until it is waited for)."""
+        if self.clean_steps < self.steps / 4:
+            return None
+        return 100.0 * (self.seconds / (self.steps * self.clean_step_s) - 1.0)
 
 
 def train(trainer: Trainer, steps: int, every: int, method: SaveMethod | None) -> InterferenceRun:
@@ -93,22 +111,31 @@ def train(trainer: Trainer, steps: int, every: int, method: SaveMethod | None) -
     outside the window."""
     stalls: list[float] = []
     writer_ms: list[float] = []
+    clean: list[float] = []
     pending = None
     started = time.perf_counter()
     for step in range(1, steps + 1):
+        began = time.perf_counter()
+        busy = pending is not None and not pending.done()
         trainer.step()
         if method is not None and step % every == every // 2:
-            began = time.perf_counter()
+            saving = time.perf_counter()
             if pending is not None:
                 pending.wait()
                 writer_ms += _writer_ms(method)
             pending = method.begin(step)
-            stalls.append(time.perf_counter() - began)
+            stalls.append(time.perf_counter() - saving)
+            busy = True
+        elif pending is not None and not pending.done():
+            busy = True
+        if not busy:
+            clean.append(time.perf_counter() - began)
     elapsed = time.perf_counter() - started
     if pending is not None and method is not None:
         pending.wait()
         writer_ms += _writer_ms(method)
-    return InterferenceRun(elapsed, steps, len(stalls), stalls, writer_ms)
+    clean_mean = sum(clean) / len(clean) if clean else elapsed / steps
+    return InterferenceRun(elapsed, steps, len(stalls), stalls, writer_ms, clean_mean, len(clean))
 
 
 def _writer_ms(method: SaveMethod) -> list[float]:

@@ -149,16 +149,18 @@ def interference_table(result: dict[str, Any]) -> str:
         "method",
         "steps/s median [min-max]",
         "slowdown % median [min-max]",
+        "in-run slowdown %",
         "stall per save ms",
         "writer ms (first write to commit)",
     ]
-    rows = [["none", _s(result["baseline"]["steps_per_s"], digits=2), "-", "-", "-"]]
+    rows = [["none", _s(result["baseline"]["steps_per_s"], digits=2), "-", "-", "-", "-"]]
     for name, m in result["methods"].items():
         rows.append(
             [
                 name,
                 _s(m["steps_per_s"], digits=2),
                 _s(m["slowdown_pct"], digits=1),
+                _s(m.get("in_run_slowdown_pct"), digits=1),
                 _s(m["stall_s"], 1e3, 1),
                 _s(m.get("writer_s"), 1e3, 0),
             ]
@@ -167,7 +169,11 @@ def interference_table(result: dict[str, Any]) -> str:
         f"== training interference: CPU MLP {result['model']}, {result['step_ms']:.0f} ms/step, "
         f"state {format_size(result['state_bytes'])}, a checkpoint every {result['every']} steps =="
     )
-    return title + "\n" + _table(headers, rows)
+    note = (
+        "(slowdown: against the no-checkpoint run of the same round; in-run: against the same run's "
+        "own iterations with no save started or in flight, which the drift between runs does not reach)"
+    )
+    return title + "\n" + _table(headers, rows) + "\n" + note
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:

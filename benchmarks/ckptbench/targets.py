@@ -110,6 +110,16 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 unit="%",
             )
         )
+        targets.append(
+            _target(
+                "6,16",
+                "(info) interference <= 2%, in-run baseline",
+                median(inter["methods"]["asyncckpt"].get("in_run_slowdown_pct")),
+                2.0,
+                at_least=False,
+                unit="%",
+            )
+        )
     memory = result.get("memory")
     if memory:
         growth = memory["rss_growth_bytes"] / (1 << 20)
