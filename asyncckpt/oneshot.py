@@ -133,21 +133,26 @@ def _drop_replaced_later(storage: Storage) -> None:
     """Delete the file a save replaced (kept aside by the commit) on a thread of its own, after
     the save returned: on a filesystem that discards freed blocks that takes a fraction of a
     second per GiB, which is no part of the new file's durability. The thread is not a daemon:
-    the interpreter waits for it at exit, so the process leaves no hidden file behind."""
+    the interpreter waits for it at exit, so the process leaves no hidden file behind. Where no
+    thread may start (a save from an ``atexit`` hook, on Python 3.12 and later) it is deleted
+    here, before the save returns."""
     if not isinstance(storage, PosixStorage) or not storage.has_replaced:
         return
     thread = threading.Thread(target=_drop, args=(storage,), name="asyncckpt-drop-replaced")
     with _dropping_lock:
         _dropping.add(thread)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # the interpreter is shutting down
+        _drop(storage, thread)
 
 
-def _drop(storage: PosixStorage) -> None:
+def _drop(storage: PosixStorage, thread: threading.Thread | None = None) -> None:
     try:
         storage.drop_replaced()
     finally:
         with _dropping_lock:
-            _dropping.discard(threading.current_thread())
+            _dropping.discard(thread or threading.current_thread())
 
 
 def wait_replaced_dropped() -> None:

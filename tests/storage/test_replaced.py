@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 import asyncckpt
 import asyncckpt.oneshot
@@ -229,3 +230,50 @@ def test_a_kill_at_any_step_of_an_overwrite_leaves_the_old_or_the_new_file(
     assert (left == ["model.ckpt"]) == (op in ("open_exclusive", "none"))
     storage.remove_leftovers(storage.leftovers())
     assert os.listdir(tmp_dir) == ["model.ckpt"] and asyncckpt.load(target).step == expected
+
+
+AT_EXIT_OVER = """
+import atexit, sys
+import torch
+import asyncckpt
+
+path = sys.argv[1]
+asyncckpt.save(path, {"w": torch.zeros(1000)}, step=1)
+
+def save() -> None:  # at exit no new thread may start: the replaced file is deleted here
+    asyncckpt.save(path, {"w": torch.ones(1000)}, step=2)
+    print("saved", flush=True)
+
+atexit.register(save)
+"""
+
+
+def test_a_save_over_a_file_from_an_atexit_hook_succeeds_and_leaves_no_hidden_file(tmp_path: Path) -> None:
+    script = tmp_path / "at_exit.py"
+    script.write_text(AT_EXIT_OVER)
+    target = tmp_path / "run" / "last.ckpt"
+    target.parent.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "saved" in done.stdout and "Traceback" not in done.stderr
+    assert asyncckpt.load(target).step == 2
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_when_no_thread_may_start_the_replaced_file_is_deleted_before_save_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.12+ refuses new threads while the interpreter shuts down (a save from an atexit
+    # hook): the save has committed by then and must not fail for its clean-up.
+    target = tmp_path / "last.ckpt"
+    asyncckpt.save(target, {"w": torch.zeros(10)}, step=1)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    asyncckpt.save(target, {"w": torch.ones(10)}, step=2)
+    assert asyncckpt.load(target).step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
