@@ -141,6 +141,7 @@ def write_step(
         if plan_caching:  # DCP keys its plan cache by class: one cache per location
             planner._cached_plans_key = f"{type(planner).__name__}:{writer.storage.location}"
         _plan_and_write(sharded, writer, step, coordination, planner)
+    writer.storage.drop_replaced()  # a step saved again: its old shard files, kept by the commits
     record = writer.storage.where(catalog.commit_record_name(step))
     return SavedStep(step, coordination.rank, coordination.world_size, record, writer.report)
 

@@ -392,3 +392,15 @@ def write_items_kept(rank: int, world: int, root: str) -> dict[str, Any]:
     restored = adist.restore_latest(root, {"model": fresh, "optimizer": fresh_optimizer}, group=group)
     assert restored is not None and restored.step == 3
     return {"counts": counts, "saved": saved, "restored": full_state(fresh, fresh_optimizer)}
+
+
+def save_step_twice(rank: int, world: int, root: str) -> list[str]:
+    """Save step 1, train, save step 1 again; the names in the step's folder afterwards."""
+    group = adist.CoordinationGroup(timeout=TIMEOUT_S)
+    model = fsdp_mlp(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        train(model, optimizer, 1)
+        adist.save_step(root, 1, {"model": model, "optimizer": optimizer}, group=group)
+    dist.barrier()  # every rank has dropped what its commits replaced
+    return sorted(name for folder in Path(root).iterdir() if folder.is_dir() for name in os.listdir(folder))

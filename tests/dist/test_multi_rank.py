@@ -260,3 +260,10 @@ def test_dcp_async_save_with_asyncckpt_writer_then_dcp_load(tmp_path: Path) -> N
     assert results == [True, True]
     assert [info.step for info in catalog.committed_steps(PosixStorage(tmp_path))] == [8]
     assert adist.check_step(tmp_path, 8) == []
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_step_saved_again_leaves_none_of_its_old_shards_behind(tmp_path: Path, world: int) -> None:
+    listings = all_ok(run_world(workers.save_step_twice, world, str(tmp_path)))
+    assert listings[0] and all(listing == listings[0] for listing in listings)
+    assert not [name for name in listings[0] if name.startswith(".")], listings[0]
