@@ -38,6 +38,7 @@ from .._tree import dotted_key, walk
 from ..dtypes import itemsize
 from ..errors import IncompatibleCheckpointError
 from .expect import Refs, count, layout_name
+from .modules import ModuleStates
 
 Path_ = tuple[Any, ...]
 
@@ -69,10 +70,16 @@ def layout_incoming(layout: fmt.Layout, refs: Refs) -> dict[Path_, Incoming]:
     nothing but the header is read)."""
     found: dict[Path_, Incoming] = {}
     tensors = layout.tensors
+    spans: dict[tuple[torch.dtype, tuple[int, ...], tuple[int, ...]], tuple[int, int]] = {}  # many share one
     for path, node in refs:
         entry = tensors[node.index]
-        span = _span(entry.shape, entry.stride)
-        memory = (entry.blob, entry.offset, entry.offset + span * itemsize(entry.dtype)) if span else None
+        kind = (entry.dtype, entry.shape, entry.stride)
+        reach = spans.get(kind)
+        if reach is None:
+            span = _span(entry.shape, entry.stride)
+            reach = spans[kind] = (span, span * itemsize(entry.dtype))
+        span, nbytes = reach
+        memory = (entry.blob, entry.offset, entry.offset + nbytes) if span else None
         found[path] = Incoming(entry.dtype, entry.shape, "strided", span, memory)
     return found
 
@@ -95,19 +102,30 @@ def state_incoming(state: Any) -> dict[Path_, Incoming]:
     return found
 
 
-def check_live(objects: Mapping[str, Any], tree: Any, incoming: Mapping[Path_, Incoming], where: str) -> None:
-    """Refuse a checkpoint whose tensors do not fit the live ``objects`` (see the module's rules).
+def check_live(
+    objects: Mapping[str, Any],
+    tree: Any,
+    incoming: Mapping[Path_, Incoming],
+    where: str,
+    modules: ModuleStates,
+) -> None:
+    """Refuse a checkpoint whose tensors do not fit the live ``objects`` (see the module's rules;
+    ``modules``: each module's ``state_dict()``, :class:`~.modules.LiveModules`).
 
     Raises :class:`IncompatibleCheckpointError` (``path``: ``where``; ``key``: the first tensor)
     listing every problem.
     """
+    by_object: dict[Any, dict[Path_, Incoming]] = {}
+    for path, tensor in incoming.items():
+        if path and path[0] in objects:
+            by_object.setdefault(path[0], {})[path] = tensor
     problems: list[tuple[Path_, str]] = []
     for name, obj in objects.items():
-        mine = {path: t for path, t in incoming.items() if path[:1] == (name,)}
+        mine = by_object.get(name)
         if not mine:
             continue
         if isinstance(obj, torch.nn.Module):
-            problems += _module_problems(obj, mine)
+            problems += _module_problems(modules[name], mine)
         elif isinstance(obj, torch.optim.Optimizer):
             state = tree.get(name) if isinstance(tree, Mapping) else None
             problems += _Optimizer(obj, state).problems(mine)
@@ -122,8 +140,8 @@ def check_live(objects: Mapping[str, Any], tree: Any, incoming: Mapping[Path_, I
         )
 
 
-def _module_problems(module: torch.nn.Module, incoming: Mapping[Path_, Incoming]) -> list[tuple[Path_, str]]:
-    live = {key: value for key, value in module.state_dict().items() if isinstance(value, torch.Tensor)}
+def _module_problems(state: Mapping[str, Any], incoming: Mapping[Path_, Incoming]) -> list[tuple[Path_, str]]:
+    live = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     problems = []
     for path, tensor in incoming.items():
         target = live.get(path[1]) if len(path) == 2 else None
@@ -243,9 +261,9 @@ def _against(tensor: Incoming, live: torch.Tensor) -> str | None:
     live_layout = layout_name(live)
     if tensor.layout != live_layout:
         return f"a {tensor.layout} tensor in the checkpoint, the live tensor is {live_layout}"
-    if tensor.shape != tuple(live.shape):
+    if live.shape != tensor.shape:
         return f"shape {list(tensor.shape)} in the checkpoint, the live tensor has {list(live.shape)}"
-    if _kind(tensor.dtype) != _kind(live.dtype):
+    if tensor.dtype != live.dtype and _kind(tensor.dtype) != _kind(live.dtype):
         return f"dtype {_name(tensor.dtype)} in the checkpoint, the live tensor is {_name(live.dtype)}"
     return None
 
