@@ -43,7 +43,7 @@ def direct_targets(
     destinations = _live_tensors(objects, modules)
     users = Counter(entry.blob for entry in layout.tensors)
     direct: dict[int, torch.Tensor] = {}
-    used: set[tuple[str, int]] = set()
+    used: set[tuple[int, int]] = set()
     fits = _Fits(layout)
     for path, node in refs:
         target = destinations.get(path)
@@ -52,7 +52,7 @@ def direct_targets(
         entry = layout.tensors[node.index]
         if entry.blob in direct or users[entry.blob] != 1 or not fits(entry, target):
             continue
-        memory = (str(target.device), target.untyped_storage().data_ptr())
+        memory = (target.get_device(), target.untyped_storage().data_ptr())  # device: -1 for the CPU
         if memory not in used:
             direct[entry.blob] = target
             used.add(memory)
@@ -152,7 +152,7 @@ class _Fits:
             and self.blobs[entry.blob].nbytes == nbytes
             and target.layout == torch.strided
             and target.is_contiguous()
-            and target.device.type in ("cpu", "cuda")
+            and (target.is_cpu or target.is_cuda)
         )
 
 
