@@ -38,6 +38,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> Any:
     :class:`ParamIds`, or ``saved`` itself when that cannot help or could change anything."""
     if (
         type(optimizer).load_state_dict is not torch.optim.Optimizer.load_state_dict
+        or "load_state_dict" in vars(optimizer)  # replaced on the instance
         or type(saved) is not dict
     ):
         return saved

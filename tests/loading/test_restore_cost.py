@@ -142,6 +142,9 @@ def test_only_torch_own_loading_gets_param_ids() -> None:
 
     own = Own(model.parameters(), lr=0.1)
     assert optimizer_state(own, saved) is saved
+    patched = torch.optim.SGD(model.parameters(), lr=0.1)
+    patched.load_state_dict = lambda state: None  # type: ignore[method-assign]
+    assert optimizer_state(patched, saved) is saved
     odd = {**saved, "param_groups": [{**saved["param_groups"][0], "params": ["a", "b"]}]}
     assert optimizer_state(optimizer, odd) is odd
 
