@@ -177,24 +177,28 @@ class _Optimizer:
         self.builtin = kind.__module__.startswith("torch.optim") and kind.__name__ not in OWN_LAYOUT
         params = [param for group in optimizer.param_groups for param in group["params"]]
         self.params: dict[Any, torch.Tensor] = {}
+        self.states: dict[Any, Any] = {}  # saved id → the live optimizer's state of its parameter
+        live = optimizer.state
         for saved, param in zip(_saved_ids(state), params, strict=False):
             try:
                 self.params[saved] = param
             except TypeError:  # an unhashable id: load_state_dict refuses the state itself
                 continue
+            self.states[saved] = live.get(param)
 
     def problems(self, incoming: Mapping[Path_, Incoming]) -> list[tuple[Path_, str]]:
         found = []
         for path, tensor in incoming.items():
-            if path[1:2] == ("state",) and len(path) >= 3:
+            part = path[1] if len(path) > 1 else None
+            if part == "state" and len(path) >= 3:
                 problem = self._state_problem(path, tensor)
-            elif path[1:2] == ("param_groups",) and self.builtin and tensor.numel != 1:
+            elif part == "param_groups" and self.builtin and tensor.numel != 1:
                 problem = f"a hyperparameter holds one value, the checkpoint has shape {list(tensor.shape)}"
             else:
-                problem = _unbounded(tensor, None) if path[1:2] in (("state",), ("param_groups",)) else None
+                problem = _unbounded(tensor, None) if part in ("state", "param_groups") else None
             if problem:
                 found.append((path, problem))
-        return found + _shared_memory({p: t for p, t in incoming.items() if p[1:2] == ("state",)})
+        return found + _shared_memory({p: t for p, t in incoming.items() if len(p) > 1 and p[1] == "state"})
 
     def _state_problem(self, path: Path_, tensor: Incoming) -> str | None:
         if tensor.stored < tensor.numel:  # load_state_dict keeps a view, and steps update in place
@@ -206,7 +210,7 @@ class _Optimizer:
         if param is None:
             return "belongs to no parameter of the optimizer" if self.builtin else _unbounded(tensor, None)
         key = path[3] if len(path) == 4 else None
-        per_param = self.optimizer.state.get(param)
+        per_param = self.states.get(path[2])
         live = per_param.get(key) if isinstance(per_param, Mapping) and key is not None else None
         if isinstance(live, torch.Tensor):
             return _against(tensor, live)

@@ -12,7 +12,6 @@ only when every id is an ``int`` (there a set's answer is the list's).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +29,7 @@ class ParamIds(list[Any]):
         return item in self._set  # torch asks for a key of the state dict: hashable
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
-        return [copy.deepcopy(item, memo) for item in self]
+        return list(self)  # ints: a deep copy of one is itself
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> Any:
