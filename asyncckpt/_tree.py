@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from . import _values
 from .format import BigInt, TensorRef, TypedValue
 
 KeyPath = tuple[Any, ...]
+Leaf = TypeVar("Leaf")
 
 
 def key_path(path: KeyPath, root: str = "state") -> str:
@@ -56,6 +57,32 @@ def walk(tree: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]:
 def _children(path: KeyPath, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[KeyPath, Any]]:
     for key, value in items:
         yield (*path, key), value
+
+
+def leaves_of(tree: Any, kind: type[Leaf]) -> list[tuple[KeyPath, Leaf]]:
+    """Every leaf of exactly type ``kind`` in an encoded ``tree``, with its key path, in
+    :func:`walk`'s order: :func:`walk` with one kind of leaf kept, for decoded trees.
+
+    An encoded tree's containers are exact dicts, lists and tuples (what the decoder makes) and
+    its depth is bounded by the format (``MAX_DEPTH``), so recursion is safe; a subclass of one
+    of them is a leaf here. A few times faster than :func:`walk` (the loader walks trees of
+    10,000 tensors on every restore).
+    """
+    if type(tree) is kind:
+        return [((), tree)]
+    found: list[tuple[KeyPath, Leaf]] = []
+
+    def visit(node: Any, path: KeyPath) -> None:
+        for key, value in node.items() if type(node) is dict else enumerate(node):
+            of = type(value)
+            if of is kind:
+                found.append(((*path, key), value))
+            elif of is dict or of is list or of is tuple:
+                visit(value, (*path, key))
+
+    if type(tree) in (dict, list, tuple):
+        visit(tree, ())
+    return found
 
 
 def map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from asyncckpt._tree import dotted_key, key_path, map_leaves, renumber_refs, unflatten, walk
-from asyncckpt.format import BigInt, TensorRef
+from asyncckpt._tree import dotted_key, key_path, leaves_of, map_leaves, renumber_refs, unflatten, walk
+from asyncckpt.format import BigInt, TensorRef, TypedValue
 
 
 def test_key_path_and_dotted_key() -> None:
@@ -57,6 +57,24 @@ def test_walk_survives_nesting_deeper_than_the_recursion_limit() -> None:
     [(path, leaf)] = list(walk(deep))
 
     assert path == (0,) * 5000 and leaf == 0
+
+
+def test_leaves_of_an_encoded_tree_are_walk_s_leaves_of_that_kind() -> None:
+    typed = TypedValue("path", "pathlib:PurePosixPath", ("a", [TensorRef(9)]))  # a leaf: not looked into
+    tree = {
+        "model": {"w": TensorRef(0), "b": TensorRef(1, parameter=True)},
+        "optim": {"state": {0: {"step": TensorRef(2), "lr": 0.1}}, "param_groups": [{"params": [0]}]},
+        3: (TensorRef(3), [], {}, [[TensorRef(4)]], BigInt(1 << 70)),
+        "typed": typed,
+        "again": TensorRef(0),
+    }
+    expected = [(path, leaf) for path, leaf in walk(tree) if type(leaf) is TensorRef]
+
+    assert leaves_of(tree, TensorRef) == expected
+    assert [path for path, _ in expected][-2:] == [(3, 3, 0, 0), ("again",)]
+    assert leaves_of(tree, BigInt) == [((3, 4), BigInt(1 << 70))]
+    assert leaves_of(TensorRef(5), TensorRef) == [((), TensorRef(5))]
+    assert leaves_of(0.5, TensorRef) == [] and leaves_of([], TensorRef) == []
 
 
 def test_map_leaves_keeps_container_types() -> None:

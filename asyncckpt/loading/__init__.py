@@ -2,7 +2,9 @@
 
 One module per job: :mod:`.candidates` (discovery, newest first), :mod:`.expect` (does a
 checkpoint fit the expected state), :mod:`.targets` (live tensors a blob is read straight into),
-:mod:`.live` (does every tensor fit the live object it goes into),
+:mod:`.live` (does every tensor fit the live object it goes into), :mod:`.modules` (the live
+modules' state dicts, once per restore), :mod:`.optimizers` (what an optimizer's
+``load_state_dict`` is handed),
 :mod:`.candidate` (loading one candidate), :mod:`.rollback` (``load_latest``, ``restore``),
 :mod:`.report` (summary, event, ``failed_checkpoints.txt``) and :mod:`.verify`
 (``check_candidates``). The bytes are read by :mod:`asyncckpt.reader`, through the Storage seam.

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from .. import format as fmt
-from .._tree import dotted_key, walk
+from .._tree import dotted_key, leaves_of, walk
 from ..errors import IncompatibleCheckpointError
+from .modules import ModuleStates
 
 Path_ = tuple[Any, ...]
 
@@ -33,7 +34,10 @@ class TensorShape:
 
 def layout_name(tensor: torch.Tensor) -> str:
     """``"strided"`` for a dense tensor, ``"nested"``, ``"sparse_coo"``, ``"sparse_csr"``, ..."""
-    return "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+    if tensor.is_nested:
+        return "nested"
+    layout = tensor.layout
+    return "strided" if layout is torch.strided else str(layout).removeprefix("torch.")
 
 
 def tensor_shape(tensor: torch.Tensor) -> TensorShape:
@@ -97,8 +101,7 @@ Refs = list[tuple[Path_, fmt.TensorRef]]  # every tensor reference of a tree, wi
 def layout_refs(layout: fmt.Layout) -> Refs:
     """Every tensor reference of a v1 file's tree with its key path, in document order (so the
     first of two paths to one tensor comes first): one walk, shared by the loader's checks."""
-    ref = fmt.TensorRef
-    return [(path, node) for path, node in walk(layout.tree) if type(node) is ref]
+    return leaves_of(layout.tree, fmt.TensorRef)
 
 
 def layout_index(layout: fmt.Layout, refs: Refs) -> dict[Path_, TensorShape]:
@@ -133,14 +136,16 @@ def expected_from(expect: Any) -> Expected:
     return expected
 
 
-def expected_for_restore(objects: Mapping[str, Any]) -> Expected:
+def expected_for_restore(objects: Mapping[str, Any], modules: ModuleStates) -> Expected:
     """What ``restore`` must find for ``objects``: every key; modules' exact tensors; optimizers'
-    parameter groups. Other objects' own ``load_state_dict`` judges their state."""
+    parameter groups. Other objects' own ``load_state_dict`` judges their state.
+
+    ``modules``: each module's ``state_dict()`` (:class:`~.modules.LiveModules`)."""
     expected = Expected(top_keys=list(objects))
     for key, obj in objects.items():
         if isinstance(obj, torch.nn.Module):
             expected.scopes.append((key,))
-            _collect(obj, (key,), expected)
+            _collect(modules[key], (key,), expected)
         elif isinstance(obj, torch.optim.Optimizer):
             _collect(obj, (key,), expected)
     return expected
@@ -183,7 +188,7 @@ def compare(tree: Any, index: Mapping[Path_, TensorShape], expected: Expected) -
         mismatches += [f"missing {key!r}" for key in expected.top_keys if key not in tree]
     absent = {(key,) for key in expected.top_keys or () if key not in tree}
     for path, want in expected.tensors.items():
-        if _under(path, absent):
+        if absent and _under(path, absent):
             continue
         got = index.get(path)
         if got is None:
@@ -201,10 +206,14 @@ def compare(tree: Any, index: Mapping[Path_, TensorShape], expected: Expected) -
             notes.append(
                 f"{dotted_key(path)} is {_name(got.dtype)} in the checkpoint, {_name(want.dtype)} expected"
             )
-    for path in sorted(index, key=dotted_key):
-        in_scope = _under(path, expected.scopes) and not _under(path, expected.optimizers)
-        if in_scope and path not in expected.tensors:
-            mismatches.append(f"unexpected {dotted_key(path)}")
+    unexpected = [
+        path
+        for path in index
+        if path not in expected.tensors
+        and _under(path, expected.scopes)
+        and not _under(path, expected.optimizers)
+    ]
+    mismatches += [f"unexpected {dotted_key(path)}" for path in sorted(unexpected, key=dotted_key)]
     for path, sizes in expected.optimizers.items():
         if not _under(path, absent):
             mismatches += _optimizer_mismatches(_subtree(tree, path), path, sizes)

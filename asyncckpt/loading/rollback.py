@@ -23,6 +23,7 @@ from ..storage import CheckpointPath, Location, Storage, open_storage
 from .candidate import Loaded, Request, Vanished, load_candidate
 from .candidates import Candidate, discover
 from .expect import Expected, expected_for_restore, expected_from
+from .modules import LiveModules
 from .options import ON_CORRUPT_MODES, VERIFY_MODES, Log, MapLocation, OnCorrupt, Verify, one_of
 from .report import Failure, diagnose, emit, report
 
@@ -127,8 +128,9 @@ def restore(
     for name, obj in objects.items():
         if not callable(getattr(obj, "load_state_dict", None)):
             raise TypeError(f"objects[{name!r}] ({type(obj).__qualname__}) has no load_state_dict()")
-    checks = (*_checks(expect), expected_for_restore(objects))
-    request = Request(torch.device(map_location), _verify(verify), checks, objects)
+    modules = LiveModules(objects)  # each module's state_dict(), taken once for every check
+    checks = (*_checks(expect), expected_for_restore(objects, modules.states()))
+    request = Request(torch.device(map_location), _verify(verify), checks, objects, modules)
     storage = open_storage(directory, storage_options=storage_options)
     return _Rollback(storage, request, on_corrupt, log).run()
 

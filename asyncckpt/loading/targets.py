@@ -11,6 +11,8 @@ each tensor onto itself (and costs time quadratic in the number of submodules in
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 from .. import format as fmt
 from ..dtypes import itemsize
 from .expect import Refs
+from .modules import ModuleStates
 
 KeyPath = tuple[Any, ...]
 
@@ -29,27 +32,28 @@ class Targets:
     """Where ``restore`` reads blobs straight into, and the state dicts they were taken from."""
 
     blobs: dict[int, torch.Tensor]  # blob index → the live tensor its bytes go straight into
-    modules: dict[str, dict[str, Any]]  # object name → the module's state_dict() of those tensors
+    modules: ModuleStates  # object name → the module's state_dict() of those tensors
 
 
-def direct_targets(objects: Mapping[str, Any], layout: fmt.Layout, refs: Refs) -> Targets:
-    """Blob index → the live tensor its bytes go straight into (``refs``: :func:`layout_refs`)."""
-    modules = {name: obj.state_dict() for name, obj in objects.items() if isinstance(obj, torch.nn.Module)}
+def direct_targets(
+    objects: Mapping[str, Any], layout: fmt.Layout, refs: Refs, modules: ModuleStates
+) -> Targets:
+    """Blob index → the live tensor its bytes go straight into (``refs``: :func:`layout_refs`;
+    ``modules``: each module's ``state_dict()``, :class:`~.modules.LiveModules`)."""
     destinations = _live_tensors(objects, modules)
-    users: dict[int, int] = {}
-    for entry in layout.tensors:
-        users[entry.blob] = users.get(entry.blob, 0) + 1
+    users = Counter(entry.blob for entry in layout.tensors)
     direct: dict[int, torch.Tensor] = {}
-    used: set[tuple[str, int]] = set()
+    used: set[tuple[int, int]] = set()
+    fits = _Fits(layout)
     for path, node in refs:
         target = destinations.get(path)
         if target is None:
             continue
         entry = layout.tensors[node.index]
-        if entry.blob in direct or users[entry.blob] != 1:
+        if entry.blob in direct or users[entry.blob] != 1 or not fits(entry, target):
             continue
-        memory = (str(target.device), target.untyped_storage().data_ptr())
-        if memory not in used and _fits(layout, entry, target):
+        memory = (target.get_device(), target.untyped_storage().data_ptr())  # device: -1 for the CPU
+        if memory not in used:
             direct[entry.blob] = target
             used.add(memory)
     return Targets(direct, modules)
@@ -93,9 +97,7 @@ def _loads_by_default(module: torch.nn.Module) -> bool:
     return True
 
 
-def _live_tensors(
-    objects: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]]
-) -> dict[KeyPath, torch.Tensor]:
+def _live_tensors(objects: Mapping[str, Any], modules: ModuleStates) -> dict[KeyPath, torch.Tensor]:
     """Key path in the state → an existing tensor the checkpoint's bytes may be read into
     (``modules``: each module's ``state_dict()``)."""
     found: dict[KeyPath, torch.Tensor] = {}
@@ -127,19 +129,31 @@ def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> dict[KeyP
     return found
 
 
-def _fits(layout: fmt.Layout, entry: fmt.TensorEntry, target: torch.Tensor) -> bool:
-    nbytes = target.numel() * itemsize(target.dtype)
-    return (
-        entry.offset == 0
-        and target.dtype == entry.dtype
-        and tuple(target.shape) == entry.shape
-        and _contiguous(entry.shape, entry.stride)
-        and target.layout == torch.strided
-        and target.is_contiguous()
-        and target.device.type in ("cpu", "cuda")
-        and nbytes > 0
-        and layout.blobs[entry.blob].nbytes == nbytes
-    )
+class _Fits:
+    """Whether a blob's bytes are exactly ``target``'s: its one tensor has the target's dtype
+    and shape, contiguous from the blob's first byte, and the target is a dense contiguous CPU
+    or CUDA tensor. What depends only on dtype, shape and stride is worked out once per kind
+    (many tensors share one)."""
+
+    def __init__(self, layout: fmt.Layout) -> None:
+        self.blobs = layout.blobs
+        self.sizes: dict[tuple[torch.dtype, tuple[int, ...], tuple[int, ...]], int] = {}
+
+    def __call__(self, entry: fmt.TensorEntry, target: torch.Tensor) -> bool:
+        if entry.offset != 0 or target.dtype != entry.dtype or target.shape != entry.shape:
+            return False
+        kind = (entry.dtype, entry.shape, entry.stride)
+        nbytes = self.sizes.get(kind)
+        if nbytes is None:  # 0: not contiguous, or empty
+            contiguous = _contiguous(entry.shape, entry.stride)
+            nbytes = self.sizes[kind] = math.prod(entry.shape) * itemsize(entry.dtype) if contiguous else 0
+        return (
+            nbytes > 0
+            and self.blobs[entry.blob].nbytes == nbytes
+            and target.layout == torch.strided
+            and target.is_contiguous()
+            and (target.is_cpu or target.is_cuda)
+        )
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
