@@ -298,3 +298,52 @@ def test_a_file_smaller_than_half_the_bounce_buffer_hands_nothing_to_a_thread(
     pieces: list[memoryview | bytes] = [bytes([i]) * 4001 for i in range(100)]  # 400 KB
     assert written(PosixStorage(tmp_path, ops=ops, direct=True), pieces) == b"".join(pieces)
     assert handed == [] and ops.direct_calls == 1  # the whole blocks, written at finish, here
+
+
+class HeldOps(FileOps):
+    """The first direct write waits for ``release``; ``queued`` is set once a second one is handed
+    to the sink's thread while the first is still held."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def write_direct(self, fd: int, data: memoryview, offset: int) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            assert self.release.wait(30), "the test never released the first write"
+        return super().write_direct(fd, data, offset)
+
+
+def test_a_filled_half_is_queued_behind_the_write_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncckpt.storage import direct
+
+    ops = HeldOps()
+    handed = threading.Semaphore(0)
+    real = direct.submit_or_run
+
+    def counting(*args: object) -> object:
+        future = real(*args)  # type: ignore[arg-type]
+        handed.release()
+        return future
+
+    monkeypatch.setattr(direct, "submit_or_run", counting)
+    half = direct.BOUNCE // 2
+    pieces: list[memoryview | bytes] = [bytes([i % 256]) * 4001 for i in range(2 * half // 4001 + 50)]
+    result: list[bytes] = []
+    writer = threading.Thread(
+        target=lambda: result.append(written(PosixStorage(tmp_path, ops=ops, direct=True), pieces))
+    )
+    writer.start()
+    try:
+        # Both halves are handed over while the first half's write is still held: the second
+        # waits in the sink's queue instead of in the caller, which waits for the first.
+        assert handed.acquire(timeout=30)
+        assert handed.acquire(timeout=10), "the second half was not handed over before the first was written"
+        assert ops.calls <= 1
+    finally:
+        ops.release.set()
+        writer.join(60)
+    assert result == [b"".join(pieces)]
