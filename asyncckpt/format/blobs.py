@@ -143,8 +143,7 @@ def buffers_bytes(buffers: Sequence[torch.Tensor]) -> list[memoryview]:
     return [tensor_bytes(buffer) for buffer in buffers]
 
 
-# dtypes numpy holds bit for bit (no bfloat16, float8 or complex: those are viewed as bytes, and
-# a complex tensor may be a conjugate view).
+# dtypes numpy holds bit for bit (bfloat16, float8 and complex go through an int of their size).
 _NUMPY_SAFE = frozenset(
     {
         torch.bool,
@@ -159,6 +158,10 @@ _NUMPY_SAFE = frozenset(
     }
 )
 
+# An int dtype of each element size, to view the others through (a view of the same element size
+# is allowed for any shape, a 0-dim tensor included).
+_SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy view of the bytes of a contiguous CPU tensor; the view keeps the tensor alive.
@@ -168,19 +171,26 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     which are not the tensor's values. Raises ``ValueError`` for a tensor that is not a
     contiguous CPU tensor (the caller's bug, never the user's).
     """
+    dtype = tensor.dtype
     if (
         _HAVE_NUMPY
-        and tensor.dtype in _NUMPY_SAFE
         and tensor.is_cpu
         and tensor.is_contiguous()
         and tensor.numel()
         and not tensor.is_neg()
+        and not tensor.is_conj()
     ):
         # The common case first, with the fewest calls (it runs once per blob of every save
         # and load: a sync save of 10,000 tensors spent 60 ms here holding the GIL its
-        # writing thread waits for): numpy maps these dtypes as they are.
-        own: Any = tensor.detach().numpy()
-        return memoryview(own).cast("B")
+        # writing thread waits for): numpy maps these dtypes as they are, and the others
+        # (bfloat16, float8, complex) as an int of the same size.
+        if dtype in _NUMPY_SAFE:
+            own: Any = tensor.detach().numpy()
+            return memoryview(own).cast("B")
+        same = _SAME_SIZE.get(itemsize(dtype))
+        if same is not None:
+            own = tensor.detach().view(same).numpy()
+            return memoryview(own).cast("B")
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
     if tensor.is_conj() or tensor.is_neg():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
+import math
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 import asyncckpt
 from asyncckpt import format as fmt
+from asyncckpt.dtypes import DTYPE_BY_NAME, itemsize
 from asyncckpt.format import Layout, TensorRef
 
 WEIGHTS = torch.arange(3000, dtype=torch.float32)  # 12000 bytes: blob 0 spans three pages
@@ -120,3 +123,20 @@ def test_tensor_bytes_is_a_zero_copy_view() -> None:
     assert len(fmt.tensor_bytes(torch.empty(0))) == 0
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         fmt.tensor_bytes(torch.zeros(4, 4).t())
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3, 1)])
+@pytest.mark.parametrize("name", sorted(DTYPE_BY_NAME))
+def test_tensor_bytes_are_the_tensors_memory_for_every_dtype(name: str, shape: tuple[int, ...]) -> None:
+    dtype = DTYPE_BY_NAME[name]
+    raw = torch.randint(0, 256, (max(1, math.prod(shape)) * itemsize(dtype),), dtype=torch.uint8)
+    tensor = raw.view(dtype).view(shape)  # every bit pattern, NaNs included
+    view = fmt.tensor_bytes(tensor)
+    assert bytes(view) == ctypes.string_at(tensor.data_ptr(), raw.numel()) == bytes(raw.numpy())
+
+
+def test_tensor_bytes_of_a_negative_or_conjugate_view_are_its_values() -> None:
+    real = torch.tensor([1.5, -2.0, 3.25])
+    assert bytes(fmt.tensor_bytes(torch._neg_view(real))) == bytes((-real).numpy())
+    z = torch.tensor([1 + 2j, -3 - 4j], dtype=torch.complex64)
+    assert bytes(fmt.tensor_bytes(z.conj())) == bytes(z.conj().resolve_conj().numpy())
