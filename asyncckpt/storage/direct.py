@@ -179,10 +179,19 @@ class DirectSink:
         self.base += self.pending
         self.pending = 0
         filled = 0 if self.bounce is self.halves[0] else 1
-        self._flying[filled] = submit_or_run(self._pool, self._direct, view, at)
+        before = self._flying.get(1 - filled)
+        self._flying[filled] = submit_or_run(self._pool, self._after, before, view, at)
         other = 1 - filled
         self._wait_half(other)  # its bytes are written: it may be filled again
         self.bounce = self.halves[other]
+
+    def _after(self, before: Future[None] | None, view: memoryview, at: int) -> None:
+        """:meth:`_direct` once the write ``before`` it is done: on the sink's thread it is; run
+        here (the pool refuses work at interpreter exit) it may not be, and beside it a fallback
+        of either would seek the plain descriptor under the other."""
+        if before is not None:
+            before.result()
+        self._direct(view, at)
 
     def _wait_half(self, half: int) -> None:
         future = self._flying.pop(half, None)

@@ -347,3 +347,59 @@ def test_a_filled_half_is_queued_behind_the_write_in_flight(
         ops.release.set()
         writer.join(60)
     assert result == [b"".join(pieces)]
+
+
+class ExitingOps(FileOps):
+    """Every direct write refused (EINVAL). The sink's thread's refusal waits until the caller
+    was refused a thread; its fallback write then waits (a moment) for the caller's own."""
+
+    def __init__(self) -> None:
+        self.refused = threading.Event()  # the caller's pool refused the second half
+        self.in_pool = threading.Event()  # the sink's thread is in its fallback write
+        self.caller_wrote = threading.Event()
+        self.held = False
+
+    def write_direct(self, fd: int, data: memoryview, offset: int) -> int:
+        if threading.current_thread().name.startswith("asyncckpt-direct"):
+            assert self.refused.wait(30), "the second half was never handed over"
+        raise OSError(errno.EINVAL, "injected EINVAL")
+
+    def write(self, fd: int, data: memoryview | bytes) -> int:
+        if not threading.current_thread().name.startswith("asyncckpt-direct"):
+            self.in_pool.wait(5)  # (after its seek: the two threads' writes would interleave)
+            count = super().write(fd, data)
+            self.caller_wrote.set()
+            return count
+        if not self.held:
+            self.held = True
+            self.in_pool.set()
+            self.caller_wrote.wait(1)  # a correct sink writes nothing meanwhile: times out
+        return super().write(fd, data)
+
+
+def test_a_half_written_here_at_exit_waits_for_the_write_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At interpreter exit the pool takes the first half's write, then refuses the second (run
+    on the caller's thread): it must not run beside the first, whose fallback seeks and writes
+    the same plain descriptor (the two writes landed at each other's offsets)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from asyncckpt.storage import direct
+
+    ops = ExitingOps()
+
+    class ExitingPool(ThreadPoolExecutor):
+        taken = 0
+
+        def submit(self, fn: object, /, *args: object, **kwargs: object) -> Future[object]:
+            ExitingPool.taken += 1
+            if ExitingPool.taken > 1:
+                ops.refused.set()
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            return super().submit(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(direct, "ThreadPoolExecutor", ExitingPool)
+    half = direct.BOUNCE // 2
+    pieces: list[memoryview | bytes] = [bytes([i % 251]) * 4001 for i in range(2 * half // 4001 + 50)]
+    assert written(PosixStorage(tmp_path, ops=ops, direct=True), pieces) == b"".join(pieces)
