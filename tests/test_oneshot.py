@@ -461,8 +461,10 @@ def test_failed_directory_fsync_is_reported(previous: Path) -> None:
     with pytest.raises(asyncckpt.CheckpointWriteError, match="rename may not survive a power loss"):
         asyncckpt.save(previous, NEW_STATE, step=2, ops=ops)
 
-    assert ops.names()[-2:] == ["rename", "fsync_dir"]
+    assert ops.names()[-3:] == ["rename", "fsync_dir", "unlink"]  # the replaced file, kept aside
     assert asyncckpt.load(previous).state["v"] == "new"  # complete, though maybe not durable
+    asyncckpt.oneshot.wait_replaced_dropped()
+    assert os.listdir(previous.parent) == [previous.name]  # no hidden copy of the old file left
 
 
 class Cancelled(BaseException):

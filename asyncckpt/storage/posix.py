@@ -173,6 +173,8 @@ class PosixStorage(Storage):
         try:
             self.ops.fsync_dir(final.parent)
         except OSError as exc:
+            if kept is not None:  # a failed commit: no guarantee to defer its deletion past
+                self._drop_now(kept)
             raise CheckpointWriteError(
                 f"fsync of directory {final.parent} failed ({exc}); the file is complete but its "
                 "rename may not survive a power loss",
@@ -210,6 +212,14 @@ class PosixStorage(Storage):
             doomed, self._replaced = self._replaced, []
         for path in doomed:
             _unlink_if_possible(path, self.ops)
+
+    def _drop_now(self, kept: Path) -> None:
+        """Delete one old file kept aside (unless a :meth:`drop_replaced` already took it)."""
+        with self._replaced_lock:
+            if kept not in self._replaced:
+                return
+            self._replaced.remove(kept)
+        _unlink_if_possible(kept, self.ops)
 
     def discard(self, written: Written) -> None:
         _unlink_quietly(written.token, self.ops)
