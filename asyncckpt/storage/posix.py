@@ -191,7 +191,7 @@ class PosixStorage(Storage):
                 return None
             kept = replaced_name(final)
             self.ops.link(final, kept)
-        except OSError:
+        except (OSError, NotImplementedError):  # NotImplementedError: no linkat (Windows)
             return None
         return kept
 

@@ -23,7 +23,7 @@ from asyncckpt import AsyncCheckpointer
 from asyncckpt.catalog import committed
 from asyncckpt.errors import CheckpointWriteError
 from asyncckpt.saving.handles import SaveHandle
-from asyncckpt.storage import PosixStorage, is_temp_name
+from asyncckpt.storage import FileOps, PosixStorage, is_temp_name
 from asyncckpt.storage.temps import is_replaced_name, writer_id
 from asyncckpt.testing import FaultyOps, PowerLossOps, RecordingOps, deterministic_state, temp_files
 
@@ -277,3 +277,15 @@ def test_when_no_thread_may_start_the_replaced_file_is_deleted_before_save_retur
     asyncckpt.save(target, {"w": torch.ones(10)}, step=2)
     assert asyncckpt.load(target).step == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_platform_without_linkat_falls_back_to_the_plain_rename(tmp_path: Path) -> None:
+    class NoLinkat(FileOps):
+        def link(self, src: Path, dst: Path) -> None:
+            raise NotImplementedError("link: follow_symlinks unavailable on this platform")
+
+    storage = PosixStorage(tmp_path, ops=NoLinkat())
+    for step in (1, 2):
+        storage.commit(storage.write("x.bin", lambda sink, s=step: (sink.write(bytes([s]) * 10), 10)[1]))
+    assert (tmp_path / "x.bin").read_bytes() == bytes([2]) * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
