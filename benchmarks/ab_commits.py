@@ -13,16 +13,14 @@ change between commits a regression or noise".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from ckptbench.state import parse_size
-from ckptbench.trees import run_in_tree
+from ckptbench.trees import run_in_tree, write_report
 
 CHILD = r"""
 import json, os, sys, time, tempfile
@@ -96,10 +94,7 @@ def main() -> None:
             f"{med['warm_load']:.3f} | {med['read_floor']:.3f} | {load_ratio:.2f}x |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_report(text, args.out, results)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ckptbench.trees import write_report
+
 HERE = Path(__file__).resolve().parent
 FIGURES = ("stall", "stall_cpu", "durable", "restore")
 
@@ -157,10 +159,7 @@ def main() -> None:
         cells = [f"{m:.3f}" for m in medians] + [f"{r:.2f}x" for r in ratios]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_report(text, args.out, results)
 
 
 if __name__ == "__main__":

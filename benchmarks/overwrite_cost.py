@@ -18,7 +18,6 @@ a child.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ckptbench.state import parse_size  # noqa: E402
-from ckptbench.trees import run_in_tree  # noqa: E402
+from ckptbench.trees import run_in_tree, write_report  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -106,10 +105,7 @@ def main() -> None:
         print(lines[-len(rounds) :], flush=True)
     lines.append(f"- finished: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, load average {os.getloadavg()}")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_report(text, args.out, results)
 
 
 if __name__ == "__main__":

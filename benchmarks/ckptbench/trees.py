@@ -26,3 +26,11 @@ def run_in_tree(command: list[str], tree: str | os.PathLike[str]) -> dict[str, A
     if not module.is_relative_to(root):
         raise SystemExit(f"the child for {root} imported asyncckpt from {module}")
     return result
+
+
+def write_report(text: str, out: str | None, results: Any) -> None:
+    """Print ``text``; with ``out``, write it there and ``results`` as JSON beside it (``.json``)."""
+    print(text)
+    if out:
+        Path(out).write_text(text)
+        Path(out).with_suffix(".json").write_text(json.dumps(results, indent=1))
