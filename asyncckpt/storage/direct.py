@@ -104,16 +104,16 @@ class DirectSink:
         self.pending = 0  # bytes gathered in the bounce buffer
         self.on = True  # False once a direct write was refused: the rest goes through plain
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-direct")
-        self._flying: dict[int, Future[None]] = {}  # per half (0, 1): its queued or running write
+        self._flying: Future[None] | None = None  # the write of the half not being filled
 
     def __enter__(self) -> DirectSink:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        flying, self._flying = list(self._flying.values()), {}
-        for future in flying:
+        flying, self._flying = self._flying, None
+        if flying is not None:
             with contextlib.suppress(BaseException):  # the write failed already: that is reported
-                future.result()
+                flying.result()
         self._pool.shutdown(wait=True)
 
     def write(self, data: memoryview | bytes) -> None:
@@ -178,12 +178,11 @@ class DirectSink:
         view, at = self.bounce[: self.pending], self.base
         self.base += self.pending
         self.pending = 0
-        filled = 0 if self.bounce is self.halves[0] else 1
-        before = self._flying.get(1 - filled)
-        self._flying[filled] = submit_or_run(self._pool, self._after, before, view, at)
-        other = 1 - filled
-        self._wait_half(other)  # its bytes are written: it may be filled again
-        self.bounce = self.halves[other]
+        before = self._flying
+        self._flying = submit_or_run(self._pool, self._after, before, view, at)
+        if before is not None:
+            before.result()  # the other half's bytes are written: it may be filled again
+        self.bounce = self.halves[1] if self.bounce is self.halves[0] else self.halves[0]
 
     def _after(self, before: Future[None] | None, view: memoryview, at: int) -> None:
         """:meth:`_direct` once the write ``before`` it is done: on the sink's thread it is; run
@@ -193,15 +192,11 @@ class DirectSink:
             before.result()
         self._direct(view, at)
 
-    def _wait_half(self, half: int) -> None:
-        future = self._flying.pop(half, None)
-        if future is not None:
-            future.result()
-
     def _wait(self) -> None:
-        """Wait for the write in flight (outside :meth:`_drain` there is at most one); raise its error."""
-        for half in list(self._flying):
-            self._wait_half(half)
+        """Wait for the write in flight; raise its error."""
+        flying, self._flying = self._flying, None
+        if flying is not None:
+            flying.result()
 
     def _settle_plain(self) -> None:
         """After a fallback: the bounce buffer's bytes through plain, which then stands at ``base``."""
