@@ -167,19 +167,19 @@ class PosixStorage(Storage):
             raise CheckpointWriteError(
                 f"publishing the checkpoint failed ({exc}); {left}", path=final
             ) from exc
-        if kept is not None:
-            with self._replaced_lock:
-                self._replaced.append(kept)
         try:
             self.ops.fsync_dir(final.parent)
         except OSError as exc:
             if kept is not None:  # a failed commit: no guarantee to defer its deletion past
-                self._drop_now(kept)
+                _unlink_if_possible(kept, self.ops)
             raise CheckpointWriteError(
                 f"fsync of directory {final.parent} failed ({exc}); the file is complete but its "
                 "rename may not survive a power loss",
                 path=final,
             ) from exc
+        if kept is not None:
+            with self._replaced_lock:
+                self._replaced.append(kept)
         return time.perf_counter() - started
 
     def _keep_replaced(self, final: Path) -> Path | None:
@@ -212,14 +212,6 @@ class PosixStorage(Storage):
             doomed, self._replaced = self._replaced, []
         for path in doomed:
             _unlink_if_possible(path, self.ops)
-
-    def _drop_now(self, kept: Path) -> None:
-        """Delete one old file kept aside (unless a :meth:`drop_replaced` already took it)."""
-        with self._replaced_lock:
-            if kept not in self._replaced:
-                return
-            self._replaced.remove(kept)
-        _unlink_if_possible(kept, self.ops)
 
     def discard(self, written: Written) -> None:
         _unlink_quietly(written.token, self.ops)
