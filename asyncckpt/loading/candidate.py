@@ -174,16 +174,15 @@ def apply(
         if name not in state:
             raise IncompatibleCheckpointError(f"missing {name!r}", path=where)
         try:
-            if isinstance(obj, torch.nn.Module):
-                if in_place is not None and loaded_in_place(name, obj, state[name], in_place):
-                    continue
-                modules.touched()
+            module = isinstance(obj, torch.nn.Module)
+            if module and in_place is not None and loaded_in_place(name, obj, state[name], in_place):
+                continue
+            modules.touched()  # a load_state_dict may change any module
+            if module:
                 obj.load_state_dict(state[name], strict=True)
             elif isinstance(obj, torch.optim.Optimizer):
-                modules.touched()
                 obj.load_state_dict(optimizer_state(obj, state[name]))
             else:
-                modules.touched()
                 obj.load_state_dict(state[name])
         except Exception as exc:  # load_state_dict raises RuntimeError, ValueError, KeyError, ...
             reason = " ".join(str(exc).split()) or type(exc).__name__
