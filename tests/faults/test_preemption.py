@@ -36,19 +36,25 @@ TRAINER = textwrap.dedent(
     from asyncckpt.storage import FileOps
     from asyncckpt.testing import deterministic_state
 
-    case, directory = sys.argv[1], Path(sys.argv[2])
+    case, directory, sent = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
     class SlowDisk(FileOps):
         # The first write stalls until the checkpointer has logged the SIGTERM: the signal lands
         # mid-write whatever the machine's speed (a write of this state is one or two calls).
+        # A save() waiting for a slot delays that log until the slot is free, which this stalled
+        # write holds: there it stalls until the test has sent the signal (it then creates `sent`).
         announced = False
         fsyncs = 0
+        def stalled(self, log):
+            if case == "blocked":
+                return not sent.exists()
+            return b'"checkpoint.sigterm"' not in log.read_bytes()
         def write(self, fd, data):
             if not self.announced:
                 self.announced = True
                 os.write(1, b"writing\\n")
                 log, deadline = directory / "events.jsonl", time.monotonic() + 60
-                while b'"checkpoint.sigterm"' not in log.read_bytes() and time.monotonic() < deadline:
+                while self.stalled(log) and time.monotonic() < deadline:
                     time.sleep(0.001)  # sleep-ok: a stalled disk, polled by the child itself
             return super().write(fd, data)
         def fsync(self, fd):
@@ -84,13 +90,15 @@ def state(step: int) -> dict[str, object]:
 
 
 def preempt(directory: Path, case: str) -> tuple[int, str]:
+    sent = directory.with_name(directory.name + ".sent")
     child = subprocess.Popen(
-        [sys.executable, "-c", TRAINER, case, str(directory)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", TRAINER, case, str(directory), str(sent)], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
     # Both saves returned and the first write began (in either order): SIGTERM lands mid-write.
     assert {child.stdout.readline().strip(), child.stdout.readline().strip()} == {"writing", "saved"}
     child.send_signal(signal.SIGTERM)
+    sent.touch()  # the stalled write goes on (TRAINER's SlowDisk)
     rest = child.stdout.read()
     return child.wait(timeout=120), rest
 
