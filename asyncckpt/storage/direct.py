@@ -151,16 +151,30 @@ class DirectSink:
                 self._drain()
 
     def writev(self, buffers: Sequence[memoryview | bytes]) -> None:
+        # The common case, kept cheap (a shard of 10,000 small tensors is 20,000 buffers, each
+        # on the caller's thread while the sink's thread may wait for the GIL): a piece of bytes
+        # that fits in the half being filled, copied there, a long one without the GIL.
+        bounce, pending = self.bounce, self.pending
+        room = len(bounce) if self.on else 0
+        start = address(bounce) or 0  # 0: not known, copied by slice
         for data in buffers:
-            size = len(data)
-            end = self.pending + size
-            # The common case, kept cheap (a shard of 10,000 small tensors is 20,000 buffers):
-            # a small piece of bytes that fits in the bounce buffer.
-            if size < _MEMMOVE_MIN and end < len(self.bounce) and self.on and _plain_bytes(data):
-                self.bounce[self.pending : end] = data
-                self.pending = end
-            else:
-                self.write(data)
+            end = pending + len(data)
+            if end < room and (
+                type(data) is bytes or (type(data) is memoryview and data.format == "B" and data.c_contiguous)
+            ):
+                long = start and end - pending >= _MEMMOVE_MIN
+                if long and type(data) is memoryview and (source := address(data)):
+                    ctypes.memmove(start + pending, source, end - pending)
+                else:
+                    bounce[pending:end] = data
+                pending = end
+                continue
+            self.pending = pending
+            self.write(data)
+            bounce, pending = self.bounce, self.pending
+            room = len(bounce) if self.on else 0
+            start = address(bounce) or 0
+        self.pending = pending
 
     def finish(self) -> None:
         """Write what the bounce buffer holds and wait for every write (call once, last)."""
@@ -253,11 +267,6 @@ def _copy(dest: memoryview, source: memoryview) -> None:
             ctypes.memmove(target, start, len(source))
             return
     dest[:] = source
-
-
-def _plain_bytes(data: memoryview | bytes) -> bool:
-    """Whether ``len(data)`` counts bytes and ``data`` can be assigned to a byte slice as is."""
-    return type(data) is bytes or (type(data) is memoryview and data.format == "B" and data.c_contiguous)
 
 
 def direct_capable(ops: FileOps) -> bool:
