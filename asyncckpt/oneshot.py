@@ -22,11 +22,12 @@ from . import reader
 from ._gc import gc_paused
 from ._tree import unflatten
 from .format import FileKind
+from .format.blobs import tensors_bytes
 from .format.legacy import LEGACY_VERSION, legacy_step
 from .loading.options import VERIFY_MODES, MapLocation, Verify, one_of
 from .saving.fingerprint import StructureCache
 from .saving.readback import VerifyMode, verify_written
-from .saving.snapshot import BlobSource, Snapshot, encoded_layout, flatten_metadata
+from .saving.snapshot import Snapshot, encoded_layout, flatten_metadata
 from .storage import (
     OS,
     Body,
@@ -197,15 +198,11 @@ def _encoded_layout(snapshot: Snapshot) -> fmt.EncodedLayout:
 
 
 def _host_bytes(snapshot: Snapshot) -> Iterator[memoryview]:
-    for blob in snapshot.blobs:
-        tensor = blob.tensor
-        if not (tensor.is_cpu and tensor.is_contiguous()):
-            tensor = _host_contiguous(blob)
-        yield fmt.tensor_bytes(tensor)
+    return tensors_bytes(snapshot.sources, _host_contiguous)
 
 
-def _host_contiguous(blob: BlobSource) -> torch.Tensor:
-    tensor = blob.tensor.detach()
+def _host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     return tensor.contiguous()

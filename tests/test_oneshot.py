@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import pickle
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -682,3 +683,28 @@ def test_random_views_of_one_storage_roundtrip_as_views(
     assert [v.stride() for v in restored] == [v.stride() for v in views]
     offsets = [v.storage_offset() - views[0].storage_offset() for v in views]
     assert [v.storage_offset() - restored[0].storage_offset() for v in restored] == offsets
+
+
+@pytest.mark.parametrize("elements", [800, 25_000])  # 3.2 KB and 100 KB blobs
+def test_a_save_of_many_tensors_runs_little_python_per_blob(tmp_dir: Path, elements: int) -> None:
+    """The caller's thread runs the per-blob work of a one-shot save while the thread issuing
+    the direct writes waits for the GIL after each write: it makes few calls per blob (counted
+    by a profile hook; 35 and 53 calls per blob before they were cut)."""
+    count = 2000
+    state = {f"t{i}": torch.full((elements,), float(i)) for i in range(count)}
+    path = tmp_dir / "many.ckpt"
+    asyncckpt.save(path, state, step=1)  # the structure is laid out once, then reused
+    calls = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(profile)  # this thread's calls only: the writing threads' are not counted
+    try:
+        asyncckpt.save(path, state, step=2)
+    finally:
+        sys.setprofile(None)
+    assert calls / count <= 20
+    loaded = asyncckpt.load(path)
+    assert loaded.step == 2 and all(torch.equal(loaded.state[k], v) for k, v in state.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import crc32c
@@ -161,6 +161,33 @@ _NUMPY_SAFE = frozenset(
 # An int dtype of each element size, to view the others through (a view of the same element size
 # is allowed for any shape, a 0-dim tensor included).
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def tensors_bytes(
+    tensors: Iterable[torch.Tensor], to_host: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[memoryview]:
+    """:func:`tensor_bytes` of each tensor, in turn; a tensor that is not a contiguous CPU
+    tensor is passed through ``to_host`` first (one at a time: a CUDA state is never all on
+    the host at once). The views keep their tensors alive.
+
+    The common case costs the fewest calls (this runs once per blob of every one-shot save, on
+    the thread whose GIL the writing thread waits for): a contiguous CPU tensor of a dtype
+    numpy maps as it is, not requiring grad, whose ``numpy()`` refuses what its memory does
+    not hold as its values (a negative view); anything else goes through :func:`tensor_bytes`.
+    """
+    safe = _NUMPY_SAFE
+    for tensor in tensors:
+        view = None
+        if tensor.dtype in safe and tensor.is_cpu and not tensor.requires_grad and tensor.is_contiguous():
+            if tensor.numel():
+                try:
+                    array: Any = tensor.numpy()
+                    view = memoryview(array).cast("B")
+                except RuntimeError:  # a negative view: resolved by tensor_bytes
+                    view = None
+        elif not (tensor.is_cpu and tensor.is_contiguous()):
+            tensor = to_host(tensor)
+        yield tensor_bytes(tensor) if view is None else view
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -62,75 +62,95 @@ def write_file(
 
     Blobs of at least ``PARALLEL_CRC_MIN`` bytes are checksummed in ``checksum_pool`` (a thread
     of the caller's: CRC32C and the write both release the GIL, so checksumming then costs no
-    time on the write path) while they are written; without a pool, before. Smaller blobs and
-    the padding between them are written in batches (see :class:`_Batch`). Raises
-    ``ValueError`` when a blob's length differs from its size (the caller's bug) and whatever
-    ``sink`` raises.
+    time on the write path) while they are written; without a pool, before. Smaller blobs are
+    gathered in runs with the padding before each: a run goes out in one ``writev`` (else one
+    joined ``write``) and is checksummed in one call, in the pool. Raises ``ValueError`` when a
+    blob's length differs from its size (the caller's bug) and whatever ``sink`` raises.
     """
-    out = _Batch(sink)
-    out.add(encode_prelude())
+    # The loop runs once per blob of every one-shot save, on the caller's thread, while the
+    # sink's thread waits for the GIL after each of its writes: it does the least it can.
+    run = _Run(sink, checksum_pool)
+    buffers, views = run.buffers, run.views
+    buffers.append(encode_prelude())
     position = PRELUDE_SIZE
-    crcs: list[int] = []
-    pending: list[tuple[int, Future[int]]] = []
-    small = _SmallChecksums(crcs, checksum_pool)
+    nbytes = 0
     for offset, size, data in zip(header.offsets, header.sizes, blobs, strict=True):
         if len(data) != size:
             raise ValueError(f"blob at {offset} has {len(data)} bytes, expected {size}")
-        out.pad(offset - position)
-        if size >= PARALLEL_CRC_MIN:
-            small.submit()  # a batch holds consecutive blobs
-            out.flush()
-            if checksum_pool is None:
-                crcs.append(crc32c.crc32c(data))
-            else:
-                pending.append((len(crcs), submit_or_run(checksum_pool, crc32c.crc32c, data)))
-                crcs.append(0)
-            write_all(sink, data)
-        else:
-            small.add(data)
-            out.add(data)
+        gap = offset - position
         position = offset + size
-    small.collect()
-    for index, future in pending:
-        crcs[index] = future.result()
-    return _finish(out, header, crcs, position)
+        if gap:
+            if gap < ALIGN:
+                buffers.append(_ZEROS[:gap])
+            else:
+                buffers += _padding(gap)
+        if size < PARALLEL_CRC_MIN:
+            buffers.append(data)
+            views.append(data)
+            nbytes += size
+            if nbytes >= _CRC_BATCH_BYTES or len(views) >= _CRC_BATCH_BLOBS or len(buffers) >= _BATCH_BUFFERS:
+                run.flush()
+                buffers, views, nbytes = run.buffers, run.views, 0
+            continue
+        run.flush()
+        buffers, views, nbytes = run.buffers, run.views, 0
+        run.large(data)
+    run.flush()
+    return _finish(_Batch(sink), header, run.checksums(), position)
 
 
-class _SmallChecksums:
-    """The CRC32Cs of small blobs, in ``crcs`` at their places: computed here without a pool,
-    else in the pool in batches (the caller's thread copies and writes meanwhile)."""
+class _Run:
+    """Consecutive small blobs (``views``) and every buffer to write up to their end
+    (``buffers``: the padding too), written and checksummed together by :meth:`flush`; and the
+    checksums of every blob so far, in file order."""
 
-    def __init__(self, crcs: list[int], pool: Executor | None) -> None:
-        self.crcs = crcs
+    def __init__(self, sink: Sink, pool: Executor | None) -> None:
+        self.sink = sink
+        self.writev: Callable[[list[Buffer]], None] | None = getattr(sink, "writev", None)
         self.pool = pool
+        self.buffers: list[Buffer] = []
         self.views: list[memoryview] = []
-        self.nbytes = 0
-        self.batches: list[tuple[int, Future[list[int]]]] = []
+        self.crcs: list[int] = []
+        self.batches: list[tuple[int, Future[list[int]]]] = []  # checksums of runs, in the pool
+        self.pending: list[tuple[int, Future[int]]] = []  # checksums of large blobs, in the pool
 
-    def add(self, data: memoryview) -> None:
+    def flush(self) -> None:
+        """Checksum the run's blobs (hand them to the pool) and write its buffers; start a new run."""
+        buffers, views = self.buffers, self.views
+        if views:
+            if self.pool is None:
+                self.crcs += map(crc32c.crc32c, views)
+            else:
+                self.batches.append((len(self.crcs), submit_or_run(self.pool, _checksums, views)))
+                self.crcs += [0] * len(views)
+            self.views = []
+        if buffers:
+            if self.writev is not None:
+                self.writev(buffers)
+            else:
+                self.sink.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+            self.buffers = []
+
+    def large(self, data: memoryview) -> None:
+        """Write a large blob (after :meth:`flush`), checksummed beside the write where a pool is."""
         if self.pool is None:
             self.crcs.append(crc32c.crc32c(data))
-            return
-        self.views.append(data)
-        self.crcs.append(0)
-        self.nbytes += len(data)
-        if self.nbytes >= _CRC_BATCH_BYTES or len(self.views) >= _CRC_BATCH_BLOBS:
-            self.submit()
+        else:
+            self.pending.append((len(self.crcs), submit_or_run(self.pool, crc32c.crc32c, data)))
+            self.crcs.append(0)
+        write_all(self.sink, data)
 
-    def collect(self) -> None:
-        """Wait for every batch and put its checksums in place."""
-        self.submit()
+    def checksums(self) -> list[int]:
+        """Every blob's checksum, once the pool computed them (call after the last :meth:`flush`)."""
         _place(self.crcs, self.batches)
-        self.batches.clear()
+        for index, future in self.pending:
+            self.crcs[index] = future.result()
+        return self.crcs
 
-    def submit(self) -> None:
-        """Hand the blobs gathered since the last batch (the latest of ``crcs``) to the pool."""
-        if not self.views:
-            return
-        assert self.pool is not None
-        first = len(self.crcs) - len(self.views)
-        self.batches.append((first, submit_or_run(self.pool, _checksums, self.views)))
-        self.views, self.nbytes = [], 0
+
+def _padding(count: int) -> list[Buffer]:
+    """``count`` zero bytes, as views of one page of zeros."""
+    return [_ZEROS[: min(count - start, ALIGN)] for start in range(0, count, ALIGN)]
 
 
 def write_region(

@@ -140,3 +140,36 @@ def test_tensor_bytes_of_a_negative_or_conjugate_view_are_its_values() -> None:
     assert bytes(fmt.tensor_bytes(torch._neg_view(real))) == bytes((-real).numpy())
     z = torch.tensor([1 + 2j, -3 - 4j], dtype=torch.complex64)
     assert bytes(fmt.tensor_bytes(z.conj())) == bytes(z.conj().resolve_conj().numpy())
+
+
+def test_tensors_bytes_are_each_tensors_values_and_only_odd_ones_go_to_the_host() -> None:
+    """The one-shot save's loop: the bytes of every kind of tensor (negative and conjugate views,
+    one requiring grad, bfloat16, empty, 0-dim) are its values; only a tensor that is not a
+    contiguous CPU tensor is passed to ``to_host``."""
+    from asyncckpt.format.blobs import tensors_bytes
+
+    real = torch.tensor([1.5, -2.0, 3.25])
+    grad = torch.ones(3, requires_grad=True)
+    z = torch.tensor([1 + 2j, -3 - 4j], dtype=torch.complex64)
+    strided = torch.arange(6.0).view(2, 3).t()
+    tensors = [
+        real,
+        torch._neg_view(real),
+        z.conj(),
+        grad,
+        torch.arange(4).to(torch.bfloat16),
+        torch.empty(0, 3),
+        torch.tensor(7, dtype=torch.int16),
+        strided,
+    ]
+    hosted: list[torch.Tensor] = []
+
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        hosted.append(tensor)
+        return tensor.contiguous()
+
+    got = [bytes(view) for view in tensors_bytes(tensors, to_host)]
+
+    values = [t.detach().resolve_neg().resolve_conj().contiguous().reshape(-1) for t in tensors]
+    assert got == [bytes(v.view(torch.uint8).numpy()) for v in values]
+    assert len(hosted) == 1 and hosted[0] is strided

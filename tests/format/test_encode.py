@@ -464,3 +464,11 @@ def test_a_pool_that_takes_no_more_work_checksums_on_the_writers_thread() -> Non
     whole = io.BytesIO()
     fmt.write_file(whole, header, [fmt.tensor_bytes(p) for p in payloads], checksum_pool=pool)
     assert whole.getvalue() == plain.getvalue()
+
+
+@pytest.mark.parametrize("count", [1, fmt.ALIGN - 1, fmt.ALIGN, fmt.ALIGN + 1, 3 * fmt.ALIGN + 5])
+def test_padding_of_any_length_is_that_many_zeros(count: int) -> None:
+    """The writer's padding before a blob (shorter than a page between blobs of a header it
+    prepared; any length is written right)."""
+    pieces = writing._padding(count)
+    assert b"".join(bytes(p) for p in pieces) == bytes(count) and all(len(p) <= fmt.ALIGN for p in pieces)

@@ -403,3 +403,21 @@ def test_a_half_written_here_at_exit_waits_for_the_write_in_flight(
     half = direct.BOUNCE // 2
     pieces: list[memoryview | bytes] = [bytes([i % 251]) * 4001 for i in range(2 * half // 4001 + 50)]
     assert written(PosixStorage(tmp_path, ops=ops, direct=True), pieces) == b"".join(pieces)
+
+
+def test_a_bounce_buffer_is_reused_by_the_next_storage_of_the_process(tmp_path: Path) -> None:
+    """A one-shot save opens a storage per call: its bounce buffer is the one the last storage
+    returned (a fresh one costs a page fault per page), and at most a few are kept."""
+    from asyncckpt.storage import direct
+
+    first, second = direct.BouncePool(), direct.BouncePool()
+    with first.lend() as lent:
+        where = direct.address(lent)
+    with second.lend() as again:
+        assert direct.address(again) == where
+    held = [direct.BouncePool().lend() for _ in range(direct._SPARE_MAX + 2)]
+    for lending in held:
+        lending.__enter__()
+    for lending in held:
+        lending.__exit__(None, None, None)
+    assert len(direct._spare) == direct._SPARE_MAX
