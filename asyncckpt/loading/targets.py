@@ -42,16 +42,17 @@ def direct_targets(
     users = Counter(entry.blob for entry in layout.tensors)
     direct: dict[int, torch.Tensor] = {}
     used: set[tuple[int, int]] = set()
-    fits = _Fits(layout)
+    memory_of = _TargetMemory(layout)
+    tensors = layout.tensors
     for path, node in refs:
         target = destinations.get(path)
         if target is None:
             continue
-        entry = layout.tensors[node.index]
-        if entry.blob in direct or users[entry.blob] != 1 or not fits(entry, target):
+        entry = tensors[node.index]
+        if entry.blob in direct or users[entry.blob] != 1:
             continue
-        memory = (target.get_device(), target.untyped_storage().data_ptr())  # device: -1 for the CPU
-        if memory not in used:
+        memory = memory_of(entry, target)
+        if memory is not None and memory not in used:
             direct[entry.blob] = target
             used.add(memory)
     return Targets(direct, modules)
@@ -127,8 +128,9 @@ def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> dict[KeyP
     return found
 
 
-class _Fits:
-    """Whether a blob's bytes are exactly ``target``'s: its one tensor has the target's dtype
+class _TargetMemory:
+    """The memory of ``target`` (its device index, -1 for the CPU, and its storage's address)
+    when a blob's bytes are exactly ``target``'s, else None: its one tensor has the target's dtype
     and shape, contiguous from the blob's first byte, and the target is a dense contiguous CPU
     or CUDA tensor whose memory holds its values as they are (no conjugate or negative bit:
     the bytes read would not be its values, and such a view cannot be viewed as bytes).
@@ -141,17 +143,19 @@ class _Fits:
         self.blobs = layout.blobs
         self.contiguous: dict[tuple[tuple[int, ...], tuple[int, ...]], bool] = {}
 
-    def __call__(self, entry: fmt.TensorEntry, target: torch.Tensor) -> bool:
+    def __call__(self, entry: fmt.TensorEntry, target: torch.Tensor) -> tuple[int, int] | None:
         if entry.offset != 0 or target.layout != torch.strided or target.dtype != entry.dtype:
-            return False
+            return None
         nbytes = target.nbytes
         if nbytes == 0 or self.blobs[entry.blob].nbytes != nbytes or target.shape != entry.shape:
-            return False
-        if not target.is_contiguous() or not (target.is_cpu or target.is_cuda):
-            return False
-        if target.is_conj() or target.is_neg():
-            return False
-        return target.stride() == entry.stride or self._contiguous(entry.shape, entry.stride)
+            return None
+        if not target.is_contiguous() or target.is_conj() or target.is_neg():
+            return None
+        if target.stride() != entry.stride and not self._contiguous(entry.shape, entry.stride):
+            return None
+        if target.is_cpu:
+            return -1, target.untyped_storage().data_ptr()
+        return (target.get_device(), target.untyped_storage().data_ptr()) if target.is_cuda else None
 
     def _contiguous(self, shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
         known = self.contiguous.get((shape, stride))
