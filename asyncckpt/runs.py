@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import crc32c
@@ -206,24 +206,33 @@ class RunReads:
         return lambda: self._check_crcs(first, list(map(crc32c.crc32c, views)))
 
     def _read_sliced(self, first: int, stop: int, views: Sequence[memoryview]) -> None:
-        """Blobs ``[first, stop)`` read in slices of about :data:`CHECK_BYTES` of the file, each
-        checked as soon as it lands: consecutive blobs that fit one slice share a read; a blob
-        bigger than a slice is read in slices, its CRC32C carried from one to the next."""
+        """Blobs ``[first, stop)`` read in slices (:meth:`_slices`), each checked as soon as it
+        lands; a blob bigger than a slice is read in slices, its CRC32C carried from one to the
+        next."""
+        for index, end in self._slices(first, stop):
+            if end < 0:
+                self._check_crcs(index, [self._sliced_crc(index, 0, views[index - first])])
+                continue
+            finish = self._read_whole(index, end, views[index - first : end - first], checksums=True)
+            if finish is not None:
+                finish()
+
+    def _slices(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Blobs ``[first, stop)`` cut into slices of about :data:`CHECK_BYTES` of the file:
+        ``(index, end)`` for consecutive blobs ``[index, end)`` that fit one slice, ``(index, -1)``
+        for one blob bigger than a slice."""
         blobs, offsets = self.layout.blobs, self.offsets
         index = first
         while index < stop:
             if blobs[index].nbytes > CHECK_BYTES:
-                crc = self._sliced_crc(index, 0, views[index - first])
-                self._check_crcs(index, [crc])
+                yield index, -1
                 index += 1
                 continue
             end = index + 1
             limit = offsets[index] + CHECK_BYTES
             while end < stop and offsets[end] + blobs[end].nbytes <= limit:
                 end += 1
-            finish = self._read_whole(index, end, views[index - first : end - first], checksums=True)
-            if finish is not None:
-                finish()
+            yield index, end
             index = end
 
     def _sliced_crc(self, index: int, start: int, view: memoryview) -> int:
@@ -240,6 +249,17 @@ class RunReads:
         return crc
 
     def _check(self, first: int, stop: int, scratch: _Scratch) -> _Finish:
+        if not self._sliced:
+            return self._check_whole(first, stop, scratch)
+        for index, end in self._slices(first, stop):
+            if end < 0:
+                view = scratch.get(self.layout.blobs[index].nbytes)
+                self._check_crcs(index, [self._sliced_crc(index, 0, view)])
+            else:
+                self._check_whole(index, end, scratch)()
+        return None
+
+    def _check_whole(self, first: int, stop: int, scratch: _Scratch) -> Callable[[], None]:
         blobs = self.layout.blobs
         begin = self.offsets[first]
         length = self.offsets[stop - 1] + blobs[stop - 1].nbytes - begin
