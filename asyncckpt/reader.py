@@ -96,8 +96,8 @@ def _read_tensors(
         if target is None:
             buffer = buffers[i] = torch.empty(blob.nbytes, dtype=torch.uint8, device=device)
             destinations.append(buffer)
-        else:
-            destinations.append(_bytes_of(target))
+        else:  # a CPU target's own bytes are viewed as they are; another device's as uint8
+            destinations.append(target if target.is_cpu else _bytes_of(target))
     prefault(buffers.values())
     _BlobReads(handle, layout, where).read(destinations, checksums=checksums)
     view = fmt.view_tensor
@@ -212,7 +212,7 @@ class _BlobReads:
 
     def read(self, destinations: list[torch.Tensor], *, checksums: bool) -> None:
         reads = self.handle.parallel_reads
-        if reads is None and all(d.device.type == "cpu" for d in destinations):
+        if reads is None and all(d.is_cpu for d in destinations):
             views = list(map(fmt.tensor_bytes, destinations))  # CPU destinations: in runs
             RunReads(self.handle, self.layout, self.where).read(
                 views, checksums=checksums, threads=_threads(self.layout)
@@ -273,7 +273,7 @@ class _BlobReads:
         *,
         checksums: bool,
     ) -> None:
-        if destination.device.type == "cpu":
+        if destination.is_cpu:
             self._read_into(reader, index, destination, checksums=checksums)
             return
         nbytes = self.layout.blobs[index].nbytes
@@ -302,7 +302,7 @@ def _read_spans(
     CPU destinations get the bytes straight from the reply; a blob for another device lands in
     a host buffer of its own (pinned for CUDA), copied over once the blob is whole and checked.
     """
-    if all(d.device.type == "cpu" for d in destinations):  # the bytes land in place: no bookkeeping
+    if all(d.is_cpu for d in destinations):  # the bytes land in place: no bookkeeping
         whole = [fmt.tensor_bytes(d) for d in destinations]
 
         def in_place(piece: Piece) -> memoryview:

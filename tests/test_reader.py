@@ -96,6 +96,35 @@ def test_read_tensors_reads_straight_into_targets(
     assert all(t.data_ptr() != target.data_ptr() for t in others)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_cpu_targets_are_read_through_their_own_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A CPU target's memory is viewed as it is (one call per blob), not first reshaped and
+    re-viewed as a uint8 tensor: three torch calls per tensor that a restore of 10,000
+    tensors paid on its one thread before the first byte was read."""
+
+    def refused(target: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a CPU target went through a uint8 view")
+
+    monkeypatch.setattr(reader_module, "_bytes_of", refused)
+    state = {"a": (torch.randn(6, 5) * 100).to(dtype), "b": torch.arange(3)}
+    path = asyncckpt.save(tmp_path / checkpoint_name(7), state, step=7)
+    handle, layout = open_v1(path)
+    with handle:
+        index = next(i for i, t in enumerate(layout.tensors) if t.key == "a")
+        target = torch.zeros(6, 5, dtype=dtype)
+        tensors = reader_module.read_tensors(
+            handle,
+            layout,
+            where=str(path),
+            checksums=True,
+            device=torch.device("cpu"),
+            targets={layout.tensors[index].blob: target},
+        )
+    assert tensors[index] is target and torch.equal(target, state["a"])
+
+
 def test_errors_carry_their_location_as_fields(tmp_path: Path) -> None:
     path = asyncckpt.save(tmp_path / checkpoint_name(7), make_state(7), step=7)
     offset = flip_blob_byte(path, "model.layers.1.weight")

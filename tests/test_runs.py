@@ -98,10 +98,16 @@ def test_many_small_blobs_are_read_with_one_call_per_run(tmp_path: Path) -> None
     assert_same_state(dict(zip([t.key for t in layout.tensors], tensors, strict=True)), state)
     runs = plan_runs(layout.blobs, runs_module.RUN_BYTES)
     assert len(runs) == 1  # 2,000 blobs of 4 KiB each: one run
-    assert handle.calls == [("read_pieces", 2000)]
+    per_slice = runs_module.CHECK_BYTES // 4096  # read (and checked) a slice of the run at a time
+    assert handle.calls == [("read_pieces", min(per_slice, 2000 - i)) for i in range(0, 2000, per_slice)]
     handle.calls.clear()
     reader_module.check_blobs(handle, layout, where="w")
-    assert handle.calls == [("read_at", layout.blobs[-1].offset + layout.blobs[-1].nbytes - fmt.DATA_OFFSET)]
+    blobs = layout.blobs  # checked alike: a slice of the run at a time, through the scratch buffer
+    slices = [(i, min(i + per_slice, 2000)) for i in range(0, 2000, per_slice)]
+    assert blobs[0].offset == fmt.DATA_OFFSET
+    assert handle.calls == [
+        ("read_at", blobs[b - 1].offset + blobs[b - 1].nbytes - blobs[a].offset) for a, b in slices
+    ]
 
 
 def test_loaded_tensors_have_memory_of_their_own(tmp_path: Path) -> None:
@@ -147,8 +153,12 @@ def test_big_blobs_are_read_in_parts_and_every_value_arrives(tmp_path: Path) -> 
 
 
 @pytest.mark.usefixtures("small_runs")
+@pytest.mark.parametrize("slices", [1 << 20, 4 << 10], ids=["whole-parts", "sliced-parts"])
 @pytest.mark.parametrize("checking", [False, True], ids=["read", "check"])
-def test_the_lowest_broken_blob_is_reported(tmp_path: Path, checking: bool) -> None:
+def test_the_lowest_broken_blob_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checking: bool, slices: int
+) -> None:
+    monkeypatch.setattr(runs_module, "CHECK_BYTES", slices)
     path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
     flip_blob_byte(path, "t7", at=9)
     flip_blob_byte(path, "t5", at=1)  # a small blob sharing a run with others
@@ -162,6 +172,39 @@ def test_the_lowest_broken_blob_is_reported(tmp_path: Path, checking: bool) -> N
                 reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
         assert caught.value.reason.startswith("checksum mismatch in t4 ")
         assert (caught.value.path, caught.value.key, caught.value.blob) == ("w", "t4", 4)
+
+
+def test_a_warm_read_checks_each_slice_as_it_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blobs are read a slice of the run at a time, a big blob in slices whose CRC32C
+    carries on from one to the next: each is checked while it is still in the CPU's cache."""
+    monkeypatch.setattr(runs_module, "CHECK_BYTES", 8 << 10)
+    state = wide_state()
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), state, step=1)
+    handle, layout = counted(path)
+    handle.calls.clear()
+    tensors = reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert_same_state(dict(zip([t.key for t in layout.tensors], tensors, strict=True)), state)
+    slices = sorted(n for kind, n in handle.calls if kind == "read_at")
+    big = [b.nbytes for b in layout.blobs if b.nbytes > 8 << 10]
+    assert len(big) == 4  # t1, t4, t6, t7
+    assert slices == sorted(min(8 << 10, n - start) for n in big for start in range(0, n, 8 << 10))
+    assert sum(n for kind, n in handle.calls if kind == "read_pieces") == len(layout.blobs) - len(big)
+    handle.calls.clear()
+    reader_module.read_tensors(handle, layout, where="w", checksums=False, device=CPU)
+    assert len(handle.calls) == 1  # unchecked: the one run, as before
+
+
+def test_a_mismatch_in_a_later_slice_of_a_big_blob_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs_module, "CHECK_BYTES", 8 << 10)
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    flip_blob_byte(path, "t4", at=50_000)  # the 7th slice of 8 KiB
+    handle, layout = counted(path)
+    with pytest.raises(CorruptedCheckpointError) as caught:
+        reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert caught.value.reason.startswith("checksum mismatch in t4 ")
+    assert (caught.value.key, caught.value.blob) == ("t4", 4)
 
 
 def test_a_mismatch_inside_a_run_names_its_blob(tmp_path: Path) -> None:

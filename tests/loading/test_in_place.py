@@ -135,3 +135,23 @@ def test_a_dtype_conversion_still_loads(tmp_path: Path, loads: list[str]) -> Non
     restore(tmp_path, {"model": fresh})
     assert loads == ["Sequential"]
     assert_same_state(fresh.state_dict(), {k: v.double() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("bit", ["conj", "neg"])
+def test_a_live_state_tensor_with_a_view_bit_is_not_read_in_place(tmp_path: Path, bit: str) -> None:
+    """A conjugate or negative view keeps its values transformed: the file's bytes read into its
+    memory would not be its values (and torch cannot view it as bytes). Such a live tensor is
+    replaced by ``load_state_dict`` like any tensor that does not fit; the restore loads."""
+    weight = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    saved = torch.randn(3, dtype=torch.complex64)
+    optimizer.state[weight]["momentum_buffer"] = saved.clone()
+    asyncckpt.save(tmp_path / checkpoint_name(4), {"optimizer": optimizer}, step=4)
+    fresh = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
+    base = torch.ones(3, dtype=torch.complex64)
+    live = base.conj() if bit == "conj" else torch._neg_view(base)
+    fresh.state[weight]["momentum_buffer"] = live
+    restore(tmp_path, {"optimizer": fresh})
+    loaded = fresh.state[weight]["momentum_buffer"]
+    assert torch.equal(loaded.resolve_conj().resolve_neg(), saved)
+    assert torch.equal(base, torch.ones(3, dtype=torch.complex64))  # the view's memory untouched
