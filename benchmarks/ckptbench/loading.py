@@ -83,12 +83,14 @@ class ReadFloor(LoadMethod):
 
 
 # The read + CRC32C floor is the faster, round by round, of two plain arrangements of the same
-# reads into buffers that exist already, in parts of at most PART_BYTES (small tensors share one
-# preadv, big ones are split): parts on CRC_THREADS threads, each checksummed while it is still
-# in the cache (as asyncckpt.runs reads; the faster one warm), or one thread reading the file in
-# order while another checksums behind it (the kernel's readahead sees one sequential reader: the
-# faster one cold). preadv and crc32c release the GIL.
+# reads into buffers that exist already, in parts (small tensors share one preadv, big ones are
+# split): parts of at most SLICE_BYTES on CRC_THREADS threads, each checksummed as soon as it
+# lands, while it is still in the CPU's cache (as asyncckpt.runs reads warm; the faster one
+# warm), or one thread reading the file in order in parts of PART_BYTES while another checksums
+# behind it (the kernel's readahead sees one sequential reader: the faster one cold). preadv and
+# crc32c release the GIL.
 PART_BYTES = 8 << 20
+SLICE_BYTES = 1 << 20  # a part that is checksummed while it is still in the cache
 CRC_THREADS = min(8, os.cpu_count() or 1)
 CRC_FLOORS = ("read_crc_parallel", "read_crc_pipelined")
 
@@ -99,14 +101,15 @@ class ReadCrcParallel(ReadFloor):
     """The read floor's bytes read in parts on ``CRC_THREADS`` threads, each part checksummed."""
 
     name = "read_crc_parallel"
+    part_bytes = SLICE_BYTES
     description = (
-        f"preadv into preallocated host buffers + crc32c of every byte, {PART_BYTES >> 20} MiB "
+        f"preadv into preallocated host buffers + crc32c of every byte, {SLICE_BYTES >> 20} MiB "
         f"parts on {CRC_THREADS} threads"
     )
 
     def setup(self) -> None:
         super().setup()
-        self.parts = plan_parts([_bytes(b) for b in self.buffers], PART_BYTES)
+        self.parts = plan_parts([_bytes(b) for b in self.buffers], self.part_bytes)
 
     def load(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
@@ -122,6 +125,7 @@ class ReadCrcPipelined(ReadCrcParallel):
     """The same parts read in file order by one thread, checksummed by another behind it."""
 
     name = "read_crc_pipelined"
+    part_bytes = PART_BYTES
     description = (
         f"preadv into preallocated host buffers in file order, {PART_BYTES >> 20} MiB parts, "
         "crc32c of each on a second thread"
