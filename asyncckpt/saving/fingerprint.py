@@ -226,8 +226,7 @@ class _Scanner:
         """Dicts (at ``depth``) whose values are all tensors and keys all str or int, as an
         optimizer's per-parameter state is, in a few C loops; False (nothing recorded) when
         they are not all like that."""
-        rows = list(map(list, map(dict.values, dicts)))
-        tensors = list(chain.from_iterable(rows))
+        tensors = list(chain.from_iterable(map(dict.values, dicts)))  # no list per dict
         if not set(map(type, tensors)) <= _TENSOR_TYPES:
             return False
         keys = list(map(tuple, dicts))

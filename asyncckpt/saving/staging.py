@@ -318,23 +318,25 @@ def stage(
         staged.event = _stage_cuda(first, last, side_stream, staged.sources)
     if plan.later:
         assert copier is not None
-        later = list(map(sources.__getitem__, plan.later))
+        every = len(plan.later) == len(sources)  # ascending and distinct: blob i is later[i]
+        later = list(sources) if every else list(map(sources.__getitem__, plan.later))
         if plan.spans_later or snapshot.watching:
             staged.watch([snapshot.watched(i) for i in plan.later])
         else:
-            staged.watch_one_each(later, _versions_of(snapshot, plan.later))
+            staged.watch_one_each(later, _versions_of(snapshot, plan.later, every=every))
         copier.submit(staged, destinations["later"], later)
     return staged
 
 
-def _versions_of(snapshot: Snapshot, blobs: list[int]) -> list[int] | None:
-    """The version counters the structure check read for the one-tensor ``blobs``, or None."""
+def _versions_of(snapshot: Snapshot, blobs: list[int], *, every: bool = False) -> list[int] | None:
+    """The version counters the structure check read for the one-tensor ``blobs`` (``every``:
+    they are all the blobs, in order), or None."""
     versions = snapshot.versions
     if versions is None:
         return None
     structure = snapshot.structure
     if structure.one_each:
-        return list(map(versions.__getitem__, blobs))
+        return versions if every else list(map(versions.__getitem__, blobs))
     return [versions[structure.sources[blob]] for blob in blobs]
 
 
