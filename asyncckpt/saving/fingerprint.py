@@ -72,6 +72,29 @@ _IS_NEG = torch.Tensor.is_neg
 _STRIDED = torch.strided
 
 
+def _dict_version_reader() -> Any:
+    """torch's reader of a dict's version tag (PEP 509: a new value from one global counter at
+    every change of any dict, so an equal tag means the same dict, unchanged), or None where
+    torch has none or the tags do not change as that says."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:  # pragma: no cover - present in every torch this package supports
+        return None
+    probe: dict[str, list[int]] = {}
+    tags = [dict_version(probe)]
+    probe["a"] = []
+    tags.append(dict_version(probe))
+    probe["a"] = []  # another value under the same key
+    tags.append(dict_version(probe))
+    probe.clear()
+    tags.append(dict_version(probe))
+    other = dict_version({})
+    return dict_version if len({*tags, other}) == len(tags) + 1 else None
+
+
+_DICT_VERSION: Any = _dict_version_reader()
+
+
 def _fields(t: torch.Tensor) -> tuple[Any, ...]:
     """What the layout reads of a tensor; see :func:`reusable` for the positions it checks.
 
@@ -148,10 +171,11 @@ def _reusable_fields(fields: list[tuple[Any, ...]]) -> bool:
     return all(f[3] is _STRIDED and not f[9] and not f[10] for f in fields)
 
 
-def _scan_unchecked(state: Any, state_dicts: StateDicts) -> Scan | None:
+def _scan_unchecked(state: Any, state_dicts: StateDicts, memo: list[_DictsSeen] | None = None) -> Scan | None:
     """The tree part of :func:`scan`: the fingerprint without the tensors' fields (the
-    tensors are in ``found``), and without :func:`reusable`'s check."""
-    scanner = _Scanner(state_dicts)
+    tensors are in ``found``), and without :func:`reusable`'s check. ``memo``: what the last
+    scan of this state learnt of its dicts of tensors (see :class:`_DictsSeen`), updated."""
+    scanner = _Scanner(state_dicts, memo)
     try:
         scanner.visit(state, 0, False)
         return scanner.finish()
@@ -163,7 +187,9 @@ class _Scanner:
     """The walk records the tree's shape and plain values, and marks where tensors stand; the
     tensors' own fields are left to the caller, for all of them at once."""
 
-    def __init__(self, state_dicts: StateDicts) -> None:
+    def __init__(self, state_dicts: StateDicts, memo: list[_DictsSeen] | None = None) -> None:
+        self.memo = memo
+        self.dict_rows = 0  # containers of dicts of tensors met so far (their place in memo)
         self.signature: list[Any] = []
         self.values: list[int | bytes | tuple[int, ...]] = []  # the numbers, in order (see number())
         self.found: list[torch.Tensor] = []
@@ -226,18 +252,39 @@ class _Scanner:
         """Dicts (at ``depth``) whose values are all tensors and keys all str or int, as an
         optimizer's per-parameter state is, in a few C loops; False (nothing recorded) when
         they are not all like that."""
-        rows = list(map(list, map(dict.values, dicts)))
-        tensors = list(chain.from_iterable(rows))
-        if not set(map(type, tensors)) <= _TENSOR_TYPES:
-            return False
-        keys = list(map(tuple, dicts))
-        if not set(map(type, chain.from_iterable(keys))) <= _PLAIN_KEYS:
-            return False  # a str or int by its value alone: no subclass, no bool
+        seen = self._seen(dicts)
+        tensors = list(chain.from_iterable(map(dict.values, dicts)))  # no list per dict
+        if seen is not None and seen.same(dicts):
+            keys = seen.keys  # the same dicts, unchanged: keys, tensors and their types were fine
+        else:
+            if not set(map(type, tensors)) <= _TENSOR_TYPES:
+                return False
+            keys = list(map(tuple, dicts))
+            if not set(map(type, chain.from_iterable(keys))) <= _PLAIN_KEYS:
+                return False  # a str or int by its value alone: no subclass, no bool
+            self._remember(dicts, keys)
         if depth > MAX_DEPTH:
             raise _Unscannable
         self.signature += (_TENSOR_DICTS, keys)
         self.found += tensors
         return True
+
+    def _seen(self, dicts: list[dict[Any, Any]]) -> _DictsSeen | None:
+        """What the last scan learnt at this place, if anything; counts the place."""
+        position, self.dict_rows = self.dict_rows, self.dict_rows + 1
+        memo = self.memo
+        return memo[position] if memo is not None and position < len(memo) else None
+
+    def _remember(self, dicts: list[dict[Any, Any]], keys: list[tuple[Any, ...]]) -> None:
+        memo = self.memo
+        if memo is None or _DICT_VERSION is None:
+            return
+        seen = _DictsSeen(list(map(id, dicts)), list(map(_DICT_VERSION, dicts)), keys)
+        position = self.dict_rows - 1
+        if position < len(memo):
+            memo[position] = seen
+        elif position == len(memo):
+            memo.append(seen)
 
     def visit(self, value: Any, depth: int, inside: bool) -> None:
         if depth > MAX_DEPTH:  # also ends a cycle
@@ -299,6 +346,22 @@ class _Scanner:
             self.items(value, depth, inside)
 
 
+@dataclass(frozen=True)
+class _DictsSeen:
+    """Dicts of tensors a scan accepted (an optimizer's per-parameter state): their ids, their
+    version tags and their keys. The same dicts with the same tags hold the same keys and the
+    same tensor objects, so the next scan takes the keys from here and checks no type; the
+    tensors themselves are taken from the dicts (a memo holds no tensor)."""
+
+    ids: list[int]
+    tags: list[int]
+    keys: list[tuple[Any, ...]]
+
+    def same(self, dicts: list[dict[Any, Any]]) -> bool:
+        """Whether ``dicts`` are these dicts, none changed since."""
+        return list(map(id, dicts)) == self.ids and list(map(_DICT_VERSION, dicts)) == self.tags
+
+
 @dataclass
 class _Cached:
     """The last structure laid out, the fingerprint it was laid out from (tree and tensor
@@ -327,6 +390,7 @@ class StructureCache:
 
     def __init__(self) -> None:
         self._last: _Cached | None = None
+        self._dicts: list[_DictsSeen] = []  # see _DictsSeen
         self.hits = 0
         self.misses = 0
 
@@ -338,7 +402,7 @@ class StructureCache:
         :func:`~asyncckpt.saving.snapshot.flatten` raises.
         """
         state_dicts = StateDicts()
-        scanned = _scan_unchecked(state, state_dicts)
+        scanned = _scan_unchecked(state, state_dicts, self._dicts)
         last = self._last
         fields = None
         if scanned is not None and last is not None and scanned.signature == last.signature:

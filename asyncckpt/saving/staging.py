@@ -73,11 +73,20 @@ class StagedCopy:
     before the buffers go back to the pool.
     """
 
-    def __init__(self, buffers: StagingBuffers, deferred: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        buffers: StagingBuffers,
+        deferred: Sequence[int] = (),
+        *,
+        groups: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.buffers = buffers
         self.event: Any = None  # torch.cuda.Event after the last CUDA copy
         self.sources: list[torch.Tensor] = []  # CUDA sources kept alive until their copy ran
         self.deferred = list(deferred)  # ascending blob indices the copier fills
+        # ``[begin, end)`` positions in ``deferred`` published together (:func:`_groups` of
+        # their sizes; a cached CopyPlan's, else computed by the copier thread).
+        self.groups = groups
         self._copied = 0  # how many of ``deferred`` are copied
         self._error: BaseException | None = None
         self._cond = threading.Condition()
@@ -114,7 +123,10 @@ class StagedCopy:
         for this copy) would make the checkpoint a mix of two states, so the copy fails.
         """
         try:
-            for begin, end in _groups([self.buffers.sizes[i] for i in self.deferred]):
+            groups = self.groups
+            if groups is None:
+                groups = list(_groups([self.buffers.sizes[i] for i in self.deferred]))
+            for begin, end in groups:
                 copy_all(destinations[begin:end], sources[begin:end], non_blocking=False)
                 self._check_versions(begin, end)
                 with self._cond:
@@ -262,6 +274,7 @@ class CopyPlan:
     cuda_last: list[int]
     destinations: dict[str, list[torch.Tensor]]
     spans_later: bool  # a span blob is among ``later`` (its members are watched, not its view)
+    later_groups: list[tuple[int, int]]  # :func:`_groups` of the sizes of ``later``
 
 
 def copy_plan(structure: Structure, buffers: StagingBuffers, deferred: frozenset[int]) -> CopyPlan:
@@ -283,6 +296,7 @@ def copy_plan(structure: Structure, buffers: StagingBuffers, deferred: frozenset
         **groups,
         destinations={name: [buffers.destinations[i] for i in blobs] for name, blobs in groups.items()},
         spans_later=any(i in structure.spans for i in groups["later"]),
+        later_groups=list(_groups([buffers.sizes[i] for i in groups["later"]])),
     )
     buffers.plan = (structure, deferred, plan)
     return plan
@@ -309,7 +323,7 @@ def stage(
     """
     plan = copy_plan(snapshot.structure, buffers, frozenset(deferred) if copier is not None else frozenset())
     sources = snapshot.sources
-    staged = StagedCopy(buffers, plan.later)
+    staged = StagedCopy(buffers, plan.later, groups=plan.later_groups)
     destinations = plan.destinations
     copy_all(destinations["now"], [sources[i] for i in plan.now], non_blocking=False)
     if plan.cuda_first or plan.cuda_last:
@@ -318,23 +332,25 @@ def stage(
         staged.event = _stage_cuda(first, last, side_stream, staged.sources)
     if plan.later:
         assert copier is not None
-        later = list(map(sources.__getitem__, plan.later))
+        every = len(plan.later) == len(sources)  # ascending and distinct: blob i is later[i]
+        later = list(sources) if every else list(map(sources.__getitem__, plan.later))
         if plan.spans_later or snapshot.watching:
             staged.watch([snapshot.watched(i) for i in plan.later])
         else:
-            staged.watch_one_each(later, _versions_of(snapshot, plan.later))
+            staged.watch_one_each(later, _versions_of(snapshot, plan.later, every=every))
         copier.submit(staged, destinations["later"], later)
     return staged
 
 
-def _versions_of(snapshot: Snapshot, blobs: list[int]) -> list[int] | None:
-    """The version counters the structure check read for the one-tensor ``blobs``, or None."""
+def _versions_of(snapshot: Snapshot, blobs: list[int], *, every: bool = False) -> list[int] | None:
+    """The version counters the structure check read for the one-tensor ``blobs`` (``every``:
+    they are all the blobs, in order), or None."""
     versions = snapshot.versions
     if versions is None:
         return None
     structure = snapshot.structure
     if structure.one_each:
-        return list(map(versions.__getitem__, blobs))
+        return versions if every else list(map(versions.__getitem__, blobs))
     return [versions[structure.sources[blob]] for blob in blobs]
 
 

@@ -809,3 +809,43 @@ def test_saves_piling_up_while_numbers_change_each_write_their_own(
         loaded = asyncckpt.load(tmp_path / checkpoint_name(step)).state
         assert loaded["epoch"] == epoch and _DOUBLE(loaded["lrs"][0]) == _DOUBLE(lr)
         assert _DOUBLE(loaded["optimizer"]["param_groups"][0]["lr"]) == _DOUBLE(lr)
+
+
+def _tensor_dict_keys(scanned: Any) -> list[Any]:
+    """The key lists the scan recorded for its containers of dicts of tensors."""
+    signature = scanned.signature
+    return [signature[i + 1] for i, item in enumerate(signature) if item is fingerprint_module._TENSOR_DICTS]
+
+
+@pytest.mark.skipif(fingerprint_module._DICT_VERSION is None, reason="this torch reads no dict version tags")
+def test_unchanged_per_param_dicts_are_fingerprinted_from_the_last_scan() -> None:
+    state = simple_state()
+    memo: list[Any] = []
+    first = fingerprint_module._scan_unchecked(state, StateDicts(), memo)
+    second = fingerprint_module._scan_unchecked(state, StateDicts(), memo)
+    assert first is not None and second is not None
+    [first_keys], [second_keys] = _tensor_dict_keys(first), _tensor_dict_keys(second)
+    assert second_keys is first_keys  # taken from the memo, not rebuilt dict by dict
+    assert second.signature == first.signature and second.found == first.found
+    assert not any(isinstance(v, torch.Tensor) for seen in memo for v in vars(seen).values())
+    replaced = torch.ones(5)
+    state["per_param"][1]["v"] = replaced  # the dict changed: its keys and types are read again
+    third = fingerprint_module._scan_unchecked(state, StateDicts(), memo)
+    assert third is not None
+    [third_keys] = _tensor_dict_keys(third)
+    assert third_keys is not first_keys and third_keys == first_keys
+    assert any(t is replaced for t in third.found)
+    state["per_param"][0] = dict(state["per_param"][0])  # an equal dict, another object
+    fourth = fingerprint_module._scan_unchecked(state, StateDicts(), memo)
+    assert fourth is not None and _tensor_dict_keys(fourth)[0] is not third_keys
+
+
+def test_a_per_param_tensor_replaced_between_saves_is_saved(tmp_path: Path) -> None:
+    state = simple_state()
+    with AsyncCheckpointer(tmp_path, keep_last=3) as ckpt:
+        ckpt.save(1, state).result(timeout=30)
+        ckpt.save(2, state).result(timeout=30)  # the per-param dicts are known now
+        state["per_param"][0]["m"] = torch.full((4,), 3.0)  # same key, another tensor
+        path = ckpt.save(3, state).result(timeout=30)
+    assert path is not None
+    assert states_equal(asyncckpt.load(path).state, state)

@@ -10,6 +10,7 @@ import torch
 
 from asyncckpt import format as fmt
 from asyncckpt.errors import UsageError
+from asyncckpt.saving.fingerprint import StructureCache
 from asyncckpt.saving.snapshot import flatten
 from asyncckpt.saving.staging import (
     GROUP_BYTES,
@@ -168,3 +169,30 @@ def test_background_copies_are_published_in_groups() -> None:
     half = GROUP_BYTES // 2
     assert list(_groups([half, half, half, 1, GROUP_BYTES])) == [(0, 2), (2, 5)]
     assert list(_groups([GROUP_BYTES, 1])) == [(0, 1), (1, 2)]
+
+
+def test_every_blob_deferred_reuses_the_checks_versions_and_the_cached_groups() -> None:
+    state = {"a": torch.ones(4), "b": torch.full((3,), 2.0), "c": torch.zeros(2, 2)}
+    cache = StructureCache()
+    cache.snapshot(state)
+    snapshot, _ = cache.snapshot(state)  # cached: the check read the version counters
+    assert snapshot.versions is not None
+    buffers = StagingPool(1, pin_memory=False).acquire(snapshot.layout_key())
+    assert buffers is not None
+    copier = Copier()
+    try:
+        with copier.held():  # the copies start when the block ends
+            staged = stage(snapshot, buffers, deferred={0, 1, 2}, copier=copier)
+            assert staged._versions is snapshot.versions  # not remapped blob by blob
+            assert staged.groups is buffers.plan[2].later_groups == [(0, 3)]  # computed once
+            state["b"].add_(1.0)  # changed after save() noted its version: the copy must fail
+        with pytest.raises(StagingRaceError) as info:
+            staged.wait()
+        assert info.value.blob == 1
+        assert torch.equal(buffers.destinations[0], state["a"])
+        again = stage(cache.snapshot(state)[0], buffers, deferred={0, 1, 2}, copier=copier)
+        again.wait()
+        assert again.groups is staged.groups
+        assert all(torch.equal(buffers.destinations[i], state[k]) for i, k in enumerate("abc"))
+    finally:
+        copier.close()
