@@ -294,7 +294,7 @@ def run_loads(state: BenchState, saved: list[SaveMethod], *, repeat: int, warmup
         "file_bytes": {m.name: file_size(m.path) for m in methods},
         "descriptions": {
             **{m.name: m.description for m in methods},
-            "read_crc_floor": "the faster read_crc arrangement of each round (read + CRC32C floor)",
+            "read_crc_floor": "the fastest read_crc arrangement of each round (read + CRC32C floor)",
         },
         "cold": summarize_loads(cold),
         "warm": summarize_loads(warm),

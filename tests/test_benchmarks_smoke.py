@@ -99,6 +99,7 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
         for method in (
             "read_floor",
             "read_crc_parallel",
+            "read_crc_sliced",
             "read_crc_pipelined",
             "read_crc_floor",
             "asyncckpt_load",
@@ -111,11 +112,11 @@ def test_tiny_configuration_writes_the_expected_json(tmp_path: Path) -> None:
         for method in ("asyncckpt_load", "asyncckpt_restore"):
             for floor in ("vs_read_floor", "vs_read_crc_floor"):
                 assert load[temperature][method][floor]["median"] is not None, (temperature, method, floor)
-        parallel, pipelined, floor = (
+        parallel, sliced, pipelined, floor = (
             load[temperature][name]["seconds"]["runs"]
-            for name in ("read_crc_parallel", "read_crc_pipelined", "read_crc_floor")
+            for name in ("read_crc_parallel", "read_crc_sliced", "read_crc_pipelined", "read_crc_floor")
         )
-        assert floor == [min(a, b) for a, b in zip(parallel, pipelined, strict=True)]
+        assert floor == [min(a, b, c) for a, b, c in zip(parallel, sliced, pipelined, strict=True)]
     assert per_tensor["read_crc_floor_warm"] is not None
 
     assert "asyncckpt" in result["interference"]["methods"]

@@ -82,17 +82,18 @@ class ReadFloor(LoadMethod):
                     view = view[got:]
 
 
-# The read + CRC32C floor is the faster, round by round, of two plain arrangements of the same
-# reads into buffers that exist already, in parts (small tensors share one preadv, big ones are
-# split): parts of at most SLICE_BYTES on CRC_THREADS threads, each checksummed as soon as it
-# lands, while it is still in the CPU's cache (as asyncckpt.runs reads warm; the faster one
-# warm), or one thread reading the file in order in parts of PART_BYTES while another checksums
-# behind it (the kernel's readahead sees one sequential reader: the faster one cold). preadv and
-# crc32c release the GIL.
+# The read + CRC32C floor is the fastest, round by round, of three plain arrangements of the
+# same reads into buffers that exist already, in parts of at most PART_BYTES (small tensors share
+# one preadv, big ones are split): parts on CRC_THREADS threads, each checksummed once it landed;
+# the same parts each read in slices of SLICE_BYTES, each checksummed as soon as it lands, while
+# it is still in the CPU's cache (as asyncckpt.runs reads warm since session 9; these two are the
+# faster warm); or one thread reading the file in order while another checksums behind it (the
+# kernel's readahead sees one sequential reader: the faster one cold). preadv and crc32c release
+# the GIL.
 PART_BYTES = 8 << 20
-SLICE_BYTES = 1 << 20  # a part that is checksummed while it is still in the cache
+SLICE_BYTES = 1 << 20
 CRC_THREADS = min(8, os.cpu_count() or 1)
-CRC_FLOORS = ("read_crc_parallel", "read_crc_pipelined")
+CRC_FLOORS = ("read_crc_parallel", "read_crc_sliced", "read_crc_pipelined")
 
 Part = tuple[int, list[memoryview]]  # file offset, the buffers' bytes that follow it in the file
 
@@ -101,15 +102,14 @@ class ReadCrcParallel(ReadFloor):
     """The read floor's bytes read in parts on ``CRC_THREADS`` threads, each part checksummed."""
 
     name = "read_crc_parallel"
-    part_bytes = SLICE_BYTES
     description = (
-        f"preadv into preallocated host buffers + crc32c of every byte, {SLICE_BYTES >> 20} MiB "
+        f"preadv into preallocated host buffers + crc32c of every byte, {PART_BYTES >> 20} MiB "
         f"parts on {CRC_THREADS} threads"
     )
 
     def setup(self) -> None:
         super().setup()
-        self.parts = plan_parts([_bytes(b) for b in self.buffers], self.part_bytes)
+        self.parts = plan_parts([_bytes(b) for b in self.buffers], PART_BYTES)
 
     def load(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
@@ -125,7 +125,6 @@ class ReadCrcPipelined(ReadCrcParallel):
     """The same parts read in file order by one thread, checksummed by another behind it."""
 
     name = "read_crc_pipelined"
-    part_bytes = PART_BYTES
     description = (
         f"preadv into preallocated host buffers in file order, {PART_BYTES >> 20} MiB parts, "
         "crc32c of each on a second thread"
@@ -145,6 +144,38 @@ class ReadCrcPipelined(ReadCrcParallel):
                     future.result()
         finally:
             os.close(fd)
+
+
+class ReadCrcSliced(ReadCrcParallel):
+    """The parallel floor's parts, each read in slices checksummed as soon as they land."""
+
+    name = "read_crc_sliced"
+    description = (
+        f"preadv into preallocated host buffers + crc32c of every byte, {PART_BYTES >> 20} MiB "
+        f"parts on {CRC_THREADS} threads, each read in {SLICE_BYTES >> 20} MiB slices, "
+        "each checksummed as it lands"
+    )
+
+    def setup(self) -> None:
+        super().setup()
+        self.sliced = [
+            [(offset + start, views) for start, views in plan_parts(part, SLICE_BYTES)]
+            for offset, part in self.parts
+        ]
+
+    def load(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="read-crc-floor") as pool:
+                for _ in pool.map(functools.partial(_read_slices, fd), self.sliced):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def _read_slices(fd: int, slices: list[Part]) -> None:
+    for piece in slices:
+        _read_part(fd, piece)
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
@@ -304,6 +335,7 @@ LOAD_METHODS: dict[str, type[LoadMethod]] = {
     for m in (
         ReadFloor,
         ReadCrcParallel,
+        ReadCrcSliced,
         ReadCrcPipelined,
         AsyncckptLoad,
         AsyncckptLoadTrusted,
