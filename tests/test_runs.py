@@ -274,8 +274,15 @@ def test_the_page_cache_probe_tells_a_dropped_file_from_a_read_one(tmp_path: Pat
     path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)  # fsynced: clean pages
     handle = PosixStorage(path.parent).open(path.name)
     layout = reader_module.read_layout(handle, str(path))
-    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    assert PROBE(runs_module.RunReads(handle, layout, "w")) is False
+    # The kernel may keep a page the drop cannot take at that instant (one the header's
+    # readahead is still reading, one the memory manager holds aside): the drop is repeated
+    # until the probe sees the file gone, a bounded number of times.
+    for _ in range(1000):
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if PROBE(runs_module.RunReads(handle, layout, "w")) is False:
+            break
+    else:
+        pytest.fail("the probe took a file dropped from the page cache 1000 times for a cached one")
     reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
     assert PROBE(runs_module.RunReads(handle, layout, "w")) is True
     handle.close()
