@@ -27,6 +27,7 @@ from .._values import SAFE_TYPES_TEXT, NotSafeError, container_items, container_
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
+from .state_dicts import ModuleTrees
 from .state_dicts import state_dict_of as _state_dict_of
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
@@ -54,20 +55,24 @@ class StateDicts:
 
     Every walk of one state meets the objects in the same order (depth first, in the containers'
     own order), so the n-th object a later walk meets is the n-th one an earlier walk met.
+    ``trees`` remembers module trees from one save to the next (see
+    :class:`~asyncckpt.saving.state_dicts.ModuleTrees`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trees: ModuleTrees | None = None) -> None:
         self.results: list[Any] = []
+        self.trees = trees
 
     def reader(self) -> Callable[[Any], Any]:
         """A function giving each object's state dict, in meeting order, for one walk."""
         position = 0
         results = self.results
+        trees = self.trees
 
         def state_dict_of(obj: Any) -> Any:
             nonlocal position
             if position == len(results):
-                results.append(_state_dict_of(obj))  # obj.state_dict(), faster for plain modules
+                results.append(_state_dict_of(obj, trees))  # obj.state_dict(), faster for plain modules
             position += 1
             return results[position - 1]
 

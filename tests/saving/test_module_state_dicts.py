@@ -3,6 +3,8 @@ module torch's defaults do not describe gets its own ``state_dict()``."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.saving.state_dicts import module_state_dict, state_dict_of
+from asyncckpt.saving.state_dicts import ModuleTrees, module_state_dict, state_dict_of
 
 
 class WithExtras(torch.nn.Module):
@@ -170,3 +172,124 @@ def test_any_of_torchs_methods_set_on_the_instance_leaves_the_module_to_it(name:
     setattr(module[1], name, getattr(module[1], name))  # an instance attribute, torch's behaviour
     assert module_state_dict(module[0]) is not None
     assert module_state_dict(module) is None
+
+
+# ModuleTrees: a tree's walk remembered from one save to the next.
+
+
+def remembered(trees: ModuleTrees, module: torch.nn.Module) -> dict[str, Any] | None:
+    """The state dict ``trees`` gives for ``module`` (checked against torch's), and whether the
+    memo gave it."""
+    hits = trees.hits
+    got = state_dict_of(module, trees)
+    expected = module.state_dict()
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value) and got[key].data_ptr() == value.data_ptr(), key
+        assert type(got[key]) is torch.Tensor and not got[key].requires_grad, key
+    return got if trees.hits == hits + 1 else None
+
+
+def test_an_unchanged_tree_is_built_from_the_memo() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    assert remembered(trees, module) is None  # the first walk records
+    assert remembered(trees, module) is not None
+    assert remembered(trees, module) is not None
+    assert trees.hits == 2
+
+
+def replace_parameter(module: WithExtras) -> None:
+    module.linear.weight = torch.nn.Parameter(torch.ones(2, 3))
+
+
+def add_submodule(module: WithExtras) -> None:
+    module.blocks.append(torch.nn.Linear(1, 1))
+
+
+def buffer_made_non_persistent(module: WithExtras) -> None:
+    module.register_buffer("kept", module.kept, persistent=False)
+
+
+def buffer_made_persistent(module: WithExtras) -> None:
+    module.register_buffer("scratch", module.scratch, persistent=True)
+
+
+def parameter_set_to_none(module: WithExtras) -> None:
+    module.blocks[2].bias = None
+
+
+def attribute_deleted(module: WithExtras) -> None:
+    del module.norm
+
+
+def class_swapped(module: WithExtras) -> None:
+    module.blocks[0].__class__ = OwnSave
+
+
+def post_hook_added(module: WithExtras) -> None:
+    with_post_hook(module.blocks[2])
+
+
+def state_dict_set_on_an_instance(module: WithExtras) -> None:
+    counted(module.tied)
+
+
+def child_replaced(module: WithExtras) -> None:
+    module.blocks[1] = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        replace_parameter,
+        add_submodule,
+        buffer_made_non_persistent,
+        buffer_made_persistent,
+        parameter_set_to_none,
+        attribute_deleted,
+        class_swapped,
+        post_hook_added,
+        state_dict_set_on_an_instance,
+        child_replaced,
+    ],
+)
+def test_a_changed_tree_is_walked_again(change: Any) -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    assert remembered(trees, module) is not None
+    change(module)
+    assert remembered(trees, module) is None  # torch's result, not the memo's
+    if module_state_dict(module) is not None:
+        assert remembered(trees, module) is not None  # the new tree remembered
+
+
+def test_a_parameters_data_replaced_in_place_is_read_afresh() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    module.linear.bias.data = torch.full((2,), 7.0)  # no dict changes
+    got = remembered(trees, module)
+    assert got is not None and torch.equal(got["linear.bias"], torch.full((2,), 7.0))
+
+
+def test_a_class_patched_after_the_walk_is_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    monkeypatch.setattr(torch.nn.Linear, "_save_to_state_dict", OwnSave._save_to_state_dict)
+    assert remembered(trees, module) is None
+    assert "linear.w" in state_dict_of(module, trees)
+
+
+def test_the_memo_keeps_no_module_alive() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    gone = weakref.ref(module.linear.weight)
+    del module
+    gc.collect()
+    assert gone() is None
+    other = torch.nn.Linear(2, 2)  # may take the freed root's id: its own state dict
+    assert list(state_dict_of(other, trees)) == ["weight", "bias"]
