@@ -3,6 +3,7 @@ module torch's defaults do not describe gets its own ``state_dict()``."""
 
 from __future__ import annotations
 
+import datetime
 import gc
 import weakref
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import asyncckpt
+from asyncckpt.format import encode as encode_module
 from asyncckpt.saving.state_dicts import ModuleTrees, module_state_dict, state_dict_of
 
 
@@ -178,15 +180,16 @@ def test_any_of_torchs_methods_set_on_the_instance_leaves_the_module_to_it(name:
 
 
 def remembered(trees: ModuleTrees, module: torch.nn.Module) -> dict[str, Any] | None:
-    """The state dict ``trees`` gives for ``module`` (checked against torch's), and whether the
-    memo gave it."""
+    """The state dict ``trees`` gives for ``module`` (its own tensors, checked against torch's
+    ``keep_vars`` result) when the memo gave it; None when the tree was walked."""
     hits = trees.hits
-    got = state_dict_of(module, trees)
-    expected = module.state_dict()
+    got = trees.state_dict(module)
+    if got is None:
+        assert module_state_dict(module) is None  # a tree torch's defaults do not describe
+        return None
+    expected = module.state_dict(keep_vars=True)
     assert list(got) == list(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value) and got[key].data_ptr() == value.data_ptr(), key
-        assert type(got[key]) is torch.Tensor and not got[key].requires_grad, key
+    assert all(got[key] is tensor for key, tensor in expected.items())
     return got if trees.hits == hits + 1 else None
 
 
@@ -271,7 +274,7 @@ def test_a_parameters_data_replaced_in_place_is_read_afresh() -> None:
     remembered(trees, module)
     module.linear.bias.data = torch.full((2,), 7.0)  # no dict changes
     got = remembered(trees, module)
-    assert got is not None and torch.equal(got["linear.bias"], torch.full((2,), 7.0))
+    assert got is not None and torch.equal(got["linear.bias"].detach(), torch.full((2,), 7.0))
 
 
 def test_a_class_patched_after_the_walk_is_called(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +283,7 @@ def test_a_class_patched_after_the_walk_is_called(monkeypatch: pytest.MonkeyPatc
     remembered(trees, module)
     monkeypatch.setattr(torch.nn.Linear, "_save_to_state_dict", OwnSave._save_to_state_dict)
     assert remembered(trees, module) is None
-    assert "linear.w" in state_dict_of(module, trees)
+    assert trees.state_dict(module) is None
 
 
 def test_the_memo_keeps_no_module_alive() -> None:
@@ -292,4 +295,30 @@ def test_the_memo_keeps_no_module_alive() -> None:
     gc.collect()
     assert gone() is None
     other = torch.nn.Linear(2, 2)  # may take the freed root's id: its own state dict
-    assert list(state_dict_of(other, trees)) == ["weight", "bias"]
+    assert list(trees.state_dict(other) or ()) == ["weight", "bias"]
+
+
+class FixedClock:
+    """Stands for ``datetime`` in the header encoder: one creation time for every file."""
+
+    @staticmethod
+    def now(tz: Any) -> datetime.datetime:
+        return datetime.datetime(2026, 1, 1, tzinfo=tz)
+
+
+def test_a_module_saved_from_the_memo_writes_the_bytes_torchs_state_dict_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encode_module, "datetime", FixedClock)
+    model = WithExtras()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = {"model": model, "optimizer": optimizer}
+    with asyncckpt.AsyncCheckpointer(tmp_path / "reused") as ckpt:
+        ckpt.save(1, state).result()
+        ckpt.save(2, state).result()  # the cached structure, the module tree's own tensors
+    with asyncckpt.AsyncCheckpointer(tmp_path / "fresh") as ckpt:
+        ckpt.save(2, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}).result()
+    name = "step-0000000002.ckpt"
+    assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    loaded = asyncckpt.load(tmp_path / "reused" / name).state["model"]
+    assert all(type(t) is torch.Tensor and not t.requires_grad for t in loaded.values())
