@@ -273,3 +273,62 @@ def _plain_parts(module: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str,
     if get("_state_dict_pre_hooks", True) or get("_state_dict_hooks", True):
         return None
     return parameters, buffers, children, non_persistent
+
+
+class StateDicts:
+    """The ``state_dict()`` of each object a walk meets, called once and replayed to later walks.
+
+    Every walk of one state meets the objects in the same order (depth first, in the containers'
+    own order), so the n-th object a later walk meets is the n-th one an earlier walk met.
+    With ``trees`` (remembered from one save to the next), a module tree's state dict holds the
+    modules' own tensors (see :class:`~asyncckpt.saving.state_dicts.ModuleTrees`): the
+    :meth:`reader` gives them as they are, the :meth:`detached_reader` detached.
+    """
+
+    def __init__(self, trees: ModuleTrees | None = None) -> None:
+        self.results: list[Any] = []
+        self.trees = trees
+        self._own: set[int] = set()  # positions of module trees' state dicts (own tensors)
+        self._detached: dict[int, dict[str, torch.Tensor]] = {}  # position: its detached copy
+
+    def reader(self) -> Callable[[Any], Any]:
+        """A function giving each object's state dict, in meeting order, for one walk that only
+        reads the tensors (a module tree's may be its own, not detached)."""
+        return self._reader(lambda position: self.results[position])
+
+    def detached_reader(self) -> Callable[[Any], Any]:
+        """As :meth:`reader`, every tensor of a module tree's state dict detached (as torch's
+        ``state_dict()`` gives it): for a walk that stores them."""
+        results, own, copies = self.results, self._own, self._detached
+
+        def detached(position: int) -> Any:
+            if position not in own:
+                return results[position]
+            if position not in copies:
+                result = results[position]
+                copies[position] = dict(zip(result, map(_DETACH, result.values()), strict=True))
+            return copies[position]
+
+        return self._reader(detached)
+
+    def _reader(self, give: Callable[[int], Any]) -> Callable[[Any], Any]:
+        position = 0
+        results = self.results
+
+        def state_dict_of(obj: Any) -> Any:
+            nonlocal position
+            if position == len(results):
+                results.append(self._take(obj))
+            position += 1
+            return give(position - 1)
+
+        return state_dict_of
+
+    def _take(self, obj: Any) -> Any:
+        trees = self.trees
+        if trees is not None and isinstance(obj, _MODULE):
+            built = trees.state_dict(obj)
+            if built is not None:
+                self._own.add(len(self.results))
+                return built
+        return state_dict_of(obj)  # obj.state_dict(), faster for plain modules
