@@ -20,8 +20,8 @@ tag is unchanged, the tree holds the same modules with the same parameter and bu
 under the same names: the state dict is built from the remembered keys and places in a few C
 loops. (A tag is a new value from one global counter at every change of any dict: an equal tag
 means the same dict, unchanged.) A parameter's data replaced in place (``param.data = ...``)
-changes no dict and needs none: the state dict holds the parameter's detached alias, taken at
-each save. The set of non-persistent buffer names is not a dict (and a buffer registered again
+changes no dict and needs none: the state dict holds the parameter object itself, whose data
+the save reads. The set of non-persistent buffer names is not a dict (and a buffer registered again
 under its name with another persistence may leave ``_buffers``' tag as it was: setting a key to
 the value it holds changes no tag): each module's set is compared with a copy.
 """
@@ -97,7 +97,7 @@ class ModuleTrees:
     Its state dicts hold the modules' own tensors, not detached (a parameter is the
     ``Parameter``): a save only reads them, and detaching 2,500 parameters cost ~1 ms a save.
     Whoever stores them as values detaches them first
-    (:meth:`~asyncckpt.saving.walker.StateDicts.detached_reader`).
+    (:meth:`StateDicts.detached_reader`).
     """
 
     _LIMIT = 16  # root modules remembered; a state holds a few
@@ -117,7 +117,7 @@ class ModuleTrees:
                 self.hits += 1
                 return built
         recorder = None if DICT_VERSION is None else _Recorder()
-        built = _walk(root, recorder, _OWN)
+        built = _walk(root, recorder, _own)
         self._memos.pop(id(root), None)
         if built is not None and recorder is not None:
             made = recorder.memo(root, list(built))
@@ -130,9 +130,6 @@ class ModuleTrees:
 
 def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-_OWN = _own
 
 
 def _walk(
@@ -281,7 +278,7 @@ class StateDicts:
     Every walk of one state meets the objects in the same order (depth first, in the containers'
     own order), so the n-th object a later walk meets is the n-th one an earlier walk met.
     With ``trees`` (remembered from one save to the next), a module tree's state dict holds the
-    modules' own tensors (see :class:`~asyncckpt.saving.state_dicts.ModuleTrees`): the
+    modules' own tensors (see :class:`ModuleTrees`): the
     :meth:`reader` gives them as they are, the :meth:`detached_reader` detached.
     """
 
