@@ -39,6 +39,7 @@ from .._values import NotSafeError, container_items, container_kind
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH
 from .snapshot import Snapshot, Structure, flatten, skeleton_of
+from .state_dicts import DICT_VERSION, ModuleTrees
 from .tensors_check import TensorsCheck
 from .walker import INT64_MIN, UINT64_MAX, StateDicts, walk_state
 
@@ -72,27 +73,7 @@ _IS_NEG = torch.Tensor.is_neg
 _STRIDED = torch.strided
 
 
-def _dict_version_reader() -> Any:
-    """torch's reader of a dict's version tag (PEP 509: a new value from one global counter at
-    every change of any dict, so an equal tag means the same dict, unchanged), or None where
-    torch has none or the tags do not change as that says."""
-    try:
-        from torch._C._dynamo.guards import dict_version
-    except ImportError:  # pragma: no cover - present in every torch this package supports
-        return None
-    probe: dict[str, list[int]] = {}
-    tags = [dict_version(probe)]
-    probe["a"] = []
-    tags.append(dict_version(probe))
-    probe["a"] = []  # another value under the same key
-    tags.append(dict_version(probe))
-    probe.clear()
-    tags.append(dict_version(probe))
-    other = dict_version({})
-    return dict_version if len({*tags, other}) == len(tags) + 1 else None
-
-
-_DICT_VERSION: Any = _dict_version_reader()
+_DICT_VERSION: Any = DICT_VERSION  # see state_dicts.py
 
 
 def _fields(t: torch.Tensor) -> tuple[Any, ...]:
@@ -391,6 +372,7 @@ class StructureCache:
     def __init__(self) -> None:
         self._last: _Cached | None = None
         self._dicts: list[_DictsSeen] = []  # see _DictsSeen
+        self._trees = ModuleTrees()
         self.hits = 0
         self.misses = 0
 
@@ -401,7 +383,7 @@ class StructureCache:
         state could not be fingerprinted; the caller then finds them itself). Raises what
         :func:`~asyncckpt.saving.snapshot.flatten` raises.
         """
-        state_dicts = StateDicts()
+        state_dicts = StateDicts(self._trees)
         scanned = _scan_unchecked(state, state_dicts, self._dicts)
         last = self._last
         fields = None

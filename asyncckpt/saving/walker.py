@@ -27,7 +27,7 @@ from .._values import SAFE_TYPES_TEXT, NotSafeError, container_items, container_
 from ..dtypes import NAME_BY_DTYPE
 from ..errors import UnsupportedValueError
 from ..format import MAX_DEPTH, MAX_NDIM, BigInt, TensorRef, TypedValue
-from .state_dicts import state_dict_of as _state_dict_of
+from .state_dicts import StateDicts as StateDicts  # where the walks and their callers look for it
 
 # Python ints outside this range are stored as big ints (a msgpack extension type).
 INT64_MIN = -(2**63)
@@ -49,31 +49,6 @@ def tensor_ref(index: int) -> TensorRef:
     return _REFS[index]
 
 
-class StateDicts:
-    """The ``state_dict()`` of each object a walk meets, called once and replayed to later walks.
-
-    Every walk of one state meets the objects in the same order (depth first, in the containers'
-    own order), so the n-th object a later walk meets is the n-th one an earlier walk met.
-    """
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-
-    def reader(self) -> Callable[[Any], Any]:
-        """A function giving each object's state dict, in meeting order, for one walk."""
-        position = 0
-        results = self.results
-
-        def state_dict_of(obj: Any) -> Any:
-            nonlocal position
-            if position == len(results):
-                results.append(_state_dict_of(obj))  # obj.state_dict(), faster for plain modules
-            position += 1
-            return results[position - 1]
-
-        return state_dict_of
-
-
 @dataclass(frozen=True)
 class Walked:
     """A state's encodable skeleton, its tensors in the order found and their dotted keys."""
@@ -91,9 +66,9 @@ def walk_state(state: Any, state_dicts: StateDicts | None = None) -> Walked:
     """
     state_dicts = state_dicts if state_dicts is not None else StateDicts()
     try:
-        return _FastWalk(state_dicts.reader()).run(state)
+        return _FastWalk(state_dicts.detached_reader()).run(state)
     except _Unusual:
-        walker = _CarefulWalk(state_dicts.reader())
+        walker = _CarefulWalk(state_dicts.detached_reader())
         tree = walker.walk(state, ())
         return Walked(tree, [t for t, _ in walker.found], [dotted_key(p) for _, p in walker.found])
 

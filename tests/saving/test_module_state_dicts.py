@@ -3,6 +3,9 @@ module torch's defaults do not describe gets its own ``state_dict()``."""
 
 from __future__ import annotations
 
+import datetime
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.saving.state_dicts import module_state_dict, state_dict_of
+from asyncckpt.format import encode as encode_module
+from asyncckpt.saving.state_dicts import ModuleTrees, module_state_dict, state_dict_of
 
 
 class WithExtras(torch.nn.Module):
@@ -170,3 +174,151 @@ def test_any_of_torchs_methods_set_on_the_instance_leaves_the_module_to_it(name:
     setattr(module[1], name, getattr(module[1], name))  # an instance attribute, torch's behaviour
     assert module_state_dict(module[0]) is not None
     assert module_state_dict(module) is None
+
+
+# ModuleTrees: a tree's walk remembered from one save to the next.
+
+
+def remembered(trees: ModuleTrees, module: torch.nn.Module) -> dict[str, Any] | None:
+    """The state dict ``trees`` gives for ``module`` (its own tensors, checked against torch's
+    ``keep_vars`` result) when the memo gave it; None when the tree was walked."""
+    hits = trees.hits
+    got = trees.state_dict(module)
+    if got is None:
+        assert module_state_dict(module) is None  # a tree torch's defaults do not describe
+        return None
+    expected = module.state_dict(keep_vars=True)
+    assert list(got) == list(expected)
+    assert all(got[key] is tensor for key, tensor in expected.items())
+    return got if trees.hits == hits + 1 else None
+
+
+def test_an_unchanged_tree_is_built_from_the_memo() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    assert remembered(trees, module) is None  # the first walk records
+    assert remembered(trees, module) is not None
+    assert remembered(trees, module) is not None
+    assert trees.hits == 2
+
+
+def replace_parameter(module: WithExtras) -> None:
+    module.linear.weight = torch.nn.Parameter(torch.ones(2, 3))
+
+
+def add_submodule(module: WithExtras) -> None:
+    module.blocks.append(torch.nn.Linear(1, 1))
+
+
+def buffer_made_non_persistent(module: WithExtras) -> None:
+    module.register_buffer("kept", module.kept, persistent=False)
+
+
+def buffer_made_persistent(module: WithExtras) -> None:
+    module.register_buffer("scratch", module.scratch, persistent=True)
+
+
+def parameter_set_to_none(module: WithExtras) -> None:
+    module.blocks[2].bias = None
+
+
+def attribute_deleted(module: WithExtras) -> None:
+    del module.norm
+
+
+def class_swapped(module: WithExtras) -> None:
+    module.blocks[0].__class__ = OwnSave
+
+
+def post_hook_added(module: WithExtras) -> None:
+    with_post_hook(module.blocks[2])
+
+
+def state_dict_set_on_an_instance(module: WithExtras) -> None:
+    counted(module.tied)
+
+
+def child_replaced(module: WithExtras) -> None:
+    module.blocks[1] = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        replace_parameter,
+        add_submodule,
+        buffer_made_non_persistent,
+        buffer_made_persistent,
+        parameter_set_to_none,
+        attribute_deleted,
+        class_swapped,
+        post_hook_added,
+        state_dict_set_on_an_instance,
+        child_replaced,
+    ],
+)
+def test_a_changed_tree_is_walked_again(change: Any) -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    assert remembered(trees, module) is not None
+    change(module)
+    assert remembered(trees, module) is None  # torch's result, not the memo's
+    if module_state_dict(module) is not None:
+        assert remembered(trees, module) is not None  # the new tree remembered
+
+
+def test_a_parameters_data_replaced_in_place_is_read_afresh() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    module.linear.bias.data = torch.full((2,), 7.0)  # no dict changes
+    got = remembered(trees, module)
+    assert got is not None and torch.equal(got["linear.bias"].detach(), torch.full((2,), 7.0))
+
+
+def test_a_class_patched_after_the_walk_is_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    monkeypatch.setattr(torch.nn.Linear, "_save_to_state_dict", OwnSave._save_to_state_dict)
+    assert remembered(trees, module) is None
+    assert trees.state_dict(module) is None
+
+
+def test_the_memo_keeps_no_module_alive() -> None:
+    trees = ModuleTrees()
+    module = WithExtras()
+    remembered(trees, module)
+    gone = weakref.ref(module.linear.weight)
+    del module
+    gc.collect()
+    assert gone() is None
+    other = torch.nn.Linear(2, 2)  # may take the freed root's id: its own state dict
+    assert list(trees.state_dict(other) or ()) == ["weight", "bias"]
+
+
+class FixedClock:
+    """Stands for ``datetime`` in the header encoder: one creation time for every file."""
+
+    @staticmethod
+    def now(tz: Any) -> datetime.datetime:
+        return datetime.datetime(2026, 1, 1, tzinfo=tz)
+
+
+def test_a_module_saved_from_the_memo_writes_the_bytes_torchs_state_dict_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encode_module, "datetime", FixedClock)
+    model = WithExtras()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = {"model": model, "optimizer": optimizer}
+    with asyncckpt.AsyncCheckpointer(tmp_path / "reused") as ckpt:
+        ckpt.save(1, state).result()
+        ckpt.save(2, state).result()  # the cached structure, the module tree's own tensors
+    with asyncckpt.AsyncCheckpointer(tmp_path / "fresh") as ckpt:
+        ckpt.save(2, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}).result()
+    name = "step-0000000002.ckpt"
+    assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    loaded = asyncckpt.load(tmp_path / "reused" / name).state["model"]
+    assert all(type(t) is torch.Tensor and not t.requires_grad for t in loaded.values())
