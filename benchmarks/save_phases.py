@@ -72,8 +72,16 @@ def instrumented(samples: Samples) -> Iterator[None]:
     from asyncckpt import pipeline
     from asyncckpt.saving import fingerprint, plan, runner, stager, walker
 
+    try:  # a checkout with module trees remembered between saves takes state dicts here
+        from asyncckpt.saving.state_dicts import StateDicts
+
+        state_dicts: tuple[Any, str] = (StateDicts, "_take")
+    except ImportError:
+        state_dicts = (walker, "_state_dict_of")
+    if not hasattr(*state_dicts):
+        state_dicts = (walker, "_state_dict_of")
     targets = [
-        (walker, "_state_dict_of", "state_dicts"),
+        (*state_dicts, "state_dicts"),
         (fingerprint, "_scan_unchecked", "scan"),
     ]
     try:  # checkouts before the tensors check have no such phase (it is part of scan there)
