@@ -13,11 +13,12 @@ blob may be read by different threads. A warm read takes each run or part in sli
 Runs and parts are read by ``threads`` threads (``preadv`` and ``crc32c`` release the GIL);
 whatever their timing, the lowest broken blob of the file is the one reported.
 
-A file that is not in the page cache (a probe read with ``RWF_NOWAIT`` would block) is read
-differently: in file order by one thread, each run checksummed on a second thread while the
-next is read. Readers at several offsets at once defeat the kernel's readahead, which then
-reads the disk in small requests; one reader in file order gets whole readahead windows, and
-the checksums cost no time on the read path.
+A file that is not in the page cache (less than :data:`CACHED_SHARE` of its pages there, asked
+with ``cachestat(2)``, which reads nothing: :mod:`asyncckpt._pagecache`) is read differently: in
+file order by one thread, each run checksummed on a second thread while the next is read.
+Readers at several offsets at once defeat the kernel's readahead, which then reads the disk in
+small requests; one reader in file order gets whole readahead windows, and the checksums cost
+no time on the read path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import crc32c
 
 from . import format as fmt
+from ._pagecache import cached_share
 from ._parallel import Failures, run_each
 from .errors import CheckpointError
 from .storage import ReadHandle
@@ -39,7 +41,10 @@ RUN_BYTES = 8 << 20  # one read covers at most this much of the file
 # the CPU's cache: checksumming a run after the whole of it landed reads it back from memory
 # (1 GiB on the 2-core VM: read + CRC32C in 8 MiB runs 185-205 ms of CPU, in 1 MiB slices 144-161).
 CHECK_BYTES = 1 << 20
-_PROBES = 4  # places of a file probed for being in the page cache
+# A file is read as cached (on threads) when at least this share of its data region's pages is in
+# the page cache: a reader in file order loses little on cached pages, threads lose much on a disk.
+CACHED_SHARE = 0.9
+_PROBES = 4  # places of a file probed with RWF_NOWAIT where cachestat(2) cannot be asked
 
 # Blobs [first, stop) of the file; ``part >= 0``: only bytes [part, part + RUN_BYTES) of the big
 # blob ``first`` (then ``stop == first + 1``); ``part == -1``: the whole blobs.
@@ -170,24 +175,23 @@ class RunReads:
             self._failures.add(run[0], exc)
 
     def cached(self) -> bool:
-        """Whether the file's blobs look to be in the page cache: a one-byte read with
-        ``RWF_NOWAIT`` at a few places of the data region does not block (True where that
-        cannot be asked: then threads read as before)."""
+        """Whether the file's blobs look to be in the page cache: at least :data:`CACHED_SHARE`
+        of the data region's pages by ``cachestat(2)``, which reads nothing
+        (:mod:`asyncckpt._pagecache`); where that cannot be asked, a one-byte read with
+        ``RWF_NOWAIT`` at a few places does not block (it starts readahead where it would);
+        True where neither can be asked: then threads read as before."""
         fileno = getattr(self.handle, "fileno", None)
-        nowait = getattr(os, "RWF_NOWAIT", None)
-        if fileno is None or nowait is None or not self.offsets:
+        if fileno is None or not self.offsets:
             return True
         begin, end = self.offsets[0], self.offsets[-1] + self.layout.blobs[-1].nbytes
-        probe = bytearray(1)
         try:
             fd = fileno()
-            for i in range(_PROBES):
-                os.preadv(fd, [probe], begin + (end - begin - 1) * i // max(_PROBES - 1, 1), nowait)
-        except BlockingIOError:
-            return False
-        except (OSError, ValueError):  # not a plain file, or a kernel without RWF_NOWAIT
+        except (OSError, ValueError):
             return True
-        return True
+        share = cached_share(fd, begin, end)
+        if share is not None:
+            return share >= CACHED_SHARE
+        return _nowait_probe(fd, begin, end)
 
     def _read(self, first: int, stop: int, views: Sequence[memoryview], *, checksums: bool) -> _Finish:
         if checksums and self._sliced:
@@ -320,6 +324,23 @@ class RunReads:
         blobs = self.layout.blobs
         index = next(i for i in range(first, stop) if blobs[i].offset + blobs[i].nbytes > end)
         return fmt.truncated(self.layout, index, max(end - blobs[index].offset, 0), path=self.where)
+
+
+def _nowait_probe(fd: int, begin: int, end: int) -> bool:
+    """Whether one-byte reads with ``RWF_NOWAIT`` at :data:`_PROBES` places of ``[begin, end)``
+    do not block (True where the kernel cannot be asked)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None:
+        return True
+    probe = bytearray(1)
+    try:
+        for i in range(_PROBES):
+            os.preadv(fd, [probe], begin + (end - begin - 1) * i // max(_PROBES - 1, 1), nowait)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # not a plain file, or a kernel without RWF_NOWAIT
+        return True
+    return True
 
 
 class _Scratch:

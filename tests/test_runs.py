@@ -286,3 +286,78 @@ def test_the_page_cache_probe_tells_a_dropped_file_from_a_read_one(tmp_path: Pat
     reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
     assert PROBE(runs_module.RunReads(handle, layout, "w")) is True
     handle.close()
+
+
+def _cachestat_pages(fd: int) -> int | None:
+    """The file's pages in the page cache, by cachestat(2) asked here on its own (the probe is
+    judged by other means than its own); None where the kernel cannot say."""
+    import ctypes
+    import os
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    span = (ctypes.c_uint64 * 2)(0, os.fstat(fd).st_size)
+    found = (ctypes.c_uint64 * 5)()
+    if ctypes.CDLL(None, use_errno=True).syscall(451, fd, span, found, 0) != 0:
+        return None
+    return int(found[0])
+
+
+def test_the_page_cache_probe_reads_nothing_of_a_dropped_file(tmp_path: Path) -> None:
+    """A probe that read (RWF_NOWAIT starts readahead before it fails) brought the file's pages
+    in, and a cold file could pass for a cached one once that readahead landed."""
+    import os
+
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)  # fsynced: clean pages
+    handle = PosixStorage(path.parent).open(path.name)
+    layout = reader_module.read_layout(handle, str(path))
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _cachestat_pages(handle.fileno()) != 0:
+        handle.close()
+        pytest.skip("no cachestat(2) here, or the file's pages cannot be dropped (tmpfs)")
+    for _ in range(3):
+        assert PROBE(runs_module.RunReads(handle, layout, "w")) is False
+    assert _cachestat_pages(handle.fileno()) == 0
+    handle.close()
+
+
+def test_a_file_mostly_out_of_the_page_cache_is_read_in_file_order(tmp_path: Path) -> None:
+    import os
+
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    handle = PosixStorage(path.parent).open(path.name)
+    layout = reader_module.read_layout(handle, str(path))
+    if _cachestat_pages(handle.fileno()) is None:
+        handle.close()
+        pytest.skip("no cachestat(2) here")
+    reads = runs_module.RunReads(handle, layout, "w")
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    handle.read_at(layout.blobs[0].offset, memoryview(bytearray(4096)))  # its first page only
+    pages = _cachestat_pages(handle.fileno()) or 0
+    if pages == 0 or pages * 4096 > path.stat().st_size // 2:
+        handle.close()
+        pytest.skip("the file's pages cannot be dropped here (tmpfs), or readahead took most of it")
+    assert PROBE(reads) is False  # the first page is cached, as a header read leaves it
+    reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert PROBE(reads) is True
+    handle.close()
+
+
+def test_without_cachestat_the_probe_reads_one_byte_at_a_few_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    if not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"):
+        pytest.skip("no RWF_NOWAIT or posix_fadvise here")
+    monkeypatch.setattr(runs_module, "cached_share", lambda fd, begin, end: None)
+    path = asyncckpt.save(tmp_path / checkpoint_name(1), wide_state(), step=1)
+    handle = PosixStorage(path.parent).open(path.name)
+    layout = reader_module.read_layout(handle, str(path))
+    reader_module.read_tensors(handle, layout, where="w", checksums=True, device=CPU)
+    assert PROBE(runs_module.RunReads(handle, layout, "w")) is True
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert PROBE(runs_module.RunReads(handle, layout, "w")) is False
+    handle.close()
