@@ -13,12 +13,12 @@ ordinary faults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from ._libc import libc_function
 
 HUGE_PAGE = 2 << 20
 # glibc maps an allocation above its threshold afresh; the threshold grows with what is freed, up
@@ -30,12 +30,8 @@ _MADV_POPULATE_WRITE = 23
 
 
 def _madvise() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has madvise
+    function = libc_function("madvise")
+    if function is None:
         return None
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     function.restype = ctypes.c_int

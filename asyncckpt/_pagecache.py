@@ -12,11 +12,11 @@ on the 2-core VM.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import platform
-import sys
 from typing import Any
+
+from ._libc import libc_function
 
 # cachestat's number in the common system-call table (every architecture but alpha's own table).
 _CACHESTAT = 451
@@ -40,12 +40,10 @@ class _Stat(ctypes.Structure):
 
 
 def _syscall() -> Any:
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in _COMMON_TABLE:
+    if platform.machine().lower() not in _COMMON_TABLE:
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.syscall
-    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has syscall
+    function = libc_function("syscall")
+    if function is None:
         return None
     function.restype = ctypes.c_long
     return function

@@ -115,10 +115,18 @@ class ReadCrcParallel(ReadFloor):
         fd = os.open(self.path, os.O_RDONLY)
         try:
             with ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="read-crc-floor") as pool:
-                for _ in pool.map(functools.partial(_read_part, fd), self.parts):
+                for _ in pool.map(functools.partial(self.read, fd), self.work()):
                     pass
         finally:
             os.close(fd)
+
+    def work(self) -> list[Any]:
+        """What each task of the pool reads: a part."""
+        return self.parts
+
+    @staticmethod
+    def read(fd: int, part: Any) -> None:
+        _read_part(fd, part)
 
 
 class ReadCrcPipelined(ReadCrcParallel):
@@ -163,19 +171,14 @@ class ReadCrcSliced(ReadCrcParallel):
             for offset, part in self.parts
         ]
 
-    def load(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            with ThreadPoolExecutor(CRC_THREADS, thread_name_prefix="read-crc-floor") as pool:
-                for _ in pool.map(functools.partial(_read_slices, fd), self.sliced):
-                    pass
-        finally:
-            os.close(fd)
+    def work(self) -> list[Any]:
+        """What each task of the pool reads: a part's slices, in order."""
+        return self.sliced
 
-
-def _read_slices(fd: int, slices: list[Part]) -> None:
-    for piece in slices:
-        _read_part(fd, piece)
+    @staticmethod
+    def read(fd: int, part: Any) -> None:
+        for piece in part:
+            _read_part(fd, piece)
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
