@@ -125,10 +125,7 @@ class _Run:
                 self.crcs += [0] * len(views)
             self.views = []
         if buffers:
-            if self.writev is not None:
-                self.writev(buffers)
-            else:
-                self.sink.write(buffers[0] if len(buffers) == 1 else b"".join(buffers))
+            _write_gathered(self.sink, self.writev, buffers)
             self.buffers = []
 
     def large(self, data: memoryview) -> None:
@@ -316,14 +313,18 @@ class _Batch:
 
     def flush(self) -> None:
         buffers, self.buffers, self.nbytes = self.buffers, [], 0
-        if not buffers:
-            return
-        if self.writev is not None:
-            self.writev(buffers)
-        elif len(buffers) == 1:
-            self.sink.write(buffers[0])
-        else:
-            self.sink.write(b"".join(buffers))
+        if buffers:
+            _write_gathered(self.sink, self.writev, buffers)
+
+
+def _write_gathered(sink: Sink, writev: Callable[[list[Buffer]], None] | None, buffers: list[Buffer]) -> None:
+    """``buffers`` written in one call: ``writev`` where the sink has it, else one ``write``."""
+    if writev is not None:
+        writev(buffers)
+    elif len(buffers) == 1:
+        sink.write(buffers[0])
+    else:
+        sink.write(b"".join(buffers))
 
 
 def write_all(sink: Sink, data: memoryview) -> None:
